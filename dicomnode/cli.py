@@ -1,0 +1,146 @@
+"""The ``dicomnode`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicomnode import __version__
+from dicomnode.config import Config, ConfigError, PeerConfig, load_config
+from dicomnode.logs import setup_logging
+
+__all__ = ["main"]
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _peer(config: Config, name: str) -> tuple[str, PeerConfig]:
+    if name not in config.peers:
+        known = ", ".join(sorted(config.peers)) or "none configured"
+        raise ConfigError(f"unknown peer {name!r}; peers in the configuration: {known}")
+    return name, config.peers[name]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicomnode.node import Node
+
+    config = _config(args)
+    setup_logging(config.logging.level)
+    node = Node(config)
+    node.serve_forever()
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from dicomnode.store.db import open_index
+    from dicomnode.store.queries import studies_report
+
+    config = _config(args)
+    index = open_index(config.db_url)
+    try:
+        report = studies_report(index, study_uid=args.study)
+    finally:
+        index.dispose()
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not report["studies"]:
+        print("no studies")
+    for study in report["studies"]:
+        print(f"study {study['id']}  {study['state']:<9}  {study['instance_count']:>5} instances"
+              f"  {study['study_instance_uid']}  {study['study_description'] or ''}")
+        for s in study["series"]:
+            geo = s["geometry"]
+            verdict = geo["state"] + (f" ({geo['reason']})" if geo["reason"] else "")
+            print(f"  series {s['id']:<4} {s['modality'] or '?':<4} #{s['series_number'] or '-':<4}"
+                  f" {s['instance_count']:>5} inst  {s['series_description'] or '':<24}"
+                  f"  {verdict}")
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicomnode.net.scu import SendError, echo
+
+    config = _config(args)
+    setup_logging("WARNING")
+    name, peer = _peer(config, args.peer)
+    try:
+        status = echo(config.node.ae_title, peer, name)
+    except SendError as exc:
+        print(f"echo {name}: {exc}", file=sys.stderr)
+        return 1
+    print(f"echo {name}: {'Success' if status == 0 else f'status 0x{status:04X}'}")
+    return 0 if status == 0 else 1
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from dicomnode.net.scu import SendError, SendResult, send_files
+
+    config = _config(args)
+    setup_logging("WARNING")
+    name, peer = _peer(config, args.to)
+    failed = 0
+    sent = 0
+
+    def show(result: SendResult) -> None:
+        nonlocal failed, sent
+        sent += 1
+        if not result.ok:
+            failed += 1
+        print(f"{result.path}: {result.message}", flush=True)
+
+    try:
+        send_files(config.node.ae_title, peer, name,
+                   [Path(p) for p in args.paths], on_result=show)
+    except (SendError, FileNotFoundError) as exc:
+        print(f"send: {exc}", file=sys.stderr)
+        return 1
+    print(f"{sent - failed} sent, {failed} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", "-c", type=Path, default=None,
+                       help="configuration file (YAML); default: embedded defaults")
+        return p
+
+    p = add("serve", "receive DICOM instances and process them")
+    p.set_defaults(func=cmd_serve)
+    p = add("studies", "list studies with their state and series")
+    p.add_argument("--json", action="store_true", help="stable JSON (docs/studies-json.md)")
+    p.add_argument("--study", help="only this StudyInstanceUID")
+    p.set_defaults(func=cmd_studies)
+    p = add("echo", "C-ECHO a configured peer")
+    p.add_argument("peer", help="peer name from the configuration")
+    p.set_defaults(func=cmd_echo)
+    p = add("send", "C-STORE files and folders to a configured peer")
+    p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
+    p.add_argument("--to", required=True, help="peer name from the configuration")
+    p.set_defaults(func=cmd_send)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Study completion: when has a study finished arriving?
+
+A study is complete when no instance has arrived for ``quiet_seconds`` and no
+association that delivered to it is still open. Every image series gets a
+geometry verdict (see :mod:`dicomnode.geometry`) kept in the index, computed
+again whenever the series receives an instance. A late instance re-opens a
+complete study (the store does that); the next check completes it again.
+
+Completion is decided from the index alone, plus the set of open
+associations held in memory: after a crash and a restart, no association is
+open and completion is simply recomputed from the stored times.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable, Hashable
+
+from sqlalchemy import select, update
+
+from dicomnode.geometry import Frame, GeometryVerdict, assess
+from dicomnode.store.db import Index
+from dicomnode.store.tables import Instance, Series, Study, StudyState, utcnow
+
+__all__ = ["AssociationActivity", "CompletionMonitor", "series_verdict"]
+
+LOG = logging.getLogger(__name__)
+
+
+class AssociationActivity:
+    """Which open associations have delivered to which studies (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._studies: dict[Hashable, set[int]] = {}
+
+    def touch(self, association: Hashable, study_pk: int) -> None:
+        with self._lock:
+            self._studies.setdefault(association, set()).add(study_pk)
+
+    def close(self, association: Hashable) -> None:
+        with self._lock:
+            self._studies.pop(association, None)
+
+    def busy_studies(self) -> set[int]:
+        with self._lock:
+            return set().union(*self._studies.values()) if self._studies else set()
+
+
+def series_verdict(instances: list[Instance]) -> GeometryVerdict | None:
+    """The geometry verdict of a series from its index rows; None for non-image series."""
+    frames: list[Frame] = []
+    for inst in instances:
+        if inst.rows is None or inst.columns is None:
+            continue
+        if inst.frame_positions:
+            frames.extend(
+                Frame(pos, inst.image_orientation_patient, inst.rows, inst.columns,
+                      inst.pixel_spacing)
+                for pos in inst.frame_positions)
+        else:
+            frames.append(Frame(inst.image_position_patient, inst.image_orientation_patient,
+                                inst.rows, inst.columns, inst.pixel_spacing))
+    if not frames:
+        return None
+    return assess(frames)
+
+
+CompletionListener = Callable[[int], None]
+
+
+class CompletionMonitor:
+    """Computes geometry verdicts and completes quiet studies; run :meth:`check` periodically.
+
+    Args:
+        index: the index database.
+        activity: the open associations and the studies they delivered to.
+        quiet_seconds: how long a study must be without new instances.
+        listeners: called with the study primary key after a study completes.
+    """
+
+    def __init__(self, index: Index, activity: AssociationActivity, *, quiet_seconds: float,
+                 listeners: list[CompletionListener] | None = None) -> None:
+        if quiet_seconds < 0:
+            raise ValueError("quiet_seconds must be >= 0")
+        self.index = index
+        self.activity = activity
+        self.quiet = dt.timedelta(seconds=quiet_seconds)
+        self.listeners = list(listeners or [])
+        self._lock = threading.Lock()
+
+    def update_geometry(self, busy: set[int]) -> int:
+        """Recompute the verdict of every changed series not being received; returns the count."""
+        done = 0
+        with self.index.session() as session:
+            dirty = session.scalars(select(Series).where(Series.geometry_dirty.is_(True))).all()
+            for series in dirty:
+                if series.study_pk in busy:
+                    continue
+                verdict = series_verdict(list(series.instances))
+                series.geometry_dirty = False
+                if verdict is None:
+                    series.geometry_whole = None
+                    series.geometry_reason = "not an image series"
+                    series.geometry_frames = 0
+                    series.slice_spacing = None
+                    series.orientation = None
+                else:
+                    series.geometry_whole = verdict.whole
+                    series.geometry_reason = verdict.reason
+                    series.geometry_frames = verdict.frames
+                    series.slice_spacing = verdict.slice_spacing
+                    series.orientation = verdict.orientation
+                    if not verdict.whole:
+                        LOG.info("series %d is not whole: %s", series.id, verdict.reason)
+                done += 1
+            session.commit()
+        return done
+
+    def check(self, now: dt.datetime | None = None) -> list[int]:
+        """One pass: update verdicts, complete quiet studies; returns completed study keys."""
+        with self._lock:
+            now = now or utcnow()
+            busy = self.activity.busy_studies()
+            self.update_geometry(busy)
+            completed: list[int] = []
+            cutoff = now - self.quiet
+            with self.index.session() as session:
+                candidates = session.scalars(
+                    select(Study.id).where(Study.state == StudyState.RECEIVING,
+                                           Study.last_received_at <= cutoff)
+                ).all()
+                for pk in candidates:
+                    if pk in busy:
+                        continue
+                    # conditional, so an instance stored meanwhile keeps the study open
+                    result = session.execute(
+                        update(Study)
+                        .where(Study.id == pk, Study.state == StudyState.RECEIVING,
+                               Study.last_received_at <= cutoff)
+                        .values(state=StudyState.COMPLETE, completed_at=now))
+                    if result.rowcount:  # type: ignore[attr-defined]
+                        completed.append(pk)
+                session.commit()
+        for pk in completed:
+            LOG.info("study %d complete", pk)
+            for listener in self.listeners:
+                try:
+                    listener(pk)
+                except Exception:
+                    LOG.exception("completion listener failed for study %d", pk)
+        return completed

@@ -1,0 +1,243 @@
+"""Typed configuration, loaded from YAML with precise error messages.
+
+Every key is documented in ``config.example.yaml``. Relative paths in the file
+(``storage.path``, ``rules_dir``, ``models_dir``) are resolved against the
+directory holding the configuration file, so a configuration can be moved
+together with its data.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, get_args, get_origin
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+__all__ = [
+    "CompletionConfig",
+    "Config",
+    "ConfigError",
+    "NodeConfig",
+    "PeerConfig",
+    "StorageConfig",
+    "load_config",
+]
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_TITLE.match(value) or len(value) > 16:
+        raise ValueError(
+            f"{value!r} is not a valid AE title: 1 to 16 printable ASCII characters, "
+            "no backslash, not only spaces"
+        )
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeConfig(_Section):
+    """The node's own DICOM identity and listening socket."""
+
+    ae_title: AETitle = "DICOMNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    maximum_associations: int = Field(16, ge=1, le=1000)
+    maximum_pdu_size: int = Field(
+        1_048_576, ge=0, description="bytes; 0 means unlimited"
+    )
+    network_timeout_seconds: float = Field(60.0, gt=0)
+    shutdown_grace_seconds: float = Field(
+        10.0, ge=0, description="seconds in-flight associations get to finish on SIGTERM"
+    )
+
+
+class PeerConfig(_Section):
+    """A DICOM application entity the node talks to (or accepts associations from)."""
+
+    ae_title: AETitle
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+
+
+class StorageConfig(_Section):
+    """Where received instances and the index live."""
+
+    path: Path = Path("var")
+    database_url: str | None = None
+    min_free_bytes: int = Field(1_073_741_824, ge=0)
+    fsync: bool = True
+
+
+class CompletionConfig(_Section):
+    """When a study counts as complete."""
+
+    quiet_seconds: float = Field(5.0, ge=0)
+    check_interval_seconds: float = Field(0.5, gt=0, le=60)
+
+
+class LoggingConfig(_Section):
+    level: str = "INFO"
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        allowed = ("DEBUG", "INFO", "WARNING", "ERROR")
+        if v.upper() not in allowed:
+            raise ValueError(f"{v!r} is not a log level; allowed: {', '.join(allowed)}")
+        return v.upper()
+
+
+class Config(_Section):
+    """The whole configuration of one node."""
+
+    node: NodeConfig = NodeConfig()
+    storage: StorageConfig = StorageConfig()
+    peers: dict[str, PeerConfig] = {}
+    completion: CompletionConfig = CompletionConfig()
+    rules_dir: Path = Path("rules")
+    models_dir: Path = Path("models")
+    logging: LoggingConfig = LoggingConfig()
+    source: Path | None = Field(None, exclude=True)
+
+    @property
+    def db_url(self) -> str:
+        """The SQLAlchemy URL of the index (default: SQLite file under storage.path)."""
+        if self.storage.database_url:
+            return self.storage.database_url
+        return f"sqlite:///{(self.storage.path / 'index.sqlite').as_posix()}"
+
+    def peer_by_ae_title(self, ae_title: str) -> list[tuple[str, PeerConfig]]:
+        return [(n, p) for n, p in self.peers.items() if p.ae_title == ae_title.strip()]
+
+    def resolved(self, base: Path) -> Config:
+        """Return a copy with relative paths made absolute against ``base``."""
+
+        def fix(p: Path) -> Path:
+            return p if p.is_absolute() else (base / p).resolve()
+
+        return self.model_copy(
+            update={
+                "storage": self.storage.model_copy(update={"path": fix(self.storage.path)}),
+                "rules_dir": fix(self.rules_dir),
+                "models_dir": fix(self.models_dir),
+            }
+        )
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; the message names file, line and key."""
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML mapping tree to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: yaml.Node | None, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+
+    walk(root, ())
+    return lines
+
+
+def _allowed_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
+    """The keys allowed in the mapping at ``path`` (walking dict[str, Model] values too)."""
+    current: Any = model
+    for part in path:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(part)
+            if field is None:
+                return []
+            current = field.annotation
+        elif get_origin(current) is dict:
+            current = get_args(current)[1]
+        else:
+            return []
+    if get_origin(current) is dict:
+        return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(k for k in current.model_fields if k != "source")
+    return []
+
+
+def _format_errors(file: str, text: str, exc: ValidationError) -> str:
+    lines = _key_lines(text)
+    out = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        line = None
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in lines:
+                line = lines[loc[:n]]
+                break
+        where = f"{file}:{line}" if line else file
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Config, loc[:-1])
+            msg = f"unknown key; allowed here: {', '.join(allowed)}"
+        else:
+            msg = err["msg"]
+            if "input" in err and err["type"] != "missing" and not isinstance(
+                err["input"], dict
+            ):
+                msg += f" (got {err['input']!r})"
+        out.append(f"{where}: {key}: {msg}")
+    return "\n".join(out)
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Load and validate a configuration file; ``None`` gives the embedded defaults.
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or a key is wrong; the
+            message names the file, the line, the key, what is wrong and what
+            is allowed.
+    """
+    if path is None:
+        return Config().resolved(Path.cwd())
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read configuration: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{file}: the top level must be a mapping of keys, not {type(data).__name__}")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(str(file), text, exc)) from None
+    return config.resolved(file.resolve().parent).model_copy(update={"source": file.resolve()})

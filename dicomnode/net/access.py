@@ -1,0 +1,66 @@
+"""Who may open an association with the node."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+
+from dicomnode.config import PeerConfig
+
+__all__ = ["AccessPolicy", "Refusal"]
+
+# A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4), source 1 = service user, result 1 = permanent
+CALLING_AE_NOT_RECOGNIZED = 0x03
+CALLED_AE_NOT_RECOGNIZED = 0x07
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why an association is refused: a log message and the A-ASSOCIATE-RJ diagnostic."""
+
+    reason: str
+    diagnostic: int
+
+
+@lru_cache(maxsize=256)
+def _addresses(host: str) -> frozenset[str]:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return frozenset({host})
+    return frozenset({str(info[4][0]) for info in infos} | {host})
+
+
+class AccessPolicy:
+    """Accepts an association only from a configured peer, addressed to this node.
+
+    A peer is recognised by its calling AE title and, when the peer names a
+    host, by the association's source address too (host names are resolved).
+    """
+
+    def __init__(self, ae_title: str, peers: Mapping[str, PeerConfig]) -> None:
+        self.ae_title = ae_title.strip()
+        self.peers = dict(peers)
+
+    def check(self, calling_ae_title: str, called_ae_title: str,
+              address: str) -> tuple[str | None, Refusal | None]:
+        """Returns (peer name, None) to accept, or (None, refusal) to refuse."""
+        calling = calling_ae_title.strip()
+        called = called_ae_title.strip()
+        if called != self.ae_title:
+            return None, Refusal(
+                f"called AE title {called!r} is not this node's ({self.ae_title!r})",
+                CALLED_AE_NOT_RECOGNIZED)
+        candidates = [(n, p) for n, p in self.peers.items() if p.ae_title == calling]
+        if not candidates:
+            return None, Refusal(f"calling AE title {calling!r} is not a configured peer",
+                                 CALLING_AE_NOT_RECOGNIZED)
+        for name, peer in candidates:
+            if peer.host is None or address in _addresses(peer.host):
+                return name, None
+        hosts = ", ".join(sorted({str(p.host) for _, p in candidates}))
+        return None, Refusal(
+            f"calling AE title {calling!r} connected from {address}, not from its "
+            f"configured host ({hosts})", CALLING_AE_NOT_RECOGNIZED)

@@ -1,0 +1,182 @@
+"""The node's Storage and Verification SCP: small event handlers bound to the store.
+
+Received datasets stream straight to a temporary file in the store's ``tmp/``
+folder (pynetdicom's ``STORE_RECV_CHUNKED_DATASET`` mode, with the temporary
+directory pointed there), so memory stays bounded whatever the instance size
+and the final rename never crosses file systems. The bytes of the dataset
+are kept exactly as received: nothing is decoded or transcoded on receipt.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomnode.completion import AssociationActivity
+from dicomnode.config import NodeConfig
+from dicomnode.net.access import AccessPolicy
+from dicomnode.net.sockets import set_nodelay
+from dicomnode.store.ingest import InstanceStore, StoreFailure
+
+__all__ = ["StorageSCP"]
+
+LOG = logging.getLogger(__name__)
+
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+class StorageSCP:
+    """Accepts C-ECHO and C-STORE for every storage SOP class and transfer syntax.
+
+    Args:
+        node: the node's AE title, address and association limits.
+        store: where received instances go; Success is answered only after
+            :meth:`InstanceStore.ingest` returns.
+        policy: which peers may associate.
+        activity: records which open association delivered to which study.
+    """
+
+    def __init__(self, node: NodeConfig, store: InstanceStore, policy: AccessPolicy,
+                 activity: AssociationActivity) -> None:
+        self.node = node
+        self.store = store
+        self.policy = policy
+        self.activity = activity
+        self.server: ThreadedAssociationServer | None = None
+        self.counters: dict[str, int] = {"stored": 0, "duplicate": 0, "replaced": 0,
+                                         "failed": 0, "refused": 0}
+        self._counter_lock = threading.Lock()
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.node.ae_title)
+        ae.maximum_associations = self.node.maximum_associations
+        ae.maximum_pdu_size = self.node.maximum_pdu_size
+        ae.network_timeout = self.node.network_timeout_seconds
+        ae.acse_timeout = self.node.network_timeout_seconds
+        ae.dimse_timeout = self.node.network_timeout_seconds
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax is not None:
+                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def _count(self, key: str) -> None:
+        with self._counter_lock:
+            self.counters[key] += 1
+
+    # -- event handlers ---------------------------------------------------------------
+
+    def _on_conn_open(self, event: evt.Event) -> None:
+        set_nodelay(event.assoc)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        address = str(assoc.requestor.address)
+        if rq is None:
+            return
+        peer, refusal = self.policy.check(str(rq.calling_ae_title), str(rq.called_ae_title),
+                                          address)
+        if refusal is not None:
+            self._count("refused")
+            LOG.warning("association from %s refused: %s", address, refusal.reason)
+            assoc.acse.send_reject(0x01, 0x01, refusal.diagnostic)
+            assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the DUL is idle
+            return
+        LOG.info("association from peer %s (%s) accepted", peer, address)
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return 0x0000
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        assoc = event.assoc
+        try:
+            path = event.dataset_path
+            result = self.store.ingest(
+                path,
+                calling_ae_title=str(assoc.requestor.ae_title),
+                expected_sop_instance_uid=str(
+                    cast(C_STORE, event.request).AffectedSOPInstanceUID or ""),
+            )
+        except StoreFailure as exc:
+            self._count("failed")
+            LOG.warning("C-STORE from %s refused with 0x%04X: %s",
+                        assoc.requestor.ae_title, exc.status, exc)
+            return _status(exc.status, str(exc))
+        except Exception as exc:
+            self._count("failed")
+            LOG.exception("C-STORE failed unexpectedly: %s", type(exc).__name__)
+            return _status(STATUS_PROCESSING_FAILURE, "internal error while storing")
+        self.activity.touch(id(assoc), result.study_pk)
+        self._count(result.outcome)
+        return 0x0000
+
+    def _on_closed(self, event: evt.Event) -> None:
+        self.activity.close(id(event.assoc))
+
+    @property
+    def handlers(self) -> list[evt.EventHandlerType]:
+        return [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+        ]
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start listening on ``node.host:node.port`` in background threads."""
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        tempfile.tempdir = str(self.store.files.tmp)
+        self.server = self.ae.start_server(
+            (self.node.host, self.node.port), block=False, evt_handlers=self.handlers)
+        LOG.info("listening as %s on %s:%d", self.node.ae_title, self.node.host, self.node.port)
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when configured as 0)."""
+        if self.server is None:
+            return self.node.port
+        return int(self.server.server_address[1])
+
+    def stop(self, grace_seconds: float) -> None:
+        """Stop accepting, let open associations finish for ``grace_seconds``, abort the rest."""
+        server = self.server
+        if server is None:
+            return
+        server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = server.active_associations
+        if remaining:
+            LOG.warning("aborting %d association(s) still open after %.0f s",
+                        len(remaining), grace_seconds)
+            for assoc in remaining:
+                assoc.abort()
+            for assoc in remaining:
+                assoc.join(timeout=5)
+        self.server = None
+        LOG.info("stopped listening")

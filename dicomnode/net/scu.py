@@ -1,0 +1,205 @@
+"""Verification and Storage SCU: C-ECHO a peer, C-STORE files and folders to it.
+
+Files are sent as they are stored, in their own transfer syntax, streamed
+from disk without decoding (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``). For
+uncompressed files the little endian syntaxes are proposed too, and a file is
+converted in memory only when the peer accepted none of its own syntax.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomnode.config import PeerConfig
+from dicomnode.net.sockets import set_nodelay
+
+__all__ = ["SendError", "SendResult", "collect_files", "echo", "send_files"]
+
+LOG = logging.getLogger(__name__)
+
+_UNCOMPRESSED = (ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian)
+_MAX_CONTEXTS = 128
+
+
+class SendError(Exception):
+    """The peer could not be reached or refused the association."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """The outcome for one file: the DICOM status (None if never sent) and a message."""
+
+    path: Path
+    status: int | None
+    message: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and (self.status == 0 or self.status >> 12 == 0xB)
+
+
+def _peer_address(peer: PeerConfig, name: str) -> tuple[str, int]:
+    if peer.host is None or peer.port is None:
+        raise SendError(f"peer {name!r} has no host and port configured (peers.{name}.host/port)")
+    return peer.host, peer.port
+
+
+def _associate(ae: AE, peer: PeerConfig, name: str, contexts: list[PresentationContext],
+               ) -> Association:
+    host, port = _peer_address(peer, name)
+    ae.requested_contexts = contexts
+    assoc = ae.associate(host, port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            raise SendError(f"peer {name!r} ({host}:{port}) rejected the association")
+        raise SendError(f"peer {name!r} ({host}:{port}) could not be reached")
+    set_nodelay(assoc)
+    return assoc
+
+
+def echo(ae_title: str, peer: PeerConfig, name: str, *, timeout: float = 30.0) -> int:
+    """C-ECHO a peer; returns the status (0x0000 is success).
+
+    Raises:
+        SendError: the association could not be established.
+    """
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    assoc = _associate(ae, peer, name, [build_context(Verification)])
+    try:
+        status = assoc.send_c_echo()
+        if "Status" not in status:
+            raise SendError(f"peer {name!r} did not answer the C-ECHO")
+        return int(status.Status)
+    finally:
+        assoc.release()
+
+
+def collect_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Every regular file named, and every file below each folder named, in sorted order."""
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            yield path
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+
+
+@dataclass(frozen=True)
+class _Item:
+    path: Path
+    sop_class: str
+    transfer_syntax: str
+
+
+def _read_item(path: Path) -> _Item | SendResult:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        return _Item(path, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+    except Exception as exc:
+        return SendResult(path, None, f"not a DICOM file: {type(exc).__name__}")
+
+
+def _contexts(items: list[_Item]) -> list[PresentationContext]:
+    pairs: dict[str, list[str]] = {}
+    for item in items:
+        syntaxes = pairs.setdefault(item.sop_class, [])
+        for ts in (item.transfer_syntax, *(_UNCOMPRESSED if UID(item.transfer_syntax) in
+                                            _UNCOMPRESSED else ())):
+            if ts not in syntaxes:
+                syntaxes.append(ts)
+    # one context per (SOP class, syntax) so that the file's own syntax can be accepted
+    return [build_context(sop, ts) for sop, tss in pairs.items() for ts in tss]
+
+
+def _batches(items: list[_Item]) -> Iterator[list[_Item]]:
+    batch: list[_Item] = []
+    for item in items:
+        trial = [*batch, item]
+        if len(_contexts(trial)) > _MAX_CONTEXTS:
+            yield batch
+            batch = [item]
+        else:
+            batch = trial
+    if batch:
+        yield batch
+
+
+def _send_one(assoc: Association, item: _Item) -> SendResult:
+    accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    try:
+        if (item.sop_class, item.transfer_syntax) in accepted:
+            # a path is streamed from disk as it is (STORE_SEND_CHUNKED_DATASET)
+            status = assoc.send_c_store(item.path)
+        elif any(sop == item.sop_class for sop, _ in accepted) and (
+                UID(item.transfer_syntax) in _UNCOMPRESSED):
+            # a dataset is re-encoded by pynetdicom in the accepted syntax
+            status = assoc.send_c_store(pydicom.dcmread(item.path))
+        else:
+            return SendResult(item.path, None,
+                              f"peer accepted no presentation context for SOP class "
+                              f"{item.sop_class} in transfer syntax {item.transfer_syntax}")
+    except Exception as exc:
+        return SendResult(item.path, None, f"send failed: {type(exc).__name__}: {exc}")
+    if "Status" not in status:
+        return SendResult(item.path, None, "no response from peer (association lost)")
+    code = int(status.Status)
+    comment = str(status.get("ErrorComment", "")).strip()
+    text = "Success" if code == 0 else f"status 0x{code:04X}" + (f": {comment}" if comment else "")
+    return SendResult(item.path, code, text)
+
+
+def send_files(ae_title: str, peer: PeerConfig, name: str, paths: Iterable[Path], *,
+               timeout: float = 60.0,
+               on_result: Callable[[SendResult], None] | None = None) -> list[SendResult]:
+    """C-STORE files to a peer over as few associations as the 128-context limit allows.
+
+    Raises:
+        SendError: the peer could not be reached or refused the association.
+    """
+    results: list[SendResult] = []
+
+    def report(result: SendResult) -> None:
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+
+    items: list[_Item] = []
+    for path in collect_files(paths):
+        read = _read_item(path)
+        if isinstance(read, SendResult):
+            report(read)
+        else:
+            items.append(read)
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    for batch in _batches(items):
+        assoc = _associate(ae, peer, name, _contexts(batch))
+        try:
+            for item in batch:
+                if not assoc.is_established:
+                    report(SendResult(item.path, None, "association lost before sending"))
+                    continue
+                report(_send_one(assoc, item))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    return results

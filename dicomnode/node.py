@@ -1,0 +1,86 @@
+"""The running node: configuration, store, index, SCP and the scheduler, wired together.
+
+Data flows one way: net -> store -> completion (and, in later stages,
+rules -> pipeline -> outputs -> outbox).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicomnode.completion import AssociationActivity, CompletionMonitor
+from dicomnode.config import Config
+from dicomnode.net.access import AccessPolicy
+from dicomnode.net.scp import StorageSCP
+from dicomnode.store.db import Index, open_index
+from dicomnode.store.files import InstanceFiles
+from dicomnode.store.ingest import InstanceStore
+from dicomnode.store.recovery import recover_orphans
+
+__all__ = ["Node"]
+
+LOG = logging.getLogger(__name__)
+
+
+class Node:
+    """One dicomnode process. ``start()`` returns once the SCP listens; ``stop()`` is graceful."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.files = InstanceFiles(config.storage.path, fsync=config.storage.fsync)
+        self.index: Index = open_index(config.db_url)
+        self.store = InstanceStore(self.files, self.index,
+                                   min_free_bytes=config.storage.min_free_bytes)
+        self.activity = AssociationActivity()
+        self.completion = CompletionMonitor(self.index, self.activity,
+                                            quiet_seconds=config.completion.quiet_seconds)
+        self.scp = StorageSCP(config.node, self.store,
+                              AccessPolicy(config.node.ae_title, config.peers), self.activity)
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self._stopped = threading.Event()
+        self._stop_requested = threading.Event()
+
+    def start(self) -> None:
+        removed = self.files.clean_tmp()
+        if removed:
+            LOG.info("removed %d partial file(s) left by an interrupted transfer", removed)
+        recovered = recover_orphans(self.files, self.store)
+        if recovered:
+            LOG.info("indexed %d stored file(s) whose index row was lost in a crash", recovered)
+        self.scheduler.add_job(self.completion.check, "interval",
+                               seconds=self.config.completion.check_interval_seconds,
+                               id="completion", max_instances=1, coalesce=True)
+        self.scheduler.start()
+        self.scp.start()
+
+    def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        LOG.info("stopping")
+        self.scp.stop(self.config.node.shutdown_grace_seconds)
+        self.scheduler.shutdown(wait=True)
+        self.files.clean_tmp()
+        self.index.dispose()
+        LOG.info("stopped")
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            LOG.info("received %s", signal.Signals(signum).name)
+            self._stop_requested.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        try:
+            while not self._stop_requested.wait(1.0):
+                pass
+        finally:
+            self.stop()

@@ -1,0 +1,219 @@
+"""Read what the index needs from a received instance, without its pixel data.
+
+Positions (ImagePositionPatient) and orientations (ImageOrientationPatient)
+are in the DICOM patient coordinate system (LPS, mm). Multi-frame images
+(enhanced CT/MR/PET and similar) give one position per frame, read from the
+Per-frame or Shared Functional Groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+__all__ = ["HeaderError", "InstanceHeader", "read_header"]
+
+_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+    "Modality", "SeriesDescription", "SeriesNumber", "BodyPartExamined",
+    "FrameOfReferenceUID", "InstanceNumber", "ImageType", "Rows", "Columns",
+    "PixelSpacing", "SliceThickness", "ImagePositionPatient", "ImageOrientationPatient",
+    "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+)
+_TAGS = [Tag(k) for k in _KEYWORDS]
+
+
+class HeaderError(Exception):
+    """A received dataset that cannot be indexed; ``status`` is the C-STORE failure code."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The indexed attributes of one instance (strings stripped, numbers parsed)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    patient: dict[str, str | None] = field(default_factory=dict)
+    study: dict[str, str | None] = field(default_factory=dict)
+    series: dict[str, Any] = field(default_factory=dict)
+    instance: dict[str, Any] = field(default_factory=dict)
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return None
+    if value is None or value == "":
+        return None
+    text = str(value).strip().rstrip("\x00")
+    return text[:limit] if text else None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except Exception:
+        return None
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        return None if value is None or value == "" else float(value)
+    except Exception:
+        return None
+
+
+def _floats(ds: Dataset, keyword: str, count: int) -> list[float] | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        values = [float(v) for v in (value if isinstance(value, Sequence) else [value])]
+    except Exception:
+        return None
+    return values if len(values) == count else None
+
+
+def _strings(ds: Dataset, keyword: str) -> list[str] | None:
+    try:
+        value = ds.get(keyword)
+    except Exception:
+        return None
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return [value.strip()]
+    return [str(v).strip() for v in value]
+
+
+def _item(ds: Dataset | None, keyword: str) -> Dataset | None:
+    if ds is None:
+        return None
+    seq = ds.get(keyword)
+    if not seq:
+        return None
+    item: Dataset = seq[0]
+    return item
+
+
+def _frame_geometry(ds: Dataset) -> tuple[list[list[float]] | None, dict[str, Any]]:
+    """Per-frame positions and the shared orientation/spacing of a multi-frame image."""
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    extra: dict[str, Any] = {}
+    orientation = _floats(_item(shared, "PlaneOrientationSequence") or Dataset(),
+                          "ImageOrientationPatient", 6)
+    measures = _item(shared, "PixelMeasuresSequence")
+    if measures is not None:
+        extra["pixel_spacing"] = _floats(measures, "PixelSpacing", 2)
+        extra["slice_thickness"] = _float(measures, "SliceThickness")
+    positions: list[list[float]] = []
+    if per_frame:
+        for frame in per_frame:
+            pos = _floats(_item(frame, "PlanePositionSequence") or Dataset(),
+                          "ImagePositionPatient", 3)
+            if orientation is None or not positions:
+                frame_iop = _floats(_item(frame, "PlaneOrientationSequence") or Dataset(),
+                                    "ImageOrientationPatient", 6)
+                if frame_iop is not None and orientation is None:
+                    orientation = frame_iop
+            if measures is None and "pixel_spacing" not in extra:
+                pm = _item(frame, "PixelMeasuresSequence")
+                if pm is not None:
+                    extra["pixel_spacing"] = _floats(pm, "PixelSpacing", 2)
+                    extra["slice_thickness"] = _float(pm, "SliceThickness")
+            if pos is None:
+                return None, extra
+            positions.append(pos)
+    extra["image_orientation_patient"] = orientation
+    return (positions or None), extra
+
+
+def read_header(path: Path) -> InstanceHeader:
+    """Parse the header of a stored DICOM file (pixel data is not read).
+
+    Raises:
+        HeaderError: status 0xC001 when the dataset cannot be parsed, 0xC002
+            when Study, Series or SOP Instance UID is missing.
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+        # force decoding of the values now, so a malformed element fails here
+        for elem in ds.iterall():
+            _ = elem.value
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+    except Exception as exc:
+        raise HeaderError(f"dataset cannot be parsed: {type(exc).__name__}", 0xC001) from None
+
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                           "SOPClassUID") if not _text(ds, k)]
+    if missing:
+        raise HeaderError(f"dataset lacks {', '.join(missing)}", 0xC002)
+
+    number_of_frames = _int(ds, "NumberOfFrames") or 1
+    instance: dict[str, Any] = {
+        "instance_number": _int(ds, "InstanceNumber"),
+        "image_type": _strings(ds, "ImageType"),
+        "rows": _int(ds, "Rows"),
+        "columns": _int(ds, "Columns"),
+        "pixel_spacing": _floats(ds, "PixelSpacing", 2),
+        "slice_thickness": _float(ds, "SliceThickness"),
+        "image_position_patient": _floats(ds, "ImagePositionPatient", 3),
+        "image_orientation_patient": _floats(ds, "ImageOrientationPatient", 6),
+        "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
+        "number_of_frames": number_of_frames,
+        "frame_positions": None,
+    }
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        positions, extra = _frame_geometry(ds)
+        instance["frame_positions"] = positions
+        for key, value in extra.items():
+            if instance.get(key) is None:
+                instance[key] = value
+    return InstanceHeader(
+        sop_class_uid=str(_text(ds, "SOPClassUID")),
+        sop_instance_uid=str(_text(ds, "SOPInstanceUID")),
+        study_instance_uid=str(_text(ds, "StudyInstanceUID")),
+        series_instance_uid=str(_text(ds, "SeriesInstanceUID")),
+        transfer_syntax_uid=transfer_syntax,
+        patient={
+            "patient_id": _text(ds, "PatientID") or "",
+            "issuer_of_patient_id": _text(ds, "IssuerOfPatientID") or "",
+            "patient_name": _text(ds, "PatientName", 324),
+            "patient_birth_date": _text(ds, "PatientBirthDate", 8),
+            "patient_sex": _text(ds, "PatientSex", 16),
+        },
+        study={
+            "study_date": _text(ds, "StudyDate", 8),
+            "study_time": _text(ds, "StudyTime", 16),
+            "accession_number": _text(ds, "AccessionNumber", 16),
+            "study_id": _text(ds, "StudyID", 16),
+            "study_description": _text(ds, "StudyDescription"),
+        },
+        series={
+            "modality": _text(ds, "Modality", 16),
+            "series_description": _text(ds, "SeriesDescription"),
+            "series_number": _int(ds, "SeriesNumber"),
+            "body_part_examined": _text(ds, "BodyPartExamined", 16),
+            "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
+        },
+        instance=instance,
+    )

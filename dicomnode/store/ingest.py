@@ -1,0 +1,212 @@
+"""Ingest: turn a received temporary file into a stored, indexed instance.
+
+This is the store's single entry point for new data. :meth:`InstanceStore.ingest`
+returns only after the file is fsynced in its final place and its index row
+is committed, so the network layer may then answer Success.
+
+Re-sending an instance (same SOP Instance UID) is idempotent:
+
+* identical bytes: nothing changes on disk; the index counts the re-send;
+* different bytes: the new version replaces the old one (the last one
+  received wins, as when a modality re-sends a corrected image), the index
+  row is updated, and a warning is logged. The study is re-opened if it had
+  been completed, so later stages see the change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import filecmp
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from dicomnode.store.db import Index
+from dicomnode.store.files import InstanceFiles
+from dicomnode.store.header import HeaderError, InstanceHeader, read_header
+from dicomnode.store.tables import Instance, Patient, Series, Study, StudyState, utcnow
+
+__all__ = ["IngestResult", "InstanceStore", "StoreFailure"]
+
+LOG = logging.getLogger(__name__)
+
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_INDEX_UNAVAILABLE = 0xA701
+STATUS_INVALID_UID = 0xC003
+STATUS_UID_MISMATCH = 0xC004
+
+
+class StoreFailure(Exception):
+    """The instance was not stored; ``status`` is the C-STORE failure status to answer."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What happened to one received instance (index primary keys, never identity)."""
+
+    study_pk: int
+    series_pk: int
+    instance_pk: int
+    outcome: str  # "stored", "duplicate" (identical re-send) or "replaced"
+
+
+class InstanceStore:
+    """Stores received files durably and indexes them.
+
+    Args:
+        files: the raw store.
+        index: the index database.
+        min_free_bytes: refuse (0xA700) when storing would leave less free disk.
+    """
+
+    def __init__(self, files: InstanceFiles, index: Index, *, min_free_bytes: int) -> None:
+        if min_free_bytes < 0:
+            raise ValueError("min_free_bytes must be >= 0")
+        self.files = files
+        self.index = index
+        self.min_free_bytes = min_free_bytes
+        self._lock = threading.Lock()
+
+    def ingest(
+        self, tmp_file: Path, *, calling_ae_title: str, expected_sop_instance_uid: str | None = None
+    ) -> IngestResult:
+        """Store and index one complete received file (DICOM Part 10, as written by the SCP).
+
+        The temporary file is consumed: it is either moved into the store or
+        left for the caller to delete.
+
+        Raises:
+            StoreFailure: with the DICOM failure status to answer; nothing was stored.
+        """
+        size = tmp_file.stat().st_size
+        free = self.files.free_bytes()
+        if free - size < self.min_free_bytes:
+            raise StoreFailure(
+                f"out of resources: {free} bytes free, storage.min_free_bytes is "
+                f"{self.min_free_bytes}", STATUS_OUT_OF_RESOURCES)
+        try:
+            header = read_header(tmp_file)
+        except HeaderError as exc:
+            raise StoreFailure(str(exc), exc.status) from None
+        if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid:
+            raise StoreFailure("SOP Instance UID of the dataset differs from the request's",
+                               STATUS_UID_MISMATCH)
+        try:
+            relative = self.files.relative_path(
+                header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+        except ValueError as exc:
+            raise StoreFailure(str(exc), STATUS_INVALID_UID) from None
+
+        with self._lock:
+            try:
+                return self._store(tmp_file, relative, size, header, calling_ae_title)
+            except SQLAlchemyError as exc:
+                LOG.error("index write failed: %s", type(exc).__name__)
+                raise StoreFailure("index unavailable", STATUS_INDEX_UNAVAILABLE) from None
+
+    def _store(self, tmp_file: Path, relative: Path, size: int, header: InstanceHeader,
+               calling_ae_title: str) -> IngestResult:
+        now = utcnow()
+        with self.index.session() as session:
+            existing = session.scalars(
+                select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
+            ).one_or_none()
+            if existing is not None:
+                old = self.files.root / existing.file_path
+                if old.is_file() and filecmp.cmp(old, tmp_file, shallow=False):
+                    existing.times_received += 1
+                    series = existing.series
+                    series.study.last_received_at = now
+                    session.commit()
+                    return IngestResult(series.study_pk, series.id, existing.id, "duplicate")
+
+            series = self._series(session, header, now)
+            created = existing is None
+            self.files.commit(tmp_file, relative)
+            try:
+                if existing is None:
+                    existing = Instance(sop_instance_uid=header.sop_instance_uid)
+                    session.add(existing)
+                else:
+                    LOG.warning("instance %d re-sent with different content: replacing it",
+                                existing.id)
+                    existing.times_received += 1
+                    if existing.file_path != relative.as_posix():
+                        self.files.remove(Path(existing.file_path))
+                existing.series = series
+                existing.sop_class_uid = header.sop_class_uid
+                existing.transfer_syntax_uid = header.transfer_syntax_uid
+                for key, value in header.instance.items():
+                    setattr(existing, key, value)
+                existing.calling_ae_title = calling_ae_title
+                existing.received_at = now
+                existing.file_path = relative.as_posix()
+                existing.file_size = size
+                session.commit()
+            except SQLAlchemyError:
+                session.rollback()
+                if created:
+                    self.files.remove(relative)
+                raise
+            return IngestResult(series.study_pk, series.id, existing.id,
+                                "stored" if created else "replaced")
+
+    def _series(self, session: Session, header: InstanceHeader, now: dt.datetime) -> Series:
+        series = session.scalars(
+            select(Series).where(Series.series_instance_uid == header.series_instance_uid)
+        ).one_or_none()
+        if series is None:
+            study = self._study(session, header)
+            series = Series(series_instance_uid=header.series_instance_uid, study=study,
+                            **header.series)
+            session.add(series)
+        else:
+            study = series.study
+            for key, value in header.series.items():
+                if value is not None and getattr(series, key) is None:
+                    setattr(series, key, value)
+        series.geometry_dirty = True
+        series.last_received_at = now
+        study.last_received_at = now
+        if study.state == StudyState.COMPLETE:
+            study.state = StudyState.RECEIVING
+            study.reopened_count += 1
+            study.completed_at = None
+            LOG.info("study %s re-opened by a late instance", study.id or "new")
+        return series
+
+    def _study(self, session: Session, header: InstanceHeader) -> Study:
+        study = session.scalars(
+            select(Study).where(Study.study_instance_uid == header.study_instance_uid)
+        ).one_or_none()
+        if study is not None:
+            return study
+        patient = self._patient(session, header)
+        study = Study(study_instance_uid=header.study_instance_uid, patient=patient,
+                      state=StudyState.RECEIVING, **header.study)
+        session.add(study)
+        return study
+
+    def _patient(self, session: Session, header: InstanceHeader) -> Patient:
+        key = (header.patient["patient_id"] or "", header.patient["issuer_of_patient_id"] or "")
+        patient = session.scalars(
+            select(Patient).where(Patient.patient_id == key[0],
+                                  Patient.issuer_of_patient_id == key[1])
+        ).one_or_none()
+        if patient is None:
+            patient = Patient(**header.patient)
+            session.add(patient)
+        else:
+            for field, value in header.patient.items():
+                if value:
+                    setattr(patient, field, value)
+        return patient

@@ -1,0 +1,89 @@
+"""Read-only views of the index for the command line and the console.
+
+The JSON form of :func:`studies_report` is stable (see docs/studies-json.md):
+keys are only ever added, never renamed or removed. It holds no patient
+identity (no names, IDs or birth dates).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
+
+from dicomnode.store.db import Index
+from dicomnode.store.tables import Instance, Series, Study
+
+__all__ = ["STUDIES_SCHEMA_VERSION", "studies_report"]
+
+STUDIES_SCHEMA_VERSION = 1
+
+
+def _time(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat() + "Z"
+
+
+def studies_report(index: Index, *, study_uid: str | None = None) -> dict[str, Any]:
+    """Studies with their state and their series with geometry verdicts."""
+    with index.session() as session:
+        counts = dict(
+            session.execute(
+                select(Instance.series_pk, func.count(Instance.id)).group_by(Instance.series_pk)
+            ).tuples().all()
+        )
+        frames = dict(
+            session.execute(
+                select(Instance.series_pk, func.sum(Instance.number_of_frames))
+                .group_by(Instance.series_pk)
+            ).tuples().all()
+        )
+        query = select(Study).options(selectinload(Study.series)).order_by(Study.id)
+        if study_uid:
+            query = query.where(Study.study_instance_uid == study_uid)
+        studies = session.scalars(query).all()
+        out = []
+        for study in studies:
+            series_out = []
+            for s in sorted(study.series, key=lambda x: (x.series_number is None,
+                                                         x.series_number or 0, x.id)):
+                series_out.append(_series(s, counts.get(s.id, 0), frames.get(s.id) or 0))
+            out.append({
+                "id": study.id,
+                "study_instance_uid": study.study_instance_uid,
+                "state": study.state.value,
+                "study_date": study.study_date,
+                "study_description": study.study_description,
+                "instance_count": sum(x["instance_count"] for x in series_out),
+                "first_received_at": _time(study.first_received_at),
+                "last_received_at": _time(study.last_received_at),
+                "completed_at": _time(study.completed_at),
+                "reopened_count": study.reopened_count,
+                "series": series_out,
+            })
+    return {"schema": STUDIES_SCHEMA_VERSION, "studies": out}
+
+
+def _series(s: Series, count: int, frames: int) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "series_instance_uid": s.series_instance_uid,
+        "modality": s.modality,
+        "series_number": s.series_number,
+        "series_description": s.series_description,
+        "body_part_examined": s.body_part_examined,
+        "frame_of_reference_uid": s.frame_of_reference_uid,
+        "instance_count": count,
+        "frame_count": int(frames),
+        "geometry": {
+            "state": ("pending" if s.geometry_dirty else
+                      "not-image" if s.geometry_whole is None else
+                      "whole" if s.geometry_whole else "not-whole"),
+            "whole": None if s.geometry_dirty else s.geometry_whole,
+            "reason": None if s.geometry_dirty else s.geometry_reason,
+            "frames": s.geometry_frames,
+            "slice_spacing_mm": s.slice_spacing,
+            "orientation": s.orientation,
+        },
+    }

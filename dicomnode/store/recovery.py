@@ -1,0 +1,46 @@
+"""Start-up recovery: index stored files whose index row was never committed.
+
+A file reaches ``instances/`` only when complete and fsynced; a crash between
+that rename and the index commit leaves a whole file without a row. Such a
+file was never acknowledged, but it is complete, so it is indexed rather than
+lost. The scan compares the store's file list with the index.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from sqlalchemy import select
+
+from dicomnode.store.files import InstanceFiles
+from dicomnode.store.ingest import InstanceStore, StoreFailure
+from dicomnode.store.tables import Instance
+
+__all__ = ["recover_orphans"]
+
+LOG = logging.getLogger(__name__)
+
+
+def recover_orphans(files: InstanceFiles, store: InstanceStore) -> int:
+    """Index every stored file the index does not know; returns how many were recovered."""
+    with store.index.session() as session:
+        known = set(session.scalars(select(Instance.file_path)).all())
+    recovered = 0
+    for relative in files.walk():
+        if relative.as_posix() in known:
+            continue
+        staged = files.tmp / f"recover-{relative.name}"
+        shutil.copyfile(files.root / relative, staged)
+        try:
+            store.ingest(staged, calling_ae_title="")
+            recovered += 1
+        except StoreFailure as exc:
+            LOG.warning("stored file could not be indexed (%s); moved aside", exc)
+            aside = files.root / "unindexable" / relative.name
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            (files.root / relative).replace(aside)
+        finally:
+            Path(staged).unlink(missing_ok=True)
+    return recovered

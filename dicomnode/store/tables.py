@@ -1,0 +1,149 @@
+"""The index: patients, studies, series and instances as SQLAlchemy tables.
+
+Times are stored as naive UTC datetimes. Multi-valued DICOM attributes
+(ImageType, PixelSpacing, ImagePositionPatient, ImageOrientationPatient) are
+stored as JSON lists of their values; positions and spacings are in mm in the
+DICOM patient coordinate system (LPS).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = ["Base", "Instance", "Patient", "Series", "Study", "StudyState"]
+
+
+def utcnow() -> dt.datetime:
+    """The current time as a naive UTC datetime (the index's time convention)."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StudyState(str, enum.Enum):
+    """Where a study stands in the receive -> complete cycle."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+class Patient(Base):
+    """One patient, keyed by PatientID (and IssuerOfPatientID when given)."""
+
+    __tablename__ = "patient"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_birth_date: Mapped[str | None] = mapped_column(String(8))
+    patient_sex: Mapped[str | None] = mapped_column(String(16))
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+    __table_args__ = (
+        Index("ux_patient_key", "patient_id", "issuer_of_patient_id", unique=True),
+    )
+
+
+class Study(Base):
+    """One study (StudyInstanceUID) with its completion state."""
+
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    study_time: Mapped[str | None] = mapped_column(String(16))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_id: Mapped[str | None] = mapped_column(String(16))
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[StudyState] = mapped_column(
+        Enum(StudyState, native_enum=False, length=16), default=StudyState.RECEIVING, index=True
+    )
+    first_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    reopened_count: Mapped[int] = mapped_column(Integer, default=0)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(
+        back_populates="study", order_by="Series.series_number"
+    )
+
+
+class Series(Base):
+    """One series with its geometry verdict (see :mod:`dicomnode.geometry`)."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    body_part_examined: Mapped[str | None] = mapped_column(String(16))
+    frame_of_reference_uid: Mapped[str | None] = mapped_column(String(64))
+    last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    # geometry verdict, recomputed when ``geometry_dirty`` is set by a new instance
+    geometry_dirty: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
+    geometry_whole: Mapped[bool | None] = mapped_column(Boolean)
+    geometry_reason: Mapped[str | None] = mapped_column(Text)
+    geometry_frames: Mapped[int | None] = mapped_column(Integer)
+    slice_spacing: Mapped[float | None] = mapped_column(Float)
+    orientation: Mapped[str | None] = mapped_column(String(16))
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    """One received SOP instance and the file holding it, exactly as received."""
+
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    image_type: Mapped[list[Any] | None] = mapped_column(JSON)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    pixel_spacing: Mapped[list[Any] | None] = mapped_column(JSON)
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
+    image_position_patient: Mapped[list[Any] | None] = mapped_column(JSON)
+    image_orientation_patient: Mapped[list[Any] | None] = mapped_column(JSON)
+    frame_of_reference_uid: Mapped[str | None] = mapped_column(String(64))
+    number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
+    # per-frame geometry of multi-frame images: [[x, y, z], ...] (mm) and one orientation
+    frame_positions: Mapped[list[Any] | None] = mapped_column(JSON)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    file_path: Mapped[str] = mapped_column(Text)
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    times_received: Mapped[int] = mapped_column(Integer, default=1)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
