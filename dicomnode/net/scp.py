@@ -13,7 +13,7 @@ import logging
 import tempfile
 import threading
 import time
-from typing import Any, cast
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt

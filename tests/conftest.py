@@ -1,0 +1,169 @@
+"""Shared fixtures: real dicomnode processes on loopback ports, real peers, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+DCMTK = Path("/usr/bin")  # a pip package installs its own `storescu` on PATH: use DCMTK's
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset of a Part-10 file, without preamble and File Meta Information."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM", f"{path} is not a Part-10 file"
+    assert data[132:136] == b"\x02\x00\x00\x00", "file meta must start with its group length"
+    group_length = int.from_bytes(data[140:144], "little")
+    return data[144 + group_length:]
+
+
+@dataclass
+class RunningNode:
+    """A `dicomnode serve` process started by the tests."""
+
+    config_path: Path
+    port: int
+    store: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def start(self, timeout: float = 20.0) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicomnode", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.config_path.parent)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited early:\n{self.log()}")
+            if "listening as" in self.log():  # logged once the socket is bound and listening
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"node did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [sys.executable, "-m", "dicomnode", *args, "--config", str(self.config_path)],
+            capture_output=True, text=True, timeout=120)
+        if check and result.returncode != 0:
+            raise AssertionError(f"dicomnode {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    def studies(self) -> list[dict[str, Any]]:
+        report = json.loads(self.cli("studies", "--json").stdout)
+        assert report["schema"] == 1
+        studies: list[dict[str, Any]] = report["studies"]
+        return studies
+
+    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool],
+                 timeout: float = 20.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            studies = self.studies()
+            if predicate(studies):
+                return studies
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met; studies: {json.dumps(studies)[:2000]}")
+            time.sleep(0.2)
+
+
+NodeFactory = Callable[..., RunningNode]
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start `dicomnode serve` processes with a test configuration; stopped at teardown."""
+    nodes: list[RunningNode] = []
+
+    def make(*, quiet_seconds: float = 1.0, min_free_bytes: int = 0, start: bool = True,
+             **overrides: Any) -> RunningNode:
+        base = tmp_path / f"node{len(nodes)}"
+        base.mkdir()
+        port = free_port()
+        config: dict[str, Any] = {
+            "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port,
+                     "shutdown_grace_seconds": 20},
+            "storage": {"path": "store", "min_free_bytes": min_free_bytes},
+            "peers": {
+                "testscu": {"ae_title": "TESTSCU", "host": "127.0.0.1"},
+                "storescu": {"ae_title": "STORESCU", "host": "localhost"},
+                "self": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port},
+            },
+            "completion": {"quiet_seconds": quiet_seconds, "check_interval_seconds": 0.2},
+            "logging": {"level": "INFO"},
+        }
+        for key, value in overrides.items():
+            config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+        path = base / "dicomnode.yaml"
+        path.write_text(yaml.safe_dump(config))
+        node = RunningNode(path, port, base / "store", base / "node.log")
+        nodes.append(node)
+        if start:
+            node.start()
+        return node
+
+    yield make
+    for node in nodes:
+        if node.proc is not None:
+            node.proc.kill()
+            node.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def small_ct(data_dir: Path) -> list[Path]:
+    import testdata
+
+    return testdata.synthetic_ct(data_dir / "small_ct", slices=24, rows=64, columns=64)
+
+
+def storescu(port: int, *paths: Path, aet: str = "STORESCU", aec: str = "DICOMNODE",
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Send with DCMTK's storescu (TCP_NODELAY=1: DCMTK leaves Nagle on otherwise)."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    return subprocess.run(
+        [str(DCMTK / "storescu"), "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port),
+         *map(str, paths)],
+        capture_output=True, text=True, timeout=300, env=env)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Run the whole test suite, installing first what it needs (Debian packages as root, then pip).
+# This is the README's test command, and CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Real peers and real data used by the tests, from Debian packages:
+#   dcmtk (storescu, storescp, dcmcjpeg, ...), dicom3tools (dciodvfy), orthanc,
+#   invesalius-examples (Cranium CT), mricron-data (Colin27 T1 MR)
+DEBS="dcmtk dicom3tools orthanc invesalius-examples mricron-data"
+missing=""
+for deb in $DEBS; do
+  dpkg -s "$deb" >/dev/null 2>&1 || missing="$missing $deb"
+done
+if [ -n "$missing" ]; then
+  echo "installing Debian packages:$missing"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
+fi
+
+python3 -m pip install -q -e ".[test]"
+python3 -m ruff check dicomnode tests tools
+python3 -m mypy
+python3 -m pytest "$@"
