@@ -11,6 +11,7 @@ from pathlib import Path
 from dicomnode import __version__
 from dicomnode.config import Config, ConfigError, PeerConfig, load_config
 from dicomnode.logs import setup_logging
+from dicomnode.rules.loader import RuleFileError, RuleSet
 
 __all__ = ["main"]
 
@@ -105,6 +106,63 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _load_rules(config: Config) -> RuleSet:
+    from dicomnode.rules.loader import load_rules
+
+    return load_rules(config.rules_dir, peers=config.peers, models_dir=config.models_dir)
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    rules = _load_rules(config)
+    for rule in rules.rules:
+        state = "enabled" if rule.enabled else "disabled"
+        when = f"schedule {rule.schedule!r}" if rule.schedule else "on arrival"
+        print(f"{rule.name}: {state}, {when}, model {rule.model}, inputs "
+              f"{', '.join(rule.input_names)}  ({rule.source})")
+    print(f"{len(rules.rules)} rule(s) OK in {config.rules_dir}")
+    return 0
+
+
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from dicomnode.rules.explain import explain_study, index_folder
+
+    config = _config(args)
+    rules = _load_rules(config)
+    chosen = [rules.get(args.rule)] if args.rule else list(rules.rules)
+    if not chosen:
+        print(f"no rules in {config.rules_dir}", file=sys.stderr)
+        return 1
+    if args.path:
+        with tempfile.TemporaryDirectory(prefix="dicomnode-rules-") as tmp:
+            index, study_pks = index_folder(Path(args.path), Path(tmp))
+            try:
+                for pk in study_pks:
+                    print(explain_study(index, Path(tmp), pk, chosen))
+            finally:
+                index.dispose()
+        return 0
+    from sqlalchemy import select
+
+    from dicomnode.store.db import open_index
+    from dicomnode.store.tables import Study
+
+    index = open_index(config.db_url)
+    try:
+        with index.session() as session:
+            found = session.scalars(select(Study.id).where(
+                Study.study_instance_uid == args.study)).first()
+        if found is None:
+            print(f"no study {args.study} in the index", file=sys.stderr)
+            return 1
+        print(explain_study(index, config.storage.path, found, chosen))
+    finally:
+        index.dispose()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
@@ -129,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     p.add_argument("--to", required=True, help="peer name from the configuration")
     p.set_defaults(func=cmd_send)
+
+    rules = sub.add_parser("rules", help="check and test routing rules")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    p = rules_sub.add_parser("check", help="validate every rule file")
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.set_defaults(func=cmd_rules_check)
+    p = rules_sub.add_parser("test", help="explain how rules evaluate on a study or a folder")
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.add_argument("--rule", help="only this rule")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--study", help="an indexed StudyInstanceUID")
+    target.add_argument("--path", help="a folder of DICOM files")
+    p.set_defaults(func=cmd_rules_test)
     return parser
 
 
@@ -138,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)
+        return 2
+    except RuleFileError as exc:
+        print(f"rule error:\n{exc}", file=sys.stderr)
         return 2
     return code
 

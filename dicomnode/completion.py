@@ -82,22 +82,33 @@ class CompletionMonitor:
     """
 
     def __init__(self, index: Index, activity: AssociationActivity, *, quiet_seconds: float,
-                 listeners: list[CompletionListener] | None = None) -> None:
-        if quiet_seconds < 0:
-            raise ValueError("quiet_seconds must be >= 0")
+                 series_quiet_seconds: float = 1.0,
+                 listeners: list[CompletionListener] | None = None,
+                 settled_listeners: list[CompletionListener] | None = None) -> None:
+        if quiet_seconds < 0 or series_quiet_seconds < 0:
+            raise ValueError("quiet_seconds and series_quiet_seconds must be >= 0")
         self.index = index
         self.activity = activity
         self.quiet = dt.timedelta(seconds=quiet_seconds)
+        self.series_quiet = dt.timedelta(seconds=series_quiet_seconds)
         self.listeners = list(listeners or [])
+        self.settled_listeners = list(settled_listeners or [])
         self._lock = threading.Lock()
 
-    def update_geometry(self, busy: set[int]) -> int:
-        """Recompute the verdict of every changed series not being received; returns the count."""
-        done = 0
+    def update_geometry(self, busy: set[int], now: dt.datetime | None = None) -> set[int]:
+        """Recompute the verdict of changed series that have settled.
+
+        A series has settled when no association delivering to its study is
+        open, or when it has had no new instance for ``series_quiet_seconds``
+        (an association sending a whole study moves on to the next series).
+        Returns the studies whose series got a new verdict.
+        """
+        now = now or utcnow()
+        studies: set[int] = set()
         with self.index.session() as session:
             dirty = session.scalars(select(Series).where(Series.geometry_dirty.is_(True))).all()
             for series in dirty:
-                if series.study_pk in busy:
+                if series.study_pk in busy and series.last_received_at > now - self.series_quiet:
                     continue
                 verdict = series_verdict(list(series.instances))
                 series.geometry_dirty = False
@@ -115,16 +126,16 @@ class CompletionMonitor:
                     series.orientation = verdict.orientation
                     if not verdict.whole:
                         LOG.info("series %d is not whole: %s", series.id, verdict.reason)
-                done += 1
+                studies.add(series.study_pk)
             session.commit()
-        return done
+        return studies
 
     def check(self, now: dt.datetime | None = None) -> list[int]:
         """One pass: update verdicts, complete quiet studies; returns completed study keys."""
         with self._lock:
             now = now or utcnow()
             busy = self.activity.busy_studies()
-            self.update_geometry(busy)
+            settled = self.update_geometry(busy, now)
             completed: list[int] = []
             cutoff = now - self.quiet
             with self.index.session() as session:
@@ -144,11 +155,18 @@ class CompletionMonitor:
                     if result.rowcount:  # type: ignore[attr-defined]
                         completed.append(pk)
                 session.commit()
+        for pk in sorted(settled - set(completed)):
+            _notify(self.settled_listeners, pk)
         for pk in completed:
             LOG.info("study %d complete", pk)
-            for listener in self.listeners:
-                try:
-                    listener(pk)
-                except Exception:
-                    LOG.exception("completion listener failed for study %d", pk)
+            _notify(self.listeners, pk)
         return completed
+
+
+def _notify(listeners: list[CompletionListener], study_pk: int) -> None:
+    for listener in listeners:
+        try:
+            listener(study_pk)
+        except Exception:
+            LOG.exception("listener %s failed for study %d",
+                          getattr(listener, "__name__", "?"), study_pk)

@@ -89,6 +89,8 @@ class CompletionConfig(_Section):
     """When a study counts as complete."""
 
     quiet_seconds: float = Field(5.0, ge=0)
+    series_quiet_seconds: float = Field(
+        1.0, ge=0, description="a series with no new instance for this long has settled")
     check_interval_seconds: float = Field(0.5, gt=0, le=60)
 
 

@@ -17,6 +17,8 @@ from dicomnode.completion import AssociationActivity, CompletionMonitor
 from dicomnode.config import Config
 from dicomnode.net.access import AccessPolicy
 from dicomnode.net.scp import StorageSCP
+from dicomnode.rules.loader import load_rules
+from dicomnode.rules.trigger import RuleTrigger
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.files import InstanceFiles
 from dicomnode.store.ingest import InstanceStore
@@ -36,14 +38,27 @@ class Node:
         self.index: Index = open_index(config.db_url)
         self.store = InstanceStore(self.files, self.index,
                                    min_free_bytes=config.storage.min_free_bytes)
+        self.rules = load_rules(config.rules_dir, peers=config.peers,
+                                models_dir=config.models_dir)
+        self.trigger = RuleTrigger(self.index, self.rules, config.storage.path)
         self.activity = AssociationActivity()
-        self.completion = CompletionMonitor(self.index, self.activity,
-                                            quiet_seconds=config.completion.quiet_seconds)
+        self.completion = CompletionMonitor(
+            self.index, self.activity,
+            quiet_seconds=config.completion.quiet_seconds,
+            series_quiet_seconds=config.completion.series_quiet_seconds,
+            listeners=[self._on_study_complete],
+            settled_listeners=[self._on_series_settled])
         self.scp = StorageSCP(config.node, self.store,
                               AccessPolicy(config.node.ae_title, config.peers), self.activity)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
+
+    def _on_study_complete(self, study_pk: int) -> None:
+        self.trigger.on_study(study_pk, trigger="complete")
+
+    def _on_series_settled(self, study_pk: int) -> None:
+        self.trigger.on_study(study_pk, trigger="early", early=True)
 
     def start(self) -> None:
         removed = self.files.clean_tmp()

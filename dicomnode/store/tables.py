@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "Instance", "Patient", "Series", "Study", "StudyState"]
+__all__ = ["Base", "Instance", "Job", "JobState", "Patient", "Series", "Study", "StudyState"]
 
 
 def utcnow() -> dt.datetime:
@@ -147,3 +147,42 @@ class Instance(Base):
     times_received: Mapped[int] = mapped_column(Integer, default=1)
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class JobState(str, enum.Enum):
+    """Where a job stands; a job is created when a rule fires."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Job(Base):
+    """One firing of a rule on a set of input series (unique per rule and inputs).
+
+    ``bindings`` is the rule's named series in clause order, the model's input
+    channel order: ``[[name, SeriesInstanceUID], ...]``.
+    """
+
+    __tablename__ = "job"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule_name: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(64))
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    inputs_key: Mapped[str] = mapped_column(String(64))
+    bindings: Mapped[list[Any]] = mapped_column(JSON)
+    alternatives: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    trigger: Mapped[str] = mapped_column(String(16))  # early, complete, schedule, manual
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, native_enum=False, length=16), default=JobState.PENDING, index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    study: Mapped[Study] = relationship()
+
+    __table_args__ = (Index("ux_job_rule_inputs", "rule_name", "inputs_key", unique=True),)

@@ -1,0 +1,266 @@
+"""Rule files: ``rules_dir/*.yaml``, each holding one rule or a ``rules:`` list of them.
+
+A rule::
+
+    name: brain-extraction            # unique across all files
+    select: |                         # a statement in the select language
+      SELECT study WHERE series NAMED "T1w" HAS Modality = "MR" AND IsVolume = true
+    model: brain-mr                   # a model package in models_dir
+    outputs: [seg, rtstruct, measurements]
+    send_to: [pacs]                   # peer names from the configuration
+    priority: 0                       # higher runs first (optional)
+    enabled: true                     # optional
+    schedule: "0 22 * * *"            # optional cron: run as an off-hours batch instead
+
+Problems are reported as :class:`RuleFileError` naming the file, the line and the
+column; select-statement errors are positioned in the YAML file itself, with the
+offending line and a caret under the token.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RuleSyntaxError
+from .nodes import SelectStatement
+from .parser import parse
+
+__all__ = ["OUTPUT_KINDS", "Rule", "RuleFileError", "RuleSet", "load_rules"]
+
+OUTPUT_KINDS = ("seg", "rtstruct", "measurements")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_KEYS = ("name", "select", "model", "outputs", "send_to", "priority", "enabled", "schedule")
+_REQUIRED = ("name", "select", "model")
+
+
+class RuleFileError(Exception):
+    """One or more problems in the rule files; ``problems`` lists each message."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One validated rule. ``statement`` is parsed once, at load time."""
+
+    name: str
+    statement: SelectStatement
+    model: str
+    outputs: tuple[str, ...]
+    send_to: tuple[str, ...]
+    priority: int
+    enabled: bool
+    schedule: str | None
+    source: str
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The named series in clause order: the model's input channel order."""
+        return tuple(c.name for c in self.statement.clauses)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """All rules, in evaluation order (priority descending, then name)."""
+
+    rules: tuple[Rule, ...]
+
+    def get(self, name: str) -> Rule:
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        known = ", ".join(r.name for r in self.rules) or "none"
+        raise KeyError(f"no rule named {name!r}; rules: {known}")
+
+    @property
+    def enabled(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.enabled)
+
+
+def _where(file: Path, node: yaml.Node | None) -> str:
+    return f"{file}:{node.start_mark.line + 1}" if node is not None else str(file)
+
+
+def _statement_error(file: Path, text: str, value: yaml.ScalarNode,
+                     exc: RuleSyntaxError) -> str:
+    """Re-position a statement error at its line and column in the YAML file."""
+    lines = text.splitlines()
+    start = value.start_mark
+    if value.style in ("|", ">"):
+        # block scalar: content starts on the next line, indented
+        line0 = start.line + 1 + (exc.line - 1)
+        first = next((ln for ln in lines[start.line + 1:] if ln.strip()), "")
+        indent = len(first) - len(first.lstrip(" "))  # the block's indentation
+        if line0 < len(lines):
+            raw = lines[line0]
+            column = indent + exc.column
+            moved = RuleSyntaxError(exc.message, source=str(file), line=line0 + 1, column=column,
+                                    token=exc.token, source_line=raw, length=exc.length)
+            return str(moved)
+    elif exc.line == 1 and start.line < len(lines):
+        column = start.column + exc.column + (1 if value.style in ("'", '"') else 0)
+        moved = RuleSyntaxError(exc.message, source=str(file), line=start.line + 1,
+                                column=column, token=exc.token,
+                                source_line=lines[start.line], length=exc.length)
+        return str(moved)
+    # folded plain or quoted scalars: positions inside the statement
+    return f"{file}:{start.line + 1}: in the select statement:\n{exc}"
+
+
+def _rule_nodes(file: Path, root: yaml.Node | None) -> list[yaml.MappingNode]:
+    if isinstance(root, yaml.MappingNode):
+        keys = {k.value: v for k, v in root.value}
+        if "rules" in keys and isinstance(keys["rules"], yaml.SequenceNode):
+            items = keys["rules"].value
+            bad = [i for i in items if not isinstance(i, yaml.MappingNode)]
+            if bad:
+                raise RuleFileError([f"{_where(file, bad[0])}: each rule must be a mapping"])
+            return [i for i in items if isinstance(i, yaml.MappingNode)]
+        return [root]
+    raise RuleFileError([f"{file}: expected a rule (a mapping) or 'rules:' with a list of rules"])
+
+
+def _load_rule(file: Path, text: str, node: yaml.MappingNode, data: Mapping[str, Any],
+               problems: list[str]) -> Rule | None:
+    nodes = {k.value: (k, v) for k, v in node.value}
+    before = len(problems)
+    for key, (knode, _) in nodes.items():
+        if key not in _KEYS:
+            problems.append(f"{_where(file, knode)}: unknown key {key!r}; allowed: "
+                            f"{', '.join(_KEYS)}")
+    missing = [key for key in _REQUIRED if key not in data or data[key] in (None, "")]
+    for key in missing:
+        problems.append(f"{_where(file, node)}: rule lacks {key!r}")
+    if missing:
+        return None
+
+    def val(key: str) -> yaml.Node | None:
+        return nodes[key][1] if key in nodes else None
+
+    name = str(data["name"])
+    if not _NAME.match(name):
+        problems.append(f"{_where(file, val('name'))}: rule name {name!r} must be 1-64 letters, "
+                        "digits, '.', '_' or '-'")
+    statement: SelectStatement | None = None
+    select_node = val("select")
+    try:
+        statement = parse(str(data["select"]), source=str(file))
+    except RuleSyntaxError as exc:
+        assert isinstance(select_node, yaml.ScalarNode)
+        problems.append(_statement_error(file, text, select_node, exc))
+    outputs = data.get("outputs", ["seg", "rtstruct"])
+    if not isinstance(outputs, list) or not outputs or any(o not in OUTPUT_KINDS
+                                                            for o in outputs):
+        problems.append(f"{_where(file, val('outputs'))}: outputs must be a non-empty list of "
+                        f"{', '.join(OUTPUT_KINDS)}")
+        outputs = []
+    send_to = data.get("send_to", [])
+    if not isinstance(send_to, list) or not all(isinstance(p, str) for p in send_to):
+        problems.append(f"{_where(file, val('send_to'))}: send_to must be a list of peer names")
+        send_to = []
+    priority = data.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        problems.append(f"{_where(file, val('priority'))}: priority must be an integer")
+        priority = 0
+    enabled = data.get("enabled", True)
+    if not isinstance(enabled, bool):
+        problems.append(f"{_where(file, val('enabled'))}: enabled must be true or false")
+    schedule = data.get("schedule")
+    if schedule is not None:
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(str(schedule), timezone="UTC")
+        except ValueError as exc:
+            problems.append(f"{_where(file, val('schedule'))}: schedule {schedule!r} is not a "
+                            f"cron expression (minute hour day month weekday): {exc}")
+    if len(problems) > before or statement is None:
+        return None
+    return Rule(name=name, statement=statement, model=str(data["model"]),
+                outputs=tuple(outputs), send_to=tuple(send_to), priority=priority,
+                enabled=bool(enabled), schedule=None if schedule is None else str(schedule),
+                source=f"{_where(file, node)}")
+
+
+def _card_inputs(models_dir: Path, model: str) -> tuple[str, ...] | None:
+    """The input names a model card declares, or None when the package has no card."""
+    card = models_dir / model / "card.yaml"
+    if not card.is_file():
+        return None
+    data = yaml.safe_load(card.read_text(encoding="utf-8")) or {}
+    inputs = data.get("inputs") or []
+    return tuple(str(i.get("name")) for i in inputs if isinstance(i, dict))
+
+
+def load_rules(rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
+               models_dir: Path | None = None) -> RuleSet:
+    """Load and validate every ``*.yaml``/``*.yml`` file in ``rules_dir`` (sorted by name).
+
+    Args:
+        rules_dir: the folder of rule files; a missing folder holds no rules.
+        peers: configured peers; ``send_to`` names must be among them when given.
+        models_dir: model packages; when given, each rule's model must exist there,
+            and its named series must equal the card's inputs, in order.
+
+    Raises:
+        RuleFileError: listing every problem found, each with file and line.
+    """
+    problems: list[str] = []
+    rules: list[Rule] = []
+    files = sorted([*rules_dir.glob("*.yaml"), *rules_dir.glob("*.yml")]) \
+        if rules_dir.is_dir() else []
+    for file in files:
+        text = file.read_text(encoding="utf-8")
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
+            problems.append(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}")
+            continue
+        if root is None:
+            continue
+        try:
+            nodes = _rule_nodes(file, root)
+        except RuleFileError as exc:
+            problems.extend(exc.problems)
+            continue
+        items = data["rules"] if isinstance(data, dict) and "rules" in data else [data]
+        for node, item in zip(nodes, items, strict=True):
+            rule = _load_rule(file, text, node, item, problems)
+            if rule is not None:
+                rules.append(rule)
+    seen: dict[str, Rule] = {}
+    for rule in rules:
+        if rule.name in seen:
+            problems.append(f"{rule.source}: rule name {rule.name!r} is already used at "
+                            f"{seen[rule.name].source}")
+        seen[rule.name] = rule
+        for peer in rule.send_to:
+            if peers is not None and peer not in peers:
+                problems.append(f"{rule.source}: rule {rule.name!r} sends to unknown peer "
+                                f"{peer!r}; peers: {', '.join(sorted(peers)) or 'none'}")
+        if models_dir is not None:
+            if not (models_dir / rule.model).is_dir():
+                problems.append(f"{rule.source}: rule {rule.name!r} names model {rule.model!r}, "
+                                f"which is not in {models_dir}")
+                continue
+            inputs = _card_inputs(models_dir, rule.model)
+            if inputs is not None and inputs != rule.input_names:
+                problems.append(
+                    f"{rule.source}: rule {rule.name!r} binds series "
+                    f"{', '.join(rule.input_names)} but model {rule.model!r} takes inputs "
+                    f"{', '.join(inputs)} (names and order must match)")
+    if problems:
+        raise RuleFileError(problems)
+    ordered = sorted(rules, key=lambda r: (-r.priority, r.name))
+    return RuleSet(tuple(ordered))

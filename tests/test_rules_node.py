@@ -1,0 +1,191 @@
+"""Rules on a running node: files, validation, firing over real associations, explanations."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import testdata
+from conftest import NodeFactory, RunningNode
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config, build_context
+from sqlalchemy import select
+
+from dicomnode.store.db import open_index
+from dicomnode.store.tables import Job
+
+FOUR = '''rules:
+  - name: four-channel
+    select: |
+      SELECT study FROM patient
+        WHERE series NAMED "T1w" HAS SeriesDescription = "T1w"
+        ALSO WHERE series NAMED "T2w" HAS SeriesDescription = "T2w"
+        ALSO WHERE series NAMED "FLAIR" HAS SeriesDescription = "FLAIR"
+        ALSO WHERE series NAMED "T1wCE" HAS SeriesDescription = "T1wCE"
+    model: glioma
+    send_to: [self]
+  - name: ct-any
+    select: SELECT study WHERE series NAMED "CT" HAS Modality = "CT" AND NumImages >= 10
+    model: body
+'''
+
+
+def _models(base: Path) -> Path:
+    models = base / "models"
+    (models / "glioma").mkdir(parents=True)
+    (models / "glioma" / "card.yaml").write_text(
+        "inputs:\n  - name: T1w\n  - name: T2w\n  - name: FLAIR\n  - name: T1wCE\n")
+    (models / "body").mkdir()
+    (models / "body" / "card.yaml").write_text("inputs:\n  - name: CT\n")
+    return models
+
+
+def _rule_node(node_factory: NodeFactory, tmp_path: Path, text: str = FOUR,
+               **kwargs: object) -> RunningNode:
+    rules = tmp_path / "rules"
+    rules.mkdir(exist_ok=True)
+    (rules / "main.yaml").write_text(text)
+    models = tmp_path / "models" if (tmp_path / "models").exists() else _models(tmp_path)
+    return node_factory(rules_dir=str(rules), models_dir=str(models), **kwargs)
+
+
+def _send(port: int, paths: list[Path], *, release: bool = True) -> AE:
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title="TESTSCU")
+    metas = [read_file_meta_info(p) for p in paths]
+    ae.requested_contexts = [build_context(str(s), str(t)) for s, t in
+                             {(m.MediaStorageSOPClassUID, m.TransferSyntaxUID) for m in metas}]
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    for p in paths:
+        assert int(assoc.send_c_store(p).Status) == 0
+    if release:
+        assoc.release()
+    return ae
+
+
+def _jobs(node: RunningNode) -> list[Job]:
+    index = open_index(f"sqlite:///{node.store / 'index.sqlite'}", create=False)
+    try:
+        with index.session() as session:
+            return list(session.scalars(select(Job).order_by(Job.id)).all())
+    finally:
+        index.dispose()
+
+
+def _wait_jobs(node: RunningNode, count: int, timeout: float = 20.0) -> list[Job]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = _jobs(node) if (node.store / "index.sqlite").exists() else []
+        if len(jobs) >= count:
+            return jobs
+        time.sleep(0.2)
+    raise AssertionError(f"expected {count} job(s); log:\n{node.log()[-3000:]}")
+
+
+def test_four_named_series_bind_in_rule_order_whatever_the_arrival_order(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    node = _rule_node(node_factory, tmp_path)
+    study_uid = pydicom.uid.generate_uid()
+    names = ["T1w", "T2w", "FLAIR", "T1wCE"]
+    series = {n: testdata.sagittal_series(tmp_path / n, slices=6, rows=32, columns=32,
+                                          study_uid=study_uid, series_description=n,
+                                          series_number=10 + i)
+              for i, n in enumerate(names)}
+    order = names[:]
+    random.Random(7).shuffle(order)
+    assert order != names
+    for name in order:
+        _send(node.port, series[name])
+    (job,) = _wait_jobs(node, 1)
+    assert job.rule_name == "four-channel"
+    assert job.model == "glioma"
+    uid = {n: str(pydicom.dcmread(series[n][0]).SeriesInstanceUID) for n in names}
+    assert job.bindings == [[n, uid[n]] for n in names]
+    assert "rule four-channel fired on study 1" in node.log()
+
+    # the same rule on the same series never fires twice, even when the study re-opens
+    node.wait_for(lambda s: s[0]["state"] == "complete")
+    extra = testdata.sagittal_series(tmp_path / "extra", slices=4, rows=32, columns=32,
+                                     study_uid=study_uid, series_description="localizer")
+    _send(node.port, extra)
+    node.wait_for(lambda s: s[0]["state"] == "complete" and s[0]["reopened_count"] >= 1)
+    time.sleep(1.0)
+    assert len(_jobs(node)) == 1
+
+
+def test_rule_fires_early_when_its_series_are_whole(node_factory: NodeFactory,
+                                                    tmp_path: Path) -> None:
+    node = _rule_node(node_factory, tmp_path, quiet_seconds=60.0,
+                      completion={"series_quiet_seconds": 0.5, "check_interval_seconds": 0.2})
+    ct = testdata.synthetic_ct(tmp_path / "ct", slices=12, rows=32, columns=32)
+    start = time.monotonic()
+    _send(node.port, ct)
+    (job,) = _wait_jobs(node, 1, timeout=10)
+    assert time.monotonic() - start < 10, "fired only after the quiet time"
+    assert job.trigger == "early"
+    assert node.studies()[0]["state"] == "receiving"
+
+
+def test_series_with_a_gap_does_not_fire(node_factory: NodeFactory, tmp_path: Path) -> None:
+    node = _rule_node(node_factory, tmp_path)
+    ct = testdata.synthetic_ct(tmp_path / "gap", slices=14, rows=32, columns=32, missing=[5])
+    _send(node.port, ct)
+    node.wait_for(lambda s: bool(s) and s[0]["state"] == "complete")
+    time.sleep(0.5)
+    assert _jobs(node) == []
+    assert "rule ct-any matched study 1 but did not fire: series CT (series 1) is not whole: " \
+           "gap of 1 slice at z=" in node.log()
+
+
+def test_rules_test_explains_per_clause_with_values(node_factory: NodeFactory,
+                                                    tmp_path: Path) -> None:
+    node = _rule_node(node_factory, tmp_path)
+    ct = testdata.synthetic_ct(tmp_path / "ct", slices=8, rows=32, columns=32)
+    _send(node.port, ct)
+    (study,) = node.wait_for(lambda s: bool(s) and s[0]["state"] == "complete")
+    out = node.cli("rules", "test", "--study", study["study_instance_uid"]).stdout
+    assert "rule ct-any: no match" in out
+    assert 'NumImages >= 10: got ["8"] -> false' in out
+    assert "rule four-channel: no match" in out
+    assert 'SeriesDescription = "T1w": got ["Synthetic CT phantom"] -> false' in out
+    by_path = node.cli("rules", "test", "--rule", "ct-any", "--path", str(tmp_path / "ct"))
+    assert "rule ct-any: no match" in by_path.stdout
+    assert "four-channel" not in by_path.stdout
+
+
+def test_broken_rules_are_reported_with_position_and_stop_the_node(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    broken = FOUR.replace('HAS SeriesDescription = "FLAIR"', 'HAS SeriesDescripton = "FLAIR"')
+    node = _rule_node(node_factory, tmp_path, text=broken, start=False)
+    result = node.cli("rules", "check", check=False)
+    assert result.returncode == 2
+    rule_file = tmp_path / "rules" / "main.yaml"
+    assert f"{rule_file}:7:45: unknown field 'SeriesDescripton'" in result.stderr
+    assert "        ALSO WHERE series NAMED \"FLAIR\" HAS SeriesDescripton = \"FLAIR\"\n" \
+           + " " * 44 + "^~~~~~~~~~~~~~~~" in result.stderr
+    serve = subprocess.run([sys.executable, "-m", "dicomnode", "serve", "--config",
+                            str(node.config_path)], capture_output=True, text=True, timeout=60)
+    assert serve.returncode == 2
+    assert "unknown field 'SeriesDescripton'" in serve.stderr
+
+    wrong_model = FOUR.replace("model: glioma", "model: nosuchmodel").replace(
+        "send_to: [self]", "send_to: [nowhere]")
+    rule_file.write_text(wrong_model)
+    result = node.cli("rules", "check", check=False)
+    assert "names model 'nosuchmodel', which is not in" in result.stderr
+    assert "sends to unknown peer 'nowhere'" in result.stderr
+
+    reordered = FOUR.replace('NAMED "T2w"', 'NAMED "T2x"')
+    rule_file.write_text(reordered)
+    result = node.cli("rules", "check", check=False)
+    assert ("binds series T1w, T2x, FLAIR, T1wCE but model 'glioma' takes inputs "
+            "T1w, T2w, FLAIR, T1wCE") in result.stderr
+
+    rule_file.write_text(FOUR)
+    ok = node.cli("rules", "check")
+    assert "2 rule(s) OK" in ok.stdout
