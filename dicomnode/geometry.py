@@ -10,17 +10,27 @@ along the normal lie on one regular grid with no gaps and no duplicates.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Frame", "GeometryVerdict", "assess", "orientation_label"]
+__all__ = [
+    "ORIENTATION_COSINE_THRESHOLD",
+    "Frame",
+    "GeometryVerdict",
+    "assess",
+    "orientation_label",
+]
 
 ORIENTATION_TOLERANCE = 1e-3
 """Largest difference between direction cosines that still counts as the same orientation."""
 POSITION_TOLERANCE_MM = 0.05
 """Largest in-plane shift between slices, and the closest two distinct slices may be (mm)."""
+ORIENTATION_COSINE_THRESHOLD = 0.9
+"""Smallest |cosine| between the slice normal and a patient axis for a named orientation
+(about 25.8 degrees of tilt); more tilted slices are OBLIQUE."""
 SPACING_TOLERANCE = 0.05
 """Largest deviation from a whole multiple of the slice spacing, as a fraction of it."""
 
@@ -51,21 +61,38 @@ class GeometryVerdict:
     orientation: str | None = None
 
 
-def orientation_label(orientation: Sequence[float]) -> str:
-    """AXIAL, SAGITTAL, CORONAL or OBLIQUE from ImageOrientationPatient.
+def orientation_label(iop: Sequence[float]) -> str:
+    """Label a slice orientation from ImageOrientationPatient.
 
-    The label names the patient axis the slice normal (row x column) is
-    closest to when the cosine between them is at least 0.9; OBLIQUE otherwise.
+    The slice normal is row x column (normalised). The label names the patient axis
+    the normal is closest to, ``SAGITTAL`` for x, ``CORONAL`` for y and ``AXIAL``
+    for z, provided the absolute cosine with that axis is at least
+    :data:`ORIENTATION_COSINE_THRESHOLD` (0.9, about 25.8 degrees); otherwise
+    ``OBLIQUE``.
+
+    Raises:
+        ValueError: If ``iop`` does not hold six finite numbers, or if the row and
+            column directions are (nearly) parallel or zero.
     """
-    row = np.asarray(orientation[:3], dtype=float)
-    col = np.asarray(orientation[3:6], dtype=float)
-    normal = np.cross(row, col)
-    norm = float(np.linalg.norm(normal))
-    if norm == 0.0:
-        return "OBLIQUE"
-    normal = np.abs(normal / norm)
-    axis = int(np.argmax(normal))
-    if normal[axis] < 0.9:
+    try:
+        numbers = [float(v) for v in iop]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"ImageOrientationPatient must hold numbers: {exc}") from None
+    if len(numbers) != 6:
+        raise ValueError(f"ImageOrientationPatient has 6 values, got {len(numbers)}")
+    if not all(math.isfinite(v) for v in numbers):
+        raise ValueError(f"ImageOrientationPatient values must be finite, got {numbers}")
+    rx, ry, rz, cx, cy, cz = numbers
+    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+    length = math.sqrt(sum(c * c for c in normal))
+    scale = math.sqrt(rx * rx + ry * ry + rz * rz) * math.sqrt(cx * cx + cy * cy + cz * cz)
+    if scale == 0.0 or length / scale < 1e-6:
+        raise ValueError(
+            f"ImageOrientationPatient row and column directions are parallel or zero: {numbers}"
+        )
+    cosines = [abs(c) / length for c in normal]
+    axis = max(range(3), key=lambda i: cosines[i])
+    if cosines[axis] < ORIENTATION_COSINE_THRESHOLD:
         return "OBLIQUE"
     return ("SAGITTAL", "CORONAL", "AXIAL")[axis]
 
@@ -88,7 +115,10 @@ def assess(frames: Sequence[Frame]) -> GeometryVerdict:
             False, f"{no_geometry} of {n} frames lack ImagePositionPatient or "
             "ImageOrientationPatient", n)
     orientations = np.array([f.orientation for f in frames], dtype=float)
-    label = orientation_label(orientations[0])
+    try:
+        label = orientation_label(orientations[0])
+    except ValueError as exc:
+        return GeometryVerdict(False, str(exc), n)
     if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
         return GeometryVerdict(False, "frames have more than one orientation", n,
                                orientation=label)

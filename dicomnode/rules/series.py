@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
+from dicomnode.geometry import ORIENTATION_COSINE_THRESHOLD, orientation_label
+
 from .fields import ORIENTATIONS, canonical_field
 
 __all__ = [
@@ -28,14 +30,6 @@ __all__ = [
     "split_values",
 ]
 
-ORIENTATION_COSINE_THRESHOLD = 0.9
-"""Smallest |cosine| between the slice normal and a patient axis for a named label.
-
-0.9 allows a tilt of up to about 25.8 degrees from the axis; anything more tilted
-is ``OBLIQUE``.
-"""
-
-_LABELS = ("SAGITTAL", "CORONAL", "AXIAL")  # normal along patient x, y, z
 _SKIPPED_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 _SINGLE_TEXT_VRS = frozenset({"LT", "ST", "UT", "UR"})  # single-valued, backslash allowed
 
@@ -79,40 +73,6 @@ class SeriesView(Protocol):
     @property
     def series_number(self) -> int | None:
         """SeriesNumber, ``None`` if absent."""
-
-
-def orientation_label(iop: Sequence[float]) -> str:
-    """Label a slice orientation from ImageOrientationPatient.
-
-    The slice normal is row x column (normalised). The label names the patient axis
-    the normal is closest to, ``SAGITTAL`` for x, ``CORONAL`` for y and ``AXIAL``
-    for z, provided the absolute cosine with that axis is at least
-    :data:`ORIENTATION_COSINE_THRESHOLD` (0.9, about 25.8 degrees); otherwise
-    ``OBLIQUE``.
-
-    Raises:
-        ValueError: If ``iop`` does not hold six finite numbers, or if the row and
-            column directions are (nearly) parallel or zero.
-    """
-    try:
-        numbers = [float(v) for v in iop]
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"ImageOrientationPatient must hold numbers: {exc}") from None
-    if len(numbers) != 6:
-        raise ValueError(f"ImageOrientationPatient has 6 values, got {len(numbers)}")
-    if not all(math.isfinite(v) for v in numbers):
-        raise ValueError(f"ImageOrientationPatient values must be finite, got {numbers}")
-    rx, ry, rz, cx, cy, cz = numbers
-    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
-    length = math.sqrt(sum(c * c for c in normal))
-    scale = math.sqrt(rx * rx + ry * ry + rz * rz) * math.sqrt(cx * cx + cy * cy + cz * cz)
-    if scale == 0.0 or length / scale < 1e-6:
-        raise ValueError(
-            f"ImageOrientationPatient row and column directions are parallel or zero: {numbers}"
-        )
-    cosines = [abs(c) / length for c in normal]
-    axis = max(range(3), key=lambda i: cosines[i])
-    return _LABELS[axis] if cosines[axis] >= ORIENTATION_COSINE_THRESHOLD else "OBLIQUE"
 
 
 def split_values(value: object, *, name: str = "value") -> tuple[str, ...] | None:
