@@ -14,8 +14,9 @@ Receivers:
   (each file and its folder fsynced, one SQLite WAL commit with synchronous=FULL per
   instance, all before Success is answered).
 * ``storescp``: DCMTK's ``/usr/bin/storescp +xa -od DIR`` (writes files, no fsync).
-* ``orthanc``: ``/usr/sbin/Orthanc`` with its default storage (SyncStorageArea: fsync
-  of each file; SQLite index in WAL mode with synchronous=NORMAL), no plugins.
+* ``orthanc``: ``/usr/sbin/Orthanc`` with its default storage (SyncStorageArea:
+  fdatasync of each file, not of its folder; SQLite index in WAL mode with
+  synchronous=NORMAL), no plugins.
 * ``bare``: a minimal pynetdicom SCP (this script with ``--bare-scp``) whose C-STORE
   handler only writes ``event.encoded_dataset()`` to a file (no fsync, no index).
 
@@ -256,7 +257,7 @@ class Storescp(Receiver):
 class Orthanc(Receiver):
     name = "orthanc"
     called_aet = "ORTHANC"
-    storage = "fsync file (SyncStorageArea), SQLite WAL synchronous=NORMAL"
+    storage = "fdatasync file (SyncStorageArea), no dir sync, SQLite WAL synchronous=NORMAL"
 
     def command(self) -> list[str]:
         self.http_port = free_port()
