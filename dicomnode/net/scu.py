@@ -117,27 +117,29 @@ def _read_item(path: Path) -> _Item | SendResult:
         return SendResult(path, None, f"not a DICOM file: {type(exc).__name__}")
 
 
+def _pairs(item: _Item) -> list[tuple[str, str]]:
+    """The (SOP class, transfer syntax) contexts proposed for one file: its own syntax first."""
+    extra = _UNCOMPRESSED if UID(item.transfer_syntax) in _UNCOMPRESSED else ()
+    return [(item.sop_class, ts) for ts in dict.fromkeys((item.transfer_syntax, *extra))]
+
+
 def _contexts(items: list[_Item]) -> list[PresentationContext]:
-    pairs: dict[str, list[str]] = {}
-    for item in items:
-        syntaxes = pairs.setdefault(item.sop_class, [])
-        for ts in (item.transfer_syntax, *(_UNCOMPRESSED if UID(item.transfer_syntax) in
-                                            _UNCOMPRESSED else ())):
-            if ts not in syntaxes:
-                syntaxes.append(ts)
     # one context per (SOP class, syntax) so that the file's own syntax can be accepted
-    return [build_context(sop, ts) for sop, tss in pairs.items() for ts in tss]
+    pairs = dict.fromkeys(pair for item in items for pair in _pairs(item))
+    return [build_context(sop, ts) for sop, ts in pairs]
 
 
 def _batches(items: list[_Item]) -> Iterator[list[_Item]]:
+    """Split items so that each association needs at most 128 presentation contexts."""
     batch: list[_Item] = []
+    pairs: set[tuple[str, str]] = set()
     for item in items:
-        trial = [*batch, item]
-        if len(_contexts(trial)) > _MAX_CONTEXTS:
+        wanted = pairs.union(_pairs(item))
+        if len(wanted) > _MAX_CONTEXTS and batch:
             yield batch
-            batch = [item]
-        else:
-            batch = trial
+            batch, wanted = [], set(_pairs(item))
+        batch.append(item)
+        pairs = wanted
     if batch:
         yield batch
 

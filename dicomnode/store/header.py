@@ -130,11 +130,9 @@ def _frame_geometry(ds: Dataset) -> tuple[list[list[float]] | None, dict[str, An
         for frame in per_frame:
             pos = _floats(_item(frame, "PlanePositionSequence") or Dataset(),
                           "ImagePositionPatient", 3)
-            if orientation is None or not positions:
-                frame_iop = _floats(_item(frame, "PlaneOrientationSequence") or Dataset(),
-                                    "ImageOrientationPatient", 6)
-                if frame_iop is not None and orientation is None:
-                    orientation = frame_iop
+            if orientation is None:
+                orientation = _floats(_item(frame, "PlaneOrientationSequence") or Dataset(),
+                                      "ImageOrientationPatient", 6)
             if measures is None and "pixel_spacing" not in extra:
                 pm = _item(frame, "PixelMeasuresSequence")
                 if pm is not None:
