@@ -163,6 +163,131 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _packages(config: Config) -> list[Path]:
+    folder = config.models_dir
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if (p / "card.yaml").is_file())
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from dicomnode.inference.card import CardError, load_card
+
+    config = _config(args)
+    packages = _packages(config)
+    if not packages:
+        print(f"no model packages in {config.models_dir}")
+        return 0
+    bad = 0
+    for folder in packages:
+        try:
+            card = load_card(folder)
+        except CardError as exc:
+            bad += 1
+            first = str(exc).splitlines()[0]
+            print(f"{folder.name:<16} INVALID  {first}")
+            continue
+        inputs = ", ".join(f"{i.name} ({i.modality})" for i in card.inputs)
+        labels = ", ".join(label.name for label in card.outputs.labels)
+        kind = "rule-based" if card.rule_based else card.preprocessing.dimensionality
+        print(f"{card.name:<16} {card.version:<8} {kind:<10} inputs: {inputs}  "
+              f"structures: {labels}")
+    return 1 if bad else 0
+
+
+def cmd_models_check(args: argparse.Namespace) -> int:
+    from dicomnode.inference.card import CardError, load_card, package_dir
+
+    config = _config(args)
+    setup_logging("WARNING")
+    folder = package_dir(config.models_dir, args.model)
+    try:
+        card = load_card(folder)
+    except CardError as exc:
+        print(f"model {args.model}: card not valid:\n{exc}", file=sys.stderr)
+        return 1
+    from dicomnode.inference.check import check_package
+
+    report = check_package(card, providers=config.inference.providers)
+    for fact in report.facts:
+        print(f"  {fact}")
+    for problem in report.problems:
+        print(f"{folder / card.file}: {problem}", file=sys.stderr)
+    if report.problems:
+        return 1
+    print(f"model {card.name} {card.version}: ok")
+    return 0
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is neither a folder nor a file")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def cmd_models_run(args: argparse.Namespace) -> int:
+    from dicomnode.inference.card import CardError, load_card, package_dir
+    from dicomnode.inference.predict import InferenceError
+    from dicomnode.inference.preprocess import PreprocessingError
+    from dicomnode.inference.segment import load_inputs, segment
+    from dicomnode.inference.volume import VolumeError, write_nifti
+
+    config = _config(args)
+    setup_logging(config.logging.level)
+    folder = package_dir(config.models_dir, args.model)
+    try:
+        card = load_card(folder)
+    except CardError as exc:
+        print(f"model {args.model}: card not valid:\n{exc}", file=sys.stderr)
+        return 1
+    inputs: dict[str, list[Path]] = {}
+    for item in args.input:
+        name, sep, path = item.partition("=")
+        if not sep:
+            if len(card.inputs) != 1:
+                print(f"model {card.name} takes inputs {', '.join(card.input_names)}: "
+                      "give each as --input NAME=DIR", file=sys.stderr)
+                return 2
+            name, path = card.input_names[0], item
+        if name in inputs:
+            print(f"input {name} given twice", file=sys.stderr)
+            return 2
+        try:
+            inputs[name] = _dicom_files(Path(path))
+        except FileNotFoundError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+    try:
+        volumes = load_inputs(card, inputs)
+        result = segment(card, [v.image for v in volumes], providers=config.inference.providers,
+                         intra_op_threads=config.inference.intra_op_threads)
+    except (InferenceError, PreprocessingError, VolumeError) as exc:
+        print(f"model {card.name}: {exc}", file=sys.stderr)
+        return 1
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    write_nifti(result.label_image(), out / "labels.nii.gz")
+    report = result.measurements()
+    report["source_series"] = {
+        name: {"modality": v.modality, "instances": len(set(v.sop_instance_uids))}
+        for name, v in zip(card.input_names, volumes, strict=True)
+    }
+    report["timings_seconds"] = {
+        k: round(v, 4) for k, v in vars(result.timings).items()
+    }
+    (out / "volumes.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    for s in result.structures:
+        print(f"{s.label.value:>3} {s.label.name:<24} {s.volume_ml:10.1f} mL "
+              f"{s.voxel_count:>10} voxels")
+    t = result.timings
+    print(f"{card.name} {card.version} on {result.provider}: {t.total:.2f} s "
+          f"({t.session_run:.2f} s in the model); wrote {out / 'labels.nii.gz'} and "
+          f"{out / 'volumes.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
@@ -200,6 +325,25 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--study", help="an indexed StudyInstanceUID")
     target.add_argument("--path", help="a folder of DICOM files")
     p.set_defaults(func=cmd_rules_test)
+
+    models = sub.add_parser("models", help="list, check and run model packages")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    p = models_sub.add_parser("list", help="list the model packages in models_dir")
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.set_defaults(func=cmd_models_list)
+    p = models_sub.add_parser("check", help="validate a package: card, files, model shapes")
+    p.add_argument("model", help="package name in models_dir, or a package folder")
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.set_defaults(func=cmd_models_check)
+    p = models_sub.add_parser(
+        "run", help="run a model on a folder holding one DICOM series per input")
+    p.add_argument("model", help="package name in models_dir, or a package folder")
+    p.add_argument("--input", "-i", action="append", required=True, metavar="[NAME=]DIR",
+                   help="series folder; NAME=DIR per input for multi-input models")
+    p.add_argument("--output", "-o", required=True, help="folder for labels.nii.gz and "
+                   "volumes.json")
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.set_defaults(func=cmd_models_run)
     return parser
 
 

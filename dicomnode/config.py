@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -26,9 +27,11 @@ __all__ = [
     "CompletionConfig",
     "Config",
     "ConfigError",
+    "InferenceConfig",
     "NodeConfig",
     "PeerConfig",
     "StorageConfig",
+    "format_validation_errors",
     "load_config",
 ]
 
@@ -106,6 +109,35 @@ class LoggingConfig(_Section):
         return v.upper()
 
 
+KNOWN_PROVIDERS = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "CPUExecutionProvider",
+)
+"""The ONNX Runtime execution providers a configuration may list."""
+
+
+class InferenceConfig(_Section):
+    """How models run: ONNX Runtime execution providers, tried in order, and threads."""
+
+    providers: tuple[str, ...] = KNOWN_PROVIDERS
+    intra_op_threads: int = Field(0, ge=0, le=1024)
+
+    @field_validator("providers")
+    @classmethod
+    def _providers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError(f"list at least one provider; allowed: {', '.join(KNOWN_PROVIDERS)}")
+        for name in v:
+            if name not in KNOWN_PROVIDERS:
+                raise ValueError(
+                    f"{name!r} is not a known provider; allowed: {', '.join(KNOWN_PROVIDERS)}"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError("a provider is listed twice")
+        return v
+
+
 class Config(_Section):
     """The whole configuration of one node."""
 
@@ -115,6 +147,7 @@ class Config(_Section):
     completion: CompletionConfig = CompletionConfig()
     rules_dir: Path = Path("rules")
     models_dir: Path = Path("models")
+    inference: InferenceConfig = InferenceConfig()
     logging: LoggingConfig = LoggingConfig()
     source: Path | None = Field(None, exclude=True)
 
@@ -161,15 +194,29 @@ def _key_lines(text: str) -> dict[tuple[str, ...], int]:
                 key = (*path, str(key_node.value))
                 lines[key] = key_node.start_mark.line + 1
                 walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                key = (*path, str(index))
+                lines[key] = item.start_mark.line + 1
+                walk(item, key)
 
     walk(root, ())
     return lines
 
 
+def _unwrap(annotation: Any) -> Any:
+    """Strip ``X | None`` from an annotation."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
 def _allowed_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
-    """The keys allowed in the mapping at ``path`` (walking dict[str, Model] values too)."""
+    """The keys allowed in the mapping at ``path`` (walking dict and list values too)."""
     current: Any = model
     for part in path:
+        current = _unwrap(current)
         if isinstance(current, type) and issubclass(current, BaseModel):
             field = current.model_fields.get(part)
             if field is None:
@@ -177,8 +224,11 @@ def _allowed_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
             current = field.annotation
         elif get_origin(current) is dict:
             current = get_args(current)[1]
+        elif get_origin(current) in (list, tuple):
+            current = get_args(current)[0]
         else:
             return []
+    current = _unwrap(current)
     if get_origin(current) is dict:
         return []
     if isinstance(current, type) and issubclass(current, BaseModel):
@@ -186,7 +236,15 @@ def _allowed_keys(model: type[BaseModel], path: tuple[str, ...]) -> list[str]:
     return []
 
 
-def _format_errors(file: str, text: str, exc: ValidationError) -> str:
+def format_validation_errors(
+    file: str, text: str, exc: ValidationError, model: type[BaseModel]
+) -> str:
+    """One line per error: ``file:line: dotted.key: what is wrong (got value)``.
+
+    ``text`` is the YAML the data came from (for line numbers) and ``model`` the
+    pydantic model it was validated against (for the keys allowed where an unknown
+    key was found).
+    """
     lines = _key_lines(text)
     out = []
     for err in exc.errors():
@@ -199,7 +257,7 @@ def _format_errors(file: str, text: str, exc: ValidationError) -> str:
                 break
         where = f"{file}:{line}" if line else file
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(Config, loc[:-1])
+            allowed = _allowed_keys(model, loc[:-1])
             msg = f"unknown key; allowed here: {', '.join(allowed)}"
         else:
             msg = err["msg"]
@@ -241,5 +299,5 @@ def load_config(path: Path | str | None) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(str(file), text, exc)) from None
+        raise ConfigError(format_validation_errors(str(file), text, exc, Config)) from None
     return config.resolved(file.resolve().parent).model_copy(update={"source": file.resolve()})

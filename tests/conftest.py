@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,3 +167,27 @@ def storescu(port: int, *paths: Path, aet: str = "STORESCU", aec: str = "DICOMNO
         [str(DCMTK / "storescu"), "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port),
          *map(str, paths)],
         capture_output=True, text=True, timeout=300, env=env)
+
+
+def write_model_card(folder: Path, inputs: Sequence[tuple[str, str]]) -> Path:
+    """Write a minimal valid model card (no ONNX file) taking ``inputs`` (name, modality)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"name: {folder.name}",
+        "version: 0.0.1",
+        "description: test card",
+        "intended_use: tests",
+        "license: Apache-2.0",
+        "authors: [tests]",
+        "source: tests",
+        "inputs:",
+        *(f"  - {{name: {name}, modality: {modality}}}" for name, modality in inputs),
+        "outputs:",
+        "  labels:",
+        "    - {value: 1, channel: 0, name: Thing, color: [255, 0, 0],",
+        "       category: {scheme: SCT, value: '123037004', meaning: Anatomical Structure},",
+        "       type: {scheme: SCT, value: '12738006', meaning: Brain}}",
+    ]
+    path = folder / "card.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

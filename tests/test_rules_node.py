@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 import testdata
-from conftest import NodeFactory, RunningNode
+from conftest import NodeFactory, RunningNode, write_model_card
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, build_context
 from sqlalchemy import select
@@ -36,11 +36,8 @@ FOUR = '''rules:
 
 def _models(base: Path) -> Path:
     models = base / "models"
-    (models / "glioma").mkdir(parents=True)
-    (models / "glioma" / "card.yaml").write_text(
-        "inputs:\n  - name: T1w\n  - name: T2w\n  - name: FLAIR\n  - name: T1wCE\n")
-    (models / "body").mkdir()
-    (models / "body" / "card.yaml").write_text("inputs:\n  - name: CT\n")
+    write_model_card(models / "glioma", [(n, "MR") for n in ("T1w", "T2w", "FLAIR", "T1wCE")])
+    write_model_card(models / "body", [("CT", "CT")])
     return models
 
 

@@ -19,6 +19,12 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
 fi
 
+# onnxruntime and onnxruntime-gpu install the same module: where pyproject asks for the
+# GPU build (Linux x86_64), a CPU-only onnxruntime left over would shadow it.
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && python3 -m pip show -q onnxruntime >/dev/null 2>&1; then
+  python3 -m pip uninstall -y -q onnxruntime
+  python3 -m pip uninstall -y -q onnxruntime-gpu >/dev/null 2>&1 || true
+fi
 python3 -m pip install -q -e ".[test]"
 python3 -m ruff check dicomnode tests tools
 python3 -m mypy

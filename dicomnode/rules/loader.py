@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from dicomnode.inference.card import CardError, load_card
+
 from .errors import RuleSyntaxError
 from .nodes import SelectStatement
 from .parser import parse
@@ -190,14 +192,13 @@ def _load_rule(file: Path, text: str, node: yaml.MappingNode, data: Mapping[str,
                 source=f"{_where(file, node)}")
 
 
-def _card_inputs(models_dir: Path, model: str) -> tuple[str, ...] | None:
-    """The input names a model card declares, or None when the package has no card."""
-    card = models_dir / model / "card.yaml"
-    if not card.is_file():
-        return None
-    data = yaml.safe_load(card.read_text(encoding="utf-8")) or {}
-    inputs = data.get("inputs") or []
-    return tuple(str(i.get("name")) for i in inputs if isinstance(i, dict))
+def _card_inputs(models_dir: Path, model: str) -> tuple[str, ...] | str:
+    """The input names the model's card declares, or why the card cannot be used."""
+    try:
+        card = load_card(models_dir / model, verify_files=False)
+    except CardError as exc:
+        return str(exc)
+    return card.input_names
 
 
 def load_rules(rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
@@ -255,7 +256,10 @@ def load_rules(rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
                                 f"which is not in {models_dir}")
                 continue
             inputs = _card_inputs(models_dir, rule.model)
-            if inputs is not None and inputs != rule.input_names:
+            if isinstance(inputs, str):
+                problems.append(f"{rule.source}: rule {rule.name!r} names model {rule.model!r}, "
+                                f"whose card is not valid:\n  " + inputs.replace("\n", "\n  "))
+            elif inputs != rule.input_names:
                 problems.append(
                     f"{rule.source}: rule {rule.name!r} binds series "
                     f"{', '.join(rule.input_names)} but model {rule.model!r} takes inputs "

@@ -1,0 +1,1 @@
+"""Model inference: series volumes, model cards, runtimes, pre- and postprocessing."""

@@ -1,0 +1,432 @@
+"""Model cards: what a model package in ``models/NAME/`` declares, validated early.
+
+A package is a folder holding ``card.yaml``, the ONNX file the card names and a
+licence file.  :func:`load_card` reads and validates the card and raises
+:class:`CardError` with one line per problem, naming the file, the line, the key,
+what is wrong and what is allowed, like the node's configuration.
+
+Axes and units used throughout:
+
+* Image axes are SimpleITK's ``x, y, z`` (x along a row, i.e. the column index;
+  y along a column, the row index; z the slice index).  A numpy array of an image
+  is indexed ``[z, y, x]``.
+* Spacings and margins are in mm, ``[x, y, z]``; volumes in mL.
+* ``preprocessing.axes`` says how the model's spatial tensor axes map onto the
+  image: ``zyx`` (default) feeds the numpy array as is, ``xyz`` transposes it.
+  ``patch_size`` is given in the model's spatial axis order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dicomnode.config import format_validation_errors
+
+__all__ = [
+    "CARD_FILE",
+    "Card",
+    "CardError",
+    "Code",
+    "CropSpec",
+    "InputSpec",
+    "IntensitySpec",
+    "LabelSpec",
+    "OutputSpec",
+    "PostprocessingSpec",
+    "PreprocessingSpec",
+    "load_card",
+    "package_dir",
+]
+
+CARD_FILE = "card.yaml"
+LICENCE_FILES = ("LICENSE", "LICENSE.txt", "LICENCE", "COPYING")
+
+_ORIENTATION = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+RT_ROI_INTERPRETED_TYPES = (
+    "EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "OAR", "BOLUS",
+    "AVOIDANCE", "ORGAN", "MARKER", "REGISTRATION", "ISOCENTER", "CONTRAST_AGENT", "CAVITY",
+    "BRACHY_CHANNEL", "BRACHY_ACCESSORY", "BRACHY_SRC_APP", "BRACHY_CHNL_SHLD", "SUPPORT",
+    "FIXATION", "DOSE_REGION", "CONTROL", "DOSE_MEASUREMENT",
+)  # fmt: skip
+"""PS3.3 C.8.8.8.1 defined terms of RT ROI Interpreted Type (3006,00A4)."""
+MEASUREMENTS = ("volume_ml", "voxel_count")
+
+
+class CardError(Exception):
+    """A model package that cannot be used; one line per problem."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Code(_Spec):
+    """A coded concept (PS3.3 Code Sequence Macro): scheme designator, value, meaning."""
+
+    scheme: str = Field(min_length=1, max_length=16)
+    value: str = Field(min_length=1, max_length=64)
+    meaning: str = Field(min_length=1, max_length=64)
+
+    @field_validator("scheme")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if v == "SRT":
+            raise ValueError("SRT (SNOMED-RT) is retired: use scheme SCT with the SNOMED CT code")
+        return v
+
+
+class InputSpec(_Spec):
+    """One input of the model: the name a rule binds a series to, and its modality."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    modality: str = Field(min_length=1, max_length=16, pattern=r"^[A-Z0-9]+$")
+
+
+class CropSpec(_Spec):
+    """Crop the (oriented) image before resampling; the result is pasted back afterwards.
+
+    ``to: body`` keeps the bounding box of the largest connected region above
+    ``threshold`` (e.g. -500 HU for a CT body outline); ``to: bbox`` keeps the
+    bounding box of every voxel above ``threshold``.  ``margin_mm`` is added on each
+    side.
+    """
+
+    to: Literal["none", "body", "bbox"] = "none"
+    threshold: float = 0.0
+    margin_mm: float = Field(0.0, ge=0)
+
+
+class IntensitySpec(_Spec):
+    """Intensity normalisation of each input channel, on the model grid.
+
+    * ``window``: clip to ``window`` = [low, high] (e.g. HU), then scale to [0, 1] when
+      ``rescale`` is true.
+    * ``zscore``: subtract the mean and divide by the standard deviation (of the
+      voxels above ``threshold`` when ``threshold`` is set).
+    * ``percentile``: clip to the ``percentiles`` [low, high] (0..100), scale to [0, 1].
+    * ``divide_max``: divide by the maximum (e.g. deepbrain's ``img / max``).
+    * ``none``: feed the modality values (HU for CT) unchanged.
+    """
+
+    method: Literal["none", "window", "zscore", "percentile", "divide_max"] = "none"
+    window: tuple[float, float] | None = None
+    rescale: bool = False
+    percentiles: tuple[float, float] | None = None
+    threshold: float | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> IntensitySpec:
+        if self.method == "window":
+            if self.window is None:
+                raise ValueError("method window needs window: [low, high]")
+            if not self.window[0] < self.window[1]:
+                raise ValueError(f"window low must be below high (got {list(self.window)})")
+        elif self.window is not None:
+            raise ValueError(f"window is only used with method window, not {self.method}")
+        if self.method == "percentile":
+            if self.percentiles is None:
+                raise ValueError("method percentile needs percentiles: [low, high]")
+            low, high = self.percentiles
+            if not 0 <= low < high <= 100:
+                raise ValueError(
+                    f"percentiles must satisfy 0 <= low < high <= 100 (got {[low, high]})"
+                )
+        elif self.percentiles is not None:
+            raise ValueError(f"percentiles is only used with method percentile, not {self.method}")
+        return self
+
+
+class PreprocessingSpec(_Spec):
+    """How a series becomes the model's input tensor (see the module docstring for axes)."""
+
+    orientation: str | None = None
+    spacing: tuple[float, float, float] | None = None
+    resize: tuple[int, int, int] | None = None
+    antialias: bool = True
+    allow_irregular_spacing: bool = False
+    crop: CropSpec = CropSpec()
+    intensity: IntensitySpec = IntensitySpec()
+    dimensionality: Literal["2d", "2.5d", "3d"] = "3d"
+    context_slices: int = Field(0, ge=0, le=16)
+    axes: Literal["zyx", "xyz"] = "zyx"
+    patch_size: tuple[int, ...] | None = None
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    blending: Literal["constant", "gaussian"] = "gaussian"
+    tta_flips: tuple[tuple[int, ...], ...] = ()
+    batch_size: int = Field(1, ge=1, le=4096)
+
+    @field_validator("orientation")
+    @classmethod
+    def _orientation(cls, v: str | None) -> str | None:
+        if v is not None and not _ORIENTATION.match(v):
+            raise ValueError(
+                f"{v!r} is not an orientation code: three letters naming the patient direction "
+                "each image axis x, y, z points to, one of L/R, A/P, S/I each (e.g. LPS, RAS)"
+            )
+        return v
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing(cls, v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if v is not None and min(v) <= 0:
+            raise ValueError(f"spacing must be positive mm [x, y, z] (got {list(v)})")
+        return v
+
+    @field_validator("resize")
+    @classmethod
+    def _resize(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and min(v) < 1:
+            raise ValueError(f"resize must be positive voxel counts [x, y, z] (got {list(v)})")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PreprocessingSpec:
+        if self.spacing is not None and self.resize is not None:
+            raise ValueError("give either spacing or resize, not both")
+        spatial = 3 if self.dimensionality == "3d" else 2
+        if self.patch_size is not None:
+            if len(self.patch_size) != spatial:
+                raise ValueError(
+                    f"patch_size needs {spatial} sizes for a {self.dimensionality} model "
+                    f"(got {list(self.patch_size)})"
+                )
+            if min(self.patch_size) < 1:
+                raise ValueError(f"patch_size must be positive (got {list(self.patch_size)})")
+        if self.context_slices and self.dimensionality != "2.5d":
+            raise ValueError("context_slices is only used with dimensionality 2.5d")
+        if self.dimensionality == "2.5d" and not self.context_slices:
+            raise ValueError("dimensionality 2.5d needs context_slices >= 1")
+        for flip in self.tta_flips:
+            if not flip or any(not 0 <= a < spatial for a in flip) or len(set(flip)) != len(flip):
+                raise ValueError(
+                    f"each tta_flips entry lists distinct spatial axes 0..{spatial - 1} of the "
+                    f"model's input (got {list(flip)})"
+                )
+        return self
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for slice models (2d, 2.5d), 3 for volume models."""
+        return 3 if self.dimensionality == "3d" else 2
+
+
+class PostprocessingSpec(_Spec):
+    """Clean-up of one structure's mask on the source grid.
+
+    ``largest_components`` keeps that many largest connected regions (0 keeps all);
+    ``fill_holes`` fills enclosed holes per slice (``slice``, in the source series'
+    slice planes) or in 3D (``volume``); ``min_volume_ml`` drops regions smaller
+    than that many mL.
+    """
+
+    largest_components: int = Field(0, ge=0)
+    fill_holes: Literal["none", "slice", "volume"] = "none"
+    min_volume_ml: float = Field(0.0, ge=0)
+
+
+class LabelSpec(_Spec):
+    """One structure the model segments."""
+
+    value: int = Field(ge=1, le=255)
+    channel: int | None = Field(None, ge=0)
+    name: str = Field(min_length=1, max_length=64)
+    rt_roi_interpreted_type: str = "ORGAN"
+    color: tuple[int, int, int]
+    category: Code
+    type: Code
+    postprocessing: PostprocessingSpec = PostprocessingSpec()
+
+    @field_validator("color")
+    @classmethod
+    def _color(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(0 <= c <= 255 for c in v):
+            raise ValueError(f"color is [red, green, blue], each 0..255 (got {list(v)})")
+        return v
+
+    @field_validator("rt_roi_interpreted_type")
+    @classmethod
+    def _interpreted_type(cls, v: str) -> str:
+        if v not in RT_ROI_INTERPRETED_TYPES:
+            raise ValueError(
+                f"{v!r} is not an RT ROI Interpreted Type; allowed: "
+                + ", ".join(RT_ROI_INTERPRETED_TYPES)
+            )
+        return v
+
+
+class OutputSpec(_Spec):
+    """How the model's output becomes structures.
+
+    ``activation`` is applied by the node to the output tensor (``none`` when the
+    model already outputs probabilities).  ``decision: threshold`` makes each label
+    the voxels whose ``channel`` exceeds ``threshold`` (labels may overlap);
+    ``decision: argmax`` gives each voxel the channel with the largest value, and a
+    label's ``value`` is its channel (channel 0 is background).
+    """
+
+    activation: Literal["none", "sigmoid", "softmax"] = "none"
+    decision: Literal["threshold", "argmax"] = "threshold"
+    threshold: float = 0.5
+    labels: tuple[LabelSpec, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OutputSpec:
+        values = [label.value for label in self.labels]
+        if len(set(values)) != len(values):
+            raise ValueError(f"label values must be distinct (got {values})")
+        names = [label.name for label in self.labels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"label names must be distinct (got {names})")
+        if self.decision == "threshold":
+            missing = [label.name for label in self.labels if label.channel is None]
+            if missing:
+                raise ValueError(
+                    f"decision threshold needs a channel for every label (missing: {missing})"
+                )
+        else:
+            wrong = [
+                label.name for label in self.labels if label.channel not in (None, label.value)
+            ]
+            if wrong:
+                raise ValueError(
+                    f"with decision argmax a label's channel is its value (wrong: {wrong})"
+                )
+            if self.activation == "sigmoid":
+                raise ValueError("decision argmax goes with activation softmax or none")
+        return self
+
+    def channel_of(self, label: LabelSpec) -> int:
+        """The output channel holding ``label``'s score."""
+        return label.value if label.channel is None else label.channel
+
+
+class Card(_Spec):
+    """A validated model card (``models/NAME/card.yaml``)."""
+
+    name: str
+    version: str = Field(min_length=1, max_length=64)
+    description: str = Field(min_length=1)
+    intended_use: str = Field(min_length=1)
+    license: str = Field(min_length=1)
+    authors: tuple[str, ...] = Field(min_length=1)
+    source: str = Field(min_length=1)
+    rule_based: bool = False
+    file: str = "model.onnx"
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    onnx_input: str | None = None
+    onnx_output: str | None = None
+    inputs: tuple[InputSpec, ...] = Field(min_length=1)
+    preprocessing: PreprocessingSpec = PreprocessingSpec()
+    outputs: OutputSpec
+    measurements: tuple[Literal["volume_ml", "voxel_count"], ...] = ("volume_ml", "voxel_count")
+    package: Path = Field(Path("."), exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(
+                f"{v!r} is not a model name: lower-case letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit, at most 64 characters"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Card:
+        names = [i.name for i in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"input names must be distinct (got {names})")
+        if "volume_ml" not in self.measurements:
+            raise ValueError("measurements must include volume_ml")
+        return self
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """The names a rule binds series to, in the model's channel order."""
+        return tuple(i.name for i in self.inputs)
+
+    @property
+    def model_path(self) -> Path:
+        """The ONNX file of this package."""
+        return self.package / self.file
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the model's input tensor: inputs times slices of context."""
+        per_input = 2 * self.preprocessing.context_slices + 1
+        return len(self.inputs) * per_input
+
+
+def package_dir(models_dir: Path, name_or_path: str | Path) -> Path:
+    """The package folder for a model name (under ``models_dir``) or a folder path."""
+    candidate = Path(name_or_path)
+    if candidate.is_dir() and (candidate / CARD_FILE).is_file():
+        return candidate.resolve()
+    return (Path(models_dir) / str(name_or_path)).resolve()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_card(package: str | Path, *, verify_files: bool = True) -> Card:
+    """Read and validate ``package/card.yaml``.
+
+    With ``verify_files`` the ONNX file must exist (and match ``sha256`` when the card
+    gives one), the package must hold a licence file, and the card's ``name`` must be
+    the folder's name.
+
+    Raises:
+        CardError: one line per problem, ``file:line: key: message``.
+    """
+    folder = Path(package)
+    card_path = folder / CARD_FILE
+    try:
+        text = card_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CardError(f"{card_path}: cannot read model card: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{card_path}:{mark.line + 1}:{mark.column + 1}" if mark else str(card_path)
+        raise CardError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise CardError(f"{card_path}: the card must be a mapping of keys")
+    if "package" in data:
+        raise CardError(f"{card_path}: package: not a card key")
+    try:
+        card = Card.model_validate({**data, "package": folder.resolve()})
+    except ValidationError as exc:
+        raise CardError(format_validation_errors(str(card_path), text, exc, Card)) from None
+    if verify_files:
+        problems = _package_problems(card, folder)
+        if problems:
+            raise CardError("\n".join(f"{card_path}: {p}" for p in problems))
+    return card
+
+
+def _package_problems(card: Card, folder: Path) -> Sequence[str]:
+    problems = []
+    if card.name != folder.resolve().name:
+        problems.append(f"name: {card.name!r} differs from the package folder {folder.name!r}")
+    model = folder / card.file
+    if not model.is_file():
+        problems.append(f"file: {card.file!r} not found in {folder}")
+    elif card.sha256 is not None and _file_sha256(model) != card.sha256:
+        problems.append(f"sha256: {card.file} does not match the card's checksum")
+    if not any((folder / name).is_file() for name in LICENCE_FILES):
+        problems.append(f"the package holds no licence file (one of: {', '.join(LICENCE_FILES)})")
+    return problems

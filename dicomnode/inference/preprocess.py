@@ -1,0 +1,284 @@
+"""Pre-processing: source volumes -> the model's input tensor on a model grid.
+
+Steps, in order, as the card's ``preprocessing`` says: resample further inputs onto
+the first input's grid (by patient coordinates), reorient, crop, resample to a
+target spacing or resize to a fixed size, normalise intensities, and arrange the
+spatial axes in the model's order.  All geometry is SimpleITK's: origin, spacing
+(mm) and direction in DICOM LPS; numpy arrays are indexed ``[z, y, x]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk
+
+from dicomnode.inference.card import CropSpec, IntensitySpec, PreprocessingSpec
+
+__all__ = ["ModelInput", "PreprocessingError", "prepare", "same_grid"]
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class PreprocessingError(ValueError):
+    """The inputs cannot be brought to the model's grid (the message says why)."""
+
+
+@dataclass
+class ModelInput:
+    """The model's input and the grid it lives on.
+
+    ``tensor`` is float32 ``(channels, *spatial)`` with the spatial axes in the
+    model's order (``zyx`` or ``xyz`` of ``grid``); ``grid`` is an image whose
+    size, origin, spacing and direction define the model grid (its pixels are not
+    used); ``identity`` is true when the model grid is the source grid itself
+    (no reorientation, crop or resampling), so results need no resampling back.
+    """
+
+    tensor: FloatArray
+    grid: sitk.Image
+    identity: bool
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, *, tolerance: float = 1e-4) -> bool:
+    """True when two images share size, origin, spacing and direction."""
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance)
+    )
+
+
+def _onto(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    if same_grid(image, reference):
+        return image
+    return sitk.Resample(
+        image, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
+
+
+def _crop_box(
+    array: npt.NDArray[np.float32], spacing: Sequence[float], crop: CropSpec
+) -> tuple[list[int], list[int]] | None:
+    """Index bounds [x, y, z] (start, stop) of the crop, or None for no voxel."""
+    mask = array > crop.threshold
+    if crop.to == "body" and mask.any():
+        components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)))
+        largest = sitk.RelabelComponent(components, sortByObjectSize=True)
+        mask = sitk.GetArrayViewFromImage(largest) == 1
+    if not mask.any():
+        return None
+    start: list[int] = []
+    stop: list[int] = []
+    shape_xyz = mask.shape[::-1]
+    for axis_xyz in range(3):
+        axis_np = 2 - axis_xyz
+        other = tuple(a for a in range(3) if a != axis_np)
+        hits = np.flatnonzero(mask.any(axis=other))
+        margin = int(np.ceil(crop.margin_mm / spacing[axis_xyz]))
+        start.append(max(0, int(hits[0]) - margin))
+        stop.append(min(shape_xyz[axis_xyz], int(hits[-1]) + 1 + margin))
+    return start, stop
+
+
+_LETTER_AXES = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0),
+                "S": (2, 1.0), "I": (2, -1.0)}
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Size [x, y, z], spacing (mm), origin (LPS mm) and 3 x 3 direction of a grid."""
+
+    size: npt.NDArray[np.float64]
+    spacing: npt.NDArray[np.float64]
+    origin: npt.NDArray[np.float64]
+    direction: npt.NDArray[np.float64]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> _Grid:
+        return cls(
+            np.array(image.GetSize(), dtype=np.float64),
+            np.array(image.GetSpacing(), dtype=np.float64),
+            np.array(image.GetOrigin(), dtype=np.float64),
+            np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3),
+        )
+
+
+def _oriented(grid: _Grid, code: str) -> tuple[_Grid, list[int]]:
+    """The grid with its axes permuted and flipped to point as ``code`` says (like
+    ``SimpleITK.DICOMOrient``), and for each new axis the old axis it comes from."""
+    order: list[int] = []
+    size, spacing = np.empty(3), np.empty(3)
+    origin = grid.origin.copy()
+    direction = np.empty((3, 3))
+    for new_axis, letter in enumerate(code):
+        world, sign = _LETTER_AXES[letter]
+        old_axis = int(np.argmax(np.abs(grid.direction[world, :])))
+        if old_axis in order:
+            raise PreprocessingError(f"cannot orient the image to {code}: axes too oblique")
+        order.append(old_axis)
+        column = grid.direction[:, old_axis]
+        if np.sign(column[world]) != sign:
+            origin = origin + column * grid.spacing[old_axis] * (grid.size[old_axis] - 1)
+            column = -column
+        direction[:, new_axis] = column
+        size[new_axis] = grid.size[old_axis]
+        spacing[new_axis] = grid.spacing[old_axis]
+    return _Grid(size, spacing, origin, direction), order
+
+
+def _target_grid(grid: _Grid, pre: PreprocessingSpec) -> _Grid | None:
+    """The resampled grid, or None when neither spacing nor resize asks for one.
+
+    The new grid covers the same extent as the old one (voxel edges aligned), so a
+    resize to N voxels maps voxel centres like ``skimage.transform.resize``.
+    """
+    extent = grid.size * grid.spacing
+    if pre.resize is not None:
+        new_size = np.array(pre.resize, dtype=np.float64)
+        new_spacing = extent / new_size
+    elif pre.spacing is not None:
+        new_spacing = np.array(pre.spacing, dtype=np.float64)
+        new_size = np.maximum(1.0, np.round(extent / new_spacing))
+    else:
+        return None
+    if np.array_equal(new_size, grid.size) and np.allclose(new_spacing, grid.spacing):
+        return None
+    origin = grid.origin + grid.direction @ ((new_spacing - grid.spacing) / 2.0)
+    return _Grid(new_size, new_spacing, origin, grid.direction)
+
+
+NEGLIGIBLE_SIGMA = 0.27
+"""Anti-aliasing sigmas below this many voxels are skipped: the Gaussian's weight one
+voxel away, exp(-1 / (2 sigma^2)), is then below 0.1 %."""
+
+
+def _smooth(image: sitk.Image, sigma_voxels: npt.NDArray[np.float64]) -> sitk.Image:
+    """Gaussian anti-aliasing with ``sigma_voxels`` per image axis [x, y, z]."""
+    sigma = np.where(sigma_voxels >= NEGLIGIBLE_SIGMA, sigma_voxels, 0.0)
+    if not np.any(sigma > 0):
+        return image
+    return sitk.DiscreteGaussian(
+        image,
+        variance=[float(s) ** 2 for s in sigma],
+        maximumKernelWidth=128,
+        maximumError=0.001,
+        useImageSpacing=False,
+    )
+
+
+def _reorient_and_resample(images: list[sitk.Image], pre: PreprocessingSpec) -> list[sitk.Image]:
+    """Orientation and resampling in one interpolation (or an exact permutation)."""
+    grid = _Grid.of(images[0])
+    order = [0, 1, 2]
+    if pre.orientation is not None:
+        grid, order = _oriented(grid, pre.orientation)
+    target = _target_grid(grid, pre)
+    if target is None:
+        if order == [0, 1, 2] and np.allclose(grid.direction, _Grid.of(images[0]).direction):
+            return images
+        return [sitk.DICOMOrient(img, pre.orientation) for img in images]
+    if pre.antialias:
+        # Like skimage.transform.resize(anti_aliasing=True): sigma = (factor - 1) / 2
+        # voxels on each downsampled axis, applied on the source axes.
+        factor = target.spacing / grid.spacing
+        sigma_new = np.where(factor > 1.0, (factor - 1.0) / 2.0, 0.0)
+        sigma_old = np.zeros(3)
+        for new_axis, old_axis in enumerate(order):
+            sigma_old[old_axis] = sigma_new[new_axis]
+        images = [_smooth(img, sigma_old) for img in images]
+    return [
+        sitk.Resample(
+            img,
+            [int(v) for v in target.size],
+            sitk.Transform(),
+            sitk.sitkLinear,
+            [float(v) for v in target.origin],
+            [float(v) for v in target.spacing],
+            [float(v) for v in target.direction.ravel()],
+            0.0,
+            sitk.sitkFloat32,
+        )
+        for img in images
+    ]
+
+
+def normalise(array: FloatArray, spec: IntensitySpec) -> FloatArray:
+    """Apply the card's intensity normalisation to one channel (returns a new array)."""
+    if spec.method == "none":
+        return np.asarray(array, dtype=np.float32)
+    if spec.method == "window":
+        assert spec.window is not None
+        low, high = spec.window
+        out = np.clip(array, low, high).astype(np.float32)
+        if spec.rescale:
+            out -= np.float32(low)
+            out /= np.float32(high - low)
+        return out
+    if spec.method == "zscore":
+        sample = array if spec.threshold is None else array[array > spec.threshold]
+        if sample.size == 0:
+            raise PreprocessingError(
+                f"z-score normalisation: no voxel above the threshold {spec.threshold}"
+            )
+        mean = float(sample.mean(dtype=np.float64))
+        std = float(sample.std(dtype=np.float64))
+        centred: FloatArray = array.astype(np.float32) - np.float32(mean)
+        centred /= np.float32(std if std > 0 else 1.0)
+        return centred
+    if spec.method == "percentile":
+        assert spec.percentiles is not None
+        low, high = (float(v) for v in np.percentile(array, spec.percentiles))
+        out = np.clip(array, low, high).astype(np.float32)
+        out -= np.float32(low)
+        out /= np.float32(high - low if high > low else 1.0)
+        scaled: FloatArray = out
+        return scaled
+    # divide_max
+    peak = float(array.max())
+    if peak <= 0:
+        raise PreprocessingError("divide-by-maximum normalisation: the image maximum is not > 0")
+    divided: FloatArray = (array / np.float32(peak)).astype(np.float32)
+    return divided
+
+
+def prepare(volumes: Sequence[sitk.Image], pre: PreprocessingSpec) -> ModelInput:
+    """Turn the source volume(s), one per card input in order, into the model's input.
+
+    Raises:
+        PreprocessingError: no volume, or a crop that finds nothing above its threshold.
+    """
+    if not volumes:
+        raise PreprocessingError("no input volume")
+    reference = volumes[0]
+    images = [reference] + [_onto(v, reference) for v in volumes[1:]]
+    if pre.crop.to != "none":
+        box = _crop_box(
+            sitk.GetArrayViewFromImage(images[0]), images[0].GetSpacing(), pre.crop
+        )
+        if box is None:
+            raise PreprocessingError(
+                f"crop to {pre.crop.to}: no voxel above {pre.crop.threshold} in the first input"
+            )
+        start, stop = box
+        if start != [0, 0, 0] or list(stop) != list(images[0].GetSize()):
+            images = [img[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]] for img in images]
+    images = _reorient_and_resample(images, pre)
+    identity = same_grid(images[0], reference) and pre.axes == "zyx"
+    channels: list[FloatArray] = []
+    for img in images:
+        view = sitk.GetArrayViewFromImage(img)
+        channel = normalise(view, pre.intensity) if pre.intensity.method != "none" else view
+        if pre.axes == "xyz":
+            channel = np.transpose(channel, (2, 1, 0))
+        channels.append(channel)
+    if len(channels) == 1:
+        tensor = channels[0][None]
+    else:
+        tensor = np.stack(channels).astype(np.float32, copy=False)
+    grid = images[0]
+    return ModelInput(tensor=tensor, grid=grid, identity=identity)
