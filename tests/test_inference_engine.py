@@ -363,3 +363,28 @@ def test_cpu_only_configuration_skips_nothing(tmp_path: Path,
                                providers=["CPUExecutionProvider"])
     assert session.provider == "CPUExecutionProvider"
     assert "skipped" not in caplog.records[-1].getMessage()
+
+
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """Dense 1D sampled-Gaussian blur (truncated at 4 sigma, edges clamped) as a matrix."""
+    radius = max(1, int(4 * sigma + 0.5))
+    matrix = np.zeros((n, n))
+    for i in range(n):
+        for k in range(-radius, radius + 1):
+            matrix[i, min(max(i + k, 0), n - 1)] += np.exp(-0.5 * (k / sigma) ** 2)
+    return matrix / matrix.sum(axis=1, keepdims=True)
+
+
+def test_antialias_gaussian_is_the_sampled_gaussian_of_scipy_and_skimage() -> None:
+    from dicomnode.inference.preprocess import _smooth
+
+    rng = np.random.default_rng(4)
+    array = rng.normal(size=(12, 14, 16))
+    image = _image(array)
+    ours = sitk.GetArrayFromImage(_smooth(image, np.array([0.6, 0.0, 1.3])))
+    # Independent check: dense blur matrices along x (axis 2) and z (axis 0).
+    expected = np.einsum("ij,zyj->zyi", _blur_matrix(16, 0.6), array)
+    expected = np.einsum("ij,jyx->iyx", _blur_matrix(12, 1.3), expected)
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+    # Sigmas too small to matter are skipped.
+    assert _smooth(image, np.array([0.2, 0.2, 0.2])) is image

@@ -157,18 +157,45 @@ NEGLIGIBLE_SIGMA = 0.27
 voxel away, exp(-1 / (2 sigma^2)), is then below 0.1 %."""
 
 
+def _gaussian_kernel(sigma: float) -> npt.NDArray[np.float32]:
+    """Normalised 1D Gaussian, truncated at 4 sigma like ``scipy.ndimage``."""
+    radius = max(1, int(4.0 * sigma + 0.5))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    result: npt.NDArray[np.float32] = (kernel / kernel.sum()).astype(np.float32)
+    return result
+
+
 def _smooth(image: sitk.Image, sigma_voxels: npt.NDArray[np.float64]) -> sitk.Image:
-    """Gaussian anti-aliasing with ``sigma_voxels`` per image axis [x, y, z]."""
+    """Gaussian anti-aliasing with ``sigma_voxels`` per image axis [x, y, z].
+
+    A separable sampled Gaussian truncated at 4 sigma, as ``scipy.ndimage`` and
+    therefore ``skimage.transform.resize`` use (ITK's DiscreteGaussian uses another
+    kernel, which differs for small sigmas); edges repeat the border voxel.
+    """
     sigma = np.where(sigma_voxels >= NEGLIGIBLE_SIGMA, sigma_voxels, 0.0)
     if not np.any(sigma > 0):
         return image
-    return sitk.DiscreteGaussian(
-        image,
-        variance=[float(s) ** 2 for s in sigma],
-        maximumKernelWidth=128,
-        maximumError=0.001,
-        useImageSpacing=False,
-    )
+    array: npt.NDArray[np.float32] = sitk.GetArrayViewFromImage(image)
+    for axis_xyz, s in enumerate(sigma):
+        if s <= 0:
+            continue
+        axis = 2 - axis_xyz
+        kernel = _gaussian_kernel(float(s))
+        radius = len(kernel) // 2
+        pad = [(0, 0)] * 3
+        pad[axis] = (radius, radius)
+        padded = np.pad(array, pad, mode="edge")
+        out = np.zeros_like(array)
+        n = array.shape[axis]
+        for k, weight in enumerate(kernel):
+            index = [slice(None)] * 3
+            index[axis] = slice(k, k + n)
+            out += weight * padded[tuple(index)]
+        array = out
+    smoothed = sitk.GetImageFromArray(array)
+    smoothed.CopyInformation(image)
+    return smoothed
 
 
 def _reorient_and_resample(images: list[sitk.Image], pre: PreprocessingSpec) -> list[sitk.Image]:
