@@ -7,11 +7,15 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicomnode import __version__
 from dicomnode.config import Config, ConfigError, PeerConfig, load_config
 from dicomnode.logs import setup_logging
 from dicomnode.rules.loader import RuleFileError, RuleSet
+
+if TYPE_CHECKING:
+    from dicomnode.inference.card import Card
 
 __all__ = ["main"]
 
@@ -195,17 +199,24 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def cmd_models_check(args: argparse.Namespace) -> int:
+def _card(config: Config, model: str) -> Card | None:
+    """The validated card of a package name or folder, or None after printing why not."""
     from dicomnode.inference.card import CardError, load_card, package_dir
 
+    try:
+        return load_card(package_dir(config.models_dir, model))
+    except CardError as exc:
+        print(f"model {model}: card not valid:\n{exc}", file=sys.stderr)
+        return None
+
+
+def cmd_models_check(args: argparse.Namespace) -> int:
     config = _config(args)
     setup_logging("WARNING")
-    folder = package_dir(config.models_dir, args.model)
-    try:
-        card = load_card(folder)
-    except CardError as exc:
-        print(f"model {args.model}: card not valid:\n{exc}", file=sys.stderr)
+    card = _card(config, args.model)
+    if card is None:
         return 1
+    folder = card.package
     from dicomnode.inference.check import check_package
 
     report = check_package(card, providers=config.inference.providers)
@@ -228,7 +239,6 @@ def _dicom_files(folder: Path) -> list[Path]:
 
 
 def cmd_models_run(args: argparse.Namespace) -> int:
-    from dicomnode.inference.card import CardError, load_card, package_dir
     from dicomnode.inference.predict import InferenceError
     from dicomnode.inference.preprocess import PreprocessingError
     from dicomnode.inference.segment import load_inputs, segment
@@ -236,11 +246,8 @@ def cmd_models_run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     setup_logging(config.logging.level)
-    folder = package_dir(config.models_dir, args.model)
-    try:
-        card = load_card(folder)
-    except CardError as exc:
-        print(f"model {args.model}: card not valid:\n{exc}", file=sys.stderr)
+    card = _card(config, args.model)
+    if card is None:
         return 1
     inputs: dict[str, list[Path]] = {}
     for item in args.input:

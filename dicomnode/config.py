@@ -33,6 +33,7 @@ __all__ = [
     "StorageConfig",
     "format_validation_errors",
     "load_config",
+    "read_yaml_mapping",
 ]
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
@@ -269,6 +270,32 @@ def format_validation_errors(
     return "\n".join(out)
 
 
+def read_yaml_mapping(
+    file: Path, what: str, error: type[Exception]
+) -> tuple[str, dict[str, Any]]:
+    """Read a YAML file whose top level is a mapping; return its text and data.
+
+    An empty file is an empty mapping. Raises ``error`` naming the file (and the line
+    and column for YAML syntax errors).
+    """
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{file}: cannot read {what}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise error(f"{where}: not valid YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise error(f"{file}: the top level must be a mapping of keys, not {type(data).__name__}")
+    return text, data
+
+
 def load_config(path: Path | str | None) -> Config:
     """Load and validate a configuration file; ``None`` gives the embedded defaults.
 
@@ -280,22 +307,7 @@ def load_config(path: Path | str | None) -> Config:
     if path is None:
         return Config().resolved(Path.cwd())
     file = Path(path)
-    try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{file}: cannot read configuration: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else str(file)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{file}: the top level must be a mapping of keys, not {type(data).__name__}")
+    text, data = read_yaml_mapping(file, "configuration", ConfigError)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:

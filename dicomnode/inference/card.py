@@ -24,10 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dicomnode.config import format_validation_errors
+from dicomnode.config import format_validation_errors, read_yaml_mapping
 
 __all__ = [
     "CARD_FILE",
@@ -393,18 +392,7 @@ def load_card(package: str | Path, *, verify_files: bool = True) -> Card:
     """
     folder = Path(package)
     card_path = folder / CARD_FILE
-    try:
-        text = card_path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CardError(f"{card_path}: cannot read model card: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{card_path}:{mark.line + 1}:{mark.column + 1}" if mark else str(card_path)
-        raise CardError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict):
-        raise CardError(f"{card_path}: the card must be a mapping of keys")
+    text, data = read_yaml_mapping(card_path, "model card", CardError)
     if "package" in data:
         raise CardError(f"{card_path}: package: not a card key")
     try:

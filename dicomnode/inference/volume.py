@@ -40,6 +40,7 @@ from pydicom.pixels.utils import iter_pixels
 from pydicom.uid import UID
 
 from dicomnode.geometry import POSITION_TOLERANCE_MM, Frame, GeometryVerdict, assess
+from dicomnode.store.header import first_item
 
 __all__ = ["SeriesVolume", "VolumeError", "read_series", "write_nifti"]
 
@@ -205,19 +206,9 @@ def _count(ds: Dataset, keyword: str, default: int, label: str) -> int:
     return number
 
 
-def _item(ds: Dataset | None, keyword: str) -> Dataset | None:
-    if ds is None:
-        return None
-    seq = ds.get(keyword)
-    if not seq:
-        return None
-    item: Dataset = seq[0]
-    return item
-
-
 def _group(per_frame: Dataset | None, shared: Dataset | None, keyword: str) -> Dataset | None:
     """A functional group macro item: the per-frame one when present, else the shared one."""
-    return _item(per_frame, keyword) or _item(shared, keyword)
+    return first_item(per_frame, keyword) or first_item(shared, keyword)
 
 
 def _frame_header(label: str, *, position: Dataset, orientation: Dataset, measures: Dataset,
@@ -290,7 +281,7 @@ def _header_from(ds: Dataset, path: Path, label: str) -> _FileHeader:
 
     number_of_frames = _count(ds, "NumberOfFrames", 1, label)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    shared = first_item(ds, "SharedFunctionalGroupsSequence")
     frames: list[_FrameHeader]
     if per_frame is not None or shared is not None:
         # Without Per-frame Functional Groups every macro is shared by all frames.

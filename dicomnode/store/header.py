@@ -104,7 +104,7 @@ def _strings(ds: Dataset, keyword: str) -> list[str] | None:
     return [str(v).strip() for v in value]
 
 
-def _item(ds: Dataset | None, keyword: str) -> Dataset | None:
+def first_item(ds: Dataset | None, keyword: str) -> Dataset | None:
     if ds is None:
         return None
     seq = ds.get(keyword)
@@ -116,25 +116,25 @@ def _item(ds: Dataset | None, keyword: str) -> Dataset | None:
 
 def _frame_geometry(ds: Dataset) -> tuple[list[list[float]] | None, dict[str, Any]]:
     """Per-frame positions and the shared orientation/spacing of a multi-frame image."""
-    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    shared = first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     extra: dict[str, Any] = {}
-    orientation = _floats(_item(shared, "PlaneOrientationSequence") or Dataset(),
+    orientation = _floats(first_item(shared, "PlaneOrientationSequence") or Dataset(),
                           "ImageOrientationPatient", 6)
-    measures = _item(shared, "PixelMeasuresSequence")
+    measures = first_item(shared, "PixelMeasuresSequence")
     if measures is not None:
         extra["pixel_spacing"] = _floats(measures, "PixelSpacing", 2)
         extra["slice_thickness"] = _float(measures, "SliceThickness")
     positions: list[list[float]] = []
     if per_frame:
         for frame in per_frame:
-            pos = _floats(_item(frame, "PlanePositionSequence") or Dataset(),
+            pos = _floats(first_item(frame, "PlanePositionSequence") or Dataset(),
                           "ImagePositionPatient", 3)
             if orientation is None:
-                orientation = _floats(_item(frame, "PlaneOrientationSequence") or Dataset(),
+                orientation = _floats(first_item(frame, "PlaneOrientationSequence") or Dataset(),
                                       "ImageOrientationPatient", 6)
             if measures is None and "pixel_spacing" not in extra:
-                pm = _item(frame, "PixelMeasuresSequence")
+                pm = first_item(frame, "PixelMeasuresSequence")
                 if pm is not None:
                     extra["pixel_spacing"] = _floats(pm, "PixelSpacing", 2)
                     extra["slice_thickness"] = _float(pm, "SliceThickness")
