@@ -32,7 +32,8 @@ class ModelInput:
     """The model's input and the grid it lives on.
 
     ``tensor`` is float32 ``(channels, *spatial)`` with the spatial axes in the
-    model's order (``zyx`` or ``xyz`` of ``grid``); ``grid`` is an image whose
+    model's order; ``axes`` says how they map onto ``grid``'s numpy array: ``zyx``
+    (the array itself) or ``xyz`` (its transpose); ``grid`` is an image whose
     size, origin, spacing and direction define the model grid (its pixels are not
     used); ``identity`` is true when the model grid is the source grid itself
     (no reorientation, crop or resampling), so results need no resampling back.
@@ -41,6 +42,7 @@ class ModelInput:
     tensor: FloatArray
     grid: sitk.Image
     identity: bool
+    axes: str = "zyx"
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, *, tolerance: float = 1e-4) -> bool:
@@ -187,11 +189,14 @@ def _smooth(image: sitk.Image, sigma_voxels: npt.NDArray[np.float64]) -> sitk.Im
         pad[axis] = (radius, radius)
         padded = np.pad(array, pad, mode="edge")
         out = np.zeros_like(array)
+        term = np.empty_like(array)
         n = array.shape[axis]
         for k, weight in enumerate(kernel):
             index = [slice(None)] * 3
             index[axis] = slice(k, k + n)
-            out += weight * padded[tuple(index)]
+            np.multiply(padded[tuple(index)], weight, out=term)
+            out += term
+        del padded, term
         array = out
     smoothed = sitk.GetImageFromArray(array)
     smoothed.CopyInformation(image)
@@ -199,7 +204,12 @@ def _smooth(image: sitk.Image, sigma_voxels: npt.NDArray[np.float64]) -> sitk.Im
 
 
 def _reorient_and_resample(images: list[sitk.Image], pre: PreprocessingSpec) -> list[sitk.Image]:
-    """Orientation and resampling in one interpolation (or an exact permutation)."""
+    """Orientation and resampling in one interpolation (or an exact permutation).
+
+    (Resampling straight onto an x/z-swapped grid for ``xyz`` models would save the
+    transposed copy, but ITK's resampler then walks memory across the cache and is
+    slower than the copy.)
+    """
     grid = _Grid.of(images[0])
     order = [0, 1, 2]
     if pre.orientation is not None:
@@ -295,17 +305,20 @@ def prepare(volumes: Sequence[sitk.Image], pre: PreprocessingSpec) -> ModelInput
         if start != [0, 0, 0] or list(stop) != list(images[0].GetSize()):
             images = [img[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]] for img in images]
     images = _reorient_and_resample(images, pre)
+    transpose = pre.axes == "xyz"
     identity = same_grid(images[0], reference) and pre.axes == "zyx"
     channels: list[FloatArray] = []
     for img in images:
         view = sitk.GetArrayViewFromImage(img)
         channel = normalise(view, pre.intensity) if pre.intensity.method != "none" else view
-        if pre.axes == "xyz":
-            channel = np.transpose(channel, (2, 1, 0))
+        if transpose:
+            channel = np.ascontiguousarray(np.transpose(channel, (2, 1, 0)))
         channels.append(channel)
     if len(channels) == 1:
         tensor = channels[0][None]
     else:
         tensor = np.stack(channels).astype(np.float32, copy=False)
     grid = images[0]
-    return ModelInput(tensor=tensor, grid=grid, identity=identity)
+    return ModelInput(
+        tensor=tensor, grid=grid, identity=identity, axes="xyz" if transpose else "zyx"
+    )

@@ -231,7 +231,7 @@ def segment(
             full[:, start:stop] = scores
         assert full is not None
         t = time.perf_counter()
-        masks = to_source(full, model_input.grid, card.preprocessing.axes, source, outputs)
+        masks = to_source(full, model_input.grid, model_input.axes, source, outputs)
         del full
     del model_input
     spacing = geometry.spacing
