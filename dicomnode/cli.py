@@ -230,19 +230,12 @@ def cmd_models_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dicom_files(folder: Path) -> list[Path]:
-    if folder.is_file():
-        return [folder]
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is neither a folder nor a file")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-
-
 def cmd_models_run(args: argparse.Namespace) -> int:
     from dicomnode.inference.predict import InferenceError
     from dicomnode.inference.preprocess import PreprocessingError
     from dicomnode.inference.segment import load_inputs, segment
     from dicomnode.inference.volume import VolumeError, write_nifti
+    from dicomnode.net.scu import collect_files
 
     config = _config(args)
     setup_logging(config.logging.level)
@@ -262,7 +255,7 @@ def cmd_models_run(args: argparse.Namespace) -> int:
             print(f"input {name} given twice", file=sys.stderr)
             return 2
         try:
-            inputs[name] = _dicom_files(Path(path))
+            inputs[name] = [p for p in collect_files([Path(path)]) if not p.name.startswith(".")]
         except FileNotFoundError as exc:
             print(str(exc), file=sys.stderr)
             return 2

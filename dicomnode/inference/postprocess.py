@@ -15,6 +15,7 @@ import numpy.typing as npt
 import SimpleITK as sitk
 
 from dicomnode.inference.card import OutputSpec, PostprocessingSpec
+from dicomnode.inference.preprocess import nonzero_bounds
 
 __all__ = ["clean_mask", "scores_to_image", "to_source"]
 
@@ -44,12 +45,7 @@ def _index_box(
         return None
     if axes == "xyz":
         hot = np.transpose(hot, (2, 1, 0))
-    corners_idx = []
-    for axis in range(3):  # numpy axes z, y, x
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(hot.any(axis=other))
-        corners_idx.append((int(hits[0]) - 1, int(hits[-1]) + 1))
-    (z0, z1), (y0, y1), (x0, x1) = corners_idx
+    (z0, z1), (y0, y1), (x0, x1) = ((first - 1, last + 1) for first, last in nonzero_bounds(hot))
     points = [
         source.TransformPhysicalPointToContinuousIndex(
             grid.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z)))
@@ -170,12 +166,10 @@ def clean_mask(
         return mask
     # Work inside the mask's bounding box grown by one voxel: components and holes are
     # the same there, and a small structure in a large volume costs little.
-    box = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(max(0, int(hits[0]) - 1), min(mask.shape[axis], int(hits[-1]) + 2)))
-    region = tuple(box)
+    region = tuple(
+        slice(max(0, first - 1), min(size, last + 2))
+        for (first, last), size in zip(nonzero_bounds(mask), mask.shape, strict=True)
+    )
     out = np.zeros_like(mask)
     out[region] = _clean(np.ascontiguousarray(mask[region]), spacing_xyz, spec)
     return out

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from dicomnode.inference.card import CropSpec, IntensitySpec, PreprocessingSpec
 
-__all__ = ["ModelInput", "PreprocessingError", "prepare", "same_grid"]
+__all__ = ["ModelInput", "PreprocessingError", "nonzero_bounds", "prepare", "same_grid"]
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -63,6 +63,19 @@ def _onto(image: sitk.Image, reference: sitk.Image) -> sitk.Image:
     )
 
 
+def nonzero_bounds(mask: npt.NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """First and last index holding a True voxel along each numpy axis of ``mask``.
+
+    ``mask`` must hold at least one True voxel.
+    """
+    bounds = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        bounds.append((int(hits[0]), int(hits[-1])))
+    return bounds
+
+
 def _crop_box(
     array: npt.NDArray[np.float32], spacing: Sequence[float], crop: CropSpec
 ) -> tuple[list[int], list[int]] | None:
@@ -77,13 +90,11 @@ def _crop_box(
     start: list[int] = []
     stop: list[int] = []
     shape_xyz = mask.shape[::-1]
-    for axis_xyz in range(3):
-        axis_np = 2 - axis_xyz
-        other = tuple(a for a in range(3) if a != axis_np)
-        hits = np.flatnonzero(mask.any(axis=other))
+    bounds_xyz = nonzero_bounds(mask)[::-1]
+    for axis_xyz, (first, last) in enumerate(bounds_xyz):
         margin = int(np.ceil(crop.margin_mm / spacing[axis_xyz]))
-        start.append(max(0, int(hits[0]) - margin))
-        stop.append(min(shape_xyz[axis_xyz], int(hits[-1]) + 1 + margin))
+        start.append(max(0, first - margin))
+        stop.append(min(shape_xyz[axis_xyz], last + 1 + margin))
     return start, stop
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,8 +53,6 @@ class ProviderChoice:
 
 
 def _missing_library(provider: str) -> str | None:
-    import sys
-
     table = _WINDOWS_LIBRARIES if sys.platform == "win32" else _LIBRARIES
     for alternatives in table.get(provider, ()):
         for name in alternatives:
