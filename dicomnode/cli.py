@@ -110,6 +110,77 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_outbox(args: argparse.Namespace) -> int:
+    from dicomnode.outbox import outbox_report
+    from dicomnode.store.db import open_index
+
+    config = _config(args)
+    index = open_index(config.db_url)
+    try:
+        report = outbox_report(index, state=args.state, destination=args.destination)
+    finally:
+        index.dispose()
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for item in report["items"]:
+        status = item["last_status"]
+        when = (f"sent {item['sent_at']}" if item["state"] == "sent" else
+                f"next {item['next_attempt_at']}" if item["next_attempt_at"] else "")
+        line = (f"item {item['id']:<5} {item['state']:<8} -> {item['destination']:<12} "
+                f"attempts {item['attempts']:<3} {item['sop_class_name']:<28} "
+                f"{item['sop_instance_uid']}  {when}")
+        if item["state"] != "sent" and (status is not None or item["last_error"]):
+            code = f"0x{status:04X} " if status is not None else ""
+            line += f"\n      last: {code}{item['last_error'] or ''}".rstrip()
+        print(line)
+    counts = report["counts"]
+    print(", ".join(f"{counts[state]} {state}" for state in counts))
+    return 0
+
+
+def cmd_outbox_send(args: argparse.Namespace) -> int:
+    from dicomnode.outbox import Outbox
+    from dicomnode.store.db import open_index
+
+    config = _config(args)
+    setup_logging(config.logging.level)
+    index = open_index(config.db_url)
+    try:
+        report = Outbox.from_config(config, index).deliver_due()
+    finally:
+        index.dispose()
+    if not report.destinations:
+        print("nothing due")
+    for name, d in report.destinations.items():
+        print(f"{name}: {d.sent} sent, {d.failed} failed, {d.retrying} to retry"
+              + (f" ({d.error})" if d.error else ""))
+    return 1 if report.failed or report.retrying else 0
+
+
+def cmd_outbox_resend(args: argparse.Namespace) -> int:
+    from dicomnode.outbox import Outbox, OutboxError
+    from dicomnode.store.db import open_index
+
+    config = _config(args)
+    index = open_index(config.db_url)
+    code = 0
+    try:
+        outbox = Outbox.from_config(config, index)
+        for item_id in args.ids:
+            try:
+                was = outbox.resend(item_id)
+            except OutboxError as exc:
+                print(f"resend: {exc}", file=sys.stderr)
+                code = 1
+                continue
+            print(f"item {item_id}: pending (was {was.value})")
+    finally:
+        index.dispose()
+    return code
+
+
 def _load_rules(config: Config) -> RuleSet:
     from dicomnode.rules.loader import load_rules
 
@@ -236,6 +307,8 @@ def cmd_models_run(args: argparse.Namespace) -> int:
     from dicomnode.inference.segment import load_inputs, segment
     from dicomnode.inference.volume import VolumeError, write_nifti
     from dicomnode.net.scu import collect_files
+    from dicomnode.outputs.source import OutputError
+    from dicomnode.outputs.write import write_results
 
     config = _config(args)
     setup_logging(config.logging.level)
@@ -269,22 +342,26 @@ def cmd_models_run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     write_nifti(result.label_image(), out / "labels.nii.gz")
-    report = result.measurements()
-    report["source_series"] = {
-        name: {"modality": v.modality, "instances": len(set(v.sop_instance_uids))}
-        for name, v in zip(card.input_names, volumes, strict=True)
+    extra = {
+        "source_series": {
+            name: {"modality": v.modality, "instances": len(set(v.sop_instance_uids))}
+            for name, v in zip(card.input_names, volumes, strict=True)
+        },
+        "timings_seconds": {k: round(v, 4) for k, v in vars(result.timings).items()},
     }
-    report["timings_seconds"] = {
-        k: round(v, 4) for k, v in vars(result.timings).items()
-    }
-    (out / "volumes.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    try:
+        written = write_results(result, volumes[0], inputs[card.input_names[0]], out,
+                                config.outputs, extra=extra)
+    except OutputError as exc:
+        print(f"model {card.name}: cannot write results: {exc}", file=sys.stderr)
+        return 1
     for s in result.structures:
         print(f"{s.label.value:>3} {s.label.name:<24} {s.volume_ml:10.1f} mL "
               f"{s.voxel_count:>10} voxels")
     t = result.timings
+    names = ", ".join(["labels.nii.gz", *(o.path.name for o in written.objects), "volumes.json"])
     print(f"{card.name} {card.version} on {result.provider}: {t.total:.2f} s "
-          f"({t.session_run:.2f} s in the model); wrote {out / 'labels.nii.gz'} and "
-          f"{out / 'volumes.json'}")
+          f"({t.session_run:.2f} s in the model); wrote {names} in {out}")
     return 0
 
 
@@ -312,6 +389,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     p.add_argument("--to", required=True, help="peer name from the configuration")
     p.set_defaults(func=cmd_send)
+    p = add("outbox", "list the result objects to send back, with state, attempts and last "
+            "error; send what is due; re-send items")
+    p.add_argument("--json", action="store_true", help="stable JSON (docs/outbox-json.md)")
+    p.add_argument("--state", choices=["pending", "sending", "sent", "failed"],
+                   help="only items in this state")
+    p.add_argument("--destination", help="only items for this peer")
+    p.set_defaults(func=cmd_outbox)
+    outbox_sub = p.add_subparsers(dest="outbox_command", metavar="{send,resend}")
+    # SUPPRESS: `outbox --config F send` keeps F (a subcommand default would override it)
+    q = outbox_sub.add_parser("send", help="deliver the items due now, then exit")
+    q.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_outbox_send)
+    q = outbox_sub.add_parser("resend", help="make items pending again, due now")
+    q.add_argument("ids", nargs="+", type=int, metavar="ID", help="outbox item id")
+    q.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_outbox_resend)
 
     rules = sub.add_parser("rules", help="check and test routing rules")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
@@ -340,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="package name in models_dir, or a package folder")
     p.add_argument("--input", "-i", action="append", required=True, metavar="[NAME=]DIR",
                    help="series folder; NAME=DIR per input for multi-input models")
-    p.add_argument("--output", "-o", required=True, help="folder for labels.nii.gz and "
-                   "volumes.json")
+    p.add_argument("--output", "-o", required=True, help="folder for labels.nii.gz, seg.dcm, "
+                   "rtstruct.dcm (sr.dcm) and volumes.json")
     p.add_argument("--config", "-c", type=Path, default=None)
     p.set_defaults(func=cmd_models_run)
     return parser

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "ConfigError",
     "InferenceConfig",
     "NodeConfig",
+    "OutboxConfig",
+    "OutputsConfig",
     "PeerConfig",
     "StorageConfig",
     "format_validation_errors",
@@ -98,6 +101,30 @@ class CompletionConfig(_Section):
     check_interval_seconds: float = Field(0.5, gt=0, le=60)
 
 
+class OutboxConfig(_Section):
+    """How result objects are sent back: retry policy and timeouts of the outbox.
+
+    A transient failure (peer down, association rejected or aborted, no response,
+    status 0xA7xx) is retried after ``retry_initial_seconds``, doubling per attempt up
+    to ``retry_max_seconds``; after ``max_attempts`` attempts the item is failed.
+    """
+
+    retry_initial_seconds: float = Field(10.0, gt=0)
+    retry_max_seconds: float = Field(3600.0, gt=0)
+    max_attempts: int = Field(72, ge=1, le=1_000_000)
+    check_interval_seconds: float = Field(5.0, gt=0, le=3600)
+    timeout_seconds: float = Field(
+        30.0, gt=0, description="connection, ACSE, DIMSE and network timeouts of one association")
+
+    @model_validator(mode="after")
+    def _retry_bounds(self) -> OutboxConfig:
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ValueError(
+                f"retry_max_seconds ({self.retry_max_seconds:g}) must not be less than "
+                f"retry_initial_seconds ({self.retry_initial_seconds:g})")
+        return self
+
+
 class LoggingConfig(_Section):
     level: str = "INFO"
 
@@ -139,6 +166,23 @@ class InferenceConfig(_Section):
         return v
 
 
+class OutputsConfig(_Section):
+    """Which result objects a model run writes (measurements JSON is always written)."""
+
+    seg: bool = True
+    seg_type: Literal["binary", "labelmap"] = Field(
+        "binary", description="SEG type when the model card does not name one")
+    seg_omit_empty_frames: bool = False
+    rtstruct: bool = True
+    sr: bool = Field(False, description="a TID 1500 measurement report (needs seg)")
+
+    @model_validator(mode="after")
+    def _sr_needs_seg(self) -> OutputsConfig:
+        if self.sr and not self.seg:
+            raise ValueError("sr: true needs seg: true (the report references the SEG's segments)")
+        return self
+
+
 class Config(_Section):
     """The whole configuration of one node."""
 
@@ -149,6 +193,8 @@ class Config(_Section):
     rules_dir: Path = Path("rules")
     models_dir: Path = Path("models")
     inference: InferenceConfig = InferenceConfig()
+    outputs: OutputsConfig = OutputsConfig()
+    outbox: OutboxConfig = OutboxConfig()
     logging: LoggingConfig = LoggingConfig()
     source: Path | None = Field(None, exclude=True)
 
@@ -262,6 +308,8 @@ def format_validation_errors(
             msg = f"unknown key; allowed here: {', '.join(allowed)}"
         else:
             msg = err["msg"]
+            if err["type"] == "value_error":  # our validators' messages say it all
+                msg = msg.removeprefix("Value error, ")
             if "input" in err and err["type"] != "missing" and not isinstance(
                 err["input"], dict
             ):

@@ -1,7 +1,7 @@
-"""The running node: configuration, store, index, SCP and the scheduler, wired together.
+"""The running node: configuration, store, index, SCP, outbox and the scheduler, wired together.
 
 Data flows one way: net -> store -> completion (and, in later stages,
-rules -> pipeline -> outputs -> outbox).
+rules -> pipeline -> outputs) -> outbox.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dicomnode.completion import AssociationActivity, CompletionMonitor
 from dicomnode.config import Config
 from dicomnode.net.access import AccessPolicy
 from dicomnode.net.scp import StorageSCP
+from dicomnode.outbox import Outbox
 from dicomnode.rules.loader import load_rules
 from dicomnode.rules.trigger import RuleTrigger
 from dicomnode.store.db import Index, open_index
@@ -50,6 +51,7 @@ class Node:
             settled_listeners=[self._on_series_settled])
         self.scp = StorageSCP(config.node, self.store,
                               AccessPolicy(config.node.ae_title, config.peers), self.activity)
+        self.outbox = Outbox.from_config(config, self.index)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
@@ -67,9 +69,14 @@ class Node:
         recovered = recover_orphans(self.files, self.store)
         if recovered:
             LOG.info("indexed %d stored file(s) whose index row was lost in a crash", recovered)
+        self.outbox.recover()
         self.scheduler.add_job(self.completion.check, "interval",
                                seconds=self.config.completion.check_interval_seconds,
                                id="completion", max_instances=1, coalesce=True)
+        # each due destination is delivered in its own thread: a slow one delays no other
+        self.scheduler.add_job(self.outbox.start_due, "interval",
+                               seconds=self.config.outbox.check_interval_seconds,
+                               id="outbox", max_instances=1, coalesce=True)
         self.scheduler.start()
         self.scp.start()
 
@@ -80,6 +87,7 @@ class Node:
         LOG.info("stopping")
         self.scp.stop(self.config.node.shutdown_grace_seconds)
         self.scheduler.shutdown(wait=True)
+        self.outbox.stop(self.config.node.shutdown_grace_seconds)
         self.files.clean_tmp()
         self.index.dispose()
         LOG.info("stopped")

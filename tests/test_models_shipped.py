@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 import testdata
@@ -87,6 +88,14 @@ def test_ct_body_on_cranium_through_the_command(cranium_dir: Path, tmp_path: Pat
     assert by_name["Lungs"]["volume_ml"] == 0  # a head CT: sinuses and airways are too small
     assert report["provider"] == "CPUExecutionProvider" or "CUDA" in report["provider"]
     assert report["timings_seconds"]["session_run"] > 0
+    # the DICOM results beside them (judged in test_outputs.py)
+    kinds = {o["kind"]: o for o in report["objects"]}
+    assert set(kinds) == {"SEG", "RTSTRUCT"}
+    for obj in kinds.values():
+        ds = pydicom.dcmread(out / obj["file"], stop_before_pixels=True)
+        assert ds.SOPInstanceUID == obj["sop_instance_uid"]
+        assert ds.StudyInstanceUID == pydicom.dcmread(
+            sorted(cranium_dir.iterdir())[0], stop_before_pixels=True).StudyInstanceUID
 
 
 def test_ct_body_gives_the_same_masks_on_compressed_input(cranium_dir: Path,

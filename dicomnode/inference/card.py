@@ -275,6 +275,8 @@ class OutputSpec(_Spec):
     decision: Literal["threshold", "argmax"] = "threshold"
     threshold: float = 0.5
     labels: tuple[LabelSpec, ...] = Field(min_length=1)
+    # the DICOM SEG type for this model; None leaves it to the configuration (outputs.seg_type)
+    seg_type: Literal["binary", "labelmap"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> OutputSpec:

@@ -4,11 +4,18 @@ Files are sent as they are stored, in their own transfer syntax, streamed
 from disk without decoding (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``). For
 uncompressed files the little endian syntaxes are proposed too, and a file is
 converted in memory only when the peer accepted none of its own syntax.
+
+Every failure says whether it is *transient*: whether the same file may go
+through on a later association (peer down, association rejected, aborted or
+timed out, status 0xA7xx out of resources) or not (unreadable file, SOP class
+or transfer syntax not accepted, any other failure status). The outbox
+(:mod:`dicomnode.outbox`) retries the transient ones only.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +35,14 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicomnode.config import PeerConfig
 from dicomnode.net.sockets import set_nodelay
 
-__all__ = ["SendError", "SendResult", "collect_files", "echo", "send_files"]
+__all__ = [
+    "SendError",
+    "SendResult",
+    "collect_files",
+    "echo",
+    "is_transient_status",
+    "send_files",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -37,26 +51,61 @@ _MAX_CONTEXTS = 128
 
 
 class SendError(Exception):
-    """The peer could not be reached or refused the association."""
+    """The peer could not be reached or refused the association.
+
+    ``transient`` is False when trying again cannot help by itself: the peer has no
+    address configured, or it accepted none of the proposed presentation contexts.
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def is_transient_status(status: int) -> bool:
+    """Whether a C-STORE failure status may change on a later try.
+
+    Out of resources (0xA7xx) and Cancel (0xFE00) are transient; every other
+    failure (0xA9xx data set does not match SOP class, 0xCxxx cannot understand,
+    0x01xx/0x02xx general failures such as 0x0122 SOP class not supported) is final.
+    """
+    return status >> 8 == 0xA7 or status == 0xFE00
 
 
 @dataclass(frozen=True)
 class SendResult:
-    """The outcome for one file: the DICOM status (None if never sent) and a message."""
+    """The outcome for one file: the DICOM status (None if never sent) and a message.
+
+    ``transient`` marks a file that was not stored for a reason that lies with the
+    association (lost, aborted, no response, sending cancelled) or with a transient
+    status (:func:`is_transient_status`): the same file may go through later.
+    ``cancelled`` marks a file not even tried because sending was cancelled.
+    """
 
     path: Path
     status: int | None
     message: str
+    transient: bool = False
+    cancelled: bool = False
 
     @property
     def ok(self) -> bool:
+        """Success (0x0000) or a warning (0xBxxx): the peer stored the instance."""
         return self.status is not None and (self.status == 0 or self.status >> 12 == 0xB)
 
 
 def _peer_address(peer: PeerConfig, name: str) -> tuple[str, int]:
     if peer.host is None or peer.port is None:
-        raise SendError(f"peer {name!r} has no host and port configured (peers.{name}.host/port)")
+        raise SendError(f"peer {name!r} has no host and port configured (peers.{name}.host/port)",
+                        transient=False)
     return peer.host, peer.port
+
+
+def _new_ae(ae_title: str, timeout: float) -> AE:
+    """An AE whose connection, ACSE, DIMSE and network timeouts are all ``timeout`` seconds."""
+    ae = AE(ae_title=ae_title)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    return ae
 
 
 def _associate(ae: AE, peer: PeerConfig, name: str, contexts: list[PresentationContext],
@@ -65,9 +114,18 @@ def _associate(ae: AE, peer: PeerConfig, name: str, contexts: list[PresentationC
     ae.requested_contexts = contexts
     assoc = ae.associate(host, port, ae_title=peer.ae_title)
     if not assoc.is_established:
+        answer = assoc.acceptor.primitive
         if assoc.is_rejected:
-            raise SendError(f"peer {name!r} ({host}:{port}) rejected the association")
-        raise SendError(f"peer {name!r} ({host}:{port}) could not be reached")
+            why = ""
+            if answer is not None:
+                why = f": {answer.result_str}, {answer.source_str}, {answer.reason_str}"
+            raise SendError(f"peer {name!r} ({host}:{port}) rejected the association{why}")
+        if answer is not None and getattr(answer, "result", None) == 0x00:
+            classes = sorted({UID(str(cx.abstract_syntax)).name for cx in contexts})
+            raise SendError(f"peer {name!r} ({host}:{port}) accepted none of the proposed "
+                            f"presentation contexts ({', '.join(classes)})", transient=False)
+        raise SendError(f"peer {name!r} ({host}:{port}) could not be reached "
+                        "(no connection, or no answer to the association request)")
     set_nodelay(assoc)
     return assoc
 
@@ -78,8 +136,7 @@ def echo(ae_title: str, peer: PeerConfig, name: str, *, timeout: float = 30.0) -
     Raises:
         SendError: the association could not be established.
     """
-    ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae = _new_ae(ae_title, timeout)
     assoc = _associate(ae, peer, name, [build_context(Verification)])
     try:
         status = assoc.send_c_echo()
@@ -159,22 +216,30 @@ def _send_one(assoc: Association, item: _Item) -> SendResult:
                               f"peer accepted no presentation context for SOP class "
                               f"{item.sop_class} in transfer syntax {item.transfer_syntax}")
     except Exception as exc:
-        return SendResult(item.path, None, f"send failed: {type(exc).__name__}: {exc}")
+        return SendResult(item.path, None, f"send failed: {type(exc).__name__}: {exc}",
+                          transient=True)
     if "Status" not in status:
-        return SendResult(item.path, None, "no response from peer (association lost)")
+        return SendResult(item.path, None, "no response from peer (association lost)",
+                          transient=True)
     code = int(status.Status)
     comment = str(status.get("ErrorComment", "")).strip()
     text = "Success" if code == 0 else f"status 0x{code:04X}" + (f": {comment}" if comment else "")
-    return SendResult(item.path, code, text)
+    return SendResult(item.path, code, text, transient=is_transient_status(code))
 
 
 def send_files(ae_title: str, peer: PeerConfig, name: str, paths: Iterable[Path], *,
                timeout: float = 60.0,
-               on_result: Callable[[SendResult], None] | None = None) -> list[SendResult]:
+               on_result: Callable[[SendResult], None] | None = None,
+               cancel: threading.Event | None = None) -> list[SendResult]:
     """C-STORE files to a peer over as few associations as the 128-context limit allows.
 
+    ``on_result`` is called with each file's result as soon as the peer answered it.
+    Once ``cancel`` is set, the files not yet sent are reported as cancelled (and
+    transient) and the association is released.
+
     Raises:
-        SendError: the peer could not be reached or refused the association.
+        SendError: the peer could not be reached or refused the association; the files
+            of the batches already sent have been reported.
     """
     results: list[SendResult] = []
 
@@ -191,16 +256,24 @@ def send_files(ae_title: str, peer: PeerConfig, name: str, paths: Iterable[Path]
         else:
             items.append(read)
     _config.STORE_SEND_CHUNKED_DATASET = True
-    ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae = _new_ae(ae_title, timeout)
     for batch in _batches(items):
+        if cancel is not None and cancel.is_set():
+            for item in batch:
+                report(SendResult(item.path, None, "not sent: cancelled", transient=True,
+                                  cancelled=True))
+            continue
         assoc = _associate(ae, peer, name, _contexts(batch))
         try:
             for item in batch:
-                if not assoc.is_established:
-                    report(SendResult(item.path, None, "association lost before sending"))
-                    continue
-                report(_send_one(assoc, item))
+                if cancel is not None and cancel.is_set():
+                    report(SendResult(item.path, None, "not sent: cancelled",
+                                      transient=True, cancelled=True))
+                elif not assoc.is_established:
+                    report(SendResult(item.path, None, "association lost before sending",
+                                      transient=True))
+                else:
+                    report(_send_one(assoc, item))
         finally:
             if assoc.is_established:
                 assoc.release()

@@ -27,7 +27,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "Instance", "Job", "JobState", "Patient", "Series", "Study", "StudyState"]
+__all__ = [
+    "Base",
+    "Instance",
+    "Job",
+    "JobState",
+    "OutboxItem",
+    "OutboxState",
+    "Patient",
+    "Series",
+    "Study",
+    "StudyState",
+]
 
 
 def utcnow() -> dt.datetime:
@@ -186,3 +197,45 @@ class Job(Base):
     study: Mapped[Study] = relationship()
 
     __table_args__ = (Index("ux_job_rule_inputs", "rule_name", "inputs_key", unique=True),)
+
+
+class OutboxState(str, enum.Enum):
+    """Where an outbox item stands (see :mod:`dicomnode.outbox`)."""
+
+    PENDING = "pending"  # waiting for its next attempt (``next_attempt_at``)
+    SENDING = "sending"  # claimed by a delivery until ``next_attempt_at`` (a lease)
+    SENT = "sent"  # the destination answered Success or a warning
+    FAILED = "failed"  # refused for good, or transient failures ``max_attempts`` times
+
+
+class OutboxItem(Base):
+    """One result object to be C-STOREd to one destination (unique per instance and peer).
+
+    ``destination`` is a peer name from the configuration. ``last_status`` is the
+    last C-STORE status received (None when none was: peer down, association lost);
+    ``last_error`` says what went wrong last, without patient data. ``job_pk`` names
+    the job that produced the object, when one did.
+    """
+
+    __tablename__ = "outbox_item"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    file_path: Mapped[str] = mapped_column(Text)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[OutboxState] = mapped_column(
+        Enum(OutboxState, native_enum=False, length=16), default=OutboxState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    job_pk: Mapped[int | None] = mapped_column(Integer, index=True)
+
+    __table_args__ = (
+        Index("ux_outbox_item_instance_destination", "sop_instance_uid", "destination",
+              unique=True),
+        Index("ix_outbox_item_due", "state", "next_attempt_at"),
+    )

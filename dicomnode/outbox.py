@@ -1,0 +1,544 @@
+"""The outbox: durable send-back of result objects to configured peers.
+
+Every result object to be sent is one :class:`~dicomnode.store.tables.OutboxItem`
+per destination (a peer name from the configuration) in the index, so what is
+still to be sent survives restarts and crashes. Items move through these states::
+
+    pending --claim--> sending --Success or warning------------------> sent
+                          |----refused for good (final status)-------> failed
+                          |----transient failure, attempts left------> pending (back-off)
+                          '----transient failure, max_attempts reached> failed
+
+* **Delivery** (:meth:`Outbox.deliver_due`, :meth:`Outbox.start_due`): the due items
+  (pending, ``next_attempt_at`` reached) are grouped per destination and each
+  destination is served by its own thread, over one association per round (more only
+  past 128 presentation contexts), so a destination that is down or slow never delays
+  the others. Presentation contexts and the C-STORE itself are those of
+  :func:`dicomnode.net.scu.send_files`. Each response is committed as soon as it
+  arrives.
+* **Claims**: a delivery first claims its items (state ``sending``, with
+  ``next_attempt_at`` holding the end of the claim), so two deliveries (the node's and
+  ``dicomnode outbox send``) never send the same item at once. A claim that outlives
+  its process (a crash) expires by itself, and the node returns every ``sending`` item
+  to ``pending`` when it starts (:meth:`Outbox.recover`): an item is only ever marked
+  ``sent`` on a Success (0x0000) or warning (0xBxxx) status, never lost.
+* **Transient failures**: the association cannot be established (peer down, rejected,
+  aborted, ACSE timeout), it is lost or times out while sending, or the peer answers
+  0xA7xx (out of resources) or 0xFE00 (cancel). The item is tried again after
+  ``min(retry_initial_seconds * 2 ** (attempts - 1), retry_max_seconds)``; after
+  ``max_attempts`` attempts it is ``failed``.
+* **Final failures** (``failed`` at once, never retried): any other failure status
+  (e.g. 0xA9xx data set does not match SOP class, 0xCxxx cannot understand, 0x0122
+  SOP class not supported, 0x0211 unrecognized operation), a SOP class or transfer
+  syntax the peer does not accept, a file that is missing or not DICOM, a destination
+  no longer configured. ``dicomnode outbox resend ID`` makes such an item pending again.
+
+Log lines name items by their index key, SOP classes by name and destinations by
+peer name: never patient data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import pydicom
+from pydicom.uid import UID
+from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from dicomnode.config import Config, OutboxConfig, PeerConfig
+from dicomnode.net.scu import SendError, SendResult, send_files
+from dicomnode.store.db import Index
+from dicomnode.store.tables import OutboxItem, OutboxState, utcnow
+
+__all__ = [
+    "OUTBOX_SCHEMA_VERSION",
+    "DeliveryReport",
+    "DestinationReport",
+    "Outbox",
+    "OutboxError",
+    "outbox_report",
+    "retry_delay",
+]
+
+LOG = logging.getLogger(__name__)
+
+OUTBOX_SCHEMA_VERSION = 1
+
+_DUE_STATES = (OutboxState.PENDING, OutboxState.SENDING)
+
+
+class OutboxError(ValueError):
+    """An item cannot be queued or re-sent: unknown destination, unreadable file, no such item."""
+
+
+def retry_delay(attempts: int, settings: OutboxConfig) -> float:
+    """Seconds to wait after the ``attempts``-th failed attempt (1 for the first).
+
+    ``min(retry_initial_seconds * 2 ** (attempts - 1), retry_max_seconds)``.
+    """
+    exponent = min(max(attempts - 1, 0), 62)  # 2**62 * anything positive exceeds any maximum
+    return float(min(settings.retry_initial_seconds * 2**exponent, settings.retry_max_seconds))
+
+
+def _sop_class_name(uid: str) -> str:
+    name = UID(uid).name
+    return name if name and name != uid else uid
+
+
+@dataclass
+class DestinationReport:
+    """What one delivery round did for one destination."""
+
+    destination: str
+    sent: int = 0
+    failed: int = 0
+    retrying: int = 0
+    released: int = 0  # claimed, then handed back unsent because the outbox is stopping
+    error: str | None = None  # why the association could not be established, if it could not
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"destination": self.destination, "sent": self.sent, "failed": self.failed,
+                "retrying": self.retrying, "released": self.released, "error": self.error,
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class DeliveryReport:
+    """What one delivery round did, per destination (only destinations with due items)."""
+
+    destinations: dict[str, DestinationReport] = field(default_factory=dict)
+
+    @property
+    def sent(self) -> int:
+        return sum(d.sent for d in self.destinations.values())
+
+    @property
+    def failed(self) -> int:
+        return sum(d.failed for d in self.destinations.values())
+
+    @property
+    def retrying(self) -> int:
+        return sum(d.retrying for d in self.destinations.values())
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """An item claimed for this round, as read from the index."""
+
+    id: int
+    path: str
+    sop_class_uid: str
+    attempts: int
+
+
+def _read_header(path: Path) -> tuple[str, str]:
+    """(SOPClassUID, SOPInstanceUID) of a DICOM file, read without its pixel data."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "SOPInstanceUID"])
+    except Exception as exc:  # missing, unreadable, not DICOM, truncated
+        raise OutboxError(f"{path}: cannot be queued: {type(exc).__name__}: {exc}") from None
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID", "") or
+                    (meta.get("MediaStorageSOPClassUID", "") if meta is not None else "") or "")
+    sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+    if not sop_class or not sop_instance:
+        raise OutboxError(f"{path}: cannot be queued: no SOPClassUID or SOPInstanceUID")
+    return sop_class, sop_instance
+
+
+class Outbox:
+    """The outbox of one node: queue result objects, deliver them, re-send them.
+
+    Thread-safe; deliveries to different destinations run concurrently, each
+    destination is delivered by at most one thread of this object at a time.
+    """
+
+    def __init__(self, index: Index, peers: Mapping[str, PeerConfig], *, ae_title: str,
+                 settings: OutboxConfig | None = None) -> None:
+        self.index = index
+        self.peers = dict(peers)
+        self.ae_title = ae_title
+        self.settings = settings or OutboxConfig()
+        self._lock = threading.Lock()
+        self._busy: set[str] = set()
+        self._threads: set[threading.Thread] = set()
+        self._stopping = threading.Event()
+
+    @classmethod
+    def from_config(cls, config: Config, index: Index) -> Outbox:
+        """The outbox of a configured node: its peers, its AE title and ``outbox`` settings."""
+        return cls(index, config.peers, ae_title=config.node.ae_title, settings=config.outbox)
+
+    @property
+    def destinations(self) -> list[str]:
+        """The peers items can be sent to: those with a host and a port."""
+        return sorted(n for n, p in self.peers.items() if p.host and p.port)
+
+    def _check_destination(self, name: str) -> PeerConfig:
+        peer = self.peers.get(name)
+        if peer is None or not peer.host or not peer.port:
+            known = ", ".join(self.destinations) or "none configured"
+            what = "is not a configured peer" if peer is None else "has no host and port"
+            raise OutboxError(f"destination {name!r} {what}; peers with host and port: {known}")
+        return peer
+
+    # ---------------------------------------------------------------- queueing
+
+    def enqueue(self, paths: Iterable[Path | str], destinations: Iterable[str], *,
+                job_pk: int | None = None) -> list[int]:
+        """Queue each file for each destination; returns the item ids, in that order.
+
+        Idempotent: an instance already queued for a destination (in any state) keeps
+        its item, whose id is returned; ``resend`` sends it again.
+
+        Raises:
+            OutboxError: a destination is not a peer with host and port, or a file
+                cannot be read as DICOM; nothing is queued then.
+        """
+        names = list(dict.fromkeys(destinations))
+        if not names:
+            raise OutboxError("no destination given")
+        for name in names:
+            self._check_destination(name)
+        files = [(str(Path(p).resolve()), *_read_header(Path(p))) for p in paths]
+        for attempt in range(2):
+            try:
+                return self._insert(files, names, job_pk)
+            except IntegrityError:  # the same instance queued at the same time elsewhere
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _insert(self, files: list[tuple[str, str, str]], names: list[str],
+                job_pk: int | None) -> list[int]:
+        ids: list[int] = []
+        added = 0
+        now = utcnow()
+        with self.index.session() as session:
+            for path, sop_class, sop_instance in files:
+                for name in names:
+                    found = session.scalar(select(OutboxItem.id).where(
+                        OutboxItem.sop_instance_uid == sop_instance,
+                        OutboxItem.destination == name))
+                    if found is not None:
+                        ids.append(found)
+                        continue
+                    item = OutboxItem(sop_instance_uid=sop_instance, sop_class_uid=sop_class,
+                                      file_path=path, destination=name,
+                                      state=OutboxState.PENDING, attempts=0,
+                                      next_attempt_at=now, created_at=now, job_pk=job_pk)
+                    session.add(item)
+                    session.flush()
+                    ids.append(item.id)
+                    added += 1
+            session.commit()
+        if added:
+            LOG.info("outbox: queued %d item(s) for %s", added, ", ".join(names))
+        return ids
+
+    def resend(self, item_id: int) -> OutboxState:
+        """Make an item pending again, due now, with a fresh budget of attempts.
+
+        Returns the state the item had. Raises OutboxError when there is no such item,
+        when it is being sent right now, or when its destination is not configured.
+        """
+        now = utcnow()
+        with self.index.session() as session:
+            item = session.get(OutboxItem, item_id)
+            if item is None:
+                raise OutboxError(f"no outbox item {item_id}")
+            if item.state is OutboxState.SENDING and item.next_attempt_at > now:
+                raise OutboxError(f"outbox item {item_id} is being sent right now")
+            self._check_destination(item.destination)
+            was = item.state
+            item.state = OutboxState.PENDING
+            item.attempts = 0
+            item.next_attempt_at = now
+            item.sent_at = None
+            session.commit()
+        LOG.info("outbox item %d -> %s: pending again (was %s)", item_id, item.destination,
+                 was.value)
+        return was
+
+    def recover(self) -> int:
+        """Return every ``sending`` item to ``pending``, due now (at node start-up).
+
+        Call it only when no other process is delivering from the same index: an item
+        it is sending would be sent twice (harmless for a PACS, which keeps one copy of
+        a SOP instance, but wasteful).
+        """
+        with self.index.session() as session:
+            result = cast(CursorResult[Any], session.execute(
+                update(OutboxItem).where(OutboxItem.state == OutboxState.SENDING)
+                .values(state=OutboxState.PENDING, next_attempt_at=utcnow())
+                .execution_options(synchronize_session=False)))
+            session.commit()
+        count = int(result.rowcount or 0)
+        if count:
+            LOG.info("outbox: %d item(s) interrupted while being sent are pending again", count)
+        return count
+
+    # ---------------------------------------------------------------- delivery
+
+    def due(self, now: dt.datetime | None = None) -> dict[str, int]:
+        """How many items are due per destination at ``now`` (default: the current time)."""
+        now = now or utcnow()
+        with self.index.session() as session:
+            rows = session.execute(
+                select(OutboxItem.destination, func.count(OutboxItem.id))
+                .where(OutboxItem.state.in_(_DUE_STATES), OutboxItem.next_attempt_at <= now)
+                .group_by(OutboxItem.destination)).all()
+        return {name: int(count) for name, count in rows}
+
+    def deliver_due(self, now: dt.datetime | None = None) -> DeliveryReport:
+        """Deliver every due item, one thread per destination, and wait for all of them.
+
+        ``now`` (naive UTC, default: the current time) decides which items are due and,
+        moved on by the time the round takes, dates the outcomes (``sent_at``,
+        ``next_attempt_at``). A destination already being delivered by another thread of
+        this outbox is left to that thread.
+        """
+        now = now or utcnow()
+        started = self._start(now)
+        report = DeliveryReport()
+        for name, (thread, box) in started.items():
+            thread.join()
+            report.destinations[name] = box[0] if box else DestinationReport(
+                name, error="delivery thread ended without a report")
+        return report
+
+    def start_due(self, now: dt.datetime | None = None) -> list[str]:
+        """Start delivering every due item in the background (the node's scheduled job).
+
+        Destinations still busy with an earlier round are skipped; returns the names
+        of the destinations a delivery was started for.
+        """
+        return sorted(self._start(now or utcnow()))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop delivering: items not yet sent are handed back; wait up to ``timeout`` s.
+
+        The item being sent when this is called finishes (its response is recorded).
+        """
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                LOG.warning("outbox: delivery to %s still running at stop; its items are "
+                            "returned to pending at the next start", thread.name[7:])
+
+    def _start(self, now: dt.datetime) -> dict[str, tuple[threading.Thread,
+                                                            list[DestinationReport]]]:
+        if self._stopping.is_set():
+            return {}
+        started: dict[str, tuple[threading.Thread, list[DestinationReport]]] = {}
+        for name in sorted(self.due(now)):
+            if name not in self.destinations:
+                self._fail_unconfigured(name, now)
+                continue
+            with self._lock:
+                if name in self._busy:
+                    continue
+                self._busy.add(name)
+                box: list[DestinationReport] = []
+                thread = threading.Thread(target=self._run, args=(name, now, box),
+                                          name=f"outbox-{name}", daemon=True)
+                self._threads.add(thread)
+            thread.start()
+            started[name] = (thread, box)
+        return started
+
+    def _run(self, name: str, now: dt.datetime, box: list[DestinationReport]) -> None:
+        try:
+            box.append(self._deliver(name, now))
+        except Exception:
+            LOG.exception("outbox: delivery to %s failed", name)
+        finally:
+            with self._lock:
+                self._busy.discard(name)
+                self._threads.discard(threading.current_thread())
+
+    def _fail_unconfigured(self, name: str, now: dt.datetime) -> None:
+        message = (f"destination {name!r} is not configured (peers.{name} with host and port); "
+                   "configure it and resend the item")
+        with self.index.session() as session:
+            ids = session.scalars(select(OutboxItem.id).where(
+                OutboxItem.destination == name, OutboxItem.state.in_(_DUE_STATES),
+                OutboxItem.next_attempt_at <= now)).all()
+            session.execute(
+                update(OutboxItem).where(OutboxItem.id.in_(ids))
+                .values(state=OutboxState.FAILED, last_status=None, last_error=message)
+                .execution_options(synchronize_session=False))
+            session.commit()
+        for item_id in ids:
+            LOG.error("outbox item %d -> %s: failed: destination not configured", item_id, name)
+
+    def _claim(self, name: str, now: dt.datetime) -> list[_Claim]:
+        """Claim the due items of one destination (state ``sending`` until a lease ends)."""
+        with self.index.session() as session:
+            rows = session.execute(
+                select(OutboxItem.id, OutboxItem.state, OutboxItem.next_attempt_at,
+                       OutboxItem.file_path, OutboxItem.sop_class_uid, OutboxItem.attempts)
+                .where(OutboxItem.destination == name, OutboxItem.state.in_(_DUE_STATES),
+                       OutboxItem.next_attempt_at <= now)
+                .order_by(OutboxItem.id)).all()
+            if not rows:
+                return []
+            # long enough for the association and every C-STORE to time out once
+            lease = dt.timedelta(seconds=self.settings.timeout_seconds * (2 + 2 * len(rows)))
+            claimed: list[_Claim] = []
+            for item_id, state, next_at, path, sop_class, attempts in rows:
+                result = cast(CursorResult[Any], session.execute(
+                    update(OutboxItem)
+                    .where(OutboxItem.id == item_id, OutboxItem.state == state,
+                           OutboxItem.next_attempt_at == next_at)
+                    .values(state=OutboxState.SENDING, next_attempt_at=now + lease)
+                    .execution_options(synchronize_session=False)))
+                if result.rowcount == 1:  # not claimed meanwhile by another process
+                    claimed.append(_Claim(item_id, path, sop_class, attempts))
+            session.commit()
+        return claimed
+
+    def _deliver(self, name: str, now: dt.datetime) -> DestinationReport:
+        started = time.monotonic()
+        report = DestinationReport(name)
+
+        def clock() -> dt.datetime:  # ``now`` moved on by the time this round has taken
+            return now + dt.timedelta(seconds=time.monotonic() - started)
+
+        claims = self._claim(name, now)
+        if not claims:
+            return report
+        peer = self.peers[name]
+        waiting: dict[str, list[_Claim]] = {}
+        for claim in claims:
+            if Path(claim.path).is_file():
+                waiting.setdefault(claim.path, []).append(claim)
+            else:
+                self._record(claim, name, report, SendResult(
+                    Path(claim.path), None, "file missing: the result object was removed"),
+                    clock())
+
+        def on_result(result: SendResult) -> None:
+            for claim in waiting.pop(str(result.path), []):
+                self._record(claim, name, report, result, clock())
+
+        try:
+            if waiting:
+                send_files(self.ae_title, peer, name, [Path(p) for p in waiting],
+                           timeout=self.settings.timeout_seconds, on_result=on_result,
+                           cancel=self._stopping)
+        except SendError as exc:
+            report.error = str(exc)
+            for claim in [c for group in waiting.values() for c in group]:
+                self._record(claim, name, report, SendResult(
+                    Path(claim.path), None, str(exc), transient=exc.transient), clock())
+        except Exception as exc:
+            report.error = f"{type(exc).__name__}: {exc}"
+            LOG.exception("outbox: delivery to %s failed", name)
+            for claim in [c for group in waiting.values() for c in group]:
+                self._record(claim, name, report, SendResult(
+                    Path(claim.path), None, report.error, transient=True), clock())
+        else:
+            for claim in [c for group in waiting.values() for c in group]:
+                self._record(claim, name, report, SendResult(
+                    Path(claim.path), None, "no result reported", transient=True), clock())
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _record(self, claim: _Claim, name: str, report: DestinationReport,
+                result: SendResult, at: dt.datetime) -> None:
+        """Commit one item's outcome and log it in one line."""
+        what = f"outbox item {claim.id} ({_sop_class_name(claim.sop_class_uid)}) -> {name}"
+        attempts = claim.attempts + 1
+        values: dict[str, Any] = {"last_status": result.status, "attempts": attempts}
+        if result.ok:
+            values.update(state=OutboxState.SENT, sent_at=at,
+                          last_error=None if result.status == 0 else result.message)
+            report.sent += 1
+            note = "" if result.status == 0 else f" with warning {result.message}"
+            LOG.info("%s: sent%s (attempt %d)", what, note, attempts)
+        elif result.cancelled:
+            values = {"state": OutboxState.PENDING, "next_attempt_at": at}
+            report.released += 1
+            LOG.info("%s: not sent, stopping; pending again", what)
+        elif result.transient and attempts < self.settings.max_attempts:
+            delay = retry_delay(attempts, self.settings)
+            values.update(state=OutboxState.PENDING, last_error=result.message,
+                          next_attempt_at=at + dt.timedelta(seconds=delay))
+            report.retrying += 1
+            LOG.warning("%s: not sent (attempt %d of %d): %s; next attempt in %g s", what,
+                        attempts, self.settings.max_attempts, result.message, delay)
+        else:
+            message = result.message
+            if result.transient:
+                message = f"gave up after {attempts} attempts: {message}"
+            values.update(state=OutboxState.FAILED, last_error=message)
+            report.failed += 1
+            LOG.error("%s: failed, not retried: %s", what, message)
+        with self.index.session() as session:
+            session.execute(update(OutboxItem).where(OutboxItem.id == claim.id).values(**values)
+                            .execution_options(synchronize_session=False))
+            session.commit()
+
+
+# -------------------------------------------------------------------- reporting
+
+
+def _time(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat() + "Z"
+
+
+def _item(item: OutboxItem) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "state": item.state.value,
+        "destination": item.destination,
+        "sop_class_uid": item.sop_class_uid,
+        "sop_class_name": _sop_class_name(item.sop_class_uid),
+        "sop_instance_uid": item.sop_instance_uid,
+        "file_path": item.file_path,
+        "job_id": item.job_pk,
+        "attempts": item.attempts,
+        "next_attempt_at": (_time(item.next_attempt_at)
+                            if item.state is OutboxState.PENDING else None),
+        "last_status": item.last_status,
+        "last_error": item.last_error,
+        "created_at": _time(item.created_at),
+        "sent_at": _time(item.sent_at),
+    }
+
+
+def outbox_report(index: Index, *, state: OutboxState | str | None = None,
+                  destination: str | None = None) -> dict[str, Any]:
+    """The outbox as a JSON-ready dict (stable keys, see docs/outbox-json.md).
+
+    ``counts`` covers every item; ``items`` only those of ``state`` and
+    ``destination`` when given, ordered by id.
+    """
+    with index.session() as session:
+        counts = {s.value: 0 for s in OutboxState}
+        for value, count in session.execute(
+                select(OutboxItem.state, func.count(OutboxItem.id))
+                .group_by(OutboxItem.state)):
+            counts[OutboxState(value).value] = int(count)
+        query = select(OutboxItem).order_by(OutboxItem.id)
+        if state is not None:
+            query = query.where(OutboxItem.state == OutboxState(state))
+        if destination is not None:
+            query = query.where(OutboxItem.destination == destination)
+        items = [_item(item) for item in session.scalars(query)]
+    return {"schema": OUTBOX_SCHEMA_VERSION, "counts": counts, "items": items}

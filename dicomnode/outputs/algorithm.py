@@ -1,0 +1,31 @@
+"""How result objects name the algorithm that made them: the model card's identity."""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom.sr.codedict import codes
+
+from dicomnode.inference.card import Card
+
+__all__ = ["algorithm_identification", "content_label", "description"]
+
+
+def algorithm_identification(card: Card) -> hd.AlgorithmIdentificationSequence:
+    """The model's name, version and family (rule-based cards: morphological operations)."""
+    family = (codes.cid7162.MorphologicalOperations if card.rule_based
+              else codes.cid7162.ArtificialIntelligence)
+    return hd.AlgorithmIdentificationSequence(
+        name=card.name[:64], family=family, version=card.version[:64],
+        source=(card.source or None) and card.source[:64])
+
+
+def content_label(card: Card) -> str:
+    """The card name as a Code String (upper case, ``_`` for other characters, 16 chars)."""
+    text = "".join(c if c.isalnum() else "_" for c in card.name.upper())
+    return text[:16] or "DICOMNODE"
+
+
+def description(card: Card) -> str:
+    """``name version`` (and ``rule-based``), at most 64 characters (LO)."""
+    text = f"{card.name} {card.version}" + (" (rule-based)" if card.rule_based else "")
+    return text[:64]

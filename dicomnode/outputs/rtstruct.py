@@ -1,0 +1,275 @@
+"""RT Structure Set (RTSTRUCT) objects from a segmentation, written with pydicom.
+
+Each structure's mask becomes planar contours, slice by slice, in the patient
+coordinate system (LPS, mm): the iso-line at 0.5 of the binary slice (marching
+squares, scikit-image), so that a pixel is inside the polygons exactly when its
+centre is inside the mask. Every closed line is its own CLOSED_PLANAR contour:
+several islands give several contours, and a hole gives a contour inside its
+island (the convention treatment planning systems read with the even-odd rule).
+Each contour references the image of its slice. ROI names, colours and RT ROI
+Interpreted Types come from the model card; the Structure Set ROI items say
+ROI Generation Algorithm AUTOMATIC with the model's identification.
+
+DS values are written with at most 16 characters (4 decimals are far below the
+0.01 mm that matters for contours).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
+from skimage.measure import find_contours
+
+from dicomnode import __version__
+from dicomnode.inference.card import Code as CardCode
+from dicomnode.inference.segment import Geometry, Segmentation, Structure
+from dicomnode.outputs.algorithm import content_label, description
+from dicomnode.outputs.source import OutputError, SourceFrame, SourceSeries, result_uid
+
+__all__ = ["RTSTRUCT_SERIES_NUMBER", "RTStructureSetStorage", "build_rtstruct", "slice_contours"]
+
+RTStructureSetStorage = "1.2.840.10008.5.1.4.1.1.481.3"
+RTSTRUCT_SERIES_NUMBER = 9902
+_STUDY_COMPONENT = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (as TPS expect)
+_CONTOUR_DATA = Tag(0x3006, 0x0050)
+
+# patient and study attributes copied from the source (Type 2 ones are always written)
+_PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                        "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                        "AccessionNumber")
+_PATIENT_STUDY_OPTIONAL = ("SpecificCharacterSet", "IssuerOfPatientID", "OtherPatientIDsSequence",
+                           "PatientAge", "PatientSize", "PatientWeight", "StudyDescription",
+                           "PatientIdentityRemoved", "DeidentificationMethod",
+                           "DeidentificationMethodCodeSequence")
+
+
+def slice_contours(mask: npt.NDArray[np.bool_]) -> list[npt.NDArray[np.float64]]:
+    """Closed contours of one binary slice as (row, column) pixel coordinates.
+
+    Each contour is an ``(n, 2)`` array (n >= 3) without the closing repeat of its
+    first point; coordinates are in pixels with (0, 0) the centre of the first pixel.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return []
+    cols = np.flatnonzero(mask.any(axis=0))
+    r0, c0 = int(rows[0]), int(cols[0])
+    crop = mask[r0:int(rows[-1]) + 1, c0:int(cols[-1]) + 1]
+    padded = np.pad(crop, 1).astype(np.float32)  # closed lines: no object touches the edge
+    out = []
+    for line in find_contours(padded, 0.5):
+        line = _corners(line[:-1])
+        if len(line) >= 3:
+            out.append(line + np.array([r0 - 1, c0 - 1], dtype=np.float64))
+    return out
+
+
+def _corners(line: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The closed polygon ``line`` without its points that lie on a straight run."""
+    before = line - np.roll(line, 1, axis=0)
+    after = np.roll(line, -1, axis=0) - line
+    turn = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+    return line[np.abs(turn) > 1e-9]
+
+
+def _contour_data(points: npt.NDArray[np.float64]) -> RawDataElement:
+    """Contour Data (3006,0050) already encoded: pydicom would build one DSfloat per value,
+    seconds for the hundreds of thousands of values of a body outline."""
+    text = "\\".join(_ds(points.reshape(-1))).encode("ascii")
+    if len(text) % 2:
+        text += b" "
+    return RawDataElement(_CONTOUR_DATA, "DS", len(text), text, 0, False, True)
+
+
+def _ds(values: npt.NDArray[np.float64]) -> list[str]:
+    """Decimal strings of at most 16 characters."""
+    if values.size and float(np.abs(values).max()) >= 1e9:
+        raise OutputError("a contour coordinate is beyond 1e9 mm")
+    return [f"{v:.4f}".rstrip("0").rstrip(".") or "0" for v in np.round(values, 4).tolist()]
+
+
+def _image_ref(frame: SourceFrame, multiframe: bool) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = frame.sop_class_uid
+    item.ReferencedSOPInstanceUID = frame.sop_instance_uid
+    if multiframe:
+        item.ReferencedFrameNumber = frame.frame_number
+    return item
+
+
+def _to_patient(geometry: Geometry, frame: SourceFrame,
+                source: SourceSeries) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The map (row, column) -> LPS (mm) of a source frame: ``origin + [r, c] @ axes``.
+
+    The origin is the frame's own ImagePositionPatient for single-frame images (the
+    contour lies on the image it references even when the masks were computed on a
+    resampled grid) and the grid plane's for multi-frame ones.
+    """
+    direction = np.asarray(geometry.direction, dtype=np.float64).reshape(3, 3)
+    sx, sy, sz = geometry.spacing
+    if source.multiframe:
+        origin = np.asarray(geometry.origin) + frame.z * sz * direction[:, 2]
+    else:
+        header = source.header(frame.sop_instance_uid)
+        origin = np.asarray([float(v) for v in header.ImagePositionPatient])
+    axes = np.stack([sy * direction[:, 1], sx * direction[:, 0]])  # row step, column step
+    return origin, axes
+
+
+def _contours(structure: Structure, geometry: Geometry, source: SourceSeries) -> Iterator[Dataset]:
+    number = 0
+    for frame in source.frames:
+        plane = structure.mask[frame.z]
+        if not plane.any():
+            continue
+        origin, axes = _to_patient(geometry, frame, source)
+        for line in slice_contours(plane):
+            number += 1
+            points = origin + line @ axes
+            item = Dataset()
+            item.ContourImageSequence = Sequence([_image_ref(frame, source.multiframe)])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(points)
+            item.ContourNumber = number
+            item[_CONTOUR_DATA] = _contour_data(points)
+            # written as it is encoded (pydicom re-parses raw elements of datasets whose
+            # original encoding differs from the file's)
+            item.set_original_encoding(False, True, item._character_set)
+            yield item
+
+
+def _copy_patient_study(target: Dataset, source: Dataset) -> None:
+    for keyword in _PATIENT_STUDY_TYPE2:
+        setattr(target, keyword, source.get(keyword, ""))
+    for keyword in _PATIENT_STUDY_OPTIONAL:
+        if keyword in source:
+            setattr(target, keyword, source.data_element(keyword).value)  # type: ignore[union-attr]
+    target.StudyInstanceUID = source.StudyInstanceUID
+
+
+def _code_item(code: CardCode) -> Dataset:
+    item = Dataset()
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme
+    item.CodeMeaning = code.meaning
+    return item
+
+
+def build_rtstruct(
+    segmentation: Segmentation,
+    source: SourceSeries,
+    *,
+    seed: str,
+    series_number: int = RTSTRUCT_SERIES_NUMBER,
+    now: dt.datetime | None = None,
+) -> Dataset:
+    """An RT Structure Set of ``segmentation`` on the images of ``source``.
+
+    Args:
+        segmentation: the structures on the grid of ``source`` (masks [z, y, x]).
+        source: the source headers and, per source frame, its plane of the masks.
+        seed: what makes the object's UIDs; the same seed gives the same UIDs.
+        series_number: the RTSTRUCT series' number.
+        now: the creation time written (default: the current local time).
+
+    Raises:
+        OutputError: the source has no Frame of Reference, or the masks do not match
+            the source images.
+    """
+    card = segmentation.card
+    first = source.first
+    frame_of_reference = str(first.get("FrameOfReferenceUID", ""))
+    if not frame_of_reference:
+        raise OutputError("the source images have no FrameOfReferenceUID: contours in patient "
+                          "coordinates cannot be tied to them")
+    shape = segmentation.geometry.size[::-1]
+    if (int(first.Rows), int(first.Columns)) != shape[1:]:
+        raise OutputError(f"the masks are {shape[1]}x{shape[2]} pixels but the source images "
+                          f"are {first.Rows}x{first.Columns}")
+    now = now or dt.datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    sop_instance_uid = result_uid(seed, "RTSTRUCT", "instance")
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(RTStructureSetStorage)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    _copy_patient_study(ds, first)
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = sop_instance_uid
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    # RT Series and General Equipment
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = result_uid(seed, "RTSTRUCT", "series")
+    ds.SeriesNumber = series_number
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.SeriesDescription = f"RTSTRUCT {card.name} {card.version}"[:64]
+    ds.OperatorsName = ""
+    ds.Manufacturer = "dicomnode"
+    # Frame of Reference
+    ds.FrameOfReferenceUID = frame_of_reference
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
+    ds.ManufacturerModelName = card.name[:64]
+    ds.SoftwareVersions = f"dicomnode {__version__}; {card.name} {card.version}"[:64]
+    # Structure Set
+    ds.StructureSetLabel = content_label(card)
+    ds.StructureSetName = card.name[:64]
+    ds.StructureSetDescription = description(card)
+    ds.InstanceNumber = 1
+    ds.StructureSetDate, ds.StructureSetTime = date, time
+
+    series_ref = Dataset()
+    series_ref.SeriesInstanceUID = first.SeriesInstanceUID
+    series_ref.ContourImageSequence = Sequence(
+        [_image_ref(f, source.multiframe) for f in source.frames])
+    study_ref = Dataset()
+    study_ref.ReferencedSOPClassUID = _STUDY_COMPONENT
+    study_ref.ReferencedSOPInstanceUID = first.StudyInstanceUID
+    study_ref.RTReferencedSeriesSequence = Sequence([series_ref])
+    for_ref = Dataset()
+    for_ref.FrameOfReferenceUID = frame_of_reference
+    for_ref.RTReferencedStudySequence = Sequence([study_ref])
+    ds.ReferencedFrameOfReferenceSequence = Sequence([for_ref])
+
+    rois, contours, observations = [], [], []
+    for number, structure in enumerate(segmentation.structures, start=1):
+        label = structure.label
+        roi = Dataset()
+        roi.ROINumber = number
+        roi.ReferencedFrameOfReferenceUID = frame_of_reference
+        roi.ROIName = label.name
+        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        roi.ROIGenerationDescription = description(card)
+        rois.append(roi)
+
+        roi_contour = Dataset()
+        roi_contour.ROIDisplayColor = list(label.color)
+        roi_contour.ReferencedROINumber = number
+        items = list(_contours(structure, segmentation.geometry, source))
+        if items:
+            roi_contour.ContourSequence = Sequence(items)
+        contours.append(roi_contour)
+
+        observation = Dataset()
+        observation.ObservationNumber = number
+        observation.ReferencedROINumber = number
+        observation.RTROIInterpretedType = label.rt_roi_interpreted_type
+        observation.ROIInterpreter = ""
+        observation.RTROIIdentificationCodeSequence = Sequence([_code_item(label.type)])
+        observations.append(observation)
+    ds.StructureSetROISequence = Sequence(rois)
+    ds.ROIContourSequence = Sequence(contours)
+    ds.RTROIObservationsSequence = Sequence(observations)
+    return ds

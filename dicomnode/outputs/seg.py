@@ -1,0 +1,118 @@
+"""DICOM Segmentation (SEG) objects from a segmentation, written with highdicom.
+
+One segment per structure of the model card, with its label, SNOMED CT category
+and type, recommended display colour (CIELab, converted from the card's RGB) and
+the algorithm's identification (model name and version). The SEG is a new series
+in the source study, shares the source's Frame of Reference and references every
+source image. By default it holds one frame per source frame and segment, empty
+ones too: viewers that place frames by their position then need no guessing.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from pydicom.sr.coding import Code
+
+from dicomnode import __version__
+from dicomnode.inference.card import Code as CardCode
+from dicomnode.inference.segment import Segmentation
+from dicomnode.outputs.algorithm import algorithm_identification, content_label
+from dicomnode.outputs.source import OutputError, SourceSeries, result_uid
+
+__all__ = ["SEG_SERIES_NUMBER", "SegType", "build_seg"]
+
+SegType = Literal["binary", "labelmap"]
+SEG_SERIES_NUMBER = 9901
+"""Series Number of SEG series the node writes (RTSTRUCT uses 9902, SR 9903)."""
+
+
+def _code(code: CardCode) -> Code:
+    return Code(code.value, code.scheme, code.meaning)
+
+
+def _frames(segmentation: Segmentation, source: SourceSeries,
+            seg_type: SegType) -> npt.NDArray[np.uint8 | np.bool_]:
+    """The pixel array highdicom takes: per source frame, [rows, cols, segments] or labels."""
+    zs = [f.z for f in source.frames]
+    if seg_type == "labelmap":
+        labels = np.zeros((len(zs), *segmentation.structures[0].mask.shape[1:]), dtype=np.uint8)
+        for number, structure in enumerate(segmentation.structures, start=1):
+            labels[structure.mask[zs]] = number
+        return labels
+    return np.stack([s.mask[zs] for s in segmentation.structures], axis=-1)
+
+
+def build_seg(
+    segmentation: Segmentation,
+    source: SourceSeries,
+    *,
+    seg_type: SegType = "binary",
+    omit_empty_frames: bool = False,
+    seed: str,
+    series_number: int = SEG_SERIES_NUMBER,
+) -> hd.seg.Segmentation:
+    """A SEG object of ``segmentation`` referencing ``source``.
+
+    Args:
+        segmentation: the structures on the grid of ``source`` (masks [z, y, x]).
+        source: the source headers and, per source frame, its plane of the masks.
+        seg_type: ``binary`` (one frame per source frame and segment; structures may
+            overlap) or ``labelmap`` (one frame per source frame holding segment
+            numbers; where structures overlap the later one in the card wins).
+        omit_empty_frames: leave out frames where a segment has no voxel.
+        seed: what makes the object's UIDs (e.g. the job's key); the same seed gives
+            the same Series and SOP Instance UIDs.
+        series_number: the SEG series' number.
+
+    Raises:
+        OutputError: the segmentation has no structure, or its grid does not match
+            the source images.
+    """
+    card = segmentation.card
+    if not segmentation.structures:
+        raise OutputError(f"model {card.name} produced no structure to write")
+    first = source.first
+    shape = segmentation.structures[0].mask.shape
+    if (int(first.Rows), int(first.Columns)) != shape[1:]:
+        raise OutputError(
+            f"the masks are {shape[1]}x{shape[2]} pixels but the source images are "
+            f"{first.Rows}x{first.Columns}")
+    algorithm = algorithm_identification(card)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=s.label.name,
+            segmented_property_category=_code(s.label.category),
+            segmented_property_type=_code(s.label.type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=result_uid(seed, "segment", s.label.name),
+            tracking_id=s.label.name,
+            display_color=hd.color.CIELabColor.from_rgb(*s.label.color),
+        )
+        for number, s in enumerate(segmentation.structures, start=1)
+    ]
+    seg_type_value = (hd.seg.SegmentationTypeValues.LABELMAP if seg_type == "labelmap"
+                      else hd.seg.SegmentationTypeValues.BINARY)
+    return hd.seg.Segmentation(
+        source_images=list(source.headers),
+        pixel_array=_frames(segmentation, source, seg_type),
+        segmentation_type=seg_type_value,
+        segment_descriptions=descriptions,
+        series_instance_uid=result_uid(seed, "SEG", "series"),
+        series_number=series_number,
+        sop_instance_uid=result_uid(seed, "SEG", "instance"),
+        instance_number=1,
+        manufacturer="dicomnode",
+        manufacturer_model_name=card.name[:64],
+        software_versions=(f"dicomnode {__version__}; {card.name} {card.version}")[:64],
+        device_serial_number="0",
+        content_label=content_label(card),
+        content_description=f"{card.name} {card.version}"[:64],
+        series_description=f"SEG {card.name} {card.version}"[:64],
+        omit_empty_frames=omit_empty_frames,
+    )

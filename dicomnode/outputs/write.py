@@ -1,0 +1,129 @@
+"""Write the result objects of one model run into a folder, each file complete or absent.
+
+``seg.dcm`` (DICOM SEG), ``rtstruct.dcm`` (RT Structure Set), ``sr.dcm`` (TID 1500
+measurement report) as the configuration asks, and ``volumes.json`` always. Each
+file is written to a temporary name, fsynced and renamed, so a crash never leaves
+a partial object for the outbox to send. File names carry no patient identity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from dicomnode.config import OutputsConfig
+from dicomnode.inference.segment import Segmentation
+from dicomnode.inference.volume import SeriesVolume
+from dicomnode.outputs.measurements import build_sr
+from dicomnode.outputs.rtstruct import build_rtstruct
+from dicomnode.outputs.seg import build_seg
+from dicomnode.outputs.source import source_series
+
+__all__ = ["ResultObject", "Results", "default_seed", "write_results"]
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    """One DICOM object written: ``kind`` is SEG, RTSTRUCT or SR."""
+
+    kind: str
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
+@dataclass(frozen=True)
+class Results:
+    """What :func:`write_results` wrote."""
+
+    objects: tuple[ResultObject, ...]
+    volumes: Path
+
+    def by_kind(self, kind: str) -> ResultObject:
+        for obj in self.objects:
+            if obj.kind == kind:
+                return obj
+        raise KeyError(kind)
+
+
+def default_seed(segmentation: Segmentation, volume: SeriesVolume) -> str:
+    """The UID seed of a run: source series, model and version (a re-run gives the same UIDs)."""
+    card = segmentation.card
+    return f"{volume.series_instance_uid}/{card.name}/{card.version}"
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fp:
+        write(fp)
+        fp.flush()
+        os.fsync(fp.fileno())
+    os.replace(tmp, path)
+
+
+def _save(ds: Dataset, path: Path, kind: str) -> ResultObject:
+    _atomic(path, lambda fp: ds.save_as(fp, enforce_file_format=True))
+    return ResultObject(kind, path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                        str(ds.SeriesInstanceUID))
+
+
+def write_results(
+    segmentation: Segmentation,
+    volume: SeriesVolume,
+    paths: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    options: OutputsConfig | None = None,
+    *,
+    seed: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Results:
+    """Write the result objects of ``segmentation`` on ``volume`` (read from ``paths``).
+
+    Args:
+        segmentation: the run's structures on the grid of ``volume``.
+        volume: the first input series (the grid of the masks).
+        paths: the files ``volume`` was read from.
+        out_dir: the folder to write into (created).
+        options: which objects to write (default: SEG and RTSTRUCT).
+        seed: what the objects' UIDs derive from (default: :func:`default_seed`).
+        extra: more keys for ``volumes.json``.
+
+    Raises:
+        OutputError: an object cannot be built from this segmentation and source.
+    """
+    options = options or OutputsConfig()
+    seed = seed or default_seed(segmentation, volume)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source = source_series(volume, paths)
+    objects = []
+    seg_ds = None
+    if options.seg:
+        seg_type = segmentation.card.outputs.seg_type or options.seg_type
+        seg_ds = build_seg(segmentation, source, seg_type=seg_type, seed=seed,
+                           omit_empty_frames=options.seg_omit_empty_frames)
+        objects.append(_save(seg_ds, out / "seg.dcm", "SEG"))
+    if options.rtstruct:
+        objects.append(_save(build_rtstruct(segmentation, source, seed=seed),
+                             out / "rtstruct.dcm", "RTSTRUCT"))
+    if options.sr and seg_ds is not None:
+        objects.append(_save(build_sr(segmentation, seg_ds, source, seed=seed),
+                             out / "sr.dcm", "SR"))
+    del seg_ds
+    report = segmentation.measurements()
+    report["objects"] = [
+        {"kind": o.kind, "file": o.path.name, "sop_class_uid": o.sop_class_uid,
+         "sop_instance_uid": o.sop_instance_uid} for o in objects]
+    if extra:
+        report.update(extra)
+    volumes = out / "volumes.json"
+    text = (json.dumps(report, indent=2) + "\n").encode("utf-8")
+    _atomic(volumes, lambda fp: fp.write(text))
+    return Results(tuple(objects), volumes)

@@ -1,0 +1,351 @@
+"""Result objects judged by independent tools: dciodvfy (dicom3tools) validates every SEG,
+RTSTRUCT and SR; plastimatch rasterises the RTSTRUCT back onto the images; highdicom reads
+the SEG and the SR back. Real models on real data: ``ct-body`` on the Cranium CT and
+``brain-mr`` on the Colin27 MR."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import testdata
+from orthanc import OrthancServer, requires_orthanc
+from pydicom.dataset import Dataset
+from skimage.draw import polygon2mask
+
+from dicomnode.config import ConfigError, OutputsConfig, PeerConfig, load_config
+from dicomnode.inference.card import load_card
+from dicomnode.inference.segment import Segmentation, load_inputs, segment
+from dicomnode.inference.volume import SeriesVolume
+from dicomnode.net.scu import send_files
+from dicomnode.outputs.rtstruct import slice_contours
+from dicomnode.outputs.write import Results, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+DCIODVFY = Path("/usr/bin/dciodvfy")
+PLASTIMATCH = Path("/usr/bin/plastimatch")
+CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
+ALL_OBJECTS = OutputsConfig(seg=True, rtstruct=True, sr=True)
+
+
+@dataclass
+class Case:
+    name: str
+    files: list[Path]
+    volume: SeriesVolume
+    segmentation: Segmentation
+    results: Results
+
+
+def _case(name: str, model: str, input_name: str, files: list[Path], out: Path) -> Case:
+    card = load_card(ROOT / "models" / model)
+    (volume,) = load_inputs(card, {input_name: files})
+    segmentation = segment(card, [volume.image])
+    results = write_results(segmentation, volume, files, out, ALL_OBJECTS)
+    return Case(name, files, volume, segmentation, results)
+
+
+@pytest.fixture(scope="module")
+def cranium(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    folder = tmp_path_factory.mktemp("cranium")
+    files = testdata.cranium_ct(folder / "ct")
+    return _case("cranium", "ct-body", "ct", files, folder / "out")
+
+
+@pytest.fixture(scope="module")
+def colin(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    if not CH2.is_file():
+        pytest.skip(f"{CH2} missing: install the Debian package mricron-data")
+    folder = tmp_path_factory.mktemp("colin")
+    files = testdata.colin27_mr(folder / "mr")
+    return _case("colin", "brain-mr", "t1", files, folder / "out")
+
+
+@pytest.fixture(params=["cranium", "colin"])
+def case(request: pytest.FixtureRequest) -> Case:
+    result: Case = request.getfixturevalue(request.param)
+    return result
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)))
+
+
+def _need(tool: Path, package: str) -> None:
+    if not tool.is_file():
+        pytest.skip(f"{tool} missing: install the Debian package {package}")
+
+
+def test_dciodvfy_finds_no_error_in_any_object(case: Case) -> None:
+    _need(DCIODVFY, "dicom3tools")
+    assert {o.kind for o in case.results.objects} == {"SEG", "RTSTRUCT", "SR"}
+    for obj in case.results.objects:
+        proc = subprocess.run([str(DCIODVFY), str(obj.path)], capture_output=True, text=True,
+                              check=False, timeout=120)
+        report = proc.stdout + proc.stderr
+        errors = [line for line in report.splitlines() if line.startswith("Error")]
+        assert proc.returncode == 0 and not errors, f"{case.name} {obj.kind}:\n{report}"
+
+
+def test_plastimatch_rasterises_each_structure_back_onto_its_mask(case: Case,
+                                                                   tmp_path: Path) -> None:
+    _need(PLASTIMATCH, "plastimatch")
+    rtstruct = case.results.by_kind("RTSTRUCT").path
+    images = case.files[0].parent
+    # --xor-contours: a hole is its own contour inside its island, the even-odd convention
+    # of treatment planning systems (plastimatch otherwise fills holes: a skull would
+    # become a solid head)
+    proc = subprocess.run(
+        [str(PLASTIMATCH), "convert", "--input", str(rtstruct), "--referenced-ct", str(images),
+         "--output-prefix", str(tmp_path / "out"), "--prefix-format", "nrrd",
+         "--xor-contours"], capture_output=True, text=True, check=False, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    checked = 0
+    for structure in case.segmentation.structures:
+        if structure.volume_ml <= 10:
+            continue
+        raster = sitk.ReadImage(str(tmp_path / "out" / f"{structure.label.name}.nrrd"))
+        on_grid = sitk.Resample(raster, case.volume.image, sitk.Transform(),
+                                sitk.sitkNearestNeighbor, 0)
+        dice = _dice(sitk.GetArrayFromImage(on_grid) > 0, structure.mask)
+        print(f"{case.name} {structure.label.name}: Dice {dice:.4f}")
+        assert dice >= 0.97, f"{structure.label.name}: Dice {dice:.4f}"
+        checked += 1
+    assert checked == (2 if case.name == "cranium" else 1)
+
+
+def _frame_source(frame: Dataset) -> str:
+    item = frame.DerivationImageSequence[0].SourceImageSequence[0]
+    return str(item.ReferencedSOPInstanceUID)
+
+
+def test_highdicom_reads_the_seg_back_on_the_source_slices(case: Case) -> None:
+    seg = hd.seg.segread(case.results.by_kind("SEG").path)
+    headers = {str(ds.SOPInstanceUID): ds for ds in
+               (pydicom.dcmread(p, stop_before_pixels=True) for p in case.files)}
+    first = next(iter(headers.values()))
+    structures = case.segmentation.structures
+    assert seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == first.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
+    assert seg.SeriesInstanceUID != first.SeriesInstanceUID
+    assert seg.PatientID == first.PatientID
+    # every frame of the source grid, empty ones too, for every segment
+    assert int(seg.NumberOfFrames) == len(headers) * len(structures)
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source = headers[_frame_source(frame)]
+        np.testing.assert_allclose(
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+            [float(v) for v in source.ImagePositionPatient], atol=1e-4)
+    for number, (item, structure) in enumerate(zip(seg.SegmentSequence, structures,
+                                                   strict=True), start=1):
+        assert item.SegmentNumber == number and item.SegmentLabel == structure.label.name
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+        assert item.SegmentAlgorithmName == case.segmentation.card.name
+        assert item.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
+        assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == structure.label.type.value
+        rgb = hd.color.CIELabColor.from_dicom_value(
+            tuple(item.RecommendedDisplayCIELabValue)).to_rgb()
+        assert np.abs(np.subtract(rgb, structure.label.color)).max() <= 1
+    # the pixel data equals the masks, slice by slice
+    pixels = seg.get_pixels_by_source_instance(list(case.volume.sop_instance_uids),
+                                               combine_segments=False,
+                                               skip_overlap_checks=True)
+    for number, structure in enumerate(structures):
+        np.testing.assert_array_equal(pixels[..., number] > 0, structure.mask)
+
+
+def test_the_labelmap_seg_holds_one_segment_number_per_pixel(cranium: Case,
+                                                             tmp_path: Path) -> None:
+    options = OutputsConfig(seg_type="labelmap", rtstruct=False)
+    results = write_results(cranium.segmentation, cranium.volume, cranium.files, tmp_path,
+                            options)
+    seg = hd.seg.segread(results.by_kind("SEG").path)
+    assert seg.SegmentationType == "LABELMAP"
+    pixels = seg.get_pixels_by_source_instance(list(cranium.volume.sop_instance_uids),
+                                               combine_segments=True)
+    expected = np.zeros(pixels.shape, dtype=np.uint8)
+    for number, structure in enumerate(cranium.segmentation.structures, start=1):
+        expected[structure.mask] = number  # later structures win where they overlap
+    np.testing.assert_array_equal(pixels, expected)
+
+
+def test_empty_frames_are_left_out_only_when_asked(cranium: Case, tmp_path: Path) -> None:
+    options = OutputsConfig(seg_omit_empty_frames=True, rtstruct=False)
+    results = write_results(cranium.segmentation, cranium.volume, cranium.files, tmp_path,
+                            options)
+    seg = pydicom.dcmread(results.by_kind("SEG").path, stop_before_pixels=True)
+    non_empty = sum(int(s.mask.any(axis=(1, 2)).sum()) for s in cranium.segmentation.structures)
+    assert int(seg.NumberOfFrames) == non_empty
+    assert non_empty < len(cranium.files) * len(cranium.segmentation.structures)
+
+
+def _ds_strings(ds: Dataset) -> list[str]:
+    out: list[str] = []
+    for elem in ds.iterall():
+        if elem.VR == "DS" and elem.value is not None:
+            values = elem.value if elem.VM > 1 else [elem.value]
+            out.extend(str(getattr(v, "original_string", v)) for v in values)
+    return out
+
+
+def test_rtstruct_references_contours_names_colours_and_algorithm(case: Case) -> None:
+    path = case.results.by_kind("RTSTRUCT").path
+    ds = pydicom.dcmread(path)
+    assert not ds.file_meta.TransferSyntaxUID.is_implicit_VR
+    headers = {str(h.SOPInstanceUID): h for h in
+               (pydicom.dcmread(p, stop_before_pixels=True) for p in case.files)}
+    first = next(iter(headers.values()))
+    assert ds.StudyInstanceUID == first.StudyInstanceUID
+    assert ds.FrameOfReferenceUID == first.FrameOfReferenceUID
+    refs = ds.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+    series = refs.RTReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == first.SeriesInstanceUID
+    assert {i.ReferencedSOPInstanceUID for i in series.ContourImageSequence} == set(headers)
+    card = case.segmentation.card
+    for roi, contour, obs, structure in zip(
+            ds.StructureSetROISequence, ds.ROIContourSequence, ds.RTROIObservationsSequence,
+            case.segmentation.structures, strict=True):
+        label = structure.label
+        assert roi.ROIName == label.name and roi.ROIGenerationAlgorithm == "AUTOMATIC"
+        assert card.name in roi.ROIGenerationDescription
+        assert card.version in roi.ROIGenerationDescription
+        assert list(contour.ROIDisplayColor) == list(label.color)
+        assert obs.RTROIInterpretedType == label.rt_roi_interpreted_type
+        assert contour.ReferencedROINumber == roi.ROINumber == obs.ReferencedROINumber
+        items = contour.get("ContourSequence", [])
+        assert bool(items) == (structure.voxel_count > 0)
+        for item in items:
+            assert item.ContourGeometricType == "CLOSED_PLANAR"
+            image = headers[item.ContourImageSequence[0].ReferencedSOPInstanceUID]
+            points = np.asarray(item.ContourData, dtype=float).reshape(-1, 3)
+            assert len(points) == item.NumberOfContourPoints >= 3
+            # each contour lies in the plane of the image it references
+            normal = np.cross(*np.asarray(image.ImageOrientationPatient, float).reshape(2, 3))
+            offset = (points - np.asarray(image.ImagePositionPatient, float)) @ normal
+            assert np.abs(offset).max() < 1e-3
+    strings = _ds_strings(ds)
+    assert strings and max(len(s) for s in strings) <= 16
+
+
+def test_a_ring_and_islands_give_one_contour_per_closed_line() -> None:
+    mask = np.zeros((40, 50), dtype=bool)
+    yy, xx = np.mgrid[:40, :50]
+    r = np.hypot(yy - 20, xx - 18)
+    mask[(r < 12) & (r >= 6)] = True  # a ring: outer line and hole
+    mask[5:9, 38:45] = True  # an island
+    mask[30, 40] = mask[31, 41] = True  # two pixels touching only by a corner
+    contours = slice_contours(mask)
+    assert len(contours) == 5
+    # even-odd rasterisation of the polygons (pixel centres inside) gives the mask back
+    raster = np.zeros_like(mask)
+    for line in contours:
+        raster ^= polygon2mask(mask.shape, line)
+    np.testing.assert_array_equal(raster, mask)
+
+
+def test_the_sr_reports_the_volumes_of_the_segments(case: Case) -> None:
+    sr = hd.sr.srread(case.results.by_kind("SR").path)
+    seg = case.results.by_kind("SEG")
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    by_name = {s.label.name: s for s in case.segmentation.structures}
+    reported = {}
+    for group in groups:
+        ref = group.referenced_segment
+        assert ref is not None
+        assert ref.referenced_sop_instance_uid == seg.sop_instance_uid
+        (measurement,) = group.get_measurements()
+        reported[str(group.tracking_identifier)] = measurement.value
+    expected = {n: round(s.volume_ml, 3) for n, s in by_name.items() if s.voxel_count}
+    assert reported == pytest.approx(expected)
+    volumes = json.loads(case.results.volumes.read_text())
+    assert {s["name"]: s["volume_ml"] for s in volumes["structures"]} == {
+        n: round(s.volume_ml, 3) for n, s in by_name.items()}
+
+
+def test_a_rerun_writes_the_same_uids(cranium: Case, tmp_path: Path) -> None:
+    again = write_results(cranium.segmentation, cranium.volume, cranium.files, tmp_path,
+                          ALL_OBJECTS)
+    first = {o.kind: (o.sop_instance_uid, o.series_instance_uid)
+             for o in cranium.results.objects}
+    assert {o.kind: (o.sop_instance_uid, o.series_instance_uid)
+            for o in again.objects} == first
+    other = write_results(cranium.segmentation, cranium.volume, cranium.files,
+                          tmp_path / "other", ALL_OBJECTS, seed="another job")
+    assert not {o.sop_instance_uid for o in other.objects} & {u for u, _ in first.values()}
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_sr_without_seg_is_a_configuration_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("outputs:\n  seg: false\n  sr: true\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="outputs: sr: true needs seg: true"):
+        load_config(path)
+
+
+
+@requires_orthanc
+def test_orthanc_accepts_the_objects_into_the_source_study(case: Case, tmp_path: Path) -> None:
+    with OrthancServer(tmp_path / "orthanc") as orthanc:
+        peer = PeerConfig.model_validate(orthanc.peer())
+        paths = [*case.files, *(o.path for o in case.results.objects)]
+        results = send_files("DICOMNODE", peer, "orthanc", paths)
+        assert all(r.ok for r in results), [r.message for r in results if not r.ok]
+        studies = orthanc.get("/studies?expand")
+        assert len(studies) == 1  # the results joined the source study
+        modalities = {s["MainDicomTags"]["Modality"]
+                      for s in orthanc.get(f"/studies/{studies[0]['ID']}/series?expand")}
+        assert {"SEG", "RTSTRUCT", "SR"} <= modalities
+        for obj in case.results.objects:
+            stored = pydicom.dcmread(
+                BytesIO(orthanc.file(orthanc.instance_id(obj.sop_instance_uid))))
+            assert stored.SOPClassUID == obj.sop_class_uid
+
+
+def test_a_series_with_gaps_resampled_by_the_card_keeps_its_own_slices(tmp_path: Path) -> None:
+    package = tmp_path / "ct-body"
+    shutil.copytree(ROOT / "models" / "ct-body", package)
+    card_file = package / "card.yaml"
+    card_file.write_text(card_file.read_text().replace(
+        "preprocessing:\n", "preprocessing:\n  allow_irregular_spacing: true\n", 1))
+    files = testdata.synthetic_ct(tmp_path / "ct", slices=24, rows=128, columns=128,
+                                  missing=(7, 8, 15))
+    card = load_card(package)
+    (volume,) = load_inputs(card, {"ct": files})
+    assert volume.resampled
+    segmentation = segment(card, [volume.image])
+    results = write_results(segmentation, volume, files, tmp_path / "out")
+    headers = {str(h.SOPInstanceUID): h for h in
+               (pydicom.dcmread(p, stop_before_pixels=True) for p in files)}
+    seg = pydicom.dcmread(results.by_kind("SEG").path, stop_before_pixels=True)
+    assert int(seg.NumberOfFrames) == len(files) * len(segmentation.structures)
+    ds = pydicom.dcmread(results.by_kind("RTSTRUCT").path)
+    referenced = set()
+    for roi in ds.ROIContourSequence:
+        for item in roi.get("ContourSequence", []):
+            image = headers[item.ContourImageSequence[0].ReferencedSOPInstanceUID]
+            referenced.add(image.SOPInstanceUID)
+            z = np.asarray(item.ContourData, dtype=float).reshape(-1, 3)[:, 2]
+            np.testing.assert_allclose(z, float(image.ImagePositionPatient[2]), atol=1e-3)
+    assert referenced == set(headers)  # the phantom is in every slice
+
+
+def test_the_card_s_seg_type_wins_over_the_configuration(cranium: Case, tmp_path: Path) -> None:
+    card = cranium.segmentation.card
+    labelmap_card = card.model_copy(
+        update={"outputs": card.outputs.model_copy(update={"seg_type": "labelmap"})})
+    segmentation = dataclasses.replace(cranium.segmentation, card=labelmap_card)
+    results = write_results(segmentation, cranium.volume, cranium.files, tmp_path,
+                            OutputsConfig(seg_type="binary", rtstruct=False))
+    seg = pydicom.dcmread(results.by_kind("SEG").path, stop_before_pixels=True)
+    assert seg.SegmentationType == "LABELMAP"
