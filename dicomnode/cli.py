@@ -110,6 +110,40 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_pseudonymize(args: argparse.Namespace) -> int:
+    from dicomnode.boundary import pseudonymize_files, pseudonymizer
+    from dicomnode.deid import DeidKeyError
+    from dicomnode.net.scu import collect_files
+    from dicomnode.store.db import open_index
+    from dicomnode.store.pseudonyms import PseudonymMap
+
+    config = _config(args)
+    setup_logging(config.logging.level)
+    source, target = Path(args.in_dir), Path(args.out_dir)
+    if not source.is_dir():
+        print(f"pseudonymize: {source} is not a folder", file=sys.stderr)
+        return 2
+    if target.resolve() == source.resolve() or source.resolve() in target.resolve().parents:
+        print("pseudonymize: OUT_DIR must not be IN_DIR or inside it", file=sys.stderr)
+        return 2
+    try:
+        engine = pseudonymizer(config)
+    except DeidKeyError as exc:
+        print(f"pseudonymize: {exc}", file=sys.stderr)
+        return 2
+    index = open_index(config.db_url)
+    try:
+        files = [p for p in collect_files([source]) if not p.name.startswith(".")]
+        report = pseudonymize_files(files, target, engine, PseudonymMap(index))
+    finally:
+        index.dispose()
+    for path, reason in report.failed:
+        print(f"{path.relative_to(source)}: {reason}", file=sys.stderr)
+    print(f"{len(report.written)} instance(s) of {len(report.studies)} study(ies) pseudonymized "
+          f"into {target}; {len(report.failed)} failed")
+    return 1 if report.failed else 0
+
+
 def cmd_outbox(args: argparse.Namespace) -> int:
     from dicomnode.outbox import outbox_report
     from dicomnode.store.db import open_index
@@ -389,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     p.add_argument("--to", required=True, help="peer name from the configuration")
     p.set_defaults(func=cmd_send)
+    p = add("pseudonymize", "write pseudonymized copies of a folder of DICOM files (PS3.15 "
+            "Basic Profile, keyed UIDs) for research; the map stays in the index")
+    p.add_argument("in_dir", metavar="IN_DIR", help="folder of DICOM files (searched recursively)")
+    p.add_argument("out_dir", metavar="OUT_DIR",
+                   help="folder for the copies: STUDY/SERIES/SOP.dcm, pseudonymous UIDs")
+    p.set_defaults(func=cmd_pseudonymize)
     p = add("outbox", "list the result objects to send back, with state, attempts and last "
             "error; send what is due; re-send items")
     p.add_argument("--json", action="store_true", help="stable JSON (docs/outbox-json.md)")

@@ -28,6 +28,7 @@ __all__ = [
     "CompletionConfig",
     "Config",
     "ConfigError",
+    "DeidConfig",
     "InferenceConfig",
     "NodeConfig",
     "OutboxConfig",
@@ -81,6 +82,8 @@ class PeerConfig(_Section):
     ae_title: AETitle
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
+    pseudonymize: bool = Field(
+        False, description="a research destination: what is sent to it carries no identity")
 
 
 class StorageConfig(_Section):
@@ -166,6 +169,21 @@ class InferenceConfig(_Section):
         return v
 
 
+class DeidConfig(_Section):
+    """Pseudonymization (PS3.15 Basic Profile) at the boundary: the key and the options.
+
+    The secret key is read from ``key_file`` when given, else from the environment
+    variable ``key_env``; never from this file, never logged.
+    """
+
+    key_file: Path | None = None
+    key_env: str = Field("DICOMNODE_DEID_KEY", min_length=1)
+    retain_longitudinal_temporal_modified_dates: bool = True
+    retain_patient_characteristics: bool = False
+    clean_descriptors: bool = True
+    retain_device_identity: bool = False
+
+
 class OutputsConfig(_Section):
     """Which result objects a model run writes (measurements JSON is always written)."""
 
@@ -194,6 +212,7 @@ class Config(_Section):
     models_dir: Path = Path("models")
     inference: InferenceConfig = InferenceConfig()
     outputs: OutputsConfig = OutputsConfig()
+    deid: DeidConfig = DeidConfig()
     outbox: OutboxConfig = OutboxConfig()
     logging: LoggingConfig = LoggingConfig()
     source: Path | None = Field(None, exclude=True)
@@ -219,6 +238,8 @@ class Config(_Section):
                 "storage": self.storage.model_copy(update={"path": fix(self.storage.path)}),
                 "rules_dir": fix(self.rules_dir),
                 "models_dir": fix(self.models_dir),
+                "deid": self.deid.model_copy(update={
+                    "key_file": None if self.deid.key_file is None else fix(self.deid.key_file)}),
             }
         )
 

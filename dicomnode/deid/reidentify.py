@@ -40,7 +40,13 @@ def _map_uids(ds: Dataset, uid_map: Mapping[str, str]) -> None:
     stack = [ds]
     while stack:
         current = stack.pop()
-        for elem in current:
+        for tag in list(current.keys()):
+            raw = current.get_item(tag)
+            # only sequences and UIDs matter: other elements read from a file stay raw
+            # (an RTSTRUCT's Contour Data would otherwise be parsed value by value)
+            if raw is not None and raw.VR not in (None, "SQ", "UI", "UN"):
+                continue
+            elem = current[tag]
             if elem.VR == "SQ":
                 stack.extend(item for item in elem.value if isinstance(item, Dataset))
             elif elem.VR == "UI":

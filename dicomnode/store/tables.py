@@ -35,6 +35,8 @@ __all__ = [
     "OutboxItem",
     "OutboxState",
     "Patient",
+    "PseudonymStudy",
+    "PseudonymUID",
     "Series",
     "Study",
     "StudyState",
@@ -238,4 +240,38 @@ class OutboxItem(Base):
         Index("ux_outbox_item_instance_destination", "sop_instance_uid", "destination",
               unique=True),
         Index("ix_outbox_item_due", "state", "next_attempt_at"),
+    )
+
+
+class PseudonymStudy(Base):
+    """A pseudonymized study and what re-identification restores (holds identity).
+
+    ``patient_study`` is the original Patient, General Study and Patient Study modules
+    (:attr:`dicomnode.deid.PseudonymizationRecord.patient_study`). Like the rest of the
+    index, this table may hold identity; nothing from it is ever logged.
+    """
+
+    __tablename__ = "pseudonym_study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pseudonymous_study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    original_study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    pseudonymous_patient_id: Mapped[str] = mapped_column(String(64))
+    patient_study: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class PseudonymUID(Base):
+    """One UID replaced by pseudonymization: pseudonym -> original, within a study (a UID
+    referenced from several studies, e.g. a shared Frame of Reference, is in each)."""
+
+    __tablename__ = "pseudonym_uid"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pseudonymous_uid: Mapped[str] = mapped_column(String(64))
+    original_uid: Mapped[str] = mapped_column(String(64))
+    study_pk: Mapped[int] = mapped_column(ForeignKey("pseudonym_study.id"), index=True)
+
+    __table_args__ = (
+        Index("ux_pseudonym_uid_study", "pseudonymous_uid", "study_pk", unique=True),
     )

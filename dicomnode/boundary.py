@@ -1,0 +1,180 @@
+"""What crosses the node's boundary: pseudonymized exports and inputs, and results made fit
+for each destination.
+
+* :func:`pseudonymize_files` writes pseudonymized copies of instances (PS3.15 Basic
+  Profile with the configured options, keyed UIDs) and records the pseudonym map in the
+  index, so that results made from them can be re-identified.
+* :func:`for_peer` gives the file to send to one peer: for a clinical peer
+  (``pseudonymize: false``) a result made from pseudonymized inputs is re-identified
+  (patient and study restored, every UID of the source mapped back) so that it attaches
+  to the original study; a result that looks pseudonymized but whose study the map does
+  not know is refused. For a research peer (``pseudonymize: true``) pseudonymous objects
+  go as they are and identified ones are pseudonymized first.
+
+Copies are written atomically under names made of UIDs only. Errors and log lines name
+files, peers and counts, never identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicomnode.config import Config, DeidConfig, PeerConfig
+from dicomnode.deid import (
+    ProfileOptions,
+    PseudonymizationError,
+    PseudonymizationRecord,
+    Pseudonymizer,
+    load_key,
+    reidentify,
+)
+from dicomnode.store.pseudonyms import PseudonymMap
+
+__all__ = ["BoundaryError", "ExportReport", "for_peer", "profile_options", "pseudonymize_files",
+           "pseudonymizer"]
+
+LOG = logging.getLogger(__name__)
+_RECORD_BATCH = 256
+
+
+class BoundaryError(Exception):
+    """An object that must not cross the boundary as asked (no identity in the message)."""
+
+
+def profile_options(deid: DeidConfig) -> ProfileOptions:
+    """The PS3.15 profile options the configuration enables."""
+    return ProfileOptions(
+        retain_longitudinal_temporal_modified_dates=(
+            deid.retain_longitudinal_temporal_modified_dates),
+        retain_patient_characteristics=deid.retain_patient_characteristics,
+        clean_descriptors=deid.clean_descriptors,
+        retain_device_identity=deid.retain_device_identity,
+    )
+
+
+def pseudonymizer(config: Config) -> Pseudonymizer:
+    """A pseudonymizer with the configured key and options.
+
+    Raises:
+        DeidKeyError: no key file and no key in the environment, or a key too short.
+    """
+    key = load_key(config.deid.key_file, config.deid.key_env)
+    return Pseudonymizer(key, profile_options(config.deid))
+
+
+def _write_tmp(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` fsynced next to ``path`` under a temporary name; return that name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fp:
+        ds.save_as(fp, enforce_file_format=True)
+        fp.flush()
+        os.fsync(fp.fileno())
+    return tmp
+
+
+def _write(ds: Dataset, path: Path) -> Path:
+    os.replace(_write_tmp(ds, path), path)
+    return path
+
+
+@dataclass
+class ExportReport:
+    """The outcome of :func:`pseudonymize_files`: files written, studies, failures."""
+
+    written: list[Path] = field(default_factory=list)
+    studies: set[str] = field(default_factory=set)  # pseudonymous StudyInstanceUIDs
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def pseudonymize_files(paths: Iterable[Path], out_dir: Path, pseudonymizer: Pseudonymizer,
+                       pseudonyms: PseudonymMap) -> ExportReport:
+    """Write a pseudonymized copy of each file to ``out_dir/STUDY/SERIES/SOP.dcm``.
+
+    The names are the pseudonymous UIDs. Pixel data is copied unchanged. The pseudonym
+    map is recorded in the index before the call returns. A file that cannot be read or
+    pseudonymized is reported in ``failed`` (with the reason's type, not its values).
+    """
+    report = ExportReport()
+    records: list[PseudonymizationRecord] = []
+    pending: list[tuple[Path, Path]] = []
+
+    def flush() -> None:
+        # the map first, then the files: a file that exists can always be re-identified
+        pseudonyms.record(records)
+        for tmp, final in pending:
+            os.replace(tmp, final)
+            report.written.append(final)
+        records.clear()
+        pending.clear()
+
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+            record = pseudonymizer.apply(ds)
+        except PseudonymizationError as exc:
+            report.failed.append((path, str(exc)))
+            continue
+        except Exception as exc:
+            report.failed.append((path, f"not a readable DICOM file ({type(exc).__name__})"))
+            continue
+        study, series, sop = (record.study_instance_uid[1], record.series_instance_uid[1],
+                              record.sop_instance_uid[1])
+        final = out_dir / study / series / f"{sop}.dcm"
+        pending.append((_write_tmp(ds, final), final))
+        records.append(record)
+        report.studies.add(study)
+        if len(records) >= _RECORD_BATCH:
+            flush()
+    if records:
+        flush()
+    LOG.info("pseudonymized %d instance(s) of %d study(ies); %d failed",
+             len(report.written), len(report.studies), len(report.failed))
+    return report
+
+
+def _looks_pseudonymized(ds: Dataset) -> bool:
+    return (str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
+            or "DeidentificationMethod" in ds
+            or "DeidentificationMethodCodeSequence" in ds)
+
+
+def for_peer(path: Path, peer_name: str, peer: PeerConfig, *, pseudonyms: PseudonymMap,
+             out_dir: Path, pseudonymizer: Pseudonymizer | None = None) -> Path:
+    """The file to send to ``peer``: ``path`` itself, or a copy made fit for it.
+
+    Raises:
+        BoundaryError: a pseudonymized result whose study the map does not know, for a
+            clinical peer; or an identified object for a research peer when no
+            pseudonymizer (key) is available.
+    """
+    ds = pydicom.dcmread(path)
+    study_uid = str(ds.get("StudyInstanceUID", "") or "")
+    identity = pseudonyms.study(study_uid) if study_uid else None
+    sop = str(ds.SOPInstanceUID)
+    if peer.pseudonymize:
+        if identity is not None or _looks_pseudonymized(ds):
+            return path
+        if pseudonymizer is None:
+            raise BoundaryError(f"peer {peer_name!r} takes pseudonymized data only and no "
+                                "pseudonymization key is available")
+        record = pseudonymizer.apply(ds)
+        pseudonyms.record([record])
+        LOG.info("pseudonymized an object for research peer %s", peer_name)
+        return _write(ds, out_dir / f"{record.sop_instance_uid[1]}.pseudonymized.dcm")
+    if identity is None:
+        if _looks_pseudonymized(ds):
+            raise BoundaryError(
+                f"an object of a pseudonymized study that this node's map does not know cannot "
+                f"be re-identified: it is not sent to clinical peer {peer_name!r}")
+        return path
+    reidentify(ds, identity.uid_map, identity.patient_study)
+    LOG.info("re-identified an object for clinical peer %s", peer_name)
+    return _write(ds, out_dir / f"{sop}.reidentified.dcm")
