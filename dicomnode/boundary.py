@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,8 @@ from dicomnode.deid import (
 )
 from dicomnode.store.pseudonyms import PseudonymMap
 
-__all__ = ["BoundaryError", "ExportReport", "for_peer", "profile_options", "pseudonymize_files",
-           "pseudonymizer"]
+__all__ = ["BoundaryError", "ExportReport", "for_peer", "node_key", "profile_options",
+           "pseudonymize_files", "pseudonymizer"]
 
 LOG = logging.getLogger(__name__)
 _RECORD_BATCH = 256
@@ -59,14 +60,49 @@ def profile_options(deid: DeidConfig) -> ProfileOptions:
     )
 
 
-def pseudonymizer(config: Config) -> Pseudonymizer:
-    """A pseudonymizer with the configured key and options.
+def node_key(config: Config) -> bytes:
+    """The pseudonymization key: ``deid.key_file``, else ``$deid.key_env``, else the node's own.
+
+    The node's own key is ``storage.path/deid.key``: 32 random bytes created (mode 0600)
+    the first time a key is needed and none is configured, so that a node pseudonymizes
+    out of the box and the same way after restarts. Nodes that must agree on pseudonyms
+    share a key file or the environment variable.
 
     Raises:
-        DeidKeyError: no key file and no key in the environment, or a key too short.
+        DeidKeyError: the configured key file cannot be read, or a key is too short.
     """
-    key = load_key(config.deid.key_file, config.deid.key_env)
-    return Pseudonymizer(key, profile_options(config.deid))
+    deid = config.deid
+    if deid.key_file is not None or os.environ.get(deid.key_env):
+        return load_key(deid.key_file, deid.key_env)
+    path = config.storage.path / "deid.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".deid.key.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(32))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # atomic, and never replaces a key another process made
+            LOG.warning("no pseudonymization key configured: created %s (keep it with the "
+                        "index; share it through deid.key_file to agree with other nodes)",
+                        path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return load_key(path, deid.key_env)
+
+
+def pseudonymizer(config: Config) -> Pseudonymizer:
+    """A pseudonymizer with the node's key (:func:`node_key`) and the configured options.
+
+    Raises:
+        DeidKeyError: the configured key file cannot be read, or a key is too short.
+    """
+    return Pseudonymizer(node_key(config), profile_options(config.deid))
 
 
 def _write_tmp(ds: Dataset, path: Path) -> Path:

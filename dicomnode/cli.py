@@ -144,6 +144,124 @@ def cmd_pseudonymize(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from dicomnode.store.db import open_index
+    from dicomnode.worker import jobs_report
+
+    config = _config(args)
+    index = open_index(config.db_url)
+    try:
+        report = jobs_report(index, state=args.state)
+    finally:
+        index.dispose()
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if not report["jobs"]:
+        print("no jobs")
+    for job in report["jobs"]:
+        took = f"{job['seconds']:.1f} s" if job["seconds"] is not None else ""
+        line = (f"job {job['id']:<5} {job['state']:<8} {job['rule']:<20} {job['model']:<12} "
+                f"study {job['study']:<5} attempts {job['attempts']:<2} {job['trigger']:<8} "
+                f"{took}")
+        timings = job["timings"] or {}
+        steps = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if isinstance(v, float))
+        if steps:
+            line += f"\n      {steps}"
+        if job["error"]:
+            line += f"\n      error: {job['error']}"
+        print(line.rstrip())
+    return 0
+
+
+def _run_now(config: Config, job_id: int, *, wait_seconds: float = 3600.0) -> int:
+    """Run a job now: in this process when this process claims it, else (the running node's
+    workers took it first) wait for it to end. Prints the outcome."""
+    import time
+
+    from dicomnode.store.db import open_index
+    from dicomnode.store.tables import Job, JobState
+    from dicomnode.worker import claim, finish, reset, run_claimed
+
+    index = open_index(config.db_url)
+    try:
+        with index.session() as session:
+            if session.get(Job, job_id) is None:
+                print(f"no job {job_id}", file=sys.stderr)
+                return 2
+        if reset(index, job_id) and claim(index, job_id):
+            outcome = run_claimed(config, index, job_id)
+            state = finish(index, job_id, outcome, config.pipeline.max_attempts)
+            ok, error = outcome["ok"], outcome.get("error")
+        else:
+            deadline = time.monotonic() + wait_seconds
+            while True:
+                with index.session() as session:
+                    job = session.get(Job, job_id)
+                    assert job is not None
+                    state, error = job.state, job.error
+                if state in (JobState.DONE, JobState.FAILED) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            ok = state is JobState.DONE
+        with index.session() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            results = list(job.results or [])
+    finally:
+        index.dispose()
+    if ok:
+        print(f"job {job_id} done: {len(results)} object(s) written")
+        return 0
+    print(f"job {job_id} {state.value}: {error or 'did not finish in time'}", file=sys.stderr)
+    return 1
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    config = _config(args)
+    setup_logging(config.logging.level)
+    return _run_now(config, args.id)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from dicomnode.rules.trigger import RuleTrigger
+    from dicomnode.store.db import open_index
+    from dicomnode.store.tables import Study
+
+    config = _config(args)
+    setup_logging(config.logging.level)
+    rules = _load_rules(config)
+    try:
+        rule = rules.get(args.rule)
+    except KeyError as exc:
+        print(str(exc.args[0]), file=sys.stderr)
+        return 2
+    index = open_index(config.db_url)
+    try:
+        with index.session() as session:
+            study_pk = session.scalars(select(Study.id).where(
+                Study.study_instance_uid == args.study)).first()
+        if study_pk is None:
+            print("no such study in the index", file=sys.stderr)
+            return 2
+        firings = RuleTrigger(index, rules, config.storage.path).on_study(
+            study_pk, trigger="manual", rules=[rule])
+    finally:
+        index.dispose()
+    job_ids = [f.job_id for f in firings if f.job_id is not None]
+    # an operator asking again re-runs the job that already fired on these inputs
+    job_ids += [int(f.reason.rsplit(" ", 1)[1]) for f in firings
+                if f.reason.startswith("already fired as job ")]
+    if not job_ids:
+        reasons = "; ".join(f.reason for f in firings) or "no match"
+        print(f"rule {rule.name} does not fire on study {study_pk}: {reasons}", file=sys.stderr)
+        return 1
+    return max(_run_now(config, job_id) for job_id in job_ids)
+
+
 def cmd_outbox(args: argparse.Namespace) -> int:
     from dicomnode.outbox import outbox_report
     from dicomnode.store.db import open_index
@@ -429,6 +547,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR",
                    help="folder for the copies: STUDY/SERIES/SOP.dcm, pseudonymous UIDs")
     p.set_defaults(func=cmd_pseudonymize)
+    p = add("jobs", "list jobs with state, timings and errors; retry one")
+    p.add_argument("--json", action="store_true", help="stable JSON (docs/jobs-json.md)")
+    p.add_argument("--state", choices=["pending", "running", "done", "failed"],
+                   help="only jobs in this state")
+    p.set_defaults(func=cmd_jobs)
+    jobs_sub = p.add_subparsers(dest="jobs_command", metavar="{retry}")
+    q = jobs_sub.add_parser("retry", help="run a job again now, in this process")
+    q.add_argument("id", type=int, metavar="ID", help="job id")
+    q.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS)
+    q.set_defaults(func=cmd_jobs_retry)
+    p = add("run", "run a rule on an indexed study now (a manual job)")
+    p.add_argument("--rule", required=True, help="rule name")
+    p.add_argument("--study", required=True, help="StudyInstanceUID")
+    p.set_defaults(func=cmd_run)
     p = add("outbox", "list the result objects to send back, with state, attempts and last "
             "error; send what is due; re-send items")
     p.add_argument("--json", action="store_true", help="stable JSON (docs/outbox-json.md)")

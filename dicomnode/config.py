@@ -34,6 +34,8 @@ __all__ = [
     "OutboxConfig",
     "OutputsConfig",
     "PeerConfig",
+    "PipelineConfig",
+    "RetentionConfig",
     "StorageConfig",
     "format_validation_errors",
     "load_config",
@@ -169,6 +171,22 @@ class InferenceConfig(_Section):
         return v
 
 
+class PipelineConfig(_Section):
+    """Jobs: worker processes that run models, and how often a failing job is tried."""
+
+    workers: int = Field(1, ge=1, le=64, description="worker processes (spawned)")
+    max_attempts: int = Field(3, ge=1, le=100)
+    check_interval_seconds: float = Field(0.5, gt=0, le=60)
+
+
+class RetentionConfig(_Section):
+    """When received instances are deleted: ``raw_days`` after all their study's results
+    were delivered (null: never)."""
+
+    raw_days: float | None = Field(None, ge=0)
+    check_interval_minutes: float = Field(60.0, gt=0)
+
+
 class DeidConfig(_Section):
     """Pseudonymization (PS3.15 Basic Profile) at the boundary: the key and the options.
 
@@ -213,6 +231,8 @@ class Config(_Section):
     inference: InferenceConfig = InferenceConfig()
     outputs: OutputsConfig = OutputsConfig()
     deid: DeidConfig = DeidConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    retention: RetentionConfig = RetentionConfig()
     outbox: OutboxConfig = OutboxConfig()
     logging: LoggingConfig = LoggingConfig()
     source: Path | None = Field(None, exclude=True)

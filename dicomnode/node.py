@@ -20,10 +20,12 @@ from dicomnode.net.scp import StorageSCP
 from dicomnode.outbox import Outbox
 from dicomnode.rules.loader import load_rules
 from dicomnode.rules.trigger import RuleTrigger
+from dicomnode.scheduler import install_scheduled_jobs
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.files import InstanceFiles
 from dicomnode.store.ingest import InstanceStore
 from dicomnode.store.recovery import recover_orphans
+from dicomnode.worker import JobRunner
 
 __all__ = ["Node"]
 
@@ -52,6 +54,7 @@ class Node:
         self.scp = StorageSCP(config.node, self.store,
                               AccessPolicy(config.node.ae_title, config.peers), self.activity)
         self.outbox = Outbox.from_config(config, self.index)
+        self.jobs = JobRunner(config, self.index)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
@@ -70,13 +73,19 @@ class Node:
         if recovered:
             LOG.info("indexed %d stored file(s) whose index row was lost in a crash", recovered)
         self.outbox.recover()
+        self.jobs.recover()
         self.scheduler.add_job(self.completion.check, "interval",
                                seconds=self.config.completion.check_interval_seconds,
                                id="completion", max_instances=1, coalesce=True)
+        # models run in worker processes, never in the SCP's threads
+        self.scheduler.add_job(self.jobs.dispatch, "interval",
+                               seconds=self.config.pipeline.check_interval_seconds,
+                               id="jobs", max_instances=1, coalesce=True)
         # each due destination is delivered in its own thread: a slow one delays no other
         self.scheduler.add_job(self.outbox.start_due, "interval",
                                seconds=self.config.outbox.check_interval_seconds,
                                id="outbox", max_instances=1, coalesce=True)
+        install_scheduled_jobs(self)  # scheduled rules (cron) and retention
         self.scheduler.start()
         self.scp.start()
 
@@ -87,6 +96,7 @@ class Node:
         LOG.info("stopping")
         self.scp.stop(self.config.node.shutdown_grace_seconds)
         self.scheduler.shutdown(wait=True)
+        self.jobs.stop()
         self.outbox.stop(self.config.node.shutdown_grace_seconds)
         self.files.clean_tmp()
         self.index.dispose()

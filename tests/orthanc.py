@@ -178,6 +178,15 @@ class OrthancServer:
             data = reply.read()
         return json.loads(data) if data.strip() else None
 
+    def upload(self, path: Path, timeout: float = 60.0) -> dict[str, Any]:
+        """POST one DICOM file to ``/instances`` (as a modality would store it)."""
+        request = urllib.request.Request(
+            self.url + "/instances", data=Path(path).read_bytes(), method="POST",
+            headers={"Content-Type": "application/dicom"})
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            answer: dict[str, Any] = json.loads(reply.read())
+        return answer
+
     def instances(self) -> list[dict[str, Any]]:
         """Every stored instance, expanded: ``ID`` (Orthanc's), ``MainDicomTags`` and more."""
         found: list[dict[str, Any]] = self.get("/instances?expand")

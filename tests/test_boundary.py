@@ -21,9 +21,14 @@ from conftest import NodeFactory, storescu
 from pydicom.dataset import Dataset
 from test_deid_data import KEY, OTHER_KEY, PHI, make_source
 
-from dicomnode.boundary import BoundaryError, for_peer, pseudonymize_files, pseudonymizer
-from dicomnode.config import Config, PeerConfig, load_config
-from dicomnode.deid import DeidKeyError
+from dicomnode.boundary import (
+    BoundaryError,
+    for_peer,
+    node_key,
+    pseudonymize_files,
+    pseudonymizer,
+)
+from dicomnode.config import PeerConfig, load_config
 from dicomnode.inference.card import load_card
 from dicomnode.inference.segment import load_inputs, segment
 from dicomnode.outputs.write import write_results
@@ -129,21 +134,34 @@ def test_the_command_pseudonymizes_identically_on_nodes_sharing_the_key(
         index.dispose()
 
 
-def test_the_command_needs_a_key_and_never_prints_it(tmp_path: Path,
-                                                     phi_series: list[Path]) -> None:
+def test_a_configured_key_must_be_usable_and_is_never_printed(
+        tmp_path: Path, phi_series: list[Path]) -> None:
     config = tmp_path / "dicomnode.yaml"
-    config.write_text("storage: {path: store}\ndeid: {key_env: DN_TEST_NO_SUCH_KEY}\n")
+    config.write_text("storage: {path: store}\ndeid: {key_file: missing.key}\n")
     proc = _cli("pseudonymize", str(phi_series[0].parent), str(tmp_path / "out"),
                 "--config", str(config))
     assert proc.returncode == 2
-    assert "DN_TEST_NO_SUCH_KEY" in proc.stderr and not (tmp_path / "out").exists()
+    assert "missing.key" in proc.stderr and not (tmp_path / "out").exists()
     weak = _config(tmp_path, b"Sekrit-7", "weak")
     proc = _cli("pseudonymize", str(phi_series[0].parent), str(tmp_path / "out"),
                 "--config", str(weak))
     assert proc.returncode == 2 and "at least 16" in proc.stderr
     assert "Sekrit" not in proc.stderr + proc.stdout
-    with pytest.raises(DeidKeyError):
-        pseudonymizer(Config.model_validate({"deid": {"key_env": "DN_TEST_NO_SUCH_KEY"}}))
+
+
+def test_without_a_configured_key_the_node_makes_its_own_once(
+        tmp_path: Path, phi_series: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DICOMNODE_DEID_KEY", raising=False)
+    config = load_config(_config(tmp_path, KEY))
+    config = config.model_copy(update={"deid": config.deid.model_copy(
+        update={"key_file": None})})
+    key = node_key(config)
+    path = config.storage.path / "deid.key"
+    assert path.read_bytes() == key and len(key) == 32
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert node_key(config) == key  # reused, never replaced
+    monkeypatch.setenv("DICOMNODE_DEID_KEY", KEY.decode())
+    assert node_key(config) == KEY  # the environment wins over the node's own key
 
 
 def _uids(ds: Dataset) -> Iterator[tuple[str, str]]:

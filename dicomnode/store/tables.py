@@ -37,6 +37,7 @@ __all__ = [
     "Patient",
     "PseudonymStudy",
     "PseudonymUID",
+    "RuleSchedule",
     "Series",
     "Study",
     "StudyState",
@@ -195,6 +196,10 @@ class Job(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    # seconds per step of the last run ({"read": .., "inference": .., ...}) and the objects
+    # it wrote ([{"kind", "sop_instance_uid", "file"}]), see dicomnode.pipeline
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    results: Mapped[list[Any] | None] = mapped_column(JSON)
 
     study: Mapped[Study] = relationship()
 
@@ -275,3 +280,12 @@ class PseudonymUID(Base):
     __table_args__ = (
         Index("ux_pseudonym_uid_study", "pseudonymous_uid", "study_pk", unique=True),
     )
+
+
+class RuleSchedule(Base):
+    """When a scheduled rule (``schedule:`` cron) last ran over the studies received since."""
+
+    __tablename__ = "rule_schedule"
+
+    rule_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_run_at: Mapped[dt.datetime] = mapped_column(DateTime)

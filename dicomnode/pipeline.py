@@ -1,0 +1,190 @@
+"""One job, end to end: bound series -> pseudonymized inputs -> model -> result objects ->
+one copy fit for each destination -> outbox.
+
+:func:`run_job` runs a job that the caller has claimed (state ``running``); it is what a
+worker process executes (:mod:`dicomnode.worker`), and what ``dicomnode run`` and
+``dicomnode jobs retry`` execute in their own process. Everything it writes is
+deterministic for a job: the pseudonymized inputs (keyed), the result objects' UIDs (seeded
+by the job's inputs key, model and version) and the outbox items (unique per object and
+destination), so a job re-run after a crash leaves no duplicate anywhere.
+
+Working files live under ``storage.path/jobs/<job id>/``: ``input/`` (pseudonymized copies
+of the bound series, removed when the job ends), ``results/`` (SEG, RTSTRUCT, SR,
+volumes.json: pseudonymous) and ``send/<peer>/`` (the copies re-identified for clinical
+peers).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from dicomnode.boundary import BoundaryError, for_peer, pseudonymize_files, pseudonymizer
+from dicomnode.config import Config
+from dicomnode.deid import DeidKeyError
+from dicomnode.inference.card import CardError, load_card
+from dicomnode.inference.predict import InferenceError
+from dicomnode.inference.preprocess import PreprocessingError
+from dicomnode.inference.segment import load_inputs, segment
+from dicomnode.inference.volume import VolumeError
+from dicomnode.outbox import Outbox
+from dicomnode.outputs.source import OutputError
+from dicomnode.outputs.write import write_results
+from dicomnode.rules.loader import load_rules
+from dicomnode.store.db import Index
+from dicomnode.store.pseudonyms import PseudonymMap
+from dicomnode.store.tables import Instance, Job, Series
+
+__all__ = ["JobFailure", "JobSummary", "job_dir", "run_job"]
+
+LOG = logging.getLogger(__name__)
+
+#: Errors that a re-run cannot cure: the job fails at once instead of being retried.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    CardError, InferenceError, PreprocessingError, VolumeError, OutputError, BoundaryError,
+    DeidKeyError, KeyError,
+)
+
+
+class JobFailure(Exception):
+    """A job that cannot run; ``permanent`` when a re-run would fail the same way."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass
+class JobSummary:
+    """What one run of a job did: seconds per step, objects written, items queued."""
+
+    job_id: int
+    timings: dict[str, float] = field(default_factory=dict)
+    results: list[dict[str, str]] = field(default_factory=list)
+    enqueued: int = 0
+    provider: str = ""
+
+
+def job_dir(config: Config, job_id: int) -> Path:
+    """The working folder of a job (no identity in its name)."""
+    return config.storage.path / "jobs" / str(job_id)
+
+
+class _Clock:
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, step: str) -> None:
+        now = time.perf_counter()
+        self.timings[step] = round(self.timings.get(step, 0.0) + now - self.last, 4)
+        self.last = now
+
+
+def _series_files(index: Index, config: Config, series_uid: str) -> list[Path]:
+    with index.session() as session:
+        paths = session.scalars(
+            select(Instance.file_path).join(Series)
+            .where(Series.series_instance_uid == series_uid)).all()
+    if not paths:
+        raise JobFailure(f"series {series_uid[-12:]}... has no stored instance", permanent=True)
+    return [config.storage.path / p for p in paths]
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def run_job(config: Config, index: Index, job_id: int,
+            on_step: Callable[[str], None] | None = None) -> JobSummary:
+    """Run the claimed job ``job_id``; returns what it did.
+
+    Raises:
+        JobFailure: the job cannot complete (``permanent`` when a re-run cannot help).
+    """
+    try:
+        return _run(config, index, job_id, on_step or (lambda _step: None))
+    except JobFailure:
+        raise
+    except PERMANENT_ERRORS as exc:
+        raise JobFailure(_describe(exc), permanent=True) from exc
+    except Exception as exc:
+        raise JobFailure(_describe(exc), permanent=False) from exc
+
+
+def _run(config: Config, index: Index, job_id: int,
+         on_step: Callable[[str], None]) -> JobSummary:
+    summary = JobSummary(job_id)
+    clock = _Clock(summary.timings)
+    with index.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobFailure(f"no job {job_id}", permanent=True)
+        rule_name, model, inputs_key = job.rule_name, job.model, job.inputs_key
+        bindings = [(str(n), str(uid)) for n, uid in job.bindings]
+    rules = load_rules(config.rules_dir, peers=config.peers, models_dir=config.models_dir)
+    rule = rules.get(rule_name) if rules is not None else None
+    destinations = rule.send_to if rule is not None else ()
+    card = load_card(config.models_dir / model)
+    names = [name for name, _ in bindings]
+    if names != list(card.input_names):
+        raise JobFailure(f"rule {rule_name} binds {', '.join(names)} but model {model} takes "
+                         f"{', '.join(card.input_names)}", permanent=True)
+    work = job_dir(config, job_id)
+    pseudonyms = PseudonymMap(index)
+    engine = pseudonymizer(config)
+    on_step("pseudonymize")
+    inputs: dict[str, list[Path]] = {}
+    for name, series_uid in bindings:
+        target = work / "input" / name
+        shutil.rmtree(target, ignore_errors=True)  # a crashed run's partial copy
+        report = pseudonymize_files(_series_files(index, config, series_uid), target, engine,
+                                    pseudonyms)
+        if report.failed:
+            raise JobFailure(f"{len(report.failed)} instance(s) of series {name} could not be "
+                             f"pseudonymized: {report.failed[0][1]}", permanent=True)
+        inputs[name] = report.written
+    clock.lap("pseudonymize")
+    on_step("read")
+    volumes = load_inputs(card, inputs)
+    clock.lap("read")
+    on_step("inference")
+    result = segment(card, [v.image for v in volumes], providers=config.inference.providers,
+                     intra_op_threads=config.inference.intra_op_threads)
+    summary.provider = result.provider
+    summary.timings["model"] = round(result.timings.session_run, 4)
+    clock.lap("inference")
+    on_step("write")
+    seed = f"{inputs_key}/{card.name}/{card.version}"
+    written = write_results(result, volumes[0], inputs[names[0]], work / "results",
+                            config.outputs, seed=seed, extra={"job": job_id, "rule": rule_name})
+    summary.results = [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
+                        "file": str(o.path.relative_to(config.storage.path))}
+                       for o in written.objects]
+    del result, volumes
+    shutil.rmtree(work / "input", ignore_errors=True)
+    clock.lap("write")
+    on_step("send")
+    outbox = Outbox.from_config(config, index)
+    for name in destinations:
+        peer = config.peers[name]
+        paths = [for_peer(o.path, name, peer, pseudonyms=pseudonyms,
+                          out_dir=work / "send" / name, pseudonymizer=engine)
+                 for o in written.objects]
+        summary.enqueued += len(outbox.enqueue(paths, [name], job_pk=job_id))
+    clock.lap("reidentify")
+    return summary
+
+
+def summary_json(summary: JobSummary) -> dict[str, Any]:
+    """The columns a finished job stores."""
+    return {"timings": {**summary.timings, "provider": summary.provider},
+            "results": summary.results}

@@ -1,0 +1,242 @@
+"""Jobs in worker processes: claim, run, finish; never in the SCP's threads.
+
+States (``job.state``)::
+
+    pending --claim--> running --done----------------------------> done
+                          |-----failure, permanent or last attempt-> failed
+                          '-----failure, attempts left-------------> pending
+
+A claim is one conditional UPDATE (``pending`` -> ``running``, attempts + 1), so two
+processes (the node and ``dicomnode jobs retry``) never run the same job at once. The
+node's :class:`JobRunner` hands claimed jobs to a pool of spawned worker processes
+(``pipeline.workers``); each worker keeps its ONNX Runtime sessions cached between jobs.
+A worker that dies (a crashing model) fails its job's attempt, not the node. At start,
+jobs left ``running`` by a crash go back to ``pending``: their re-run writes the same
+objects (see :mod:`dicomnode.pipeline`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import multiprocessing
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
+from functools import partial
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, select, update
+
+from dicomnode.config import Config
+from dicomnode.logs import setup_logging
+from dicomnode.pipeline import JobFailure, run_job, summary_json
+from dicomnode.store.db import Index, open_index
+from dicomnode.store.tables import Job, JobState, utcnow
+
+__all__ = ["JobRunner", "claim", "finish", "jobs_report", "reset", "run_claimed"]
+
+LOG = logging.getLogger(__name__)
+
+Outcome = dict[str, Any]
+
+
+def claim(index: Index, job_id: int) -> bool:
+    """Mark a pending job running (attempts + 1); False when it is not pending."""
+    with index.session() as session, session.begin():
+        result = cast(CursorResult[Any], session.execute(
+            update(Job).where(Job.id == job_id, Job.state == JobState.PENDING)
+            .values(state=JobState.RUNNING, attempts=Job.attempts + 1, started_at=utcnow(),
+                    finished_at=None)))
+        return result.rowcount == 1
+
+
+def reset(index: Index, job_id: int) -> bool:
+    """Make a job pending again with no attempt counted (an operator's retry)."""
+    with index.session() as session, session.begin():
+        result = cast(CursorResult[Any], session.execute(
+            update(Job).where(Job.id == job_id, Job.state != JobState.RUNNING)
+            .values(state=JobState.PENDING, attempts=0, error=None)))
+        return result.rowcount == 1
+
+
+def finish(index: Index, job_id: int, outcome: Outcome, max_attempts: int) -> JobState:
+    """Record a run's outcome: done, failed, or pending again for another attempt."""
+    with index.session() as session, session.begin():
+        job = session.get(Job, job_id)
+        if job is None:
+            return JobState.FAILED
+        job.finished_at = utcnow()
+        if outcome["ok"]:
+            job.state = JobState.DONE
+            job.error = None
+            job.timings = outcome["timings"]
+            job.results = outcome["results"]
+        else:
+            job.error = str(outcome["error"])[:2000]
+            last = outcome["permanent"] or job.attempts >= max_attempts
+            job.state = JobState.FAILED if last else JobState.PENDING
+        state = job.state
+    if outcome["ok"]:
+        LOG.info("job %d done (%s)", job_id, ", ".join(
+            f"{k} {v:.2f} s" for k, v in outcome["timings"].items() if isinstance(v, float)))
+    else:
+        LOG.warning("job %d %s: %s", job_id,
+                    "failed" if state is JobState.FAILED else "will be tried again",
+                    outcome["error"])
+    return state
+
+
+def run_claimed(config: Config, index: Index, job_id: int) -> Outcome:
+    """Run a claimed job in this process; the outcome :func:`finish` records."""
+    try:
+        summary = run_job(config, index, job_id)
+    except JobFailure as exc:
+        return {"ok": False, "error": str(exc), "permanent": exc.permanent}
+    return {"ok": True, "enqueued": summary.enqueued, **summary_json(summary)}
+
+
+# ---------------------------------------------------------------- worker processes
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(config_data: dict[str, Any]) -> None:
+    config = Config.model_validate(config_data)
+    setup_logging(config.logging.level)
+    _WORKER["config"] = config
+    _WORKER["index"] = open_index(config.db_url)
+
+
+def _work(job_id: int) -> Outcome:
+    return run_claimed(_WORKER["config"], _WORKER["index"], job_id)
+
+
+class JobRunner:
+    """Hands pending jobs to worker processes and records how they end."""
+
+    def __init__(self, config: Config, index: Index) -> None:
+        self.config = config
+        self.index = index
+        self._pool: ProcessPoolExecutor | None = None
+        self._running: dict[int, Future[Outcome]] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def recover(self) -> int:
+        """Return jobs a crash left ``running`` to ``pending`` (their attempt is counted)."""
+        with self.index.session() as session, session.begin():
+            result = cast(CursorResult[Any], session.execute(
+                update(Job).where(Job.state == JobState.RUNNING)
+                .values(state=JobState.PENDING)))
+            count = int(result.rowcount)
+        if count:
+            LOG.info("%d job(s) interrupted by a stop or crash will run again", count)
+        return count
+
+    def _pool_now(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.config.pipeline.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.config.model_dump(mode="json"),))
+        return self._pool
+
+    def dispatch(self) -> list[int]:
+        """Claim pending jobs up to the free workers and start them; returns their ids."""
+        with self._lock:
+            if self._stopping:
+                return []
+            free = self.config.pipeline.workers - len(self._running)
+            if free <= 0:
+                return []
+            with self.index.session() as session:
+                candidates = session.scalars(
+                    select(Job.id).where(Job.state == JobState.PENDING)
+                    .order_by(Job.id).limit(free)).all()
+            started = []
+            for job_id in candidates:
+                if not claim(self.index, job_id):
+                    continue
+                future = self._pool_now().submit(_work, job_id)
+                self._running[job_id] = future
+                started.append(job_id)
+                LOG.info("job %d started", job_id)
+        for job_id in started:
+            self._running[job_id].add_done_callback(partial(self._done, job_id))
+        return started
+
+    def _done(self, job_id: int, future: Future[Outcome]) -> None:
+        with self._lock:
+            self._running.pop(job_id, None)
+            if self._stopping:
+                return  # left running: recover() makes it pending at the next start
+        try:
+            outcome = future.result()
+        except Exception as exc:  # the worker process died (BrokenProcessPool) or similar
+            outcome = {"ok": False, "permanent": False,
+                       "error": f"the worker process running it ended: {type(exc).__name__}"}
+            with self._lock:
+                pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        finish(self.index, job_id, outcome, self.config.pipeline.max_attempts)
+
+    def busy(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def stop(self) -> None:
+        """Stop the workers; jobs still running go back to pending for the next start."""
+        with self._lock:
+            self._stopping = True
+            pool, self._pool = self._pool, None
+            running = list(self._running)
+        if pool is not None:
+            processes = list(getattr(pool, "_processes", {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:  # a model may run for minutes: do not wait for it
+                process.terminate()
+            for process in processes:
+                process.join(10)
+        if running:
+            with self.index.session() as session, session.begin():
+                session.execute(update(Job).where(Job.id.in_(running),
+                                                  Job.state == JobState.RUNNING)
+                                .values(state=JobState.PENDING, attempts=Job.attempts - 1))
+            LOG.info("%d running job(s) stopped; they run again at the next start",
+                     len(running))
+
+
+def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds(), 3)
+
+
+def jobs_report(index: Index, *, state: str | None = None) -> dict[str, Any]:
+    """Every job (newest first) as JSON-ready data (docs/jobs-json.md)."""
+    with index.session() as session:
+        query = select(Job).order_by(Job.id.desc())
+        if state is not None:
+            query = query.where(Job.state == JobState(state))
+        jobs = session.scalars(query).all()
+        rows = [{
+            "id": job.id,
+            "rule": job.rule_name,
+            "model": job.model,
+            "study": job.study_pk,
+            "inputs": [name for name, _ in job.bindings],
+            "trigger": job.trigger,
+            "state": job.state.value,
+            "attempts": job.attempts,
+            "created_at": job.created_at.isoformat() + "Z",
+            "started_at": None if job.started_at is None else job.started_at.isoformat() + "Z",
+            "finished_at": (None if job.finished_at is None
+                            else job.finished_at.isoformat() + "Z"),
+            "seconds": _seconds(job.started_at, job.finished_at),
+            "timings": job.timings,
+            "results": job.results or [],
+            "error": job.error,
+        } for job in jobs]
+    return {"schema": 1, "jobs": rows}

@@ -1,0 +1,275 @@
+"""The pipeline end to end with real peers: Orthanc pushes the Cranium CT and the Colin27
+MR to a real `dicomnode serve`; rules fire, worker processes pseudonymize, segment and write
+SEG and RTSTRUCT, results are re-identified and Orthanc ends up holding them in the original
+studies. Also: a node killed while a model runs finishes the job exactly once after a restart,
+receiving stays responsive while a model runs, failing jobs stop after bounded attempts, and
+the `jobs`, `jobs retry` and `run` commands.
+
+All traffic goes to 127.0.0.1 (Orthanc 1.10 cannot be told which address to listen on)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+import testdata
+from conftest import DCMTK, NodeFactory, RunningNode, free_port, storescu
+from orthanc import OrthancServer, requires_orthanc
+
+ROOT = Path(__file__).resolve().parents[1]
+CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
+KEY = b"pipeline-test-key-0123456789"
+
+
+def _rules(folder: Path, send_to: str, *, model_ct: str = "ct-body") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rules.yaml").write_text(f"""rules:
+  - name: ct-external
+    select: >-
+      SELECT study FROM patient WHERE series NAMED "ct" HAS Modality = "CT"
+    model: {model_ct}
+    send_to: [{send_to}]
+  - name: t1-brain
+    select: >-
+      SELECT study FROM patient WHERE series NAMED "t1" HAS Modality = "MR"
+    model: brain-mr
+    send_to: [{send_to}]
+""")
+    return folder
+
+
+def _node(node_factory: NodeFactory, tmp_path: Path, peer: dict[str, Any], *,
+          rules: Path | None = None, models: Path = ROOT / "models",
+          **overrides: Any) -> RunningNode:
+    key = tmp_path / "deid.key"
+    key.write_bytes(KEY)
+    return node_factory(
+        peers={"dest": peer},
+        rules_dir=str(rules or _rules(tmp_path / "rules", "dest")),
+        models_dir=str(models),
+        deid={"key_file": str(key)},
+        outbox={"retry_initial_seconds": 1, "check_interval_seconds": 0.5},
+        **overrides)
+
+
+def _jobs(node: RunningNode) -> list[dict[str, Any]]:
+    jobs: list[dict[str, Any]] = json.loads(node.cli("jobs", "--json").stdout)["jobs"]
+    return jobs
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.25)
+
+
+def _series_of(orthanc: OrthancServer, study_id: str) -> dict[str, list[dict[str, Any]]]:
+    by_modality: dict[str, list[dict[str, Any]]] = {}
+    for series in orthanc.get(f"/studies/{study_id}/series?expand"):
+        by_modality.setdefault(series["MainDicomTags"]["Modality"], []).append(series)
+    return by_modality
+
+
+def _stored(orthanc: OrthancServer, series: dict[str, Any]) -> pydicom.Dataset:
+    (instance,) = series["Instances"]
+    return pydicom.dcmread(BytesIO(orthanc.file(instance)))
+
+
+@requires_orthanc
+def test_orthanc_gets_seg_and_rtstruct_back_in_the_original_studies(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    if not CH2.is_file():
+        pytest.skip(f"{CH2} missing: install the Debian package mricron-data")
+    node_port = free_port()
+    with OrthancServer(tmp_path / "orthanc",
+                       modalities={"dicomnode": ("DICOMNODE", node_port)}) as orthanc:
+        node = _node(node_factory, tmp_path, {**orthanc.peer()},
+                     node={"port": node_port}, completion={"quiet_seconds": 2})
+        sources = {"ct": testdata.cranium_ct(tmp_path / "ct", patient_id="PAT-CT-1",
+                                             patient_name="Cranium^Carl"),
+                   "t1": testdata.colin27_mr(tmp_path / "mr", patient_id="PAT-MR-2",
+                                             patient_name="Colin^Twentyseven")}
+        studies = {}
+        for name, files in sources.items():
+            for path in files:
+                answer = orthanc.upload(path)
+            studies[name] = answer["ParentStudy"]
+        for study_id in studies.values():
+            orthanc.push("dicomnode", [study_id])
+
+        def results_back() -> bool:
+            return all({"SEG", "RTSTRUCT"} <= set(_series_of(orthanc, s)) for s in
+                       studies.values())
+
+        _wait(results_back, 240, f"SEG and RTSTRUCT in Orthanc; node log:\n{node.log()}")
+        assert len(orthanc.get("/studies")) == 2  # nothing landed in a pseudonymous study
+        for name, files in sources.items():
+            source = {str(ds.SOPInstanceUID): ds for ds in
+                      (pydicom.dcmread(p, stop_before_pixels=True) for p in files)}
+            first = next(iter(source.values()))
+            series = _series_of(orthanc, studies[name])
+            seg, rtstruct = _stored(orthanc, series["SEG"][0]), _stored(orthanc,
+                                                                         series["RTSTRUCT"][0])
+            for ds in (seg, rtstruct):
+                assert ds.StudyInstanceUID == first.StudyInstanceUID
+                assert ds.PatientID == first.PatientID
+                assert ds.PatientName == first.PatientName
+                assert ds.FrameOfReferenceUID == first.FrameOfReferenceUID
+            assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+            # SEG frames lie on the original slices, RTSTRUCT contours reference them
+            for frame in seg.PerFrameFunctionalGroupsSequence:
+                ref = frame.DerivationImageSequence[0].SourceImageSequence[0]
+                image = source[ref.ReferencedSOPInstanceUID]
+                np.testing.assert_allclose(
+                    [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient],
+                    [float(v) for v in image.ImagePositionPatient], atol=1e-3)
+            contours = [c for roi in rtstruct.ROIContourSequence
+                        for c in roi.get("ContourSequence", [])]
+            assert contours
+            assert {c.ContourImageSequence[0].ReferencedSOPInstanceUID
+                    for c in contours} <= set(source)
+        jobs = _jobs(node)
+        assert sorted(j["rule"] for j in jobs) == ["ct-external", "t1-brain"]
+        assert all(j["state"] == "done" and j["attempts"] == 1 for j in jobs)
+        assert all(j["timings"]["model"] > 0 for j in jobs)
+        outbox = json.loads(node.cli("outbox", "--json").stdout)
+        assert outbox["counts"]["sent"] == len(outbox["items"]) >= 4
+        assert "PAT-CT-1" not in node.log() and "Cranium^Carl" not in node.log()
+
+
+class _StoreSCP:
+    """DCMTK storescp writing every received instance to its own file (+uf)."""
+
+    def __init__(self, folder: Path) -> None:
+        import os
+        import subprocess
+
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [str(DCMTK / "storescp"), "-aet", "DEST", "+uf", "-od", str(folder),
+             str(self.port)], env={**os.environ, "TCP_NODELAY": "1"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def received(self) -> Counter[str]:
+        return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                       for p in self.folder.iterdir() if p.is_file())
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Any:
+    scp = _StoreSCP(tmp_path / "received")
+    yield scp
+    scp.close()
+
+
+def test_a_node_killed_while_a_model_runs_finishes_the_job_exactly_once(
+        node_factory: NodeFactory, tmp_path: Path, storescp: _StoreSCP) -> None:
+    if not CH2.is_file():
+        pytest.skip(f"{CH2} missing: install the Debian package mricron-data")
+    node = _node(node_factory, tmp_path, {"ae_title": "DEST", "host": "127.0.0.1",
+                                          "port": storescp.port})
+    files = testdata.colin27_mr(tmp_path / "mr")
+    assert storescu(node.port, *files).returncode == 0
+
+    def running() -> bool:
+        return any(j["state"] == "running" for j in _jobs(node))
+
+    _wait(running, 60, "a running job")
+    node.kill()  # kill -9 while the worker is in the middle of the job
+    assert not storescp.received()
+    node.start()
+    _wait(lambda: [j["state"] for j in _jobs(node)] == ["done"], 120, "the job done")
+    _wait(lambda: len(storescp.received()) == 2, 60, "SEG and RTSTRUCT received")
+    time.sleep(2)  # anything sent twice would arrive now
+    received = storescp.received()
+    assert sorted(received.values()) == [1, 1]  # the re-run wrote the same UIDs, sent once
+    (job,) = _jobs(node)
+    assert job["attempts"] == 2
+    assert {r["sop_instance_uid"] for r in job["results"]} == set(received)
+
+
+def test_receiving_stays_responsive_while_a_model_runs(
+        node_factory: NodeFactory, tmp_path: Path, storescp: _StoreSCP,
+        small_ct: list[Path]) -> None:
+    if not CH2.is_file():
+        pytest.skip(f"{CH2} missing: install the Debian package mricron-data")
+    node = _node(node_factory, tmp_path, {"ae_title": "DEST", "host": "127.0.0.1",
+                                          "port": storescp.port})
+    assert storescu(node.port, *testdata.colin27_mr(tmp_path / "mr")).returncode == 0
+    _wait(lambda: any(j["state"] == "running" for j in _jobs(node)), 60, "a running job")
+    started = time.monotonic()
+    sent = storescu(node.port, *small_ct)
+    took = time.monotonic() - started
+    assert sent.returncode == 0, sent.stderr
+    assert any(j["state"] == "running" for j in _jobs(node)) or took < 5
+    assert took < 10, f"24 small instances took {took:.1f} s while a model ran"
+
+
+def test_failing_jobs_stop_with_their_error(node_factory: NodeFactory, tmp_path: Path,
+                                            storescp: _StoreSCP, small_ct: list[Path]) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "models", models)
+    (models / "ct-body" / "model.onnx").write_bytes(b"not an onnx model")  # broken
+    node = _node(node_factory, tmp_path, {"ae_title": "DEST", "host": "127.0.0.1",
+                                          "port": storescp.port}, models=models,
+                 pipeline={"max_attempts": 2})
+    assert storescu(node.port, *small_ct).returncode == 0
+    _wait(lambda: [j["state"] for j in _jobs(node)] == ["failed"], 60, "the job failed")
+    (job,) = _jobs(node)
+    assert job["attempts"] <= 2 and job["error"]
+    assert not storescp.received()
+    # the operator fixes the model and retries: the job runs in the command's process
+    (models / "ct-body" / "model.onnx").write_bytes(
+        (ROOT / "models" / "ct-body" / "model.onnx").read_bytes())
+    retry = node.cli("jobs", "retry", str(job["id"]))
+    assert "done: 3 object(s) written" in retry.stdout or "done: 2 object(s)" in retry.stdout
+    (job,) = _jobs(node)
+    assert job["state"] == "done" and job["attempts"] == 1
+    _wait(lambda: len(storescp.received()) == len(job["results"]), 30, "results received")
+
+
+def test_a_manual_run_of_a_rule_on_a_study(node_factory: NodeFactory, tmp_path: Path,
+                                          storescp: _StoreSCP, small_ct: list[Path]) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "rules.yaml").write_text("""rules:
+  - name: nightly-ct
+    select: SELECT study FROM patient WHERE series NAMED "ct" HAS Modality = "CT"
+    model: ct-body
+    send_to: [dest]
+    schedule: "0 2 * * *"
+""")
+    node = _node(node_factory, tmp_path, {"ae_title": "DEST", "host": "127.0.0.1",
+                                          "port": storescp.port}, rules=rules)
+    assert storescu(node.port, *small_ct).returncode == 0
+    node.wait_for(lambda s: len(s) == 1 and s[0]["state"] == "complete")
+    time.sleep(1)
+    assert _jobs(node) == []  # a scheduled rule does not fire on arrival
+    uid = node.studies()[0]["study_instance_uid"]
+    run = node.cli("run", "--rule", "nightly-ct", "--study", uid)
+    assert "job 1 done" in run.stdout
+    again = node.cli("run", "--rule", "nightly-ct", "--study", uid)
+    assert "job 1 done" in again.stdout  # the operator asked: the same job runs again
+    (job,) = _jobs(node)
+    assert job["trigger"] == "manual" and job["state"] == "done"
+    _wait(lambda: len(storescp.received()) == len(job["results"]), 30, "results received")
+    assert max(storescp.received().values()) == 1
+    bad = node.cli("run", "--rule", "nightly-ct", "--study", "1.2.3", check=False)
+    assert bad.returncode == 2 and "no such study" in bad.stderr
