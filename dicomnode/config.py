@@ -37,6 +37,7 @@ __all__ = [
     "PipelineConfig",
     "RetentionConfig",
     "StorageConfig",
+    "WebConfig",
     "format_validation_errors",
     "load_config",
     "read_yaml_mapping",
@@ -187,6 +188,21 @@ class RetentionConfig(_Section):
     check_interval_minutes: float = Field(60.0, gt=0)
 
 
+class WebConfig(_Section):
+    """The operator console (status pages, /metrics, /healthz) served by ``dicomnode serve``.
+
+    Bound to the loopback interface by default. Bound elsewhere, it needs a token (from
+    ``token_file``, else the environment variable ``token_env``); patient identity is shown
+    only to requests that carry the token.
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
+    token_file: Path | None = None
+    token_env: str = Field("DICOMNODE_WEB_TOKEN", min_length=1)
+
+
 class DeidConfig(_Section):
     """Pseudonymization (PS3.15 Basic Profile) at the boundary: the key and the options.
 
@@ -233,6 +249,7 @@ class Config(_Section):
     deid: DeidConfig = DeidConfig()
     pipeline: PipelineConfig = PipelineConfig()
     retention: RetentionConfig = RetentionConfig()
+    web: WebConfig = WebConfig()
     outbox: OutboxConfig = OutboxConfig()
     logging: LoggingConfig = LoggingConfig()
     source: Path | None = Field(None, exclude=True)
@@ -260,6 +277,8 @@ class Config(_Section):
                 "models_dir": fix(self.models_dir),
                 "deid": self.deid.model_copy(update={
                     "key_file": None if self.deid.key_file is None else fix(self.deid.key_file)}),
+                "web": self.web.model_copy(update={"token_file": (
+                    None if self.web.token_file is None else fix(self.web.token_file))}),
             }
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from functools import partial
 from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -25,6 +26,8 @@ from dicomnode.store.db import Index, open_index
 from dicomnode.store.files import InstanceFiles
 from dicomnode.store.ingest import InstanceStore
 from dicomnode.store.recovery import recover_orphans
+from dicomnode.web.metrics import RefusalCounter, metrics_text
+from dicomnode.web.server import ConsoleServer
 from dicomnode.worker import JobRunner
 
 __all__ = ["Node"]
@@ -51,10 +54,17 @@ class Node:
             series_quiet_seconds=config.completion.series_quiet_seconds,
             listeners=[self._on_study_complete],
             settled_listeners=[self._on_series_settled])
+        self.refused = RefusalCounter()
         self.scp = StorageSCP(config.node, self.store,
-                              AccessPolicy(config.node.ae_title, config.peers), self.activity)
+                              AccessPolicy(config.node.ae_title, config.peers), self.activity,
+                              on_refused=self.refused.increment)
         self.outbox = Outbox.from_config(config, self.index)
         self.jobs = JobRunner(config, self.index)
+        self.console = (ConsoleServer(
+            config, self.index, self.outbox, self.rules,
+            partial(metrics_text, self.index, refused=self.refused,
+                    storage_path=config.storage.path))
+            if config.web.enabled else None)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
@@ -88,12 +98,16 @@ class Node:
         install_scheduled_jobs(self)  # scheduled rules (cron) and retention
         self.scheduler.start()
         self.scp.start()
+        if self.console is not None:
+            self.console.start()
 
     def stop(self) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
         LOG.info("stopping")
+        if self.console is not None:
+            self.console.stop()
         self.scp.stop(self.config.node.shutdown_grace_seconds)
         self.scheduler.shutdown(wait=True)
         self.jobs.stop()

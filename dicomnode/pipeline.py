@@ -17,6 +17,7 @@ peers).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import SimpleITK as sitk
 from sqlalchemy import select
 
 from dicomnode.boundary import BoundaryError, for_peer, pseudonymize_files, pseudonymizer
@@ -32,9 +34,10 @@ from dicomnode.deid import DeidKeyError
 from dicomnode.inference.card import CardError, load_card
 from dicomnode.inference.predict import InferenceError
 from dicomnode.inference.preprocess import PreprocessingError
-from dicomnode.inference.segment import load_inputs, segment
+from dicomnode.inference.segment import Segmentation, load_inputs, segment
 from dicomnode.inference.volume import VolumeError
 from dicomnode.outbox import Outbox
+from dicomnode.outputs.overlay import OverlayStructure, render_overlay
 from dicomnode.outputs.source import OutputError
 from dicomnode.outputs.write import write_results
 from dicomnode.rules.loader import load_rules
@@ -169,6 +172,7 @@ def _run(config: Config, index: Index, job_id: int,
     summary.results = [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
                         "file": str(o.path.relative_to(config.storage.path))}
                        for o in written.objects]
+    _draw_overlay(result, volumes[0].image, work / "overlay.png", f"job {job_id}")
     del result, volumes
     shutil.rmtree(work / "input", ignore_errors=True)
     clock.lap("write")
@@ -182,6 +186,20 @@ def _run(config: Config, index: Index, job_id: int,
         summary.enqueued += len(outbox.enqueue(paths, [name], job_pk=job_id))
     clock.lap("reidentify")
     return summary
+
+
+def _draw_overlay(result: Segmentation, image: sitk.Image, path: Path, title: str) -> None:
+    """The console's picture of the result (no identity in it); a failure only logs."""
+    try:
+        png = render_overlay(image, [
+            OverlayStructure(s.label.name, s.label.color, s.volume_ml, s.mask)
+            for s in result.structures], title=f"{title}: {result.card.name} "
+                                               f"{result.card.version}")
+        tmp = path.with_name(".overlay.png.tmp")
+        tmp.write_bytes(png)
+        os.replace(tmp, path)
+    except Exception as exc:  # the job's results do not depend on its picture
+        LOG.warning("%s: no overlay picture (%s)", title, type(exc).__name__)
 
 
 def summary_json(summary: JobSummary) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -62,6 +63,15 @@ class RunningNode:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"node did not start:\n{self.log()}")
+
+    def console_url(self) -> str:
+        """The console's base URL, from the node's log (its port is picked when it starts)."""
+        deadline = time.monotonic() + 10
+        while (found := re.search(r"console at (http://[^/\s]+)/", self.log())) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no console in the node's log:\n{self.log()}")
+            time.sleep(0.05)
+        return found.group(1)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -128,6 +138,7 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
                 "self": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port},
             },
             "completion": {"quiet_seconds": quiet_seconds, "check_interval_seconds": 0.2},
+            "web": {"port": 0},  # a free port, logged as "console at http://HOST:PORT/"
             "logging": {"level": "INFO"},
         }
         for key, value in overrides.items():

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# onnxruntime ships a telemetry client that writes a device id under ~/.cache; a node in a
+# hospital network sends nothing anywhere unasked (an operator may still set it to 0)
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import onnxruntime as ort
 

@@ -9,19 +9,40 @@ from functools import lru_cache
 
 from dicomnode.config import PeerConfig
 
-__all__ = ["AccessPolicy", "Refusal"]
+__all__ = [
+    "REFUSAL_KINDS",
+    "REFUSED_CALLED_AE",
+    "REFUSED_CALLING_AE",
+    "REFUSED_HOST",
+    "REFUSED_OTHER",
+    "REFUSED_TOO_MANY",
+    "AccessPolicy",
+    "Refusal",
+]
 
 # A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4), source 1 = service user, result 1 = permanent
 CALLING_AE_NOT_RECOGNIZED = 0x03
 CALLED_AE_NOT_RECOGNIZED = 0x07
 
+# Why an association was refused, as one of a fixed set of words (metric labels): never
+# an AE title or an address.
+REFUSED_CALLED_AE = "called_ae_not_recognised"
+REFUSED_CALLING_AE = "calling_ae_not_recognised"
+REFUSED_HOST = "host_not_allowed"
+REFUSED_TOO_MANY = "too_many_associations"  # pynetdicom's maximum_associations
+REFUSED_OTHER = "other"
+REFUSAL_KINDS = (REFUSED_CALLED_AE, REFUSED_CALLING_AE, REFUSED_HOST, REFUSED_TOO_MANY,
+                 REFUSED_OTHER)
+
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why an association is refused: a log message and the A-ASSOCIATE-RJ diagnostic."""
+    """Why an association is refused: a log message, the A-ASSOCIATE-RJ diagnostic and
+    the kind of refusal (one of :data:`REFUSAL_KINDS`, without identity)."""
 
     reason: str
     diagnostic: int
+    kind: str = REFUSED_OTHER
 
 
 @lru_cache(maxsize=256)
@@ -52,15 +73,15 @@ class AccessPolicy:
         if called != self.ae_title:
             return None, Refusal(
                 f"called AE title {called!r} is not this node's ({self.ae_title!r})",
-                CALLED_AE_NOT_RECOGNIZED)
+                CALLED_AE_NOT_RECOGNIZED, REFUSED_CALLED_AE)
         candidates = [(n, p) for n, p in self.peers.items() if p.ae_title == calling]
         if not candidates:
             return None, Refusal(f"calling AE title {calling!r} is not a configured peer",
-                                 CALLING_AE_NOT_RECOGNIZED)
+                                 CALLING_AE_NOT_RECOGNIZED, REFUSED_CALLING_AE)
         for name, peer in candidates:
             if peer.host is None or address in _addresses(peer.host):
                 return name, None
         hosts = ", ".join(sorted({str(p.host) for _, p in candidates}))
         return None, Refusal(
             f"calling AE title {calling!r} connected from {address}, not from its "
-            f"configured host ({hosts})", CALLING_AE_NOT_RECOGNIZED)
+            f"configured host ({hosts})", CALLING_AE_NOT_RECOGNIZED, REFUSED_HOST)

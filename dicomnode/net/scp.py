@@ -13,6 +13,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import cast
 
 from pydicom.dataset import Dataset
@@ -23,7 +24,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.completion import AssociationActivity
 from dicomnode.config import NodeConfig
-from dicomnode.net.access import AccessPolicy
+from dicomnode.net.access import REFUSED_OTHER, REFUSED_TOO_MANY, AccessPolicy
 from dicomnode.net.sockets import set_nodelay
 from dicomnode.store.ingest import InstanceStore, StoreFailure
 
@@ -32,6 +33,9 @@ __all__ = ["StorageSCP"]
 LOG = logging.getLogger(__name__)
 
 STATUS_PROCESSING_FAILURE = 0x0110
+
+# A-ASSOCIATE-RJ source 3 (service provider, presentation), reason 2: local limit exceeded
+_LOCAL_LIMIT_EXCEEDED = (0x03, 0x02)
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -50,14 +54,20 @@ class StorageSCP:
             :meth:`InstanceStore.ingest` returns.
         policy: which peers may associate.
         activity: records which open association delivered to which study.
+        on_refused: called with the kind of each refused association (one of
+            :data:`dicomnode.net.access.REFUSAL_KINDS`, never an AE title or address),
+            e.g. a metrics counter; called from the SCP's threads, so it must be quick
+            and thread-safe.
     """
 
     def __init__(self, node: NodeConfig, store: InstanceStore, policy: AccessPolicy,
-                 activity: AssociationActivity) -> None:
+                 activity: AssociationActivity, *,
+                 on_refused: Callable[[str], None] | None = None) -> None:
         self.node = node
         self.store = store
         self.policy = policy
         self.activity = activity
+        self.on_refused = on_refused
         self.server: ThreadedAssociationServer | None = None
         self.counters: dict[str, int] = {"stored": 0, "duplicate": 0, "replaced": 0,
                                          "failed": 0, "refused": 0}
@@ -81,6 +91,14 @@ class StorageSCP:
         with self._counter_lock:
             self.counters[key] += 1
 
+    def _refused(self, kind: str) -> None:
+        self._count("refused")
+        if self.on_refused is not None:
+            try:
+                self.on_refused(kind)
+            except Exception as exc:  # a broken hook must not break the SCP
+                LOG.error("refusal hook failed: %s", type(exc).__name__)
+
     # -- event handlers ---------------------------------------------------------------
 
     def _on_conn_open(self, event: evt.Event) -> None:
@@ -95,12 +113,25 @@ class StorageSCP:
         peer, refusal = self.policy.check(str(rq.calling_ae_title), str(rq.called_ae_title),
                                           address)
         if refusal is not None:
-            self._count("refused")
+            self._refused(refusal.kind)
             LOG.warning("association from %s refused: %s", address, refusal.reason)
             assoc.acse.send_reject(0x01, 0x01, refusal.diagnostic)
             assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the DUL is idle
             return
         LOG.info("association from peer %s (%s) accepted", peer, address)
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        # pynetdicom's own rejections, after the policy accepted (ours send no EVT_REJECTED)
+        rj = event.assoc.acceptor.primitive
+        source_reason = (None, None) if rj is None else (rj.result_source, rj.diagnostic)
+        if source_reason == _LOCAL_LIMIT_EXCEEDED:
+            LOG.warning("association from %s refused: already %d association(s) open",
+                        event.assoc.requestor.address, self.node.maximum_associations)
+            self._refused(REFUSED_TOO_MANY)
+        else:
+            LOG.warning("association from %s refused by the DICOM layer",
+                        event.assoc.requestor.address)
+            self._refused(REFUSED_OTHER)
 
     def _on_echo(self, event: evt.Event) -> int:
         return 0x0000
@@ -136,6 +167,7 @@ class StorageSCP:
         return [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_closed),

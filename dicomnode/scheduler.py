@@ -1,0 +1,362 @@
+"""Scheduled work: off-hours batches of scheduled rules, and retention of received instances.
+
+**Scheduled rules.** A rule with a ``schedule`` (a crontab line, in UTC) does not fire
+when a study arrives; the scheduler runs it as a batch over every study that completed
+since its previous run (:func:`run_scheduled_rule`). When each rule last ran is kept in
+the index (:class:`~dicomnode.store.tables.RuleSchedule`), so a batch after a restart
+covers the studies that completed while the node was down or between runs; the first
+run of a rule covers every complete study. A run records its *start* time, so a study
+completing during the run is evaluated by the next one; each run also looks
+:data:`SCHEDULE_OVERLAP` further back than the previous start, because a study's
+``completed_at`` is stamped a moment before it is committed. Evaluating a study twice
+is harmless: a firing is unique per rule and input series (see
+:mod:`dicomnode.rules.trigger`). A run that the node missed while it was down is made
+up when the node starts, if it was due less than :data:`SCHEDULE_MISFIRE_GRACE` ago;
+otherwise the studies wait for the next scheduled run (they are delayed, never missed).
+
+**Retention.** With ``retention.raw_days`` set, received instances are deleted once
+their study is fully processed and delivered (:func:`apply_retention`): the study is
+complete, has at least one job, every job is ``done``, every outbox item of those jobs
+is ``sent`` (at least one), the newest ``sent_at`` is more than ``raw_days`` old, the
+study completed at least :data:`RETENTION_SETTLE` ago, and every enabled scheduled rule
+has run over it. Only the instance files and their ``instance`` rows go: the patient,
+study and series rows stay, and so do jobs and outbox items (they refer to the study).
+Rows are deleted in a transaction that is committed only after the files are unlinked
+(and, with ``storage.fsync``, the unlinks made durable): a crash in between leaves rows
+whose files are gone, which the next pass removes; never a file without a row, which
+start-up recovery would index again as a new receipt.
+
+Log lines name studies by their index key (``study 12``), never by patient data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import ColumnElement, delete, exists, or_, select
+from sqlalchemy.exc import IntegrityError
+
+from dicomnode.rules.loader import Rule
+from dicomnode.rules.trigger import RuleTrigger
+from dicomnode.store.db import Index
+from dicomnode.store.files import InstanceFiles
+from dicomnode.store.tables import (
+    Instance,
+    Job,
+    JobState,
+    OutboxItem,
+    OutboxState,
+    RuleSchedule,
+    Series,
+    Study,
+    StudyState,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from dicomnode.node import Node
+
+__all__ = [
+    "RETENTION_SETTLE",
+    "SCHEDULE_MISFIRE_GRACE",
+    "SCHEDULE_OVERLAP",
+    "ScheduledRun",
+    "apply_retention",
+    "install_scheduled_jobs",
+    "last_run_at",
+    "missed_fire_time",
+    "rule_trigger",
+    "run_scheduled_rule",
+    "studies_completed_since",
+]
+
+LOG = logging.getLogger(__name__)
+
+SCHEDULE_OVERLAP = dt.timedelta(minutes=10)
+"""How much further back than its previous start a scheduled run looks."""
+
+SCHEDULE_MISFIRE_GRACE = dt.timedelta(hours=1)
+"""A scheduled run late by less than this still runs (also a run missed while down)."""
+
+RETENTION_SETTLE = dt.timedelta(minutes=10)
+"""A study's instances are never deleted sooner than this after the study completed."""
+
+
+@dataclass(frozen=True)
+class ScheduledRun:
+    """What one run of a scheduled rule did."""
+
+    rule: str
+    studies: int  # studies evaluated
+    jobs: int  # jobs created
+    failed: int  # studies whose evaluation raised (logged; not retried)
+
+
+def _naive_utc(moment: dt.datetime | None) -> dt.datetime:
+    """``moment`` (default: now) as a naive UTC datetime, the index's convention."""
+    if moment is None:
+        return utcnow()
+    if moment.tzinfo is not None:
+        return moment.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return moment
+
+
+def _aware_utc(moment: dt.datetime) -> dt.datetime:
+    return moment.replace(tzinfo=dt.timezone.utc) if moment.tzinfo is None else moment
+
+
+def rule_trigger(rule: Rule) -> CronTrigger:
+    """The APScheduler trigger of a scheduled rule (its crontab line, in UTC)."""
+    if rule.schedule is None:
+        raise ValueError(f"rule {rule.name} has no schedule")
+    return CronTrigger.from_crontab(rule.schedule, timezone="UTC")
+
+
+# --------------------------------------------------------------------------- scheduled rules
+
+
+def last_run_at(index: Index, rule_name: str) -> dt.datetime | None:
+    """When a scheduled rule last ran (naive UTC), or None if it never did."""
+    with index.session() as session:
+        row = session.get(RuleSchedule, rule_name)
+        return None if row is None else row.last_run_at
+
+
+def _record_run(index: Index, rule_name: str, started: dt.datetime) -> None:
+    """Store a run's start time; it never moves back (a slower concurrent run)."""
+    for _ in range(2):
+        with index.session() as session:
+            row = session.get(RuleSchedule, rule_name)
+            if row is None:
+                session.add(RuleSchedule(rule_name=rule_name, last_run_at=started))
+            elif row.last_run_at < started:
+                row.last_run_at = started
+            try:
+                session.commit()
+                return
+            except IntegrityError:  # another run inserted the row first: update it
+                session.rollback()
+    raise RuntimeError(f"could not record the run of rule {rule_name}")
+
+
+def studies_completed_since(index: Index, since: dt.datetime | None) -> list[int]:
+    """Complete studies (that still hold instances) completed at or after ``since``."""
+    has_instances = exists(select(Instance.id).join(Series, Instance.series_pk == Series.id)
+                           .where(Series.study_pk == Study.id).correlate(Study))
+    query = select(Study.id).where(Study.state == StudyState.COMPLETE,
+                                   Study.completed_at.is_not(None), has_instances)
+    if since is not None:
+        query = query.where(Study.completed_at >= since)
+    with index.session() as session:
+        return list(session.scalars(query.order_by(Study.completed_at, Study.id)).all())
+
+
+def run_scheduled_rule(index: Index, trigger: RuleTrigger, rule: Rule,
+                       now: dt.datetime | None = None) -> ScheduledRun:
+    """Run a scheduled rule over the studies completed since its last run.
+
+    Args:
+        index: the index database.
+        trigger: creates the jobs (``trigger="schedule"``).
+        rule: the scheduled rule.
+        now: the run's start time (default: now), recorded as the rule's last run.
+
+    Returns:
+        How many studies were evaluated and jobs created.
+    """
+    started = _naive_utc(now)
+    previous = last_run_at(index, rule.name)
+    since = None if previous is None else previous - SCHEDULE_OVERLAP
+    jobs = failed = 0
+    studies = studies_completed_since(index, since)
+    for study_pk in studies:
+        try:
+            firings = trigger.on_study(study_pk, trigger="schedule", rules=[rule])
+        except Exception:
+            failed += 1
+            LOG.exception("scheduled rule %s could not be evaluated on study %d",
+                          rule.name, study_pk)
+            continue
+        jobs += sum(1 for f in firings if f.job_id is not None)
+    _record_run(index, rule.name, started)
+    LOG.info("scheduled rule %s: %d study(ies) evaluated, %d job(s) created%s", rule.name,
+             len(studies), jobs, f", {failed} study(ies) failed" if failed else "")
+    return ScheduledRun(rule.name, len(studies), jobs, failed)
+
+
+def missed_fire_time(trigger: CronTrigger, last_run: dt.datetime | None, now: dt.datetime,
+                     grace: dt.timedelta = SCHEDULE_MISFIRE_GRACE) -> dt.datetime | None:
+    """The latest due-but-missed fire time since ``last_run``, if less than ``grace`` ago.
+
+    A rule that never ran has missed nothing. Times may be naive (UTC) or aware.
+    """
+    if last_run is None:
+        return None
+    now = _aware_utc(now)
+    start = max(_aware_utc(last_run) + dt.timedelta(microseconds=1), now - grace)
+    missed: dt.datetime | None = None
+    fire: dt.datetime | None = trigger.get_next_fire_time(None, start)
+    while fire is not None and fire <= now:
+        missed = fire
+        fire = trigger.get_next_fire_time(fire, fire + dt.timedelta(seconds=1))
+    return missed
+
+
+def _scheduled_rule_job(index: Index, trigger: RuleTrigger, rule: Rule) -> None:
+    run_scheduled_rule(index, trigger, rule)
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def _eligible(cutoff: dt.datetime, completed_before: dt.datetime) -> list[ColumnElement[bool]]:
+    """Conditions on :class:`Study` under which its received instances may be deleted."""
+    jobs = select(Job.id).where(Job.study_pk == Study.id).correlate(Study)
+    items = (select(OutboxItem.id).join(Job, OutboxItem.job_pk == Job.id)
+             .where(Job.study_pk == Study.id).correlate(Study))
+    return [
+        Study.state == StudyState.COMPLETE,
+        Study.completed_at.is_not(None),
+        Study.completed_at < completed_before,
+        exists(jobs),
+        ~exists(jobs.where(Job.state != JobState.DONE)),
+        exists(items),
+        ~exists(items.where(or_(OutboxItem.state != OutboxState.SENT,
+                                OutboxItem.sent_at.is_(None),
+                                OutboxItem.sent_at >= cutoff))),
+    ]
+
+
+def _scheduled_boundary(index: Index, scheduled_rules: Iterable[str],
+                        bound: dt.datetime) -> dt.datetime | None:
+    """The completion time before which every scheduled rule has seen a study.
+
+    None when a scheduled rule never ran: no study may go yet.
+    """
+    for name in scheduled_rules:
+        last = last_run_at(index, name)
+        if last is None:
+            return None
+        bound = min(bound, last - SCHEDULE_OVERLAP)
+    return bound
+
+
+def _fsync_dirs(dirs: Iterable[Path]) -> None:
+    for folder in dirs:
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _purge_study(index: Index, files: InstanceFiles, study_pk: int,
+                 conditions: Sequence[ColumnElement[bool]]) -> int:
+    """Delete one study's instances if it is still eligible; returns how many went."""
+    still_eligible = exists(select(Study.id).where(Study.id == study_pk, *conditions))
+    with index.session() as session:
+        deleted = session.execute(
+            delete(Instance)
+            .where(Instance.series_pk.in_(select(Series.id).where(Series.study_pk == study_pk)),
+                   still_eligible)
+            .returning(Instance.file_path)
+            .execution_options(synchronize_session=False)).scalars().all()
+        dirs: set[Path] = set()
+        for relative in deleted:
+            files.remove(Path(relative))  # a file already missing is not an error
+            dirs.add((files.root / relative).parent)
+        if files.fsync:
+            _fsync_dirs(sorted(dirs))
+        session.commit()
+    return len(deleted)
+
+
+def apply_retention(index: Index, files: InstanceFiles, raw_days: float,
+                    now: dt.datetime | None = None, *,
+                    scheduled_rules: Iterable[str] = ()) -> int:
+    """Delete the received instances of fully delivered studies; returns how many went.
+
+    Args:
+        index: the index database.
+        files: the raw store.
+        raw_days: days after the newest delivery of a study's results.
+        now: the current time (default: now).
+        scheduled_rules: names of the enabled scheduled rules; a study is kept until
+            each of them has run over it.
+    """
+    if raw_days < 0:
+        raise ValueError("raw_days must be >= 0")
+    current = _naive_utc(now)
+    cutoff = current - dt.timedelta(days=raw_days)
+    completed_before = _scheduled_boundary(index, scheduled_rules, current - RETENTION_SETTLE)
+    if completed_before is None:
+        return 0
+    conditions = _eligible(cutoff, completed_before)
+    has_instances = exists(select(Instance.id).join(Series, Instance.series_pk == Series.id)
+                           .where(Series.study_pk == Study.id).correlate(Study))
+    with index.session() as session:
+        candidates = list(session.scalars(
+            select(Study.id).where(*conditions, has_instances).order_by(Study.id)).all())
+    total = 0
+    for study_pk in candidates:
+        count = _purge_study(index, files, study_pk, conditions)
+        if count:
+            LOG.info("retention: deleted %d received instance(s) of study %d", count, study_pk)
+        total += count
+    return total
+
+
+def _retention_job(index: Index, files: InstanceFiles, raw_days: float,
+                   scheduled_rules: tuple[str, ...]) -> None:
+    apply_retention(index, files, raw_days, scheduled_rules=scheduled_rules)
+
+
+# --------------------------------------------------------------------------- installation
+
+
+def install_scheduled_jobs(node: Node) -> None:
+    """Add the node's scheduled work to its scheduler (before the scheduler starts).
+
+    One cron job per enabled scheduled rule (id ``rule:<name>``), and, when
+    ``retention.raw_days`` is set, the retention pass (id ``retention``), run once at
+    start and then every ``retention.check_interval_minutes``.
+    """
+    scheduled = [r for r in (node.rules.enabled if node.rules is not None else ())
+                 if r.schedule is not None]
+    now = dt.datetime.now(dt.timezone.utc)
+    grace = int(SCHEDULE_MISFIRE_GRACE.total_seconds())
+    for rule in scheduled:
+        cron = rule_trigger(rule)
+        options: dict[str, Any] = {}
+        missed = missed_fire_time(cron, last_run_at(node.index, rule.name), now)
+        if missed is not None:
+            LOG.info("scheduled rule %s missed its run at %s UTC: running it now", rule.name,
+                     missed.strftime("%Y-%m-%d %H:%M"))
+            options["next_run_time"] = now
+        node.scheduler.add_job(_scheduled_rule_job, cron, args=(node.index, node.trigger, rule),
+                               id=f"rule:{rule.name}", name=f"scheduled rule {rule.name}",
+                               max_instances=1, coalesce=True, misfire_grace_time=grace,
+                               replace_existing=True, **options)
+        LOG.info("rule %s runs on schedule %r (UTC)", rule.name, rule.schedule)
+    retention = node.config.retention
+    if retention.raw_days is None:
+        return
+    interval = dt.timedelta(minutes=retention.check_interval_minutes)
+    node.scheduler.add_job(
+        _retention_job, "interval", seconds=interval.total_seconds(),
+        args=(node.index, node.files, retention.raw_days, tuple(r.name for r in scheduled)),
+        id="retention", name="retention", next_run_time=now, max_instances=1, coalesce=True,
+        misfire_grace_time=max(1, int(interval.total_seconds())), replace_existing=True)
+    LOG.info("retention: received instances are deleted %g day(s) after their study's "
+             "results were delivered; checked every %g minute(s)", retention.raw_days,
+             retention.check_interval_minutes)

@@ -1,0 +1,1 @@
+"""The operator console: status pages, overlay pictures, /metrics and /healthz."""

@@ -1,0 +1,175 @@
+"""HTML of the operator console: one dashboard and one page per study.
+
+Pages are built from the same reports as the command line (``studies --json``,
+``jobs --json``, ``outbox --json``, ``rules test``). Without authentication they carry
+no patient identity: no names, identifiers, UIDs, dates or descriptions (descriptions can
+hold names), and the rule explanation is reduced to each rule's verdict.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+__all__ = ["IDENTITY_STUDY_KEYS", "dashboard", "redact_outbox", "redact_studies", "study_page"]
+
+#: Study and series keys of ``studies --json`` that may carry identity.
+IDENTITY_STUDY_KEYS = ("study_instance_uid", "study_date", "study_description")
+_IDENTITY_SERIES_KEYS = ("series_instance_uid", "series_description", "frame_of_reference_uid")
+_IDENTITY_OUTBOX_KEYS = ("sop_instance_uid", "file_path")
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #1d2433; }
+h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 1.6rem; }
+table { border-collapse: collapse; margin: .4rem 0; }
+td, th { border-bottom: 1px solid #d9dde5; padding: .25rem .6rem; text-align: left;
+         vertical-align: top; font-size: .9rem; }
+th { background: #f2f4f8; }
+.state-done, .state-sent, .state-complete, .state-whole { color: #146c2e; }
+.state-failed, .state-not-whole { color: #b3261e; font-weight: 600; }
+.state-running, .state-sending, .state-receiving, .state-pending { color: #8a5a00; }
+.muted { color: #6b7385; } .error { color: #b3261e; }
+img.overlay { max-width: 420px; border: 1px solid #d9dde5; display: block; }
+button { font-size: .8rem; }
+pre { background: #f7f8fa; padding: .6rem; font-size: .85rem; }
+"""
+
+_SCRIPT = """
+async function act(url) {
+  const reply = await fetch(url, {method: 'POST', headers: {'X-Dicomnode': '1'},
+                                  credentials: 'same-origin'});
+  const text = await reply.text();
+  document.getElementById('action-result').textContent = text;
+  if (reply.ok) { setTimeout(() => location.reload(), 800); }
+}
+"""
+
+
+def redact_studies(report: dict[str, Any]) -> dict[str, Any]:
+    """``studies --json`` without identity."""
+    studies = []
+    for study in report["studies"]:
+        kept = {k: v for k, v in study.items() if k not in IDENTITY_STUDY_KEYS}
+        kept["series"] = [{k: v for k, v in s.items() if k not in _IDENTITY_SERIES_KEYS}
+                          for s in study["series"]]
+        studies.append(kept)
+    return {**report, "studies": studies}
+
+
+def redact_outbox(report: dict[str, Any]) -> dict[str, Any]:
+    """``outbox --json`` without the (re-identified) instance UIDs and file paths."""
+    items = [{k: v for k, v in item.items() if k not in _IDENTITY_OUTBOX_KEYS}
+             for item in report["items"]]
+    return {**report, "items": items}
+
+
+def _state(value: str) -> str:
+    return f'<span class="state-{escape(value)}">{escape(value)}</span>'
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else escape(str(value))
+
+
+def _page(title: str, body: str, *, authenticated: bool) -> bytes:
+    note = ("" if authenticated else
+            '<p class="muted">Patient identity is hidden: open the console with its token '
+            "(<code>?token=...</code>) to see names, identifiers and descriptions.</p>")
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
+            f"<title>{escape(title)}</title><style>{_STYLE}</style>"
+            f"<script>{_SCRIPT}</script></head><body>"
+            f'<h1>{escape(title)}</h1>{note}<p id="action-result" class="muted"></p>'
+            f"{body}</body></html>").encode()
+
+
+def _studies_table(studies: list[dict[str, Any]], patients: dict[int, str] | None) -> str:
+    rows = []
+    for study in studies:
+        who = ""
+        if patients is not None:
+            who = (f"<td>{_cell(patients.get(study['id']))}</td>"
+                   f"<td>{_cell(study.get('study_description'))}</td>")
+        rows.append(
+            f'<tr id="study-{study["id"]}"><td><a href="/studies/{study["id"]}">study '
+            f'{study["id"]}</a></td>{who}<td>{_state(study["state"])}</td>'
+            f'<td>{len(study["series"])}</td><td>{study["instance_count"]}</td>'
+            f'<td>{_cell(study["last_received_at"])}</td></tr>')
+    head = "<th>patient</th><th>description</th>" if patients is not None else ""
+    return (f"<table><tr><th>study</th>{head}<th>state</th><th>series</th><th>instances</th>"
+            f"<th>last received</th></tr>{''.join(rows)}</table>") if rows else \
+        '<p class="muted">no studies yet</p>'
+
+
+def _jobs_table(jobs: list[dict[str, Any]], overlays: set[int]) -> str:
+    rows = []
+    for job in jobs:
+        timings = job["timings"] or {}
+        steps = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if isinstance(v, float))
+        picture = (f'<img class="overlay" alt="job {job["id"]} overlay" '
+                   f'src="/jobs/{job["id"]}/overlay.png">' if job["id"] in overlays else "")
+        retry = ("" if job["state"] == "running" else
+                 f'<button onclick="act(\'/api/jobs/{job["id"]}/retry\')">retry</button>')
+        error = f'<div class="error">{_cell(job["error"])}</div>' if job["error"] else ""
+        rows.append(
+            f'<tr id="job-{job["id"]}" class="job"><td>job {job["id"]}</td>'
+            f'<td>{_cell(job["rule"])}<br><span class="muted">{_cell(job["model"])}</span></td>'
+            f'<td><a href="/studies/{job["study"]}">study {job["study"]}</a></td>'
+            f'<td>{_state(job["state"])}<br><span class="muted">{job["attempts"]} attempt(s), '
+            f'{_cell(job["trigger"])}</span></td>'
+            f'<td>{_cell(job["seconds"])} s<br><span class="muted">{escape(steps)}</span>'
+            f'{error}</td><td>{picture}</td><td>{retry}</td></tr>')
+    return ("<table><tr><th>job</th><th>rule / model</th><th>study</th><th>state</th>"
+            f"<th>time</th><th>result</th><th></th></tr>{''.join(rows)}</table>") if rows else \
+        '<p class="muted">no jobs yet</p>'
+
+
+def _outbox_table(items: list[dict[str, Any]]) -> str:
+    rows = []
+    for item in items:
+        resend = ("" if item["state"] in ("pending", "sending") else
+                  f'<button onclick="act(\'/api/outbox/{item["id"]}/resend\')">resend</button>')
+        status = "" if item["last_status"] is None else f"0x{item['last_status']:04X} "
+        rows.append(
+            f'<tr id="item-{item["id"]}"><td>item {item["id"]}</td>'
+            f'<td>{_cell(item["job_id"])}</td><td>{_cell(item["sop_class_name"])}</td>'
+            f'<td>{_cell(item["destination"])}</td><td>{_state(item["state"])}</td>'
+            f'<td>{item["attempts"]}</td>'
+            f'<td>{escape(status)}{_cell(item["last_error"])}</td><td>{resend}</td></tr>')
+    return ("<table><tr><th>item</th><th>job</th><th>object</th><th>destination</th>"
+            "<th>state</th><th>attempts</th><th>last error</th><th></th></tr>"
+            f"{''.join(rows)}</table>") if rows else '<p class="muted">nothing to send</p>'
+
+
+def dashboard(studies: dict[str, Any], jobs: dict[str, Any], outbox: dict[str, Any], *,
+              overlays: set[int], patients: dict[int, str] | None,
+              authenticated: bool) -> bytes:
+    """The console's front page: studies, jobs (with overlays) and the outbox."""
+    counts = outbox.get("counts", {})
+    summary = ", ".join(f"{n} {state}" for state, n in counts.items())
+    body = (f"<h2>Studies</h2>{_studies_table(studies['studies'], patients)}"
+            f"<h2>Jobs</h2>{_jobs_table(jobs['jobs'], overlays)}"
+            f"<h2>Outbox</h2><p class=muted>{escape(summary)}</p>"
+            f"{_outbox_table(outbox['items'])}")
+    return _page("dicomnode", body, authenticated=authenticated)
+
+
+def study_page(study: dict[str, Any], explanation: str, *, patient: str | None,
+               authenticated: bool) -> bytes:
+    """One study: its series with geometry verdicts and how each rule evaluates on it."""
+    rows = []
+    for s in study["series"]:
+        geo = s["geometry"]
+        desc = f"<td>{_cell(s.get('series_description'))}</td>" if authenticated else ""
+        rows.append(
+            f'<tr id="series-{s["id"]}"><td>series {s["id"]}</td><td>{_cell(s["modality"])}</td>'
+            f'<td>{_cell(s["series_number"])}</td>{desc}<td>{s["instance_count"]}</td>'
+            f'<td>{_state(geo["state"])} {_cell(geo["reason"])}</td>'
+            f'<td>{_cell(geo["orientation"])}</td><td>{_cell(geo["slice_spacing_mm"])}</td></tr>')
+    head = "<th>description</th>" if authenticated else ""
+    who = f"<p>{escape(patient)}</p>" if patient is not None else ""
+    body = (f'{who}<p>{_state(study["state"])}, {study["instance_count"]} instances; '
+            f'<a href="/">back</a></p>'
+            f"<h2>Series</h2><table><tr><th>series</th><th>modality</th><th>number</th>{head}"
+            f"<th>instances</th><th>geometry</th><th>orientation</th><th>spacing (mm)</th></tr>"
+            f"{''.join(rows)}</table><h2>Rules</h2><pre>{escape(explanation)}</pre>")
+    return _page(f"study {study['id']}", body, authenticated=authenticated)

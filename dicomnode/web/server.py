@@ -1,0 +1,328 @@
+"""The operator console: a small HTTP server in the node's process (standard library).
+
+Routes:
+
+* ``GET /``: studies, jobs (with overlay pictures) and the outbox; ``GET /studies/ID``:
+  series with geometry verdicts and how each rule evaluates on the study;
+* ``GET /jobs/ID/overlay.png``: the picture the job's worker drew;
+* ``GET /api/studies``, ``/api/jobs``, ``/api/outbox``: the JSON of the commands;
+* ``POST /api/jobs/ID/retry``, ``POST /api/outbox/ID/resend``: the only actions (they need
+  the header ``X-Dicomnode: 1``, which a page of another site cannot send);
+* ``GET /metrics`` (Prometheus text format), ``GET /healthz`` (never needs the token).
+
+Access: bound to a loopback address, anyone on the machine may read the pages, without
+patient identity; bound elsewhere, every route but ``/healthz`` needs the token. A request
+carrying the token (``Authorization: Bearer TOKEN``, the cookie ``dicomnode_token``, or
+``?token=TOKEN``, which sets the cookie) is authenticated and sees identity.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable
+from http import HTTPStatus
+from http.cookies import SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from sqlalchemy import select, text
+
+from dicomnode.config import Config, ConfigError
+from dicomnode.outbox import Outbox, OutboxError, outbox_report
+from dicomnode.rules.explain import explain_study
+from dicomnode.rules.loader import RuleSet
+from dicomnode.store.db import Index
+from dicomnode.store.queries import studies_report
+from dicomnode.store.tables import Patient, Study
+from dicomnode.web import pages
+from dicomnode.worker import jobs_report, reset
+
+__all__ = ["ConsoleServer", "console_token", "is_loopback"]
+
+LOG = logging.getLogger(__name__)
+_COOKIE = "dicomnode_token"
+
+MetricsSource = Callable[[], tuple[bytes, str]]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def console_token(config: Config) -> str | None:
+    """The console token (``web.token_file``, else ``$web.token_env``), or None.
+
+    Raises:
+        ConfigError: the token file cannot be read, or the console is bound to a
+            non-loopback address without a token.
+    """
+    web = config.web
+    token: str | None = None
+    if web.token_file is not None:
+        try:
+            token = web.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"web.token_file {web.token_file}: cannot read it: "
+                              f"{exc.strerror}") from None
+    else:
+        token = (os.environ.get(web.token_env) or "").strip() or None
+    if token is not None and len(token) < 16:
+        raise ConfigError("the console token must have at least 16 characters")
+    if token is None and not is_loopback(web.host):
+        raise ConfigError(f"web.host {web.host} is not a loopback address: the console then "
+                          f"needs a token (web.token_file or ${web.token_env})")
+    return token
+
+
+class ConsoleServer:
+    """Serves the console on ``web.host:web.port`` in daemon threads."""
+
+    def __init__(self, config: Config, index: Index, outbox: Outbox, rules: RuleSet | None,
+                 metrics: MetricsSource) -> None:
+        self.config = config
+        self.index = index
+        self.outbox = outbox
+        self.rules = rules
+        self.metrics = metrics
+        self.token = console_token(config)
+        self.open_reading = is_loopback(config.web.host)
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None
+        return int(self._httpd.server_address[1])
+
+    def start(self) -> None:
+        handler = type("Handler", (_Handler,), {"console": self})
+        self._httpd = ThreadingHTTPServer((self.config.web.host, self.config.web.port),
+                                          handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="console",
+                                        daemon=True)
+        self._thread.start()
+        LOG.info("console at http://%s:%d/%s", self.config.web.host, self.port,
+                 "" if self.token is None else " (token required for identity)")
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    # ------------------------------------------------------------ data
+
+    def authenticated(self, presented: str | None) -> bool:
+        return (self.token is not None and presented is not None
+                and hmac.compare_digest(presented.encode(), self.token.encode()))
+
+    def overlays(self) -> set[int]:
+        root = self.config.storage.path / "jobs"
+        if not root.is_dir():
+            return set()
+        return {int(p.parent.name) for p in root.glob("*/overlay.png") if p.parent.name.isdigit()}
+
+    def overlay_path(self, job_id: int) -> Path:
+        return self.config.storage.path / "jobs" / str(job_id) / "overlay.png"
+
+    def patients(self) -> dict[int, str]:
+        with self.index.session() as session:
+            rows = session.execute(select(Study.id, Patient.patient_name, Patient.patient_id)
+                                   .join(Patient)).all()
+        return {sid: f"{name or ''} ({pid})" for sid, name, pid in rows}
+
+    def healthy(self) -> bool:
+        with self.index.session() as session:
+            session.execute(text("SELECT 1"))
+        return True
+
+
+_JOB_RETRY = re.compile(r"^/api/jobs/(\d+)/retry$")
+_ITEM_RESEND = re.compile(r"^/api/outbox/(\d+)/resend$")
+_OVERLAY = re.compile(r"^/jobs/(\d+)/overlay\.png$")
+_STUDY = re.compile(r"^/studies/(\d+)$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    console: ConsoleServer
+    server_version = "dicomnode"
+    _cookie: str | None = None  # Set-Cookie value when the token came in the query
+
+    def log_message(self, format: str, *args: Any) -> None:
+        LOG.debug("console: " + format, *args)  # paths hold index keys only
+
+    # ------------------------------------------------------------ plumbing
+
+    def _token(self) -> tuple[str | None, bool]:
+        """The token presented, and whether it came in the query (to set the cookie)."""
+        header = self.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            return header[7:].strip(), False
+        query = parse_qs(urlsplit(self.path).query).get("token")
+        if query:
+            return query[0], True
+        cookie = SimpleCookie(self.headers.get("Cookie", ""))
+        if _COOKIE in cookie:
+            return cookie[_COOKIE].value, False
+        return None, False
+
+    def _send(self, status: int, body: bytes, content_type: str,
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, data: Any, status: int = 200) -> None:
+        self._send(status, (json.dumps(data, indent=2) + "\n").encode(), "application/json")
+
+    def _text(self, status: int, message: str) -> None:
+        self._send(status, (message + "\n").encode(), "text/plain; charset=utf-8")
+
+    def _access(self) -> bool | None:
+        """Authenticated (True), open reading (False), or refused (None, answered)."""
+        presented, from_query = self._token()
+        console = self.console
+        if console.authenticated(presented):
+            if from_query:
+                self._cookie = f"{_COOKIE}={presented}; HttpOnly; SameSite=Strict; Path=/"
+            return True
+        if presented is not None:
+            self._text(HTTPStatus.UNAUTHORIZED, "wrong token")
+            return None
+        if console.open_reading:
+            return False
+        self._send(HTTPStatus.UNAUTHORIZED, b"token required\n", "text/plain; charset=utf-8",
+                   {"WWW-Authenticate": 'Bearer realm="dicomnode"'})
+        return None
+
+    # ------------------------------------------------------------ routes
+
+    def do_HEAD(self) -> None:
+        self.do_GET()
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        console = self.console
+        try:
+            if path == "/healthz":
+                self._json({"status": "ok" if console.healthy() else "error"})
+                return
+            self._cookie = None
+            auth = self._access()
+            if auth is None:
+                return
+            self._route(path, auth)
+        except Exception as exc:
+            LOG.warning("console: %s failed: %s", path, type(exc).__name__)
+            self._text(HTTPStatus.INTERNAL_SERVER_ERROR, f"error: {type(exc).__name__}")
+
+    def _html(self, body: bytes) -> None:
+        headers = {"Set-Cookie": self._cookie} if self._cookie else None
+        self._send(200, body, "text/html; charset=utf-8", headers)
+
+    def _route(self, path: str, auth: bool) -> None:
+        console = self.console
+        if path == "/":
+            studies = studies_report(console.index)
+            self._html(pages.dashboard(
+                studies if auth else pages.redact_studies(studies), jobs_report(console.index),
+                outbox_report(console.index) if auth else pages.redact_outbox(
+                    outbox_report(console.index)),
+                overlays=console.overlays(), patients=console.patients() if auth else None,
+                authenticated=auth))
+        elif match := _STUDY.match(path):
+            self._study(int(match.group(1)), auth)
+        elif match := _OVERLAY.match(path):
+            file = console.overlay_path(int(match.group(1)))
+            if not file.is_file():
+                self._text(HTTPStatus.NOT_FOUND, "no overlay for this job")
+            else:
+                self._send(200, file.read_bytes(), "image/png")
+        elif path == "/api/studies":
+            report = studies_report(console.index)
+            self._json(report if auth else pages.redact_studies(report))
+        elif path == "/api/jobs":
+            self._json(jobs_report(console.index))
+        elif path == "/api/outbox":
+            report = outbox_report(console.index)
+            self._json(report if auth else pages.redact_outbox(report))
+        elif path == "/metrics":
+            body, content_type = console.metrics()
+            self._send(200, body, content_type)
+        else:
+            self._text(HTTPStatus.NOT_FOUND, "not found")
+
+    def _study(self, study_id: int, auth: bool) -> None:
+        console = self.console
+        with console.index.session() as session:
+            study = session.get(Study, study_id)
+            uid = None if study is None else study.study_instance_uid
+        if uid is None:
+            self._text(HTTPStatus.NOT_FOUND, "no such study")
+            return
+        report = studies_report(console.index, study_uid=uid)
+        (data,) = report["studies"]
+        rules = list(console.rules.rules) if console.rules is not None else []
+        explanation = explain_study(console.index, console.config.storage.path, study_id, rules)
+        if not auth:
+            data = pages.redact_studies(report)["studies"][0]
+            # verdicts only: the compared values may quote descriptions that hold names
+            explanation = "\n".join(line for line in explanation.splitlines()
+                                    if line.startswith("rule "))
+        self._html(pages.study_page(data, explanation,
+                                    patient=console.patients().get(study_id) if auth else None,
+                                    authenticated=auth))
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        console = self.console
+        self._cookie = None
+        auth = self._access()
+        if auth is None:
+            return
+        if console.token is not None and not auth:
+            self._text(HTTPStatus.UNAUTHORIZED, "actions need the token")
+            return
+        if self.headers.get("X-Dicomnode") != "1":
+            self._text(HTTPStatus.FORBIDDEN, "actions need the header X-Dicomnode: 1")
+            return
+        if match := _JOB_RETRY.match(path):
+            job_id = int(match.group(1))
+            if reset(console.index, job_id):
+                LOG.info("console: job %d queued again by an operator", job_id)
+                self._text(200, f"job {job_id} queued again")
+            else:
+                self._text(HTTPStatus.CONFLICT, f"job {job_id} does not exist or is running")
+        elif match := _ITEM_RESEND.match(path):
+            item_id = int(match.group(1))
+            try:
+                console.outbox.resend(item_id)
+            except OutboxError as exc:
+                self._text(HTTPStatus.CONFLICT, str(exc))
+                return
+            LOG.info("console: outbox item %d queued again by an operator", item_id)
+            self._text(200, f"item {item_id} queued again")
+        else:
+            self._text(HTTPStatus.NOT_FOUND, "not found")
