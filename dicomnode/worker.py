@@ -20,7 +20,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from functools import partial
 from typing import Any, cast
@@ -100,11 +102,21 @@ def run_claimed(config: Config, index: Index, job_id: int) -> Outcome:
 _WORKER: dict[str, Any] = {}
 
 
+def _watch_parent(parent: int) -> None:
+    """End this worker as soon as the node that spawned it is gone (``kill -9``): an orphan
+    would otherwise finish its job alongside the re-run the restarted node starts."""
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
+
+
 def _init_worker(config_data: dict[str, Any]) -> None:
     config = Config.model_validate(config_data)
     setup_logging(config.logging.level)
     _WORKER["config"] = config
     _WORKER["index"] = open_index(config.db_url)
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch",
+                     daemon=True).start()
 
 
 def _work(job_id: int) -> Outcome:
