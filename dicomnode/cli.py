@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dicomnode import __version__
 from dicomnode.config import Config, ConfigError, PeerConfig, load_config
@@ -16,6 +16,7 @@ from dicomnode.rules.loader import RuleFileError, RuleSet
 
 if TYPE_CHECKING:
     from dicomnode.inference.card import Card
+    from dicomnode.store.db import Index
 
 __all__ = ["main"]
 
@@ -41,20 +42,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_studies(args: argparse.Namespace) -> int:
+def _index_report(args: argparse.Namespace, build: Callable[[Index], dict[str, Any]],
+                  ) -> dict[str, Any]:
+    """A report built from the configured index (opened and closed here)."""
     from dicomnode.store.db import open_index
-    from dicomnode.store.queries import studies_report
 
-    config = _config(args)
-    index = open_index(config.db_url)
+    index = open_index(_config(args).db_url)
     try:
-        report = studies_report(index, study_uid=args.study)
+        return build(index)
     finally:
         index.dispose()
+
+
+def _print_json(report: dict[str, Any]) -> int:
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_studies(args: argparse.Namespace) -> int:
+    from dicomnode.store.queries import studies_report
+
+    report = _index_report(args, lambda index: studies_report(index, study_uid=args.study))
     if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
+        return _print_json(report)
     if not report["studies"]:
         print("no studies")
     for study in report["studies"]:
@@ -145,19 +156,11 @@ def cmd_pseudonymize(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from dicomnode.store.db import open_index
     from dicomnode.worker import jobs_report
 
-    config = _config(args)
-    index = open_index(config.db_url)
-    try:
-        report = jobs_report(index, state=args.state)
-    finally:
-        index.dispose()
+    report = _index_report(args, lambda index: jobs_report(index, state=args.state))
     if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
+        return _print_json(report)
     if not report["jobs"]:
         print("no jobs")
     for job in report["jobs"]:
@@ -264,18 +267,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_outbox(args: argparse.Namespace) -> int:
     from dicomnode.outbox import outbox_report
-    from dicomnode.store.db import open_index
 
-    config = _config(args)
-    index = open_index(config.db_url)
-    try:
-        report = outbox_report(index, state=args.state, destination=args.destination)
-    finally:
-        index.dispose()
+    report = _index_report(args, lambda index: outbox_report(
+        index, state=args.state, destination=args.destination))
     if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
+        return _print_json(report)
     for item in report["items"]:
         status = item["last_status"]
         when = (f"sent {item['sent_at']}" if item["state"] == "sent" else

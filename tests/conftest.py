@@ -118,6 +118,15 @@ class RunningNode:
 NodeFactory = Callable[..., RunningNode]
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
 @pytest.fixture
 def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
     """Start `dicomnode serve` processes with a test configuration; stopped at teardown."""

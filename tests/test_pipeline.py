@@ -13,7 +13,6 @@ import json
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 import pydicom
 import pytest
 import testdata
-from conftest import DCMTK, NodeFactory, RunningNode, free_port, storescu
+from conftest import DCMTK, NodeFactory, RunningNode, free_port, storescu, wait_until
 from orthanc import OrthancServer, requires_orthanc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,14 +65,6 @@ def _jobs(node: RunningNode) -> list[dict[str, Any]]:
     return jobs
 
 
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.25)
-
-
 def _series_of(orthanc: OrthancServer, study_id: str) -> dict[str, list[dict[str, Any]]]:
     by_modality: dict[str, list[dict[str, Any]]] = {}
     for series in orthanc.get(f"/studies/{study_id}/series?expand"):
@@ -112,7 +103,7 @@ def test_orthanc_gets_seg_and_rtstruct_back_in_the_original_studies(
             return all({"SEG", "RTSTRUCT"} <= set(_series_of(orthanc, s)) for s in
                        studies.values())
 
-        _wait(results_back, 240, f"SEG and RTSTRUCT in Orthanc; node log:\n{node.log()}")
+        wait_until(results_back, 240, f"SEG and RTSTRUCT in Orthanc; node log:\n{node.log()}")
         assert len(orthanc.get("/studies")) == 2  # nothing landed in a pseudonymous study
         for name, files in sources.items():
             source = {str(ds.SOPInstanceUID): ds for ds in
@@ -191,12 +182,12 @@ def test_a_node_killed_while_a_model_runs_finishes_the_job_exactly_once(
     def running() -> bool:
         return any(j["state"] == "running" for j in _jobs(node))
 
-    _wait(running, 60, "a running job")
+    wait_until(running, 60, "a running job")
     node.kill()  # kill -9 while the worker is in the middle of the job
     assert not storescp.received()
     node.start()
-    _wait(lambda: [j["state"] for j in _jobs(node)] == ["done"], 120, "the job done")
-    _wait(lambda: len(storescp.received()) == 2, 60, "SEG and RTSTRUCT received")
+    wait_until(lambda: [j["state"] for j in _jobs(node)] == ["done"], 120, "the job done")
+    wait_until(lambda: len(storescp.received()) == 2, 60, "SEG and RTSTRUCT received")
     time.sleep(2)  # anything sent twice would arrive now
     received = storescp.received()
     assert sorted(received.values()) == [1, 1]  # the re-run wrote the same UIDs, sent once
@@ -213,7 +204,7 @@ def test_receiving_stays_responsive_while_a_model_runs(
     node = _node(node_factory, tmp_path, {"ae_title": "DEST", "host": "127.0.0.1",
                                           "port": storescp.port})
     assert storescu(node.port, *testdata.colin27_mr(tmp_path / "mr")).returncode == 0
-    _wait(lambda: any(j["state"] == "running" for j in _jobs(node)), 60, "a running job")
+    wait_until(lambda: any(j["state"] == "running" for j in _jobs(node)), 60, "a running job")
     started = time.monotonic()
     sent = storescu(node.port, *small_ct)
     took = time.monotonic() - started
@@ -231,7 +222,7 @@ def test_failing_jobs_stop_with_their_error(node_factory: NodeFactory, tmp_path:
                                           "port": storescp.port}, models=models,
                  pipeline={"max_attempts": 2})
     assert storescu(node.port, *small_ct).returncode == 0
-    _wait(lambda: [j["state"] for j in _jobs(node)] == ["failed"], 60, "the job failed")
+    wait_until(lambda: [j["state"] for j in _jobs(node)] == ["failed"], 60, "the job failed")
     (job,) = _jobs(node)
     assert job["attempts"] <= 2 and job["error"]
     assert not storescp.received()
@@ -242,7 +233,7 @@ def test_failing_jobs_stop_with_their_error(node_factory: NodeFactory, tmp_path:
     assert "done: 3 object(s) written" in retry.stdout or "done: 2 object(s)" in retry.stdout
     (job,) = _jobs(node)
     assert job["state"] == "done" and job["attempts"] == 1
-    _wait(lambda: len(storescp.received()) == len(job["results"]), 30, "results received")
+    wait_until(lambda: len(storescp.received()) == len(job["results"]), 30, "results received")
 
 
 def test_a_manual_run_of_a_rule_on_a_study(node_factory: NodeFactory, tmp_path: Path,
@@ -269,7 +260,7 @@ def test_a_manual_run_of_a_rule_on_a_study(node_factory: NodeFactory, tmp_path: 
     assert "job 1 done" in again.stdout  # the operator asked: the same job runs again
     (job,) = _jobs(node)
     assert job["trigger"] == "manual" and job["state"] == "done"
-    _wait(lambda: len(storescp.received()) == len(job["results"]), 30, "results received")
+    wait_until(lambda: len(storescp.received()) == len(job["results"]), 30, "results received")
     assert max(storescp.received().values()) == 1
     bad = node.cli("run", "--rule", "nightly-ct", "--study", "1.2.3", check=False)
     assert bad.returncode == 2 and "no such study" in bad.stderr

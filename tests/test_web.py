@@ -7,15 +7,14 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NodeFactory, RunningNode, storescu
+from conftest import NodeFactory, RunningNode, storescu, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,14 +23,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 # identity of the test series (tools/testdata.py defaults) that must never show unasked
 IDENTITY = ("Test^Patient", "DN-TEST-0001", "Synthetic CT phantom")
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _get(url: str, *, token: str | None = None) -> tuple[int, bytes, str]:
@@ -78,7 +69,7 @@ def node_with_job(node_factory: NodeFactory, tmp_path: Path,
         jobs = json.loads(_get(f"{base}/api/jobs")[1])["jobs"]
         return bool(jobs) and jobs[0]["state"] == "done"
 
-    _wait(done, 90, f"a finished job; log:\n{node.log()}")
+    wait_until(done, 90, f"a finished job; log:\n{node.log()}")
     yield node
 
 
@@ -132,7 +123,7 @@ def test_actions_need_their_header_and_rerun_the_job(node_with_job: RunningNode)
         return bool(job["state"] == "done" and job["attempts"] == 1
                     and job["finished_at"] > job["created_at"])
 
-    _wait(rerun, 60, "the job run again")
+    wait_until(rerun, 60, "the job run again")
     assert _post(f"{base}/api/jobs/42/retry")[0] == 409
     assert _post(f"{base}/api/outbox/42/resend")[0] == 409
 
@@ -193,7 +184,7 @@ def test_the_page_in_headless_chromium_shows_the_job_and_its_overlay(
                 "return arguments[0].complete && arguments[0].naturalWidth", image)
             return bool(width and width > 100)
 
-        _wait(loaded, 30, "the overlay image to load")
+        wait_until(loaded, 30, "the overlay image to load")
         assert "Test^Patient" not in driver.page_source
     finally:
         driver.quit()

@@ -16,7 +16,7 @@ from pydicom.sr.coding import Code
 
 from dicomnode.inference.segment import Segmentation
 from dicomnode.outputs.algorithm import description
-from dicomnode.outputs.source import OutputError, SourceSeries, result_uid
+from dicomnode.outputs.source import OutputError, SourceSeries, object_identity, result_uid
 
 __all__ = ["SR_SERIES_NUMBER", "build_sr"]
 
@@ -84,11 +84,7 @@ def build_sr(
     return hd.sr.Comprehensive3DSR(
         evidence=[*source.headers, seg],
         content=report,
-        series_instance_uid=result_uid(seed, "SR", "series"),
-        series_number=series_number,
-        sop_instance_uid=result_uid(seed, "SR", "instance"),
-        instance_number=1,
-        manufacturer="dicomnode",
+        **object_identity(seed, "SR", series_number),
         is_complete=True,
         series_description=f"Volumes {card.name} {card.version}"[:64],
     )

@@ -21,7 +21,7 @@ from dicomnode import __version__
 from dicomnode.inference.card import Code as CardCode
 from dicomnode.inference.segment import Segmentation
 from dicomnode.outputs.algorithm import algorithm_identification, content_label
-from dicomnode.outputs.source import OutputError, SourceSeries, result_uid
+from dicomnode.outputs.source import OutputError, SourceSeries, object_identity, result_uid
 
 __all__ = ["SEG_SERIES_NUMBER", "SegType", "build_seg"]
 
@@ -103,11 +103,7 @@ def build_seg(
         pixel_array=_frames(segmentation, source, seg_type),
         segmentation_type=seg_type_value,
         segment_descriptions=descriptions,
-        series_instance_uid=result_uid(seed, "SEG", "series"),
-        series_number=series_number,
-        sop_instance_uid=result_uid(seed, "SEG", "instance"),
-        instance_number=1,
-        manufacturer="dicomnode",
+        **object_identity(seed, "SEG", series_number),
         manufacturer_model_name=card.name[:64],
         software_versions=(f"dicomnode {__version__}; {card.name} {card.version}")[:64],
         device_serial_number="0",

@@ -14,13 +14,15 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from dicomnode.inference.volume import SeriesVolume
 
-__all__ = ["OutputError", "SourceFrame", "SourceSeries", "result_uid", "source_series"]
+__all__ = ["OutputError", "SourceFrame", "SourceSeries", "object_identity", "result_uid",
+           "source_series"]
 
 
 class OutputError(ValueError):
@@ -121,3 +123,14 @@ def result_uid(*parts: str) -> str:
         raise ValueError("result_uid needs non-empty parts")
     digest = hashlib.sha256("\x00".join(("dicomnode", *parts)).encode("utf-8")).digest()
     return "2.25." + str(int.from_bytes(digest[:16], "big"))  # PS3.5 B.2, UUID-derived form
+
+
+def object_identity(seed: str, kind: str, series_number: int) -> dict[str, Any]:
+    """The new series and instance of a result object, as highdicom constructors take them."""
+    return {
+        "series_instance_uid": result_uid(seed, kind, "series"),
+        "series_number": series_number,
+        "sop_instance_uid": result_uid(seed, kind, "instance"),
+        "instance_number": 1,
+        "manufacturer": "dicomnode",
+    }
