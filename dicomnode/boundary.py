@@ -105,14 +105,15 @@ def pseudonymizer(config: Config) -> Pseudonymizer:
     return Pseudonymizer(node_key(config), profile_options(config.deid))
 
 
-def _write_tmp(ds: Dataset, path: Path) -> Path:
-    """Write ``ds`` fsynced next to ``path`` under a temporary name; return that name."""
+def _write_tmp(ds: Dataset, path: Path, *, fsync: bool = True) -> Path:
+    """Write ``ds`` (fsynced) next to ``path`` under a temporary name; return that name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fp:
         ds.save_as(fp, enforce_file_format=True)
-        fp.flush()
-        os.fsync(fp.fileno())
+        if fsync:
+            fp.flush()
+            os.fsync(fp.fileno())
     return tmp
 
 
@@ -131,12 +132,13 @@ class ExportReport:
 
 
 def pseudonymize_files(paths: Iterable[Path], out_dir: Path, pseudonymizer: Pseudonymizer,
-                       pseudonyms: PseudonymMap) -> ExportReport:
+                       pseudonyms: PseudonymMap, *, fsync: bool = True) -> ExportReport:
     """Write a pseudonymized copy of each file to ``out_dir/STUDY/SERIES/SOP.dcm``.
 
     The names are the pseudonymous UIDs. Pixel data is copied unchanged. The pseudonym
     map is recorded in the index before the call returns. A file that cannot be read or
     pseudonymized is reported in ``failed`` (with the reason's type, not its values).
+    ``fsync: False`` for scratch copies that a re-run writes again (a job's inputs).
     """
     report = ExportReport()
     records: list[PseudonymizationRecord] = []
@@ -164,7 +166,7 @@ def pseudonymize_files(paths: Iterable[Path], out_dir: Path, pseudonymizer: Pseu
         study, series, sop = (record.study_instance_uid[1], record.series_instance_uid[1],
                               record.sop_instance_uid[1])
         final = out_dir / study / series / f"{sop}.dcm"
-        pending.append((_write_tmp(ds, final), final))
+        pending.append((_write_tmp(ds, final, fsync=fsync), final))
         records.append(record)
         report.studies.add(study)
         if len(records) >= _RECORD_BATCH:

@@ -20,7 +20,7 @@ from dicomnode.net.access import AccessPolicy
 from dicomnode.net.scp import StorageSCP
 from dicomnode.outbox import Outbox
 from dicomnode.rules.loader import load_rules
-from dicomnode.rules.trigger import RuleTrigger
+from dicomnode.rules.trigger import Firing, RuleTrigger
 from dicomnode.scheduler import install_scheduled_jobs
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.files import InstanceFiles
@@ -59,7 +59,8 @@ class Node:
                               AccessPolicy(config.node.ae_title, config.peers), self.activity,
                               on_refused=self.refused.increment)
         self.outbox = Outbox.from_config(config, self.index)
-        self.jobs = JobRunner(config, self.index)
+        # results go out as soon as a job has queued them, not at the outbox's next tick
+        self.jobs = JobRunner(config, self.index, on_done=self.outbox.start_due)
         self.console = (ConsoleServer(
             config, self.index, self.outbox, self.rules,
             partial(metrics_text, self.index, refused=self.refused,
@@ -70,10 +71,15 @@ class Node:
         self._stop_requested = threading.Event()
 
     def _on_study_complete(self, study_pk: int) -> None:
-        self.trigger.on_study(study_pk, trigger="complete")
+        self._dispatch_new(self.trigger.on_study(study_pk, trigger="complete"))
 
     def _on_series_settled(self, study_pk: int) -> None:
-        self.trigger.on_study(study_pk, trigger="early", early=True)
+        self._dispatch_new(self.trigger.on_study(study_pk, trigger="early", early=True))
+
+    def _dispatch_new(self, firings: list[Firing]) -> None:
+        # a job a rule just created starts now, not at the dispatcher's next tick
+        if any(f.job_id is not None for f in firings):
+            self.jobs.dispatch()
 
     def start(self) -> None:
         removed = self.files.clean_tmp()
@@ -96,10 +102,10 @@ class Node:
                                seconds=self.config.outbox.check_interval_seconds,
                                id="outbox", max_instances=1, coalesce=True)
         install_scheduled_jobs(self)  # scheduled rules (cron) and retention
+        if self.console is not None:
+            self.console.start()  # first: a port in use stops the start before any listening
         self.scheduler.start()
         self.scp.start()
-        if self.console is not None:
-            self.console.start()
 
     def stop(self) -> None:
         if self._stopped.is_set():

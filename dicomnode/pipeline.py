@@ -149,8 +149,9 @@ def _run(config: Config, index: Index, job_id: int,
     for name, series_uid in bindings:
         target = work / "input" / name
         shutil.rmtree(target, ignore_errors=True)  # a crashed run's partial copy
+        # scratch copies: a re-run after a crash writes them again, no fsync needed
         report = pseudonymize_files(_series_files(index, config, series_uid), target, engine,
-                                    pseudonyms)
+                                    pseudonyms, fsync=False)
         if report.failed:
             raise JobFailure(f"{len(report.failed)} instance(s) of series {name} could not be "
                              f"pseudonymized: {report.failed[0][1]}", permanent=True)

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from functools import partial
 from typing import Any, cast
@@ -126,9 +127,11 @@ def _work(job_id: int) -> Outcome:
 class JobRunner:
     """Hands pending jobs to worker processes and records how they end."""
 
-    def __init__(self, config: Config, index: Index) -> None:
+    def __init__(self, config: Config, index: Index, *,
+                 on_done: Callable[[], object] | None = None) -> None:
         self.config = config
         self.index = index
+        self.on_done = on_done  # called after a job finished successfully
         self._pool: ProcessPoolExecutor | None = None
         self._running: dict[int, Future[Outcome]] = {}
         self._lock = threading.Lock()
@@ -192,7 +195,12 @@ class JobRunner:
                 pool, self._pool = self._pool, None
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-        finish(self.index, job_id, outcome, self.config.pipeline.max_attempts)
+        state = finish(self.index, job_id, outcome, self.config.pipeline.max_attempts)
+        if state is JobState.DONE and self.on_done is not None:
+            try:
+                self.on_done()
+            except Exception as exc:  # the scheduler's next tick does it anyway
+                LOG.warning("after job %d: %s", job_id, type(exc).__name__)
 
     def busy(self) -> int:
         with self._lock:

@@ -189,3 +189,18 @@ def test_the_page_in_headless_chromium_shows_the_job_and_its_overlay(
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_a_console_port_in_use_stops_the_start_with_a_clear_error(
+        node_factory: NodeFactory) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        node = node_factory(web={"port": port}, start=False)
+        proc = node.cli("serve", check=False)
+    assert proc.returncode == 2
+    assert f"cannot serve the console on 127.0.0.1:{port}" in proc.stderr
+    assert "listening as" not in proc.stderr and "Traceback" not in proc.stderr

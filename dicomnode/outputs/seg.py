@@ -43,7 +43,10 @@ def _frames(segmentation: Segmentation, source: SourceSeries,
         for number, structure in enumerate(segmentation.structures, start=1):
             labels[structure.mask[zs]] = number
         return labels
-    return np.stack([s.mask[zs] for s in segmentation.structures], axis=-1)
+    # built segment by segment, handed over as a [frames, rows, cols, segments] view:
+    # highdicom walks it one segment at a time, far faster over contiguous segments
+    by_segment = np.stack([s.mask[zs] for s in segmentation.structures], axis=0)
+    return np.moveaxis(by_segment, 0, -1)
 
 
 def build_seg(

@@ -110,8 +110,12 @@ class ConsoleServer:
 
     def start(self) -> None:
         handler = type("Handler", (_Handler,), {"console": self})
-        self._httpd = ThreadingHTTPServer((self.config.web.host, self.config.web.port),
-                                          handler)
+        web = self.config.web
+        try:
+            self._httpd = ThreadingHTTPServer((web.host, web.port), handler)
+        except OSError as exc:
+            raise ConfigError(f"web: cannot serve the console on {web.host}:{web.port}: "
+                              f"{exc.strerror} (set web.port, or web.enabled: false)") from None
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="console",
                                         daemon=True)
