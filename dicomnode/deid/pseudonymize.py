@@ -125,7 +125,9 @@ class Pseudonymizer:
             patient_id=patient_id,
             pseudo_patient_id=self._mapper.pseudonym(basis, "PatientID"),
             patient_name=patient_name,
-            pseudo_patient_name=self._mapper.pseudonym(basis, "PatientName"),
+            # a family name only: the caret says so (PS3.5 6.2.1.2), viewers and highdicom
+            # otherwise take one component for an unstructured name
+            pseudo_patient_name=self._mapper.pseudonym(basis, "PatientName") + "^",
         )
         self._process(ds, run)
         ds.PatientID = run.pseudo_patient_id
