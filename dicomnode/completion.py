@@ -49,11 +49,20 @@ class AssociationActivity:
             return set().union(*self._studies.values()) if self._studies else set()
 
 
+#: Segmentations have frames with positions, but they are results, not images to segment:
+#: (binary/fractional) Segmentation, Surface Segmentation, Label Map Segmentation Storage.
+NOT_IMAGE_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.5",
+    "1.2.840.10008.5.1.4.1.1.66.7",
+})
+
+
 def series_verdict(instances: list[Instance]) -> GeometryVerdict | None:
     """The geometry verdict of a series from its index rows; None for non-image series."""
     frames: list[Frame] = []
     for inst in instances:
-        if inst.rows is None or inst.columns is None:
+        if (inst.rows is None or inst.columns is None
+                or inst.sop_class_uid in NOT_IMAGE_SOP_CLASSES):
             continue
         if inst.frame_positions:
             frames.extend(

@@ -30,6 +30,8 @@ from dicomnode.inference.volume import SeriesVolume
 from dicomnode.net.scu import send_files
 from dicomnode.outputs.rtstruct import slice_contours
 from dicomnode.outputs.write import Results, write_results
+from dicomnode.rules.explain import index_folder
+from dicomnode.store.queries import studies_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DCIODVFY = Path("/usr/bin/dciodvfy")
@@ -349,3 +351,17 @@ def test_the_card_s_seg_type_wins_over_the_configuration(cranium: Case, tmp_path
                             OutputsConfig(seg_type="binary", rtstruct=False))
     seg = pydicom.dcmread(results.by_kind("SEG").path, stop_before_pixels=True)
     assert seg.SegmentationType == "LABELMAP"
+
+
+def test_a_seg_sent_back_to_a_node_is_not_an_image_series(cranium: Case, tmp_path: Path) -> None:
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(cranium.results.by_kind("SEG").path, folder / "seg.dcm")
+    shutil.copy(cranium.files[0], folder / "ct.dcm")
+    index, _ = index_folder(folder, tmp_path / "work")
+    try:
+        (study,) = studies_report(index)["studies"]
+    finally:
+        index.dispose()
+    verdicts = {s["modality"]: s["geometry"]["state"] for s in study["series"]}
+    assert verdicts == {"SEG": "not-image", "CT": "whole"}

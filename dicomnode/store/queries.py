@@ -28,17 +28,11 @@ def _time(value: dt.datetime | None) -> str | None:
 def studies_report(index: Index, *, study_uid: str | None = None) -> dict[str, Any]:
     """Studies with their state and their series with geometry verdicts."""
     with index.session() as session:
-        counts = dict(
-            session.execute(
-                select(Instance.series_pk, func.count(Instance.id)).group_by(Instance.series_pk)
-            ).tuples().all()
-        )
-        frames = dict(
-            session.execute(
-                select(Instance.series_pk, func.sum(Instance.number_of_frames))
-                .group_by(Instance.series_pk)
-            ).tuples().all()
-        )
+        counts = {pk: n for pk, n in session.execute(
+            select(Instance.series_pk, func.count(Instance.id)).group_by(Instance.series_pk))}
+        frames = {pk: n for pk, n in session.execute(
+            select(Instance.series_pk, func.sum(Instance.number_of_frames))
+            .group_by(Instance.series_pk))}
         query = select(Study).options(selectinload(Study.series)).order_by(Study.id)
         if study_uid:
             query = query.where(Study.study_instance_uid == study_uid)
