@@ -54,8 +54,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,7 +65,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
-ORTHANC = Path("/usr/sbin/Orthanc")
+from orthanc_server import ORTHANC, OrthancServer  # noqa: E402  (tools/, after sys.path)
+
 CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 HOST = "127.0.0.1"
 NODE_AET = "DICOMNODE"
@@ -82,7 +81,6 @@ FIRE_TARGET_S = 2.0  # the rule fires within this long after the last instance
 NON_MODEL_TARGET_S = 3.0  # everything but session.run, for the 300-slice CT
 NON_MODEL_CASE = "ct300"
 STEPS = ("pseudonymize", "read", "inference", "write", "reidentify")
-HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
 
 RULES = """rules:
   - name: ct
@@ -134,91 +132,13 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-# -------------------------------------------------------------------------- Orthanc
-
-
-class Orthanc:
-    """One Orthanc process (the logic of tests/orthanc.py, without pytest): free ports,
-    no plugins, REST for loopback clients only, the called AE title checked."""
-
-    def __init__(self, workdir: Path, node_port: int) -> None:
-        self.workdir = workdir
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        self.log_path = workdir / "orthanc.log"
-        self.config: dict[str, Any] = {
-            "Name": "dicomnode-e2e",
-            "StorageDirectory": str(workdir / "storage"),
-            "IndexDirectory": str(workdir / "index"),
-            "DicomAet": ORTHANC_AET,
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "DicomServerEnabled": True,
-            "HttpServerEnabled": True,
-            "DicomCheckCalledAet": True,
-            "DicomModalities": {"dicomnode": [NODE_AET, HOST, node_port]},
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [],
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        path = self.workdir / "orthanc.json"
-        path.write_text(json.dumps(self.config, indent=2), encoding="utf-8")
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([str(ORTHANC), "--no-jobs", str(path)], stdout=log,
-                                         stderr=subprocess.STDOUT, cwd=self.workdir,
-                                         env=child_env())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited:\n{tail(self.log_path)}")
-            try:
-                self.get("/system")
-                with socket.create_connection((HOST, self.dicom_port), timeout=1):
-                    return
-            except (OSError, urllib.error.URLError):
-                time.sleep(0.1)
-        raise RuntimeError(f"Orthanc did not start:\n{tail(self.log_path)}")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-    def get(self, route: str, timeout: float = 30.0) -> Any:
-        with HTTP.open(f"http://{HOST}:{self.http_port}{route}", timeout=timeout) as reply:
-            return json.loads(reply.read())
-
-    def post(self, route: str, data: bytes, content_type: str, timeout: float = 600.0) -> Any:
-        request = urllib.request.Request(f"http://{HOST}:{self.http_port}{route}", data=data,
-                                         method="POST", headers={"Content-Type": content_type})
-        with HTTP.open(request, timeout=timeout) as reply:
-            body = reply.read()
-        return json.loads(body) if body.strip() else None
-
-    def upload(self, paths: list[Path]) -> str:
-        """Store files over REST; returns Orthanc's ID of their (one) study."""
-        study = ""
-        for path in paths:
-            study = str(self.post("/instances", path.read_bytes(),
-                                  "application/dicom")["ParentStudy"])
-        return study
-
-    def push(self, study_id: str) -> Any:
-        """C-STORE a study to the node; synchronous (returns when Orthanc's job ended)."""
-        return self.post("/modalities/dicomnode/store",
-                         json.dumps({"Resources": [study_id], "Synchronous": True}).encode(),
-                         "application/json")
-
-
 # -------------------------------------------------------------------------- the node
 
 
 class Node:
     """One ``python -m dicomnode serve`` with the two rules sending to Orthanc."""
 
-    def __init__(self, workdir: Path, orthanc: Orthanc, port: int,
+    def __init__(self, workdir: Path, orthanc: OrthancServer, port: int,
                  overrides: dict[str, Any]) -> None:
         self.workdir = workdir
         self.port = port
@@ -344,7 +264,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
         time.sleep(interval)
 
 
-def results_stored(orthanc: Orthanc, study_id: str, known: dict[str, str]) -> bool:
+def results_stored(orthanc: OrthancServer, study_id: str, known: dict[str, str]) -> bool:
     """True when the study holds a SEG and an RTSTRUCT series (``known``: series -> modality)."""
     for series in orthanc.get(f"/studies/{study_id}")["Series"]:
         if series not in known:
@@ -353,11 +273,13 @@ def results_stored(orthanc: Orthanc, study_id: str, known: dict[str, str]) -> bo
     return {"SEG", "RTSTRUCT"} <= set(known.values())
 
 
-def one_run(case: str, round_no: int, orthanc: Orthanc, node: Node, data_dir: Path,
+def one_run(case: str, round_no: int, orthanc: OrthancServer, node: Node, data_dir: Path,
             models_seen: set[str], poll: float, timeout: float) -> Run:
     folder = data_dir / f"{case}-{round_no}"
     paths = make_series(case, folder, round_no)
-    study_id = orthanc.upload(paths)
+    study_id = ""
+    for path in paths:
+        study_id = str(orthanc.upload(path)["ParentStudy"])
     shutil.rmtree(folder, ignore_errors=True)
     known: dict[str, str] = {}
     if results_stored(orthanc, study_id, known):
@@ -366,7 +288,7 @@ def one_run(case: str, round_no: int, orthanc: Orthanc, node: Node, data_dir: Pa
     wait_until(node.idle, 120, "the node to be idle")
 
     pushed = time.time()
-    orthanc.push(study_id)
+    orthanc.push("dicomnode", [study_id])
     t0 = time.time()
     load = os.getloadavg()[0]
     deadline = time.monotonic() + timeout
@@ -561,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
           f"kernel {info['kernel']}; {info['orthanc']}; checkout {info['checkout']}")
     print(f"node settings changed from the defaults: {overrides or 'none'}")
     node_port = free_port()
-    orthanc = Orthanc(workdir / "orthanc", node_port)
+    orthanc = OrthancServer(workdir / "orthanc", ae_title=ORTHANC_AET,
+                            modalities={"dicomnode": (NODE_AET, node_port)})
     node = Node(workdir / "node", orthanc, node_port, overrides)
     runs: list[Run] = []
     try:
