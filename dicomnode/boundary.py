@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -36,6 +37,7 @@ from dicomnode.deid import (
     load_key,
     reidentify,
 )
+from dicomnode.store.files import write_atomic, write_temporary
 from dicomnode.store.pseudonyms import PseudonymMap
 
 __all__ = ["BoundaryError", "ExportReport", "for_peer", "node_key", "profile_options",
@@ -105,21 +107,8 @@ def pseudonymizer(config: Config) -> Pseudonymizer:
     return Pseudonymizer(node_key(config), profile_options(config.deid))
 
 
-def _write_tmp(ds: Dataset, path: Path, *, fsync: bool = True) -> Path:
-    """Write ``ds`` (fsynced) next to ``path`` under a temporary name; return that name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fp:
-        ds.save_as(fp, enforce_file_format=True)
-        if fsync:
-            fp.flush()
-            os.fsync(fp.fileno())
-    return tmp
-
-
-def _write(ds: Dataset, path: Path) -> Path:
-    os.replace(_write_tmp(ds, path), path)
-    return path
+def _save(ds: Dataset) -> Callable[[BinaryIO], object]:
+    return lambda fp: ds.save_as(fp, enforce_file_format=True)
 
 
 @dataclass
@@ -166,7 +155,7 @@ def pseudonymize_files(paths: Iterable[Path], out_dir: Path, pseudonymizer: Pseu
         study, series, sop = (record.study_instance_uid[1], record.series_instance_uid[1],
                               record.sop_instance_uid[1])
         final = out_dir / study / series / f"{sop}.dcm"
-        pending.append((_write_tmp(ds, final, fsync=fsync), final))
+        pending.append((write_temporary(final, _save(ds), fsync=fsync), final))
         records.append(record)
         report.studies.add(study)
         if len(records) >= _RECORD_BATCH:
@@ -206,7 +195,7 @@ def for_peer(path: Path, peer_name: str, peer: PeerConfig, *, pseudonyms: Pseudo
         record = pseudonymizer.apply(ds)
         pseudonyms.record([record])
         LOG.info("pseudonymized an object for research peer %s", peer_name)
-        return _write(ds, out_dir / f"{record.sop_instance_uid[1]}.pseudonymized.dcm")
+        return write_atomic(out_dir / f"{record.sop_instance_uid[1]}.pseudonymized.dcm", _save(ds))
     if identity is None:
         if _looks_pseudonymized(ds):
             raise BoundaryError(
@@ -215,4 +204,4 @@ def for_peer(path: Path, peer_name: str, peer: PeerConfig, *, pseudonyms: Pseudo
         return path
     reidentify(ds, identity.uid_map, identity.patient_study)
     LOG.info("re-identified an object for clinical peer %s", peer_name)
-    return _write(ds, out_dir / f"{sop}.reidentified.dcm")
+    return write_atomic(out_dir / f"{sop}.reidentified.dcm", _save(ds))

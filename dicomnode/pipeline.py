@@ -17,7 +17,6 @@ peers).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from dicomnode.outputs.source import OutputError
 from dicomnode.outputs.write import write_results
 from dicomnode.rules.loader import load_rules
 from dicomnode.store.db import Index
+from dicomnode.store.files import write_atomic
 from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.tables import Instance, Job, Series
 
@@ -196,9 +196,7 @@ def _draw_overlay(result: Segmentation, image: sitk.Image, path: Path, title: st
             OverlayStructure(s.label.name, s.label.color, s.volume_ml, s.mask)
             for s in result.structures], title=f"{title}: {result.card.name} "
                                                f"{result.card.version}")
-        tmp = path.with_name(".overlay.png.tmp")
-        tmp.write_bytes(png)
-        os.replace(tmp, path)
+        write_atomic(path, lambda fp: fp.write(png), fsync=False)
     except Exception as exc:  # the job's results do not depend on its picture
         LOG.warning("%s: no overlay picture (%s)", title, type(exc).__name__)
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from sqlalchemy.exc import IntegrityError
 from dicomnode.rules.loader import Rule
 from dicomnode.rules.trigger import RuleTrigger
 from dicomnode.store.db import Index
-from dicomnode.store.files import InstanceFiles
+from dicomnode.store.files import InstanceFiles, fsync_dir
 from dicomnode.store.tables import (
     Instance,
     Job,
@@ -248,18 +247,6 @@ def _scheduled_boundary(index: Index, scheduled_rules: Iterable[str],
     return bound
 
 
-def _fsync_dirs(dirs: Iterable[Path]) -> None:
-    for folder in dirs:
-        try:
-            fd = os.open(folder, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _purge_study(index: Index, files: InstanceFiles, study_pk: int,
                  conditions: Sequence[ColumnElement[bool]]) -> int:
     """Delete one study's instances if it is still eligible; returns how many went."""
@@ -276,7 +263,8 @@ def _purge_study(index: Index, files: InstanceFiles, study_pk: int,
             files.remove(Path(relative))  # a file already missing is not an error
             dirs.add((files.root / relative).parent)
         if files.fsync:
-            _fsync_dirs(sorted(dirs))
+            for folder in sorted(dirs):
+                fsync_dir(folder, missing_ok=True)
         session.commit()
     return len(deleted)
 

@@ -24,6 +24,7 @@ from dicomnode.outputs.measurements import build_sr
 from dicomnode.outputs.rtstruct import build_rtstruct
 from dicomnode.outputs.seg import build_seg
 from dicomnode.outputs.source import source_series
+from dicomnode.store.files import write_atomic
 
 __all__ = ["ResultObject", "Results", "default_seed", "write_results"]
 
@@ -59,17 +60,8 @@ def default_seed(segmentation: Segmentation, volume: SeriesVolume) -> str:
     return f"{volume.series_instance_uid}/{card.name}/{card.version}"
 
 
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fp:
-        write(fp)
-        fp.flush()
-        os.fsync(fp.fileno())
-    os.replace(tmp, path)
-
-
 def _save(ds: Dataset, path: Path, kind: str) -> ResultObject:
-    _atomic(path, lambda fp: ds.save_as(fp, enforce_file_format=True))
+    write_atomic(path, lambda fp: ds.save_as(fp, enforce_file_format=True))
     return ResultObject(kind, path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                         str(ds.SeriesInstanceUID))
 
@@ -125,5 +117,5 @@ def write_results(
         report.update(extra)
     volumes = out / "volumes.json"
     text = (json.dumps(report, indent=2) + "\n").encode("utf-8")
-    _atomic(volumes, lambda fp: fp.write(text))
+    write_atomic(volumes, lambda fp: fp.write(text))
     return Results(tuple(objects), volumes)

@@ -17,10 +17,11 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["InstanceFiles"]
+__all__ = ["InstanceFiles", "fsync_dir", "write_atomic", "write_temporary"]
 
 LOG = logging.getLogger(__name__)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -71,10 +72,10 @@ class InstanceFiles:
                 os.close(fd)
         os.replace(tmp_file, dest)
         if self.fsync:
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             if new_dirs:
-                _fsync_dir(dest.parent.parent)
-                _fsync_dir(dest.parent.parent.parent)
+                fsync_dir(dest.parent.parent)
+                fsync_dir(dest.parent.parent.parent)
         return dest
 
     def remove(self, relative: Path) -> None:
@@ -99,9 +100,38 @@ class InstanceFiles:
             yield path.relative_to(self.root)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: Path, *, missing_ok: bool = False) -> None:
+    """Make the entries of folder ``path`` (new, renamed or removed files) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_temporary(path: Path, write: Callable[[BinaryIO], object], *,
+                    fsync: bool = True) -> Path:
+    """Write a file with ``write(fp)`` under a hidden temporary name beside ``path``
+    (folders created), fsynced unless ``fsync`` is false; returns the temporary name,
+    for the caller to rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fp:
+        write(fp)
+        if fsync:
+            fp.flush()
+            os.fsync(fp.fileno())
+    return tmp
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], object], *,
+                 fsync: bool = True) -> Path:
+    """Write ``path`` with ``write(fp)`` so that it is either whole or absent: a temporary
+    file (see :func:`write_temporary`) renamed over it. Returns ``path``."""
+    os.replace(write_temporary(path, write, fsync=fsync), path)
+    return path
