@@ -228,11 +228,9 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
     from dicomnode.rules.trigger import RuleTrigger
     from dicomnode.store.db import open_index
-    from dicomnode.store.tables import Study
+    from dicomnode.store.queries import study_pk
 
     config = _config(args)
     setup_logging(config.logging.level)
@@ -244,14 +242,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     index = open_index(config.db_url)
     try:
-        with index.session() as session:
-            study_pk = session.scalars(select(Study.id).where(
-                Study.study_instance_uid == args.study)).first()
-        if study_pk is None:
+        found = study_pk(index, args.study)
+        if found is None:
             print("no such study in the index", file=sys.stderr)
             return 2
         firings = RuleTrigger(index, rules, config.storage.path).on_study(
-            study_pk, trigger="manual", rules=[rule])
+            found, trigger="manual", rules=[rule])
     finally:
         index.dispose()
     job_ids = [f.job_id for f in firings if f.job_id is not None]
@@ -260,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if f.reason.startswith("already fired as job ")]
     if not job_ids:
         reasons = "; ".join(f.reason for f in firings) or "no match"
-        print(f"rule {rule.name} does not fire on study {study_pk}: {reasons}", file=sys.stderr)
+        print(f"rule {rule.name} does not fire on study {found}: {reasons}", file=sys.stderr)
         return 1
     return max(_run_now(config, job_id) for job_id in job_ids)
 
@@ -367,16 +363,12 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
             finally:
                 index.dispose()
         return 0
-    from sqlalchemy import select
-
     from dicomnode.store.db import open_index
-    from dicomnode.store.tables import Study
+    from dicomnode.store.queries import study_pk
 
     index = open_index(config.db_url)
     try:
-        with index.session() as session:
-            found = session.scalars(select(Study.id).where(
-                Study.study_instance_uid == args.study)).first()
+        found = study_pk(index, args.study)
         if found is None:
             print(f"no study {args.study} in the index", file=sys.stderr)
             return 1

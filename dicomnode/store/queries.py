@@ -16,13 +16,21 @@ from sqlalchemy.orm import selectinload
 from dicomnode.store.db import Index
 from dicomnode.store.tables import Instance, Series, Study
 
-__all__ = ["STUDIES_SCHEMA_VERSION", "studies_report"]
+__all__ = ["STUDIES_SCHEMA_VERSION", "studies_report", "study_pk"]
 
 STUDIES_SCHEMA_VERSION = 1
 
 
 def _time(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat() + "Z"
+
+
+def study_pk(index: Index, study_uid: str) -> int | None:
+    """The index key of the study with this StudyInstanceUID, or None."""
+    with index.session() as session:
+        found: int | None = session.scalars(
+            select(Study.id).where(Study.study_instance_uid == study_uid)).first()
+    return found
 
 
 def studies_report(index: Index, *, study_uid: str | None = None) -> dict[str, Any]:
