@@ -5,9 +5,10 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.sr.codedict import codes
 
+from dicomnode import __version__
 from dicomnode.inference.card import Card
 
-__all__ = ["algorithm_identification", "content_label", "description"]
+__all__ = ["algorithm_identification", "content_label", "description", "software_versions"]
 
 
 def algorithm_identification(card: Card) -> hd.AlgorithmIdentificationSequence:
@@ -29,3 +30,8 @@ def description(card: Card) -> str:
     """``name version`` (and ``rule-based``), at most 64 characters (LO)."""
     text = f"{card.name} {card.version}" + (" (rule-based)" if card.rule_based else "")
     return text[:64]
+
+
+def software_versions(card: Card) -> str:
+    """Software Versions of a result object: the node's and the model's (LO, 64 chars)."""
+    return f"dicomnode {__version__}; {card.name} {card.version}"[:64]

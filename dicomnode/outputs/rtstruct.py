@@ -28,10 +28,9 @@ from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 from skimage.measure import find_contours
 
-from dicomnode import __version__
 from dicomnode.inference.card import Code as CardCode
 from dicomnode.inference.segment import Geometry, Segmentation, Structure
-from dicomnode.outputs.algorithm import content_label, description
+from dicomnode.outputs.algorithm import content_label, description, software_versions
 from dicomnode.outputs.source import OutputError, SourceFrame, SourceSeries, result_uid
 
 __all__ = ["RTSTRUCT_SERIES_NUMBER", "RTStructureSetStorage", "build_rtstruct", "slice_contours"]
@@ -222,7 +221,7 @@ def build_rtstruct(
     ds.FrameOfReferenceUID = frame_of_reference
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
     ds.ManufacturerModelName = card.name[:64]
-    ds.SoftwareVersions = f"dicomnode {__version__}; {card.name} {card.version}"[:64]
+    ds.SoftwareVersions = software_versions(card)
     # Structure Set
     ds.StructureSetLabel = content_label(card)
     ds.StructureSetName = card.name[:64]

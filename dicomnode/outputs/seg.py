@@ -17,10 +17,9 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.sr.coding import Code
 
-from dicomnode import __version__
 from dicomnode.inference.card import Code as CardCode
 from dicomnode.inference.segment import Segmentation
-from dicomnode.outputs.algorithm import algorithm_identification, content_label
+from dicomnode.outputs.algorithm import algorithm_identification, content_label, software_versions
 from dicomnode.outputs.source import OutputError, SourceSeries, object_identity, result_uid
 
 __all__ = ["SEG_SERIES_NUMBER", "SegType", "build_seg"]
@@ -108,7 +107,7 @@ def build_seg(
         segment_descriptions=descriptions,
         **object_identity(seed, "SEG", series_number),
         manufacturer_model_name=card.name[:64],
-        software_versions=(f"dicomnode {__version__}; {card.name} {card.version}")[:64],
+        software_versions=software_versions(card),
         device_serial_number="0",
         content_label=content_label(card),
         content_description=f"{card.name} {card.version}"[:64],
