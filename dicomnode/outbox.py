@@ -56,6 +56,7 @@ from sqlalchemy.exc import IntegrityError
 from dicomnode.config import Config, OutboxConfig, PeerConfig
 from dicomnode.net.scu import SendError, SendResult, send_files
 from dicomnode.store.db import Index
+from dicomnode.store.queries import count_by_state
 from dicomnode.store.tables import OutboxItem, OutboxState, utcnow
 
 __all__ = [
@@ -529,12 +530,8 @@ def outbox_report(index: Index, *, state: OutboxState | str | None = None,
     ``counts`` covers every item; ``items`` only those of ``state`` and
     ``destination`` when given, ordered by id.
     """
+    counts = count_by_state(index, OutboxItem.state, OutboxState)
     with index.session() as session:
-        counts = {s.value: 0 for s in OutboxState}
-        for value, count in session.execute(
-                select(OutboxItem.state, func.count(OutboxItem.id))
-                .group_by(OutboxItem.state)):
-            counts[OutboxState(value).value] = int(count)
         query = select(OutboxItem).order_by(OutboxItem.id)
         if state is not None:
             query = query.where(OutboxItem.state == OutboxState(state))

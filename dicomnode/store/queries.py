@@ -8,6 +8,8 @@ identity (no names, IDs or birth dates).
 from __future__ import annotations
 
 import datetime as dt
+import enum
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import func, select
@@ -16,13 +18,23 @@ from sqlalchemy.orm import selectinload
 from dicomnode.store.db import Index
 from dicomnode.store.tables import Instance, Series, Study
 
-__all__ = ["STUDIES_SCHEMA_VERSION", "studies_report", "study_pk"]
+__all__ = ["STUDIES_SCHEMA_VERSION", "count_by_state", "studies_report", "study_pk"]
 
 STUDIES_SCHEMA_VERSION = 1
 
 
 def _time(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat() + "Z"
+
+
+def count_by_state(index: Index, column: Any, states: Iterable[enum.Enum]) -> dict[str, int]:
+    """Rows per value of an enum ``column`` (e.g. ``Job.state``), every state listed (0 too)."""
+    counts = {str(s.value): 0 for s in states}
+    with index.session() as session:
+        for state, n in session.execute(select(column, func.count()).group_by(column)):
+            value = state.value if hasattr(state, "value") else str(state)
+            counts[value] = int(n)
+    return counts
 
 
 def study_pk(index: Index, study_uid: str) -> int | None:

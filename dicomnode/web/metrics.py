@@ -48,6 +48,7 @@ from sqlalchemy import case, func, select
 
 from dicomnode.net.access import REFUSAL_KINDS, REFUSED_OTHER
 from dicomnode.store.db import Index
+from dicomnode.store.queries import count_by_state
 from dicomnode.store.tables import (
     Instance,
     Job,
@@ -96,15 +97,6 @@ class RefusalCounter:
         """A copy of the counts, every known reason included (zero or more)."""
         with self._lock:
             return dict(self._counts)
-
-
-def _per_state(index: Index, column: Any, states: Iterable[Any]) -> dict[str, int]:
-    counts = {str(s.value): 0 for s in states}
-    with index.session() as session:
-        for state, n in session.execute(select(column, func.count()).group_by(column)):
-            value = state.value if hasattr(state, "value") else str(state)
-            counts[value] = int(n)
-    return counts
 
 
 def _usable_path(path: Path) -> Path:
@@ -168,7 +160,7 @@ class IndexCollector:
     def _states(self, name: str, documentation: str, column: Any,
                 states: Iterable[Any]) -> Metric:
         family = GaugeMetricFamily(name, documentation, labels=["state"])
-        for state, n in _per_state(self.index, column, states).items():
+        for state, n in count_by_state(self.index, column, states).items():
             family.add_metric([state], n)
         return family
 
