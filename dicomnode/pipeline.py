@@ -101,8 +101,13 @@ def _series_files(index: Index, config: Config, series_uid: str) -> list[Path]:
     return [config.storage.path / p for p in paths]
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
+def _describe(exc: BaseException, *, ours: bool) -> str:
+    """What a job's error says. Messages of dicomnode's own errors never quote values; those
+    of other libraries may (pydicom quotes the values it rejects, and a re-identified result
+    holds identity), so of them only the type is kept, and an OSError's reason."""
+    text = str(exc).strip() if ours else ""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -118,9 +123,9 @@ def run_job(config: Config, index: Index, job_id: int,
     except JobFailure:
         raise
     except PERMANENT_ERRORS as exc:
-        raise JobFailure(_describe(exc), permanent=True) from exc
+        raise JobFailure(_describe(exc, ours=True), permanent=True) from exc
     except Exception as exc:
-        raise JobFailure(_describe(exc), permanent=False) from exc
+        raise JobFailure(_describe(exc, ours=False), permanent=False) from exc
 
 
 def _run(config: Config, index: Index, job_id: int,
