@@ -28,7 +28,8 @@ from dicomnode.inference.card import load_card
 from dicomnode.inference.segment import Segmentation, load_inputs, segment
 from dicomnode.inference.volume import SeriesVolume
 from dicomnode.net.scu import send_files
-from dicomnode.outputs.rtstruct import slice_contours
+from dicomnode.outputs.rtstruct import ds_bytes, slice_contours
+from dicomnode.outputs.source import OutputError
 from dicomnode.outputs.write import Results, write_results
 from dicomnode.rules.explain import index_folder
 from dicomnode.store.queries import studies_report
@@ -246,14 +247,49 @@ def test_a_ring_and_islands_give_one_contour_per_closed_line() -> None:
     r = np.hypot(yy - 20, xx - 18)
     mask[(r < 12) & (r >= 6)] = True  # a ring: outer line and hole
     mask[5:9, 38:45] = True  # an island
-    mask[30, 40] = mask[31, 41] = True  # two pixels touching only by a corner
+    mask[30, 40] = mask[31, 41] = True  # two pixels touching only by a corner: one region
     contours = slice_contours(mask)
-    assert len(contours) == 5
+    assert len(contours) == 4
     # even-odd rasterisation of the polygons (pixel centres inside) gives the mask back
     raster = np.zeros_like(mask)
     for line in contours:
         raster ^= polygon2mask(mask.shape, line)
     np.testing.assert_array_equal(raster, mask)
+
+
+def test_contour_vertices_are_the_marching_squares_edge_midpoints() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(50):
+        mask = rng.random((24, 31)) < rng.uniform(0.2, 0.8)
+        contours = slice_contours(mask)
+        raster = np.zeros_like(mask)
+        for line in contours:
+            raster ^= polygon2mask(mask.shape, line)
+            # each vertex lies halfway between an inside and an outside pixel centre
+            doubled = np.rint(line * 2).astype(int)
+            assert np.allclose(line * 2, doubled)
+            assert np.all((doubled[:, 0] + doubled[:, 1]) % 2 == 1)
+            for r2, c2 in doubled:
+                a = (r2 // 2, c2 // 2)
+                b = ((r2 + 1) // 2, (c2 + 1) // 2)
+                inside = [0 <= r < mask.shape[0] and 0 <= c < mask.shape[1] and mask[r, c]
+                          for r, c in (a, b)]
+                assert inside[0] != inside[1]
+        np.testing.assert_array_equal(raster, mask)
+
+
+def test_ds_bytes_are_short_decimal_strings() -> None:
+    values = np.array([0.0, -0.0, 1.5, -12.25, 123456789.12344, -0.00004, 3.0001, 100.0,
+                       -100.1, 999999999.9999, 0.1])
+    assert ds_bytes(values) == (b"0\\0\\1.5\\-12.25\\123456789.1234\\0\\3.0001\\100\\"
+                                b"-100.1\\999999999.9999\\0.1")
+    rng = np.random.default_rng(3)
+    many = rng.uniform(-5000, 5000, 20000)
+    strings = ds_bytes(many).decode().split("\\")
+    assert max(len(s) for s in strings) <= 16
+    np.testing.assert_allclose([float(s) for s in strings], np.round(many, 4), atol=1e-9)
+    with pytest.raises(OutputError, match="beyond 1e9"):
+        ds_bytes(np.array([1e9]))
 
 
 def test_the_sr_reports_the_volumes_of_the_segments(case: Case) -> None:

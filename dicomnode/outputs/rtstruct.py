@@ -1,17 +1,22 @@
 """RT Structure Set (RTSTRUCT) objects from a segmentation, written with pydicom.
 
 Each structure's mask becomes planar contours, slice by slice, in the patient
-coordinate system (LPS, mm): the iso-line at 0.5 of the binary slice (marching
-squares, scikit-image), so that a pixel is inside the polygons exactly when its
-centre is inside the mask. Every closed line is its own CLOSED_PLANAR contour:
-several islands give several contours, and a hole gives a contour inside its
-island (the convention treatment planning systems read with the even-odd rule).
+coordinate system (LPS, mm): the iso-line at 0.5 of the binary slice (the polygon
+marching squares draws, through the middle of each pixel edge between inside and
+outside), so that a pixel is inside the polygons exactly when its centre is inside the
+mask. The lines are traced with OpenCV's border following (C++, about 1 ms a 512x512
+slice; scikit-image's marching squares assembles its lines in Python, 4-5 ms) on a grid
+of twice the resolution that holds pixel centres, edge midpoints and corners, keeping
+the edge midpoints. Pixels touching only by a corner are one region (8-connected): one
+polygon that passes between them. Every closed line is its own CLOSED_PLANAR contour:
+several islands give several contours, and a hole gives a contour inside its island
+(the convention treatment planning systems read with the even-odd rule).
 Each contour references the image of its slice. ROI names, colours and RT ROI
 Interpreted Types come from the model card; the Structure Set ROI items say
 ROI Generation Algorithm AUTOMATIC with the model's identification.
 
-DS values are written with at most 16 characters (4 decimals are far below the
-0.01 mm that matters for contours).
+DS values are written with at most 16 characters, rounded to 0.1 micrometre (far below
+the 0.01 mm that matters for contours), formatted by numpy for the whole contour at once.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataelem import RawDataElement
@@ -26,7 +32,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
-from skimage.measure import find_contours
 
 from dicomnode.inference.card import Code as CardCode
 from dicomnode.inference.segment import Geometry, Segmentation, Structure
@@ -54,7 +59,9 @@ def slice_contours(mask: npt.NDArray[np.bool_]) -> list[npt.NDArray[np.float64]]
     """Closed contours of one binary slice as (row, column) pixel coordinates.
 
     Each contour is an ``(n, 2)`` array (n >= 3) without the closing repeat of its
-    first point; coordinates are in pixels with (0, 0) the centre of the first pixel.
+    first point and without points that lie on a straight run between their
+    neighbours; coordinates are in pixels with (0, 0) the centre of the first pixel.
+    Every vertex is the midpoint of a pixel edge between an inside and an outside pixel.
     """
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
@@ -62,13 +69,26 @@ def slice_contours(mask: npt.NDArray[np.bool_]) -> list[npt.NDArray[np.float64]]
     cols = np.flatnonzero(mask.any(axis=0))
     r0, c0 = int(rows[0]), int(cols[0])
     crop = mask[r0:int(rows[-1]) + 1, c0:int(cols[-1]) + 1]
-    padded = np.pad(crop, 1).astype(np.float32)  # closed lines: no object touches the edge
+    # node (2i + 1, 2j + 1) is the centre of pixel (i, j) of the crop padded by one (so
+    # every line closes), (2i + 1, 2j) the middle of its left edge, (2i, 2j) its upper
+    # left corner; a node is inside when a pixel it touches is inside
+    height, width = crop.shape[0] + 2, crop.shape[1] + 2
+    nodes = np.zeros((2 * height + 1, 2 * width + 1), dtype=np.uint8)
+    nodes[3:-3:2, 3:-3:2] = crop
+    nodes = cv2.dilate(nodes, _SQUARE)
+    lines, _hierarchy = cv2.findContours(nodes, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    offset = np.array([r0 - 1.5, c0 - 1.5])
     out = []
-    for line in find_contours(padded, 0.5):
-        line = _corners(line[:-1])
-        if len(line) >= 3:
-            out.append(line + np.array([r0 - 1, c0 - 1], dtype=np.float64))
+    for line in lines:
+        rc = line[:, 0, ::-1]  # OpenCV gives (x, y)
+        midpoints = rc[(rc[:, 0] + rc[:, 1]) % 2 == 1]  # one coordinate odd: an edge
+        polygon = _corners(midpoints / 2.0 + offset)
+        if len(polygon) >= 3:
+            out.append(polygon)
     return out
+
+
+_SQUARE = np.ones((3, 3), dtype=np.uint8)
 
 
 def _corners(line: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -82,17 +102,54 @@ def _corners(line: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 def _contour_data(points: npt.NDArray[np.float64]) -> RawDataElement:
     """Contour Data (3006,0050) already encoded: pydicom would build one DSfloat per value,
     seconds for the hundreds of thousands of values of a body outline."""
-    text = "\\".join(_ds(points.reshape(-1))).encode("ascii")
+    text = ds_bytes(points.reshape(-1))
     if len(text) % 2:
         text += b" "
     return RawDataElement(_CONTOUR_DATA, "DS", len(text), text, 0, False, True)
 
 
-def _ds(values: npt.NDArray[np.float64]) -> list[str]:
-    """Decimal strings of at most 16 characters."""
-    if values.size and float(np.abs(values).max()) >= 1e9:
-        raise OutputError("a contour coordinate is beyond 1e9 mm")
-    return [f"{v:.4f}".rstrip("0").rstrip(".") or "0" for v in np.round(values, 4).tolist()]
+_DECIMALS = 4
+
+
+def ds_bytes(values: npt.NDArray[np.float64]) -> bytes:
+    """``values`` as one DS value of multiplicity ``len(values)``: backslash-separated
+    decimal strings of at most 15 characters, rounded to 4 decimals, without trailing
+    zeros (``-12.5``, ``0``, ``3.0001``).
+
+    Raises:
+        OutputError: a value is not finite or is 1e9 or more in magnitude.
+    """
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if values.size == 0:
+        return b""
+    if not np.all(np.isfinite(values)) or float(np.abs(values).max()) >= 1e9:
+        raise OutputError("a contour coordinate is not finite or is beyond 1e9 mm")
+    scaled = np.rint(values * 10**_DECIMALS).astype(np.int64)
+    magnitude = np.abs(scaled)
+    whole = (magnitude // 10**_DECIMALS).astype(np.int32)
+    fraction = (magnitude % 10**_DECIMALS).astype(np.int32)
+    digits = len(str(int(whole.max())))  # sign, digits, point, decimals, backslash:
+    chars = np.empty((values.size, digits + _DECIMALS + 3), dtype=np.uint8)
+    keep = np.empty(chars.shape, dtype=bool)
+    chars[:, 0], keep[:, 0] = ord("-"), scaled < 0
+    rest, place = whole.copy(), 1
+    for column in range(digits, 0, -1):  # units first; leading zeros dropped, units kept
+        chars[:, column] = ord("0") + rest % 10
+        keep[:, column] = (whole >= place) | (place == 1)
+        rest //= 10
+        place *= 10
+    point = digits + 1
+    chars[:, point], keep[:, point] = ord("."), fraction != 0
+    rest = fraction.copy()
+    nonzero_after = np.zeros(values.size, dtype=bool)
+    for column in range(point + _DECIMALS, point, -1):  # last decimal first
+        digit = rest % 10
+        nonzero_after |= digit != 0
+        chars[:, column], keep[:, column] = ord("0") + digit, nonzero_after
+        rest //= 10
+    chars[:, -1], keep[:, -1] = ord("\\"), True
+    keep[-1, -1] = False
+    return chars[keep].tobytes()
 
 
 def _image_ref(frame: SourceFrame, multiframe: bool) -> Dataset:
