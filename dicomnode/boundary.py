@@ -4,6 +4,7 @@ for each destination.
 * :func:`pseudonymize_files` writes pseudonymized copies of instances (PS3.15 Basic
   Profile with the configured options, keyed UIDs) and records the pseudonym map in the
   index, so that results made from them can be re-identified.
+  :func:`pseudonymize_datasets` does the same in memory, for a job's inputs.
 * :func:`for_peer` gives the file to send to one peer: for a clinical peer
   (``pseudonymize: false``) a result made from pseudonymized inputs is re-identified
   (patient and study restored, every UID of the source mapped back) so that it attaches
@@ -40,8 +41,8 @@ from dicomnode.deid import (
 from dicomnode.store.files import write_atomic, write_temporary
 from dicomnode.store.pseudonyms import PseudonymMap
 
-__all__ = ["BoundaryError", "ExportReport", "for_peer", "node_key", "profile_options",
-           "pseudonymize_files", "pseudonymizer"]
+__all__ = ["BoundaryError", "DatasetReport", "ExportReport", "for_peer", "node_key",
+           "profile_options", "pseudonymize_datasets", "pseudonymize_files", "pseudonymizer"]
 
 LOG = logging.getLogger(__name__)
 _RECORD_BATCH = 256
@@ -167,6 +168,44 @@ def pseudonymize_files(paths: Iterable[Path], out_dir: Path, pseudonymizer: Pseu
     return report
 
 
+@dataclass
+class DatasetReport:
+    """The outcome of :func:`pseudonymize_datasets`: per file read, its pseudonymized dataset."""
+
+    datasets: list[tuple[Path, Dataset]] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def pseudonymize_datasets(paths: Iterable[Path], pseudonymizer: Pseudonymizer,
+                          pseudonyms: PseudonymMap) -> DatasetReport:
+    """Read each file and pseudonymize it in memory, as :func:`pseudonymize_files` would
+    without writing the copies (a job's inputs: read once, never written).
+
+    The pseudonym map is recorded in the index before the call returns. A file that
+    cannot be read or pseudonymized is reported in ``failed`` (with the reason's type,
+    not its values).
+    """
+    report = DatasetReport()
+    records: list[PseudonymizationRecord] = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+            records.append(pseudonymizer.apply(ds))
+        except PseudonymizationError as exc:
+            report.failed.append((path, str(exc)))
+            continue
+        except Exception as exc:
+            report.failed.append((path, f"not a readable DICOM file ({type(exc).__name__})"))
+            continue
+        report.datasets.append((path, ds))
+        if len(records) >= _RECORD_BATCH:
+            pseudonyms.record(records)
+            records.clear()
+    if records:
+        pseudonyms.record(records)
+    return report
+
+
 def _looks_pseudonymized(ds: Dataset) -> bool:
     return (str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
             or "DeidentificationMethod" in ds
@@ -174,15 +213,20 @@ def _looks_pseudonymized(ds: Dataset) -> bool:
 
 
 def for_peer(path: Path, peer_name: str, peer: PeerConfig, *, pseudonyms: PseudonymMap,
-             out_dir: Path, pseudonymizer: Pseudonymizer | None = None) -> Path:
+             out_dir: Path, pseudonymizer: Pseudonymizer | None = None,
+             dataset: Dataset | None = None) -> Path:
     """The file to send to ``peer``: ``path`` itself, or a copy made fit for it.
+
+    ``dataset`` is the object of ``path`` already in memory (it is then not read back);
+    making the copy changes it in place. Without it, ``path`` is read up to its pixel data
+    to decide, and whole only when a copy is made.
 
     Raises:
         BoundaryError: a pseudonymized result whose study the map does not know, for a
             clinical peer; or an identified object for a research peer when no
             pseudonymizer (key) is available.
     """
-    ds = pydicom.dcmread(path)
+    ds = dataset if dataset is not None else pydicom.dcmread(path, stop_before_pixels=True)
     study_uid = str(ds.get("StudyInstanceUID", "") or "")
     identity = pseudonyms.study(study_uid) if study_uid else None
     sop = str(ds.SOPInstanceUID)
@@ -192,6 +236,7 @@ def for_peer(path: Path, peer_name: str, peer: PeerConfig, *, pseudonyms: Pseudo
         if pseudonymizer is None:
             raise BoundaryError(f"peer {peer_name!r} takes pseudonymized data only and no "
                                 "pseudonymization key is available")
+        ds = _whole(ds, path, dataset)
         record = pseudonymizer.apply(ds)
         pseudonyms.record([record])
         LOG.info("pseudonymized an object for research peer %s", peer_name)
@@ -202,6 +247,12 @@ def for_peer(path: Path, peer_name: str, peer: PeerConfig, *, pseudonyms: Pseudo
                 f"an object of a pseudonymized study that this node's map does not know cannot "
                 f"be re-identified: it is not sent to clinical peer {peer_name!r}")
         return path
+    ds = _whole(ds, path, dataset)
     reidentify(ds, identity.uid_map, identity.patient_study)
     LOG.info("re-identified an object for clinical peer %s", peer_name)
     return write_atomic(out_dir / f"{sop}.reidentified.dcm", _save(ds))
+
+
+def _whole(ds: Dataset, path: Path, given: Dataset | None) -> Dataset:
+    """``ds`` with everything after its pixel data too: as given, or read whole."""
+    return given if given is not None else pydicom.dcmread(path)

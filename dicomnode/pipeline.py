@@ -4,20 +4,20 @@ one copy fit for each destination -> outbox.
 :func:`run_job` runs a job that the caller has claimed (state ``running``); it is what a
 worker process executes (:mod:`dicomnode.worker`), and what ``dicomnode run`` and
 ``dicomnode jobs retry`` execute in their own process. Everything it writes is
-deterministic for a job: the pseudonymized inputs (keyed), the result objects' UIDs (seeded
+deterministic for a job: the pseudonymized headers (keyed), the result objects' UIDs (seeded
 by the job's inputs key, model and version) and the outbox items (unique per object and
 destination), so a job re-run after a crash leaves no duplicate anywhere.
 
-Working files live under ``storage.path/jobs/<job id>/``: ``input/`` (pseudonymized copies
-of the bound series, removed when the job ends), ``results/`` (SEG, RTSTRUCT, SR,
-volumes.json: pseudonymous) and ``send/<peer>/`` (the copies re-identified for clinical
-peers).
+The bound series are read once and pseudonymized in memory (the pseudonym map recorded in
+the index); no pseudonymized copy of them is written. Working
+files live under ``storage.path/jobs/<job id>/``: ``results/`` (SEG, RTSTRUCT, SR,
+volumes.json: pseudonymous), ``send/<peer>/`` (the copies re-identified for the clinical
+peers, one copy for all of them in the folder of the first) and ``overlay.png``.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 
-from dicomnode.boundary import BoundaryError, for_peer, pseudonymize_files, pseudonymizer
+from dicomnode.boundary import BoundaryError, for_peer, pseudonymize_datasets, pseudonymizer
 from dicomnode.config import Config
 from dicomnode.deid import DeidKeyError
 from dicomnode.inference.card import CardError, load_card
@@ -48,6 +49,7 @@ from dicomnode.store.tables import Instance, Job, Series
 __all__ = ["JobFailure", "JobSummary", "job_dir", "run_job"]
 
 LOG = logging.getLogger(__name__)
+_PIXEL_DATA = 0x7FE00010
 
 #: Errors that a re-run cannot cure: the job fails at once instead of being retried.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -150,20 +152,23 @@ def _run(config: Config, index: Index, job_id: int,
     pseudonyms = PseudonymMap(index)
     engine = pseudonymizer(config)
     on_step("pseudonymize")
-    inputs: dict[str, list[Path]] = {}
+    files: dict[str, list[Path]] = {}
+    headers: dict[str, list[Dataset]] = {}
     for name, series_uid in bindings:
-        target = work / "input" / name
-        shutil.rmtree(target, ignore_errors=True)  # a crashed run's partial copy
-        # scratch copies: a re-run after a crash writes them again, no fsync needed
-        report = pseudonymize_files(_series_files(index, config, series_uid), target, engine,
-                                    pseudonyms, fsync=False)
+        # read once and pseudonymized in memory: the model's inputs are never written
+        report = pseudonymize_datasets(_series_files(index, config, series_uid), engine,
+                                       pseudonyms)
         if report.failed:
             raise JobFailure(f"{len(report.failed)} instance(s) of series {name} could not be "
                              f"pseudonymized: {report.failed[0][1]}", permanent=True)
-        inputs[name] = report.written
+        files[name] = [path for path, _ in report.datasets]
+        headers[name] = [ds for _, ds in report.datasets]
     clock.lap("pseudonymize")
     on_step("read")
-    volumes = load_inputs(card, inputs)
+    volumes = load_inputs(card, files, headers)
+    for series in headers.values():  # what the result objects need of them is the header
+        for ds in series:
+            ds.pop(_PIXEL_DATA, None)
     clock.lap("read")
     on_step("inference")
     result = segment(card, [v.image for v in volumes], providers=config.inference.providers,
@@ -173,23 +178,30 @@ def _run(config: Config, index: Index, job_id: int,
     clock.lap("inference")
     on_step("write")
     seed = f"{inputs_key}/{card.name}/{card.version}"
-    written = write_results(result, volumes[0], inputs[names[0]], work / "results",
-                            config.outputs, seed=seed, extra={"job": job_id, "rule": rule_name})
+    written = write_results(result, volumes[0], headers[names[0]], work / "results",
+                            config.outputs, seed=seed, extra={"job": job_id, "rule": rule_name},
+                            keep_datasets=True)
     summary.results = [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
                         "file": str(o.path.relative_to(config.storage.path))}
                        for o in written.objects]
     _draw_overlay(result, volumes[0].image, work / "overlay.png", f"job {job_id}")
-    del result, volumes
-    shutil.rmtree(work / "input", ignore_errors=True)
+    del result, volumes, headers
     clock.lap("write")
     on_step("send")
     outbox = Outbox.from_config(config, index)
-    for name in destinations:
-        peer = config.peers[name]
-        paths = [for_peer(o.path, name, peer, pseudonyms=pseudonyms,
-                          out_dir=work / "send" / name, pseudonymizer=engine)
+    # research peers first: they take the pseudonymous objects, which re-identification
+    # for the clinical peers then changes in memory (one copy serves all clinical peers)
+    research = [n for n in destinations if config.peers[n].pseudonymize]
+    clinical = [n for n in destinations if not config.peers[n].pseudonymize]
+    for group, in_memory in ((research, False), (clinical, True)):
+        if not group:
+            continue
+        peer, label = config.peers[group[0]], ", ".join(group)
+        paths = [for_peer(o.path, label, peer, pseudonyms=pseudonyms,
+                          out_dir=work / "send" / group[0], pseudonymizer=engine,
+                          dataset=o.dataset if in_memory else None)
                  for o in written.objects]
-        summary.enqueued += len(outbox.enqueue(paths, [name], job_pk=job_id))
+        summary.enqueued += len(outbox.enqueue(paths, group, job_pk=job_id))
     clock.lap("reidentify")
     return summary
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
+from pydicom.dataset import Dataset
 
 from dicomnode.inference.card import Card, LabelSpec
 from dicomnode.inference.postprocess import clean_mask, decide_slab, to_source
@@ -124,9 +125,15 @@ class Segmentation:
 
 
 def load_inputs(
-    card: Card, series: Mapping[str, Sequence[str | os.PathLike[str]]]
+    card: Card,
+    series: Mapping[str, Sequence[str | os.PathLike[str]]],
+    datasets: Mapping[str, Sequence[Dataset]] | None = None,
 ) -> list[SeriesVolume]:
     """Read one series per card input (``{input name: files}``), in the card's order.
+
+    ``datasets`` (``{input name: datasets of its files, in their order}``) gives them
+    already read, e.g. pseudonymized in memory; the files are then not read again (see
+    :func:`dicomnode.inference.volume.read_series`).
 
     Raises:
         InferenceError: an input is missing or extra, or a series' modality is not
@@ -143,7 +150,8 @@ def load_inputs(
     volumes = []
     for spec in card.inputs:
         volume = read_series(
-            series[spec.name], resample_irregular=card.preprocessing.allow_irregular_spacing
+            series[spec.name], resample_irregular=card.preprocessing.allow_irregular_spacing,
+            datasets=datasets.get(spec.name) if datasets is not None else None,
         )
         if volume.modality != spec.modality:
             raise InferenceError(

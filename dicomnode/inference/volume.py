@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +163,7 @@ class _FileHeader:
     rows: int
     columns: int
     frames: tuple[_FrameHeader, ...]
+    dataset: Dataset | None = None  # read by the caller, pixel data decoded from it if held
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -232,18 +233,22 @@ def _frame_header(label: str, *, position: Dataset, orientation: Dataset, measur
     )
 
 
-def _read_header(path: Path, label: str) -> _FileHeader:
+def _read_header(path: Path, label: str, given: Dataset | None = None) -> _FileHeader:
+    """The header of ``path``: read from it, or ``given`` when the caller has read it."""
+    ds = given
+    if ds is None:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except InvalidDicomError:
+            raise VolumeError(f"{label} is not a DICOM file") from None
+        except Exception as exc:
+            raise VolumeError(
+                f"{label} cannot be parsed as DICOM ({type(exc).__name__})") from None
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        raise
-    except InvalidDicomError:
-        raise VolumeError(f"{label} is not a DICOM file") from None
-    except Exception as exc:
-        raise VolumeError(
-            f"{label} cannot be parsed as DICOM ({type(exc).__name__})") from None
-    try:
-        return _header_from(ds, path, label)
+        header = _header_from(ds, path, label)
+        return header if given is None else replace(header, dataset=given)
     except VolumeError:
         raise
     except Exception as exc:  # values are decoded on access: a malformed one fails here
@@ -461,7 +466,9 @@ def _plan(frames: Sequence[_FrameHeader], geometry: Sequence[Frame], verdict: Ge
 
 def _decoded_frames(header: _FileHeader) -> Iterator[npt.NDArray[Any]]:
     """The stored values of each frame of one file, in file order (one frame at a time)."""
-    if header.transfer_syntax.is_deflated:
+    if header.dataset is not None and "PixelData" in header.dataset:
+        yield from iter_pixels(header.dataset)
+    elif header.transfer_syntax.is_deflated:
         # iter_pixels() reads a file's raw bytes and cannot inflate a deflated data set.
         yield from iter_pixels(pydicom.dcmread(header.path))
     else:
@@ -537,7 +544,10 @@ def _fill(image: Any, headers: Sequence[_FileHeader], frames: Sequence[_FrameHea
 
 
 def read_series(
-    paths: Sequence[str | os.PathLike[str]], *, resample_irregular: bool = False
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    resample_irregular: bool = False,
+    datasets: Sequence[Dataset] | None = None,
 ) -> SeriesVolume:
     """Read the files of one image series into one float32 volume (DICOM LPS, mm).
 
@@ -562,6 +572,9 @@ def read_series(
             number of steps spans first to last slice. Grid slices within 0.001 mm of
             a source slice take its values unchanged. The result has ``resampled`` set
             and refers each z to the nearest source slice.
+        datasets: the datasets of ``paths``, in the same order, already read (e.g.
+            pseudonymized in memory): every attribute is taken from them, and the pixel
+            data too where they hold it (else it is read from ``paths``).
 
     Returns:
         The volume and, per z index, its source instance, frame number and SOP class.
@@ -580,24 +593,28 @@ def read_series(
     if len(paths) == 0:
         raise VolumeError("no files given")
     total = len(paths)
-    headers = [_read_header(Path(p), f"file {i + 1} of {total}") for i, p in enumerate(paths)]
-    _check_one_series(headers)
+    if datasets is not None and len(datasets) != total:
+        raise ValueError(f"{len(datasets)} datasets given for {total} files")
+    given: Sequence[Dataset | None] = datasets if datasets is not None else [None] * total
+    files = [_read_header(Path(p), f"file {i + 1} of {total}", ds)
+             for i, (p, ds) in enumerate(zip(paths, given, strict=True))]
+    _check_one_series(files)
 
-    frames = [frame for h in headers for frame in h.frames]
-    owners = [(h, k + 1) for h in headers for k in range(len(h.frames))]
+    frames = [frame for h in files for frame in h.frames]
+    owners = [(h, k + 1) for h in files for k in range(len(h.frames))]
     geometry = [Frame(f.position, f.orientation, h.rows, h.columns, f.pixel_spacing)
                 for f, (h, _k) in zip(frames, owners, strict=True)]
     verdict = assess(geometry)
     plan = _plan(frames, geometry, verdict, resample_irregular=resample_irregular)
 
-    columns, rows = headers[0].columns, headers[0].rows
+    columns, rows = files[0].columns, files[0].rows
     image: Any = _sitk.Image([columns, rows, plan.depth], sitk.sitkFloat32)
     image.SetOrigin(plan.origin)
     image.SetSpacing(plan.spacing)
     image.SetDirection(plan.direction)
-    _fill(image, headers, frames, plan)
+    _fill(image, files, frames, plan)
 
-    first = headers[0]
+    first = files[0]
     return SeriesVolume(
         image=image,
         sop_instance_uids=tuple(owners[i][0].sop_instance_uid for i in plan.nearest),

@@ -80,8 +80,11 @@ def _planes(volume: SeriesVolume) -> dict[tuple[str, int], int]:
     return {key: zs[len(zs) // 2] for key, zs in found.items()}
 
 
-def source_series(volume: SeriesVolume, paths: Sequence[str | os.PathLike[str]]) -> SourceSeries:
+def source_series(volume: SeriesVolume,
+                  paths: Sequence[str | os.PathLike[str] | Dataset]) -> SourceSeries:
     """Read the headers of ``paths`` (the files ``volume`` was read from) for result objects.
+
+    An item of ``paths`` that is a dataset is taken as that file's header, already read.
 
     Raises:
         OutputError: a file of the volume is missing from ``paths``, or the series
@@ -90,7 +93,8 @@ def source_series(volume: SeriesVolume, paths: Sequence[str | os.PathLike[str]])
     wanted = set(volume.sop_instance_uids)
     headers: dict[str, Dataset] = {}
     for path in paths:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = (path if isinstance(path, Dataset)
+              else pydicom.dcmread(path, stop_before_pixels=True))
         uid = str(ds.get("SOPInstanceUID", ""))
         if uid in wanted:
             headers[uid] = ds

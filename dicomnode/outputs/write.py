@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class ResultObject:
     sop_class_uid: str
     sop_instance_uid: str
     series_instance_uid: str
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)
+    """The object as written, kept in memory when :func:`write_results` is asked to."""
 
 
 @dataclass(frozen=True)
@@ -60,32 +62,35 @@ def default_seed(segmentation: Segmentation, volume: SeriesVolume) -> str:
     return f"{volume.series_instance_uid}/{card.name}/{card.version}"
 
 
-def _save(ds: Dataset, path: Path, kind: str) -> ResultObject:
+def _save(ds: Dataset, path: Path, kind: str, keep: bool) -> ResultObject:
     write_atomic(path, lambda fp: ds.save_as(fp, enforce_file_format=True))
     return ResultObject(kind, path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                        str(ds.SeriesInstanceUID))
+                        str(ds.SeriesInstanceUID), ds if keep else None)
 
 
 def write_results(
     segmentation: Segmentation,
     volume: SeriesVolume,
-    paths: Sequence[str | os.PathLike[str]],
+    paths: Sequence[str | os.PathLike[str] | Dataset],
     out_dir: str | os.PathLike[str],
     options: OutputsConfig | None = None,
     *,
     seed: str | None = None,
     extra: dict[str, Any] | None = None,
+    keep_datasets: bool = False,
 ) -> Results:
     """Write the result objects of ``segmentation`` on ``volume`` (read from ``paths``).
 
     Args:
         segmentation: the run's structures on the grid of ``volume``.
         volume: the first input series (the grid of the masks).
-        paths: the files ``volume`` was read from.
+        paths: the files ``volume`` was read from, or their headers (datasets).
         out_dir: the folder to write into (created).
         options: which objects to write (default: SEG and RTSTRUCT).
         seed: what the objects' UIDs derive from (default: :func:`default_seed`).
         extra: more keys for ``volumes.json``.
+        keep_datasets: keep each object's dataset in its :class:`ResultObject` (for a
+            caller that goes on with them, e.g. to re-identify without reading back).
 
     Raises:
         OutputError: an object cannot be built from this segmentation and source.
@@ -101,13 +106,13 @@ def write_results(
         seg_type = segmentation.card.outputs.seg_type or options.seg_type
         seg_ds = build_seg(segmentation, source, seg_type=seg_type, seed=seed,
                            omit_empty_frames=options.seg_omit_empty_frames)
-        objects.append(_save(seg_ds, out / "seg.dcm", "SEG"))
+        objects.append(_save(seg_ds, out / "seg.dcm", "SEG", keep_datasets))
     if options.rtstruct:
         objects.append(_save(build_rtstruct(segmentation, source, seed=seed),
-                             out / "rtstruct.dcm", "RTSTRUCT"))
+                             out / "rtstruct.dcm", "RTSTRUCT", keep_datasets))
     if options.sr and seg_ds is not None:
         objects.append(_save(build_sr(segmentation, seg_ds, source, seed=seed),
-                             out / "sr.dcm", "SR"))
+                             out / "sr.dcm", "SR", keep_datasets))
     del seg_ds
     report = segmentation.measurements()
     report["objects"] = [

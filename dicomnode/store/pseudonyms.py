@@ -11,13 +11,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 from dicomnode.deid.record import PseudonymizationRecord
 from dicomnode.store.db import Index
 from dicomnode.store.tables import PseudonymStudy, PseudonymUID
 
 __all__ = ["PseudonymMap", "StudyIdentity"]
+
+_QUERY_CHUNK = 500  # UIDs per IN (...) query, far below SQLite's parameter limit
 
 
 @dataclass(frozen=True, repr=False)
@@ -48,33 +50,35 @@ class PseudonymMap:
         The first record of a study stores its patient and study attributes; UIDs
         already known are left as they are.
         """
+        by_study: dict[str, tuple[PseudonymizationRecord, dict[str, str]]] = {}
+        for rec in records:
+            _first, pairs = by_study.setdefault(rec.study_instance_uid[1], (rec, {}))
+            pairs.update({pseudo: original for original, pseudo in rec.uid_map.items()})
         added = 0
         with self.index.session() as session, session.begin():
-            studies: dict[str, PseudonymStudy] = {}
-            for rec in records:
-                original_study, pseudo_study = rec.study_instance_uid
-                study = studies.get(pseudo_study)
+            for pseudo_study, (rec, pairs) in by_study.items():
+                study = session.scalars(select(PseudonymStudy).where(
+                    PseudonymStudy.pseudonymous_study_uid == pseudo_study)).first()
                 if study is None:
-                    study = session.scalars(select(PseudonymStudy).where(
-                        PseudonymStudy.pseudonymous_study_uid == pseudo_study)).first()
-                    if study is None:
-                        study = PseudonymStudy(
-                            pseudonymous_study_uid=pseudo_study,
-                            original_study_uid=original_study,
-                            pseudonymous_patient_id=rec.pseudonymous_patient_id,
-                            patient_study=dict(rec.patient_study))
-                        session.add(study)
-                        session.flush()
-                    studies[pseudo_study] = study
-                pairs = {pseudo: original for original, pseudo in rec.uid_map.items()}
-                known = set(session.scalars(select(PseudonymUID.pseudonymous_uid).where(
-                    PseudonymUID.study_pk == study.id,
-                    PseudonymUID.pseudonymous_uid.in_(list(pairs)))))
-                for pseudo, original in pairs.items():
-                    if pseudo not in known:
-                        session.add(PseudonymUID(pseudonymous_uid=pseudo, original_uid=original,
-                                                 study_pk=study.id))
-                        added += 1
+                    study = PseudonymStudy(
+                        pseudonymous_study_uid=pseudo_study,
+                        original_study_uid=rec.study_instance_uid[0],
+                        pseudonymous_patient_id=rec.pseudonymous_patient_id,
+                        patient_study=dict(rec.patient_study))
+                    session.add(study)
+                    session.flush()
+                wanted = list(pairs)
+                known: set[str] = set()
+                for start in range(0, len(wanted), _QUERY_CHUNK):
+                    known.update(session.scalars(select(PseudonymUID.pseudonymous_uid).where(
+                        PseudonymUID.study_pk == study.id,
+                        PseudonymUID.pseudonymous_uid.in_(wanted[start:start + _QUERY_CHUNK]))))
+                new = [{"pseudonymous_uid": pseudo, "original_uid": original,
+                        "study_pk": study.id}
+                       for pseudo, original in pairs.items() if pseudo not in known]
+                if new:
+                    session.execute(insert(PseudonymUID), new)
+                added += len(new)
         return added
 
     def is_pseudonymous_study(self, study_uid: str) -> bool:
