@@ -188,7 +188,9 @@ def _clean(
             sortByObjectSize=True,
         )
         labels = sitk.GetArrayViewFromImage(regions)
-        if spec.largest_components > 0:
+        if spec.largest_components == 1:
+            mask = labels == 1
+        elif spec.largest_components > 0:
             mask = (labels > 0) & (labels <= spec.largest_components)
         else:
             mask = labels > 0
