@@ -30,11 +30,17 @@ LOG = logging.getLogger(__name__)
 
 
 class AssociationActivity:
-    """Which open associations have delivered to which studies (thread-safe)."""
+    """Which open associations have delivered to which studies (thread-safe).
 
-    def __init__(self) -> None:
+    ``on_closed`` listeners are called (in the closing association's thread, after its
+    studies are released) when an association that delivered something closes: its
+    series have settled, so a completion check need not wait for its next interval.
+    """
+
+    def __init__(self, on_closed: list[Callable[[], None]] | None = None) -> None:
         self._lock = threading.Lock()
         self._studies: dict[Hashable, set[int]] = {}
+        self.on_closed = list(on_closed or [])
 
     def touch(self, association: Hashable, study_pk: int) -> None:
         with self._lock:
@@ -42,7 +48,14 @@ class AssociationActivity:
 
     def close(self, association: Hashable) -> None:
         with self._lock:
-            self._studies.pop(association, None)
+            delivered = self._studies.pop(association, None)
+        if delivered:
+            for listener in self.on_closed:
+                try:
+                    listener()
+                except Exception:
+                    LOG.exception("association-closed listener %s failed",
+                                  getattr(listener, "__name__", "?"))
 
     def busy_studies(self) -> set[int]:
         with self._lock:

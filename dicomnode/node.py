@@ -6,12 +6,15 @@ rules -> pipeline -> outputs) -> outbox.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import signal
 import threading
 from functools import partial
 from types import FrameType
 
+from apscheduler.jobstores.base import JobLookupError
+from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicomnode.completion import AssociationActivity, CompletionMonitor
@@ -47,7 +50,8 @@ class Node:
         self.rules = load_rules(config.rules_dir, peers=config.peers,
                                 models_dir=config.models_dir)
         self.trigger = RuleTrigger(self.index, self.rules, config.storage.path)
-        self.activity = AssociationActivity()
+        # an association that delivered and closed has settled its series: check now
+        self.activity = AssociationActivity(on_closed=[self._check_completion_now])
         self.completion = CompletionMonitor(
             self.index, self.activity,
             quiet_seconds=config.completion.quiet_seconds,
@@ -69,6 +73,13 @@ class Node:
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
+
+    def _check_completion_now(self) -> None:
+        """Run the completion check at once, in the scheduler's thread (not the caller's)."""
+        try:
+            self.scheduler.modify_job("completion", next_run_time=dt.datetime.now(dt.timezone.utc))
+        except (JobLookupError, SchedulerNotRunningError):  # stopping: nothing to check
+            pass
 
     def _on_study_complete(self, study_pk: int) -> None:
         self._dispatch_new(self.trigger.on_study(study_pk, trigger="complete"))
@@ -106,6 +117,8 @@ class Node:
             self.console.start()  # first: a port in use stops the start before any listening
         self.scheduler.start()
         self.scp.start()
+        if self.rules is not None and self.rules.enabled:
+            self.jobs.start()  # worker processes spawn and load the rules' models meanwhile
 
     def stop(self) -> None:
         if self._stopped.is_set():

@@ -26,13 +26,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from functools import partial
+from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, select, update
 
 from dicomnode.config import Config
+from dicomnode.inference.card import load_card
+from dicomnode.inference.runtime import open_session
 from dicomnode.logs import setup_logging
 from dicomnode.pipeline import JobFailure, run_job, summary_json
+from dicomnode.rules.loader import load_rules
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.tables import Job, JobState, utcnow
 
@@ -124,6 +128,26 @@ def _work(job_id: int) -> Outcome:
     return run_claimed(_WORKER["config"], _WORKER["index"], job_id)
 
 
+def _warm_up() -> int:
+    """Open the ONNX Runtime session of every model a rule names, so that a worker's first
+    job does not wait for it (sessions are cached per process); returns how many."""
+    config: Config = _WORKER["config"]
+    rules = load_rules(config.rules_dir, peers=config.peers, models_dir=config.models_dir)
+    opened = 0
+    for model in sorted({rule.model for rule in rules.enabled}):
+        try:
+            card = load_card(config.models_dir / model)
+            open_session(Path(card.model_path), providers=config.inference.providers,
+                         input_name=card.onnx_input, output_name=card.onnx_output,
+                         intra_op_threads=config.inference.intra_op_threads,
+                         label=f"{card.name} {card.version}")
+            opened += 1
+        except Exception as exc:  # the job that needs it reports the error properly
+            LOG.warning("model %s not loaded ahead of its first job: %s", model,
+                        type(exc).__name__)
+    return opened
+
+
 class JobRunner:
     """Hands pending jobs to worker processes and records how they end."""
 
@@ -147,6 +171,16 @@ class JobRunner:
         if count:
             LOG.info("%d job(s) interrupted by a stop or crash will run again", count)
         return count
+
+    def start(self) -> None:
+        """Start the worker processes now and load the rules' models in them, so that the
+        first job does not wait for a process to spawn and a model to load."""
+        with self._lock:
+            if self._stopping:
+                return
+            pool = self._pool_now()
+            for _ in range(self.config.pipeline.workers):
+                pool.submit(_warm_up)
 
     def _pool_now(self) -> ProcessPoolExecutor:
         if self._pool is None:

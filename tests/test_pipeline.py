@@ -196,6 +196,17 @@ def test_a_node_killed_while_a_model_runs_finishes_the_job_exactly_once(
     assert {r["sop_instance_uid"] for r in job["results"]} == set(received)
 
 
+def test_workers_load_the_rules_models_when_the_node_starts(
+        node_factory: NodeFactory, tmp_path: Path, storescp: _StoreSCP) -> None:
+    node = _node(node_factory, tmp_path, {"ae_title": "DEST", "host": "127.0.0.1",
+                                          "port": storescp.port})
+    # before any study arrives, each rule's model has its session in the worker
+    wait_until(lambda: all(f"model {m} " in node.log() and "runs on" in node.log()
+                           for m in ("ct-body", "brain-mr")), 60,
+               f"the models loaded at start; node log:\n{node.log()}")
+    assert _jobs(node) == []
+
+
 def test_receiving_stays_responsive_while_a_model_runs(
         node_factory: NodeFactory, tmp_path: Path, storescp: _StoreSCP,
         small_ct: list[Path]) -> None:

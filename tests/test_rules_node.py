@@ -128,6 +128,20 @@ def test_rule_fires_early_when_its_series_are_whole(node_factory: NodeFactory,
     assert node.studies()[0]["state"] == "receiving"
 
 
+def test_rule_fires_when_the_association_closes_not_at_the_next_check(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    # the first periodic check comes 30 s after the start: only the association's release
+    # can have the series judged and the rule fired within seconds
+    node = _rule_node(node_factory, tmp_path, quiet_seconds=60.0,
+                      completion={"series_quiet_seconds": 30, "check_interval_seconds": 30})
+    ct = testdata.synthetic_ct(tmp_path / "ct", slices=12, rows=32, columns=32)
+    _send(node.port, ct)
+    released = time.monotonic()
+    (job,) = _wait_jobs(node, 1, timeout=20)
+    assert time.monotonic() - released < 10
+    assert job.trigger == "early"
+
+
 def test_series_with_a_gap_does_not_fire(node_factory: NodeFactory, tmp_path: Path) -> None:
     node = _rule_node(node_factory, tmp_path)
     ct = testdata.synthetic_ct(tmp_path / "gap", slices=14, rows=32, columns=32, missing=[5])
