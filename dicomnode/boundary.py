@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -121,14 +121,31 @@ class ExportReport:
     failed: list[tuple[Path, str]] = field(default_factory=list)
 
 
+def _pseudonymized(paths: Iterable[Path], pseudonymizer: Pseudonymizer,
+                   failed: list[tuple[Path, str]]
+                   ) -> Iterator[tuple[Path, Dataset, PseudonymizationRecord]]:
+    """Each file read whole and pseudonymized in place; one that cannot be goes to
+    ``failed`` with the reason's type, not its values."""
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+            record = pseudonymizer.apply(ds)
+        except PseudonymizationError as exc:
+            failed.append((path, str(exc)))
+            continue
+        except Exception as exc:
+            failed.append((path, f"not a readable DICOM file ({type(exc).__name__})"))
+            continue
+        yield path, ds, record
+
+
 def pseudonymize_files(paths: Iterable[Path], out_dir: Path, pseudonymizer: Pseudonymizer,
-                       pseudonyms: PseudonymMap, *, fsync: bool = True) -> ExportReport:
+                       pseudonyms: PseudonymMap) -> ExportReport:
     """Write a pseudonymized copy of each file to ``out_dir/STUDY/SERIES/SOP.dcm``.
 
     The names are the pseudonymous UIDs. Pixel data is copied unchanged. The pseudonym
     map is recorded in the index before the call returns. A file that cannot be read or
     pseudonymized is reported in ``failed`` (with the reason's type, not its values).
-    ``fsync: False`` for scratch copies that a re-run writes again (a job's inputs).
     """
     report = ExportReport()
     records: list[PseudonymizationRecord] = []
@@ -143,20 +160,11 @@ def pseudonymize_files(paths: Iterable[Path], out_dir: Path, pseudonymizer: Pseu
         records.clear()
         pending.clear()
 
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path)
-            record = pseudonymizer.apply(ds)
-        except PseudonymizationError as exc:
-            report.failed.append((path, str(exc)))
-            continue
-        except Exception as exc:
-            report.failed.append((path, f"not a readable DICOM file ({type(exc).__name__})"))
-            continue
+    for _path, ds, record in _pseudonymized(paths, pseudonymizer, report.failed):
         study, series, sop = (record.study_instance_uid[1], record.series_instance_uid[1],
                               record.sop_instance_uid[1])
         final = out_dir / study / series / f"{sop}.dcm"
-        pending.append((write_temporary(final, _save(ds), fsync=fsync), final))
+        pending.append((write_temporary(final, _save(ds)), final))
         records.append(record)
         report.studies.add(study)
         if len(records) >= _RECORD_BATCH:
@@ -187,17 +195,9 @@ def pseudonymize_datasets(paths: Iterable[Path], pseudonymizer: Pseudonymizer,
     """
     report = DatasetReport()
     records: list[PseudonymizationRecord] = []
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path)
-            records.append(pseudonymizer.apply(ds))
-        except PseudonymizationError as exc:
-            report.failed.append((path, str(exc)))
-            continue
-        except Exception as exc:
-            report.failed.append((path, f"not a readable DICOM file ({type(exc).__name__})"))
-            continue
+    for path, ds, record in _pseudonymized(paths, pseudonymizer, report.failed):
         report.datasets.append((path, ds))
+        records.append(record)
         if len(records) >= _RECORD_BATCH:
             pseudonyms.record(records)
             records.clear()
