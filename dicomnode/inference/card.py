@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -190,7 +191,7 @@ class PreprocessingSpec(_Spec):
     def _consistent(self) -> PreprocessingSpec:
         if self.spacing is not None and self.resize is not None:
             raise ValueError("give either spacing or resize, not both")
-        spatial = 3 if self.dimensionality == "3d" else 2
+        spatial = self.spatial_dims
         if self.patch_size is not None:
             if len(self.patch_size) != spatial:
                 raise ValueError(
@@ -215,6 +216,11 @@ class PreprocessingSpec(_Spec):
     def spatial_dims(self) -> int:
         """2 for slice models (2d, 2.5d), 3 for volume models."""
         return 3 if self.dimensionality == "3d" else 2
+
+    @property
+    def slices_per_input(self) -> int:
+        """Slices each input contributes as channels: the slice and its context (1 unless 2.5d)."""
+        return 2 * self.context_slices + 1
 
 
 class PostprocessingSpec(_Spec):
@@ -308,6 +314,11 @@ class OutputSpec(_Spec):
         """The output channel holding ``label``'s score."""
         return label.value if label.channel is None else label.channel
 
+    @property
+    def channels_needed(self) -> int:
+        """The fewest output channels the model must give: the highest label channel + 1."""
+        return max(self.channel_of(label) for label in self.labels) + 1
+
 
 class Card(_Spec):
     """A validated model card (``models/NAME/card.yaml``)."""
@@ -362,8 +373,7 @@ class Card(_Spec):
     @property
     def input_channels(self) -> int:
         """Channels of the model's input tensor: inputs times slices of context."""
-        per_input = 2 * self.preprocessing.context_slices + 1
-        return len(self.inputs) * per_input
+        return len(self.inputs) * self.preprocessing.slices_per_input
 
 
 def package_dir(models_dir: Path, name_or_path: str | Path) -> Path:
@@ -375,8 +385,22 @@ def package_dir(models_dir: Path, name_or_path: str | Path) -> Path:
 
 
 def _file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of ``path``, hashed once per process while unchanged.
+
+    The digest is cached on the resolved path, size, modification time and inode, so
+    that each job's :func:`load_card` does not re-read the model; a replaced file (new
+    size, mtime or inode) is hashed again.
+    """
+    resolved = path.resolve()
+    stat = resolved.stat()
+    return _cached_sha256((str(resolved), stat.st_size, stat.st_mtime_ns, stat.st_ino))
+
+
+@lru_cache(maxsize=64)
+def _cached_sha256(key: tuple[str, int, int, int]) -> str:
+    """Hash the file named by ``key`` = (resolved path, st_size, st_mtime_ns, st_ino)."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with Path(key[0]).open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dicomnode.inference.card import Card
-from dicomnode.inference.runtime import ModelSession, open_session
+from dicomnode.inference.runtime import ModelSession, open_card_session
 
 __all__ = ["PackageReport", "check_package"]
 
@@ -65,7 +65,7 @@ def _check_shapes(card: Card, session: ModelSession, report: PackageReport) -> l
     if channels is not None and channels != card.input_channels:
         report.problems.append(
             f"the model takes {channels} input channel(s); the card feeds {card.input_channels} "
-            f"({len(card.inputs)} input(s) x {2 * pre.context_slices + 1} slice(s))"
+            f"({len(card.inputs)} input(s) x {pre.slices_per_input} slice(s))"
         )
     spatial = _spatial_shape(card)
     fixed_spatial = [_fixed(d) for d in in_shape[2:]]
@@ -83,7 +83,7 @@ def _check_shapes(card: Card, session: ModelSession, report: PackageReport) -> l
     batch = _fixed(in_shape[0])
     if batch is not None and batch < pre.batch_size:
         report.facts.append(f"fixed batch size {batch}: batch_size {pre.batch_size} is lowered")
-    needed = max(card.outputs.channel_of(label) for label in card.outputs.labels) + 1
+    needed = card.outputs.channels_needed
     out_channels = _fixed(out_shape[1]) if len(out_shape) > 1 else None
     if out_channels is not None and out_channels < needed:
         report.problems.append(
@@ -100,13 +100,7 @@ def check_package(
     """Check that ``card``'s model loads and fits the card (see the module docstring)."""
     report = PackageReport()
     try:
-        session = open_session(
-            card.model_path,
-            providers=providers,
-            input_name=card.onnx_input,
-            output_name=card.onnx_output,
-            label=f"{card.name} {card.version}",
-        )
+        session = open_card_session(card, providers=providers)
     except (ValueError, RuntimeError, OSError) as exc:
         report.problems.append(f"the model does not load: {exc}")
         return report

@@ -111,7 +111,6 @@ def _sliding(
     patch: Sequence[int],
     pre: PreprocessingSpec,
     run: RunFn,
-    out_channels: int | None,
 ) -> FloatArray:
     """Blend window outputs over one sample ``(channels, *spatial)``."""
     spatial = sample.shape[1:]
@@ -138,8 +137,7 @@ def _sliding(
         )
         scores = run(batch)
         if accumulated is None:
-            channels = scores.shape[1] if out_channels is None else out_channels
-            accumulated = np.zeros((channels, *padded), dtype=np.float32)
+            accumulated = np.zeros((scores.shape[1], *padded), dtype=np.float32)
         for region, score in zip(regions, scores, strict=True):
             accumulated[_all_channels(region)] += score * weights
             norm[region] += weights
@@ -185,7 +183,7 @@ def predict(
         else:
             if input_shape:
                 _check_fixed(input_shape[1:], [tensor.shape[0], *pre.patch_size], "patches")
-            scores = _sliding(tensor, pre.patch_size, pre, scored, None)
+            scores = _sliding(tensor, pre.patch_size, pre, scored)
         yield 0, spatial[0], scores
         return
     depth = tensor.shape[1]
@@ -210,7 +208,7 @@ def predict(
             if input_shape:
                 _check_fixed(input_shape[1:], [batch.shape[1], *pre.patch_size], "patches")
             scores = np.stack(
-                [_sliding(sample, pre.patch_size, pre, scored, None) for sample in batch]
+                [_sliding(sample, pre.patch_size, pre, scored) for sample in batch]
             )
         # (batch, channels, h, w) -> (channels, batch, h, w), a view: copying it would cost
         # as much as a light model's run (0.5 s for 300 x 3 x 512^2 scores)

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # onnxruntime ships a telemetry client that writes a device id under ~/.cache; a node in a
 # hospital network sends nothing anywhere unasked (an operator may still set it to 0)
@@ -27,7 +27,11 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import onnxruntime as ort
 
-__all__ = ["ModelSession", "ProviderChoice", "choose_providers", "clear_cache", "open_session"]
+if TYPE_CHECKING:
+    from dicomnode.inference.card import Card
+
+__all__ = ["ModelSession", "ProviderChoice", "choose_providers", "clear_cache",
+           "open_card_session", "open_session"]
 
 log = logging.getLogger("dicomnode.inference")
 
@@ -207,3 +211,18 @@ def open_session(
         )
         _cache[key] = result
         return result
+
+
+def open_card_session(card: Card, *, providers: Sequence[str] = ("CPUExecutionProvider",),
+                      intra_op_threads: int = 0) -> ModelSession:
+    """:func:`open_session` for the model of ``card`` (its file, input and output names),
+    so that every caller - a job, a worker's warm-up, ``models check`` - shares one cached
+    session per model and settings."""
+    return open_session(
+        Path(card.model_path),
+        providers=providers,
+        input_name=card.onnx_input,
+        output_name=card.onnx_output,
+        intra_op_threads=intra_op_threads,
+        label=f"{card.name} {card.version}",
+    )

@@ -14,7 +14,6 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from dicomnode.inference.card import Card, LabelSpec
 from dicomnode.inference.postprocess import clean_mask, decide_slab, to_source
 from dicomnode.inference.predict import InferenceError, predict
 from dicomnode.inference.preprocess import prepare
-from dicomnode.inference.runtime import open_session
+from dicomnode.inference.runtime import open_card_session
 from dicomnode.inference.volume import SeriesVolume, read_series
 
 __all__ = ["Geometry", "Segmentation", "Structure", "Timings", "load_inputs", "segment"]
@@ -181,21 +180,14 @@ def segment(
         )
     started = time.perf_counter()
     timings = Timings()
-    session = open_session(
-        Path(card.model_path),
-        providers=providers,
-        input_name=card.onnx_input,
-        output_name=card.onnx_output,
-        intra_op_threads=intra_op_threads,
-        label=f"{card.name} {card.version}",
-    )
+    session = open_card_session(card, providers=providers, intra_op_threads=intra_op_threads)
     t = time.perf_counter()
     model_input = prepare(volumes, card.preprocessing)
     timings.preprocess = time.perf_counter() - t
     source = volumes[0]
     geometry = Geometry.of(source)
     outputs = card.outputs
-    needed = max(outputs.channel_of(label) for label in outputs.labels) + 1
+    needed = outputs.channels_needed
 
     def run(batch: FloatArray) -> FloatArray:
         t0 = time.perf_counter()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import highdicom as hd
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from dicomnode import __version__
 from dicomnode.inference.card import Card
+from dicomnode.inference.card import Code as CardCode
 
-__all__ = ["algorithm_identification", "content_label", "description", "software_versions"]
+__all__ = ["algorithm_identification", "content_label", "description", "software_versions",
+           "sr_code"]
 
 
 def algorithm_identification(card: Card) -> hd.AlgorithmIdentificationSequence:
@@ -30,6 +33,11 @@ def description(card: Card) -> str:
     """``name version`` (and ``rule-based``), at most 64 characters (LO)."""
     text = f"{card.name} {card.version}" + (" (rule-based)" if card.rule_based else "")
     return text[:64]
+
+
+def sr_code(code: CardCode) -> Code:
+    """A card's coded concept as the pydicom :class:`~pydicom.sr.coding.Code` highdicom takes."""
+    return Code(code.value, code.scheme, code.meaning)
 
 
 def software_versions(card: Card) -> str:

@@ -15,7 +15,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicomnode.inference.segment import Segmentation
-from dicomnode.outputs.algorithm import description
+from dicomnode.outputs.algorithm import description, sr_code
 from dicomnode.outputs.source import OutputError, SourceSeries, object_identity, result_uid
 
 __all__ = ["SR_SERIES_NUMBER", "build_sr"]
@@ -62,9 +62,8 @@ def build_sr(
                 segment_number=number,
                 source_series=hd.sr.SourceSeriesForSegmentation(
                     source.first.SeriesInstanceUID)),
-            finding_type=Code(label.type.value, label.type.scheme, label.type.meaning),
-            finding_category=Code(label.category.value, label.category.scheme,
-                                  label.category.meaning),
+            finding_type=sr_code(label.type),
+            finding_category=sr_code(label.category),
             algorithm_id=algorithm,
             measurements=[hd.sr.Measurement(
                 name=_VOLUME, value=round(structure.volume_ml, 3),

@@ -36,7 +36,13 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 from dicomnode.inference.card import Code as CardCode
 from dicomnode.inference.segment import Geometry, Segmentation, Structure
 from dicomnode.outputs.algorithm import content_label, description, software_versions
-from dicomnode.outputs.source import OutputError, SourceFrame, SourceSeries, result_uid
+from dicomnode.outputs.source import (
+    OutputError,
+    SourceFrame,
+    SourceSeries,
+    check_plane_shape,
+    result_uid,
+)
 
 __all__ = ["RTSTRUCT_SERIES_NUMBER", "RTStructureSetStorage", "build_rtstruct", "slice_contours"]
 
@@ -246,10 +252,7 @@ def build_rtstruct(
     if not frame_of_reference:
         raise OutputError("the source images have no FrameOfReferenceUID: contours in patient "
                           "coordinates cannot be tied to them")
-    shape = segmentation.geometry.size[::-1]
-    if (int(first.Rows), int(first.Columns)) != shape[1:]:
-        raise OutputError(f"the masks are {shape[1]}x{shape[2]} pixels but the source images "
-                          f"are {first.Rows}x{first.Columns}")
+    check_plane_shape(source, segmentation.geometry.size[::-1])
     now = now or dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     sop_instance_uid = result_uid(seed, "RTSTRUCT", "instance")

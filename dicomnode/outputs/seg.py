@@ -15,22 +15,27 @@ from typing import Literal
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
-from pydicom.sr.coding import Code
 
-from dicomnode.inference.card import Code as CardCode
 from dicomnode.inference.segment import Segmentation
-from dicomnode.outputs.algorithm import algorithm_identification, content_label, software_versions
-from dicomnode.outputs.source import OutputError, SourceSeries, object_identity, result_uid
+from dicomnode.outputs.algorithm import (
+    algorithm_identification,
+    content_label,
+    software_versions,
+    sr_code,
+)
+from dicomnode.outputs.source import (
+    OutputError,
+    SourceSeries,
+    check_plane_shape,
+    object_identity,
+    result_uid,
+)
 
 __all__ = ["SEG_SERIES_NUMBER", "SegType", "build_seg"]
 
 SegType = Literal["binary", "labelmap"]
 SEG_SERIES_NUMBER = 9901
 """Series Number of SEG series the node writes (RTSTRUCT uses 9902, SR 9903)."""
-
-
-def _code(code: CardCode) -> Code:
-    return Code(code.value, code.scheme, code.meaning)
 
 
 def _frames(segmentation: Segmentation, source: SourceSeries,
@@ -77,19 +82,14 @@ def build_seg(
     card = segmentation.card
     if not segmentation.structures:
         raise OutputError(f"model {card.name} produced no structure to write")
-    first = source.first
-    shape = segmentation.structures[0].mask.shape
-    if (int(first.Rows), int(first.Columns)) != shape[1:]:
-        raise OutputError(
-            f"the masks are {shape[1]}x{shape[2]} pixels but the source images are "
-            f"{first.Rows}x{first.Columns}")
+    check_plane_shape(source, segmentation.structures[0].mask.shape)
     algorithm = algorithm_identification(card)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=s.label.name,
-            segmented_property_category=_code(s.label.category),
-            segmented_property_type=_code(s.label.type),
+            segmented_property_category=sr_code(s.label.category),
+            segmented_property_type=sr_code(s.label.type),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             tracking_uid=result_uid(seed, "segment", s.label.name),

@@ -21,8 +21,8 @@ from pydicom.dataset import Dataset
 
 from dicomnode.inference.volume import SeriesVolume
 
-__all__ = ["OutputError", "SourceFrame", "SourceSeries", "object_identity", "result_uid",
-           "source_series"]
+__all__ = ["OutputError", "SourceFrame", "SourceSeries", "check_plane_shape", "object_identity",
+           "result_uid", "source_series"]
 
 
 class OutputError(ValueError):
@@ -115,6 +115,19 @@ def source_series(volume: SeriesVolume,
     frames = tuple(SourceFrame(planes[k], k[0], classes[k[0]], k[1]) for k in keys)
     order = list(dict.fromkeys(f.sop_instance_uid for f in frames))
     return SourceSeries(tuple(headers[u] for u in order), frames, multiframe)
+
+
+def check_plane_shape(source: SourceSeries, shape: Sequence[int]) -> None:
+    """Check that masks of ``shape`` ([z, y, x]) have the source images' rows and columns.
+
+    Raises:
+        OutputError: the masks' planes are not Rows x Columns of ``source.first``.
+    """
+    first = source.first
+    if (int(first.Rows), int(first.Columns)) != tuple(shape[1:]):
+        raise OutputError(
+            f"the masks are {shape[1]}x{shape[2]} pixels but the source images are "
+            f"{first.Rows}x{first.Columns}")
 
 
 def result_uid(*parts: str) -> str:
