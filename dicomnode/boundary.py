@@ -228,10 +228,9 @@ def for_peer(path: Path, peer_name: str, peer: PeerConfig, *, pseudonyms: Pseudo
     """
     ds = dataset if dataset is not None else pydicom.dcmread(path, stop_before_pixels=True)
     study_uid = str(ds.get("StudyInstanceUID", "") or "")
-    identity = pseudonyms.study(study_uid) if study_uid else None
     sop = str(ds.SOPInstanceUID)
     if peer.pseudonymize:
-        if identity is not None or _looks_pseudonymized(ds):
+        if (study_uid and pseudonyms.is_pseudonymous_study(study_uid)) or _looks_pseudonymized(ds):
             return path
         if pseudonymizer is None:
             raise BoundaryError(f"peer {peer_name!r} takes pseudonymized data only and no "
@@ -241,6 +240,7 @@ def for_peer(path: Path, peer_name: str, peer: PeerConfig, *, pseudonyms: Pseudo
         pseudonyms.record([record])
         LOG.info("pseudonymized an object for research peer %s", peer_name)
         return write_atomic(out_dir / f"{record.sop_instance_uid[1]}.pseudonymized.dcm", _save(ds))
+    identity = pseudonyms.study(study_uid) if study_uid else None  # the whole UID map
     if identity is None:
         if _looks_pseudonymized(ds):
             raise BoundaryError(

@@ -144,7 +144,7 @@ def cmd_pseudonymize(args: argparse.Namespace) -> int:
         return 2
     index = open_index(config.db_url)
     try:
-        files = [p for p in collect_files([source]) if not p.name.startswith(".")]
+        files = list(collect_files([source], skip_hidden=True))
         report = pseudonymize_files(files, target, engine, PseudonymMap(index))
     finally:
         index.dispose()
@@ -156,6 +156,7 @@ def cmd_pseudonymize(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    from dicomnode.store.queries import format_timings
     from dicomnode.worker import jobs_report
 
     report = _index_report(args, lambda index: jobs_report(index, state=args.state))
@@ -168,8 +169,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         line = (f"job {job['id']:<5} {job['state']:<8} {job['rule']:<20} {job['model']:<12} "
                 f"study {job['study']:<5} attempts {job['attempts']:<2} {job['trigger']:<8} "
                 f"{took}")
-        timings = job["timings"] or {}
-        steps = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if isinstance(v, float))
+        steps = format_timings(job["timings"])
         if steps:
             line += f"\n      {steps}"
         if job["error"]:
@@ -252,8 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         index.dispose()
     job_ids = [f.job_id for f in firings if f.job_id is not None]
     # an operator asking again re-runs the job that already fired on these inputs
-    job_ids += [int(f.reason.rsplit(" ", 1)[1]) for f in firings
-                if f.reason.startswith("already fired as job ")]
+    job_ids += [f.existing_job for f in firings if f.existing_job is not None]
     if not job_ids:
         reasons = "; ".join(f.reason for f in firings) or "no match"
         print(f"rule {rule.name} does not fire on study {found}: {reasons}", file=sys.stderr)
@@ -468,7 +467,7 @@ def cmd_models_run(args: argparse.Namespace) -> int:
             print(f"input {name} given twice", file=sys.stderr)
             return 2
         try:
-            inputs[name] = [p for p in collect_files([Path(path)]) if not p.name.startswith(".")]
+            inputs[name] = list(collect_files([Path(path)], skip_hidden=True))
         except FileNotFoundError as exc:
             print(str(exc), file=sys.stderr)
             return 2

@@ -50,12 +50,7 @@ class AssociationActivity:
         with self._lock:
             delivered = self._studies.pop(association, None)
         if delivered:
-            for listener in self.on_closed:
-                try:
-                    listener()
-                except Exception:
-                    LOG.exception("association-closed listener %s failed",
-                                  getattr(listener, "__name__", "?"))
+            _notify(self.on_closed)
 
     def busy_studies(self) -> set[int]:
         with self._lock:
@@ -185,10 +180,11 @@ class CompletionMonitor:
         return completed
 
 
-def _notify(listeners: list[CompletionListener], study_pk: int) -> None:
+def _notify(listeners: list[Callable[..., None]], *args: int) -> None:
+    """Call each listener with ``args``; one that fails is logged and the others still run."""
     for listener in listeners:
         try:
-            listener(study_pk)
+            listener(*args)
         except Exception:
-            LOG.exception("listener %s failed for study %d",
-                          getattr(listener, "__name__", "?"), study_pk)
+            LOG.exception("listener %s failed%s", getattr(listener, "__name__", "?"),
+                          f" for study {args[0]}" if args else "")

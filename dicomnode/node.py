@@ -117,7 +117,7 @@ class Node:
             self.console.start()  # first: a port in use stops the start before any listening
         self.scheduler.start()
         self.scp.start()
-        if self.rules is not None and self.rules.enabled:
+        if self.rules.enabled:
             self.jobs.start()  # worker processes spawn and load the rules' models meanwhile
 
     def stop(self) -> None:

@@ -56,7 +56,7 @@ from sqlalchemy.exc import IntegrityError
 from dicomnode.config import Config, OutboxConfig, PeerConfig
 from dicomnode.net.scu import SendError, SendResult, send_files
 from dicomnode.store.db import Index
-from dicomnode.store.queries import count_by_state
+from dicomnode.store.queries import count_by_state, iso_utc
 from dicomnode.store.tables import OutboxItem, OutboxState, utcnow
 
 __all__ = [
@@ -74,6 +74,11 @@ LOG = logging.getLogger(__name__)
 OUTBOX_SCHEMA_VERSION = 1
 
 _DUE_STATES = (OutboxState.PENDING, OutboxState.SENDING)
+
+
+def _due(now: dt.datetime) -> tuple[Any, ...]:
+    """The conditions of an item due at ``now``: pending, or sending with its lease ended."""
+    return (OutboxItem.state.in_(_DUE_STATES), OutboxItem.next_attempt_at <= now)
 
 
 class OutboxError(ValueError):
@@ -105,11 +110,6 @@ class DestinationReport:
     released: int = 0  # claimed, then handed back unsent because the outbox is stopping
     error: str | None = None  # why the association could not be established, if it could not
     seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"destination": self.destination, "sent": self.sent, "failed": self.failed,
-                "retrying": self.retrying, "released": self.released, "error": self.error,
-                "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -297,7 +297,7 @@ class Outbox:
         with self.index.session() as session:
             rows = session.execute(
                 select(OutboxItem.destination, func.count(OutboxItem.id))
-                .where(OutboxItem.state.in_(_DUE_STATES), OutboxItem.next_attempt_at <= now)
+                .where(*_due(now))
                 .group_by(OutboxItem.destination)).all()
         return {name: int(count) for name, count in rows}
 
@@ -377,8 +377,7 @@ class Outbox:
                    "configure it and resend the item")
         with self.index.session() as session:
             ids = session.scalars(select(OutboxItem.id).where(
-                OutboxItem.destination == name, OutboxItem.state.in_(_DUE_STATES),
-                OutboxItem.next_attempt_at <= now)).all()
+                OutboxItem.destination == name, *_due(now))).all()
             session.execute(
                 update(OutboxItem).where(OutboxItem.id.in_(ids))
                 .values(state=OutboxState.FAILED, last_status=None, last_error=message)
@@ -393,8 +392,7 @@ class Outbox:
             rows = session.execute(
                 select(OutboxItem.id, OutboxItem.state, OutboxItem.next_attempt_at,
                        OutboxItem.file_path, OutboxItem.sop_class_uid, OutboxItem.attempts)
-                .where(OutboxItem.destination == name, OutboxItem.state.in_(_DUE_STATES),
-                       OutboxItem.next_attempt_at <= now)
+                .where(OutboxItem.destination == name, *_due(now))
                 .order_by(OutboxItem.id)).all()
             if not rows:
                 return []
@@ -437,6 +435,12 @@ class Outbox:
             for claim in waiting.pop(str(result.path), []):
                 self._record(claim, name, report, result, clock())
 
+        def record_unsent(message: str, *, transient: bool) -> None:
+            """The items the send reported nothing for: not sent, for ``message``."""
+            for claim in [c for group in waiting.values() for c in group]:
+                self._record(claim, name, report, SendResult(
+                    Path(claim.path), None, message, transient=transient), clock())
+
         try:
             if waiting:
                 send_files(self.ae_title, peer, name, [Path(p) for p in waiting],
@@ -444,19 +448,13 @@ class Outbox:
                            cancel=self._stopping)
         except SendError as exc:
             report.error = str(exc)
-            for claim in [c for group in waiting.values() for c in group]:
-                self._record(claim, name, report, SendResult(
-                    Path(claim.path), None, str(exc), transient=exc.transient), clock())
+            record_unsent(str(exc), transient=exc.transient)
         except Exception as exc:
             report.error = f"{type(exc).__name__}: {exc}"
             LOG.exception("outbox: delivery to %s failed", name)
-            for claim in [c for group in waiting.values() for c in group]:
-                self._record(claim, name, report, SendResult(
-                    Path(claim.path), None, report.error, transient=True), clock())
+            record_unsent(report.error, transient=True)
         else:
-            for claim in [c for group in waiting.values() for c in group]:
-                self._record(claim, name, report, SendResult(
-                    Path(claim.path), None, "no result reported", transient=True), clock())
+            record_unsent("no result reported", transient=True)
         report.seconds = time.monotonic() - started
         return report
 
@@ -499,10 +497,6 @@ class Outbox:
 # -------------------------------------------------------------------- reporting
 
 
-def _time(value: dt.datetime | None) -> str | None:
-    return None if value is None else value.isoformat() + "Z"
-
-
 def _item(item: OutboxItem) -> dict[str, Any]:
     return {
         "id": item.id,
@@ -514,12 +508,12 @@ def _item(item: OutboxItem) -> dict[str, Any]:
         "file_path": item.file_path,
         "job_id": item.job_pk,
         "attempts": item.attempts,
-        "next_attempt_at": (_time(item.next_attempt_at)
+        "next_attempt_at": (iso_utc(item.next_attempt_at)
                             if item.state is OutboxState.PENDING else None),
         "last_status": item.last_status,
         "last_error": item.last_error,
-        "created_at": _time(item.created_at),
-        "sent_at": _time(item.sent_at),
+        "created_at": iso_utc(item.created_at),
+        "sent_at": iso_utc(item.sent_at),
     }
 
 

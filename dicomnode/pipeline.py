@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from dicomnode.store.files import write_atomic
 from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.tables import Instance, Job, Series
 
-__all__ = ["JobFailure", "JobSummary", "job_dir", "run_job"]
+__all__ = ["JobFailure", "JobSummary", "job_dir", "job_overlay", "run_job"]
 
 LOG = logging.getLogger(__name__)
 _PIXEL_DATA = 0x7FE00010
@@ -82,6 +81,11 @@ def job_dir(config: Config, job_id: int) -> Path:
     return config.storage.path / "jobs" / str(job_id)
 
 
+def job_overlay(config: Config, job_id: int) -> Path:
+    """The console's picture of a job's result."""
+    return job_dir(config, job_id) / "overlay.png"
+
+
 class _Clock:
     def __init__(self, timings: dict[str, float]) -> None:
         self.timings = timings
@@ -113,15 +117,14 @@ def _describe(exc: BaseException, *, ours: bool) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def run_job(config: Config, index: Index, job_id: int,
-            on_step: Callable[[str], None] | None = None) -> JobSummary:
+def run_job(config: Config, index: Index, job_id: int) -> JobSummary:
     """Run the claimed job ``job_id``; returns what it did.
 
     Raises:
         JobFailure: the job cannot complete (``permanent`` when a re-run cannot help).
     """
     try:
-        return _run(config, index, job_id, on_step or (lambda _step: None))
+        return _run(config, index, job_id)
     except JobFailure:
         raise
     except PERMANENT_ERRORS as exc:
@@ -130,8 +133,7 @@ def run_job(config: Config, index: Index, job_id: int,
         raise JobFailure(_describe(exc, ours=False), permanent=False) from exc
 
 
-def _run(config: Config, index: Index, job_id: int,
-         on_step: Callable[[str], None]) -> JobSummary:
+def _run(config: Config, index: Index, job_id: int) -> JobSummary:
     summary = JobSummary(job_id)
     clock = _Clock(summary.timings)
     with index.session() as session:
@@ -141,8 +143,7 @@ def _run(config: Config, index: Index, job_id: int,
         rule_name, model, inputs_key = job.rule_name, job.model, job.inputs_key
         bindings = [(str(n), str(uid)) for n, uid in job.bindings]
     rules = load_rules(config.rules_dir, peers=config.peers, models_dir=config.models_dir)
-    rule = rules.get(rule_name) if rules is not None else None
-    destinations = rule.send_to if rule is not None else ()
+    destinations = rules.get(rule_name).send_to
     card = load_card(config.models_dir / model)
     names = [name for name, _ in bindings]
     if names != list(card.input_names):
@@ -151,7 +152,6 @@ def _run(config: Config, index: Index, job_id: int,
     work = job_dir(config, job_id)
     pseudonyms = PseudonymMap(index)
     engine = pseudonymizer(config)
-    on_step("pseudonymize")
     files: dict[str, list[Path]] = {}
     headers: dict[str, list[Dataset]] = {}
     for name, series_uid in bindings:
@@ -164,19 +164,16 @@ def _run(config: Config, index: Index, job_id: int,
         files[name] = [path for path, _ in report.datasets]
         headers[name] = [ds for _, ds in report.datasets]
     clock.lap("pseudonymize")
-    on_step("read")
     volumes = load_inputs(card, files, headers)
     for series in headers.values():  # what the result objects need of them is the header
         for ds in series:
             ds.pop(_PIXEL_DATA, None)
     clock.lap("read")
-    on_step("inference")
     result = segment(card, [v.image for v in volumes], providers=config.inference.providers,
                      intra_op_threads=config.inference.intra_op_threads)
     summary.provider = result.provider
     summary.timings["model"] = round(result.timings.session_run, 4)
     clock.lap("inference")
-    on_step("write")
     seed = f"{inputs_key}/{card.name}/{card.version}"
     written = write_results(result, volumes[0], headers[names[0]], work / "results",
                             config.outputs, seed=seed, extra={"job": job_id, "rule": rule_name},
@@ -184,10 +181,9 @@ def _run(config: Config, index: Index, job_id: int,
     summary.results = [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
                         "file": str(o.path.relative_to(config.storage.path))}
                        for o in written.objects]
-    _draw_overlay(result, volumes[0].image, work / "overlay.png", f"job {job_id}")
+    _draw_overlay(result, volumes[0].image, job_overlay(config, job_id), f"job {job_id}")
     del result, volumes, headers
     clock.lap("write")
-    on_step("send")
     outbox = Outbox.from_config(config, index)
     # research peers first: they take the pseudonymous objects, which re-identification
     # for the clinical peers then changes in memory (one copy serves all clinical peers)
@@ -210,7 +206,7 @@ def _draw_overlay(result: Segmentation, image: sitk.Image, path: Path, title: st
     """The console's picture of the result (no identity in it); a failure only logs."""
     try:
         png = render_overlay(image, [
-            OverlayStructure(s.label.name, s.label.color, s.volume_ml, s.mask)
+            OverlayStructure(s.label.name, s.label.color, s.volume_ml, s.mask, s.voxel_count)
             for s in result.structures], title=f"{title}: {result.card.name} "
                                                f"{result.card.version}")
         write_atomic(path, lambda fp: fp.write(png), fsync=False)

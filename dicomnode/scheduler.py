@@ -145,12 +145,16 @@ def _record_run(index: Index, rule_name: str, started: dt.datetime) -> None:
     raise RuntimeError(f"could not record the run of rule {rule_name}")
 
 
+def _has_instances() -> Any:
+    """The condition "the study still holds an instance" (correlated to ``Study``)."""
+    return exists(select(Instance.id).join(Series, Instance.series_pk == Series.id)
+                  .where(Series.study_pk == Study.id).correlate(Study))
+
+
 def studies_completed_since(index: Index, since: dt.datetime | None) -> list[int]:
     """Complete studies (that still hold instances) completed at or after ``since``."""
-    has_instances = exists(select(Instance.id).join(Series, Instance.series_pk == Series.id)
-                           .where(Series.study_pk == Study.id).correlate(Study))
     query = select(Study.id).where(Study.state == StudyState.COMPLETE,
-                                   Study.completed_at.is_not(None), has_instances)
+                                   Study.completed_at.is_not(None), _has_instances())
     if since is not None:
         query = query.where(Study.completed_at >= since)
     with index.session() as session:
@@ -290,11 +294,9 @@ def apply_retention(index: Index, files: InstanceFiles, raw_days: float,
     if completed_before is None:
         return 0
     conditions = _eligible(cutoff, completed_before)
-    has_instances = exists(select(Instance.id).join(Series, Instance.series_pk == Series.id)
-                           .where(Series.study_pk == Study.id).correlate(Study))
     with index.session() as session:
         candidates = list(session.scalars(
-            select(Study.id).where(*conditions, has_instances).order_by(Study.id)).all())
+            select(Study.id).where(*conditions, _has_instances()).order_by(Study.id)).all())
     total = 0
     for study_pk in candidates:
         count = _purge_study(index, files, study_pk, conditions)

@@ -26,18 +26,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from functools import partial
-from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, select, update
 
 from dicomnode.config import Config
 from dicomnode.inference.card import load_card
-from dicomnode.inference.runtime import open_session
+from dicomnode.inference.runtime import open_card_session
 from dicomnode.logs import setup_logging
 from dicomnode.pipeline import JobFailure, run_job, summary_json
 from dicomnode.rules.loader import load_rules
 from dicomnode.store.db import Index, open_index
+from dicomnode.store.queries import format_timings, iso_utc
 from dicomnode.store.tables import Job, JobState, utcnow
 
 __all__ = ["JobRunner", "claim", "finish", "jobs_report", "reset", "run_claimed"]
@@ -84,8 +84,7 @@ def finish(index: Index, job_id: int, outcome: Outcome, max_attempts: int) -> Jo
             job.state = JobState.FAILED if last else JobState.PENDING
         state = job.state
     if outcome["ok"]:
-        LOG.info("job %d done (%s)", job_id, ", ".join(
-            f"{k} {v:.2f} s" for k, v in outcome["timings"].items() if isinstance(v, float)))
+        LOG.info("job %d done (%s)", job_id, format_timings(outcome["timings"]))
     else:
         LOG.warning("job %d %s: %s", job_id,
                     "failed" if state is JobState.FAILED else "will be tried again",
@@ -136,11 +135,9 @@ def _warm_up() -> int:
     opened = 0
     for model in sorted({rule.model for rule in rules.enabled}):
         try:
-            card = load_card(config.models_dir / model)
-            open_session(Path(card.model_path), providers=config.inference.providers,
-                         input_name=card.onnx_input, output_name=card.onnx_output,
-                         intra_op_threads=config.inference.intra_op_threads,
-                         label=f"{card.name} {card.version}")
+            open_card_session(load_card(config.models_dir / model),
+                              providers=config.inference.providers,
+                              intra_op_threads=config.inference.intra_op_threads)
             opened += 1
         except Exception as exc:  # the job that needs it reports the error properly
             LOG.warning("model %s not loaded ahead of its first job: %s", model,
@@ -284,10 +281,9 @@ def jobs_report(index: Index, *, state: str | None = None) -> dict[str, Any]:
             "trigger": job.trigger,
             "state": job.state.value,
             "attempts": job.attempts,
-            "created_at": job.created_at.isoformat() + "Z",
-            "started_at": None if job.started_at is None else job.started_at.isoformat() + "Z",
-            "finished_at": (None if job.finished_at is None
-                            else job.finished_at.isoformat() + "Z"),
+            "created_at": iso_utc(job.created_at),
+            "started_at": iso_utc(job.started_at),
+            "finished_at": iso_utc(job.finished_at),
             "seconds": _seconds(job.started_at, job.finished_at),
             "timings": job.timings,
             "results": job.results or [],

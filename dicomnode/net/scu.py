@@ -147,13 +147,16 @@ def echo(ae_title: str, peer: PeerConfig, name: str, *, timeout: float = 30.0) -
         assoc.release()
 
 
-def collect_files(paths: Iterable[Path]) -> Iterator[Path]:
-    """Every regular file named, and every file below each folder named, in sorted order."""
+def collect_files(paths: Iterable[Path], *, skip_hidden: bool = False) -> Iterator[Path]:
+    """Every regular file named, and every file below each folder named, in sorted order;
+    with ``skip_hidden``, files whose name starts with a dot are left out."""
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file())
+            yield from sorted(p for p in path.rglob("*") if p.is_file()
+                              and not (skip_hidden and p.name.startswith(".")))
         elif path.is_file():
-            yield path
+            if not (skip_hidden and path.name.startswith(".")):
+                yield path
         else:
             raise FileNotFoundError(f"no such file or folder: {path}")
 

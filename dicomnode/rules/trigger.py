@@ -48,6 +48,7 @@ class Firing:
     matched: bool
     job_id: int | None
     reason: str
+    existing_job: int | None = None  # the job that already fired on the same inputs
 
 
 class RuleTrigger:
@@ -106,7 +107,8 @@ class RuleTrigger:
         existing = session.scalars(select(Job.id).where(Job.rule_name == rule.name,
                                                         Job.inputs_key == key)).first()
         if existing is not None:
-            return Firing(rule.name, True, None, f"already fired as job {existing}")
+            return Firing(rule.name, True, None, f"already fired as job {existing}",
+                          existing_job=existing)
         job = Job(rule_name=rule.name, model=rule.model, study_pk=study_pk, inputs_key=key,
                   bindings=[[n, v.key] for n, v in match.bindings],
                   alternatives=dict(match.alternatives) or None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import func, select
@@ -18,13 +18,22 @@ from sqlalchemy.orm import selectinload
 from dicomnode.store.db import Index
 from dicomnode.store.tables import Instance, Series, Study
 
-__all__ = ["STUDIES_SCHEMA_VERSION", "count_by_state", "studies_report", "study_pk"]
+__all__ = ["STUDIES_SCHEMA_VERSION", "count_by_state", "format_timings", "iso_utc",
+           "studies_report", "study_pk"]
 
 STUDIES_SCHEMA_VERSION = 1
 
 
-def _time(value: dt.datetime | None) -> str | None:
+def iso_utc(value: dt.datetime | None) -> str | None:
+    """A naive UTC time of the index as ISO 8601 with ``Z``; None stays None."""
     return None if value is None else value.isoformat() + "Z"
+
+
+def format_timings(timings: Mapping[str, Any] | None) -> str:
+    """A job's step timings in one line (``pseudonymize 0.91 s, read 0.59 s``); entries
+    that are not seconds (the provider) are left out."""
+    return ", ".join(f"{k} {v:.2f} s" for k, v in (timings or {}).items()
+                     if isinstance(v, float))
 
 
 def count_by_state(index: Index, column: Any, states: Iterable[enum.Enum]) -> dict[str, int]:
@@ -70,9 +79,9 @@ def studies_report(index: Index, *, study_uid: str | None = None) -> dict[str, A
                 "study_date": study.study_date,
                 "study_description": study.study_description,
                 "instance_count": sum(x["instance_count"] for x in series_out),
-                "first_received_at": _time(study.first_received_at),
-                "last_received_at": _time(study.last_received_at),
-                "completed_at": _time(study.completed_at),
+                "first_received_at": iso_utc(study.first_received_at),
+                "last_received_at": iso_utc(study.last_received_at),
+                "completed_at": iso_utc(study.completed_at),
                 "reopened_count": study.reopened_count,
                 "series": series_out,
             })

@@ -79,12 +79,11 @@ class RefusalCounter:
     """Refused associations per reason, counted in this process (thread-safe).
 
     Give :meth:`increment` to the SCP as its ``on_refused`` hook. Reasons outside
-    ``reasons`` are counted as ``other``, so the label set stays small and fixed.
+    ``REFUSAL_KINDS`` are counted as ``other``, so the label set stays small and fixed.
     """
 
-    def __init__(self, reasons: Iterable[str] = REFUSAL_KINDS) -> None:
-        self._counts = dict.fromkeys(reasons, 0)
-        self._counts.setdefault(REFUSED_OTHER, 0)
+    def __init__(self) -> None:
+        self._counts = dict.fromkeys(REFUSAL_KINDS, 0)
         self._lock = threading.Lock()
 
     def increment(self, reason: str) -> None:

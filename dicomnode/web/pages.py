@@ -11,6 +11,8 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+from dicomnode.store.queries import format_timings
+
 __all__ = ["IDENTITY_STUDY_KEYS", "dashboard", "redact_outbox", "redact_studies", "study_page"]
 
 #: Study and series keys of ``studies --json`` that may carry identity.
@@ -103,8 +105,7 @@ def _studies_table(studies: list[dict[str, Any]], patients: dict[int, str] | Non
 def _jobs_table(jobs: list[dict[str, Any]], overlays: set[int]) -> str:
     rows = []
     for job in jobs:
-        timings = job["timings"] or {}
-        steps = ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if isinstance(v, float))
+        steps = format_timings(job["timings"])
         picture = (f'<img class="overlay" alt="job {job["id"]} overlay" '
                    f'src="/jobs/{job["id"]}/overlay.png">' if job["id"] in overlays else "")
         retry = ("" if job["state"] == "running" else

@@ -37,6 +37,7 @@ from sqlalchemy import select, text
 
 from dicomnode.config import Config, ConfigError
 from dicomnode.outbox import Outbox, OutboxError, outbox_report
+from dicomnode.pipeline import job_overlay
 from dicomnode.rules.explain import explain_study
 from dicomnode.rules.loader import RuleSet
 from dicomnode.store.db import Index
@@ -142,12 +143,15 @@ class ConsoleServer:
         return {int(p.parent.name) for p in root.glob("*/overlay.png") if p.parent.name.isdigit()}
 
     def overlay_path(self, job_id: int) -> Path:
-        return self.config.storage.path / "jobs" / str(job_id) / "overlay.png"
+        return job_overlay(self.config, job_id)
 
-    def patients(self) -> dict[int, str]:
+    def patients(self, study_id: int | None = None) -> dict[int, str]:
+        """Per study key, its patient as "name (ID)"; of one study when ``study_id`` is given."""
+        query = select(Study.id, Patient.patient_name, Patient.patient_id).join(Patient)
+        if study_id is not None:
+            query = query.where(Study.id == study_id)
         with self.index.session() as session:
-            rows = session.execute(select(Study.id, Patient.patient_name, Patient.patient_id)
-                                   .join(Patient)).all()
+            rows = session.execute(query).all()
         return {sid: f"{name or ''} ({pid})" for sid, name, pid in rows}
 
     def healthy(self) -> bool:
@@ -295,9 +299,8 @@ class _Handler(BaseHTTPRequestHandler):
             # verdicts only: the compared values may quote descriptions that hold names
             explanation = "\n".join(line for line in explanation.splitlines()
                                     if line.startswith("rule "))
-        self._html(pages.study_page(data, explanation,
-                                    patient=console.patients().get(study_id) if auth else None,
-                                    authenticated=auth))
+        patient = console.patients(study_id).get(study_id) if auth else None
+        self._html(pages.study_page(data, explanation, patient=patient, authenticated=auth))
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
