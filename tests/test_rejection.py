@@ -172,6 +172,22 @@ def test_whole_datasets_give_the_same_note_as_headers(superseded: Superseded) ->
     assert _evidence(a) == _evidence(b) and _content(a) == _content(b)
 
 
+def test_changing_the_note_leaves_the_rejected_objects_as_they_are(
+        superseded: Superseded) -> None:
+    headers = [copy.deepcopy(h) for h in superseded.headers]
+    seg = headers[0]
+    seg.OtherPatientIDsSequence = [Dataset()]
+    seg.OtherPatientIDsSequence[0].PatientID = "OTHER-1"
+    seg.OtherPatientIDsSequence[0].TypeOfPatientID = "TEXT"
+    before = [copy.deepcopy(h) for h in headers]
+    note = _note(headers)
+    assert note.OtherPatientIDsSequence[0].PatientID == "OTHER-1"
+    note.PatientName = "Changed^Name"  # as re-identification changes it, in place
+    note.OtherPatientIDsSequence[0].PatientID = "CHANGED"
+    note.StudyInstanceUID = "1.2.3"
+    assert headers == before
+
+
 def test_the_same_seed_gives_the_same_uids_another_seed_other_uids(
         superseded: Superseded) -> None:
     headers = superseded.headers

@@ -142,17 +142,19 @@ def _reference(ds: Dataset) -> Dataset:
 
 
 def _copy_patient_study(target: Dataset, source: Dataset) -> None:
+    """Copies, never the source's elements themselves: changing the note (re-identifying
+    it) must leave the rejected objects' datasets as they are."""
     for keyword in _PATIENT_STUDY_TYPE2:
         elem = source.data_element(keyword) if keyword in source else None
         if elem is not None:
-            target[elem.tag] = elem
+            target[elem.tag] = copy.deepcopy(elem)
         else:
             setattr(target, keyword, "")
     for keyword in _PATIENT_STUDY_OPTIONAL:
         if keyword in source:
             elem = source.data_element(keyword)
             if elem is not None:
-                target[elem.tag] = elem
+                target[elem.tag] = copy.deepcopy(elem)
 
 
 def build_rejection_note(
