@@ -351,3 +351,48 @@ def test_a_clinical_peer_gets_the_note_reidentified_with_the_results(
         assert code == 0 and not errors, report_text
     finally:
         index.dispose()
+
+
+
+def _for_research(superseded: Superseded, tmp_path: Path) -> tuple[Dataset, list[Dataset], Path]:
+    """The note and the results as a research peer gets them (identified results made
+    pseudonymous with the node's key): the note, the results' headers, the note's file."""
+    index = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    try:
+        pseudonyms = PseudonymMap(index)
+        keyed = Pseudonymizer(KEY, profile_options(DeidConfig()))
+        note = write_rejection_note(_note(superseded.headers), tmp_path / "rejection.dcm")
+        results = [pydicom.dcmread(for_peer(o.path, "research", RESEARCH, pseudonyms=pseudonyms,
+                                            out_dir=tmp_path / "research",
+                                            pseudonymizer=keyed), stop_before_pixels=True)
+                   for o in superseded.results.objects]
+        path = for_peer(note.path, "research", RESEARCH, pseudonyms=pseudonyms,
+                        out_dir=tmp_path / "research", pseudonymizer=keyed)
+        return pydicom.dcmread(path), results, path
+    finally:
+        index.dispose()
+
+
+def test_a_research_peer_gets_the_note_pseudonymized_with_the_results(
+        superseded: Superseded, tmp_path: Path) -> None:
+    back, results, _path = _for_research(superseded, tmp_path)
+    assert back.PatientID == results[0].PatientID != superseded.headers[0].PatientID
+    assert back.StudyInstanceUID == results[0].StudyInstanceUID
+    # the keyed UIDs of the note's references are those of the pseudonymized results
+    assert Counter(_evidence(back)) == Counter(_expected(results))
+    assert Counter(i for _t, _c, i in _content(back)) == Counter(
+        str(r.SOPInstanceUID) for r in results)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "deid bug outside this module: Content Sequence has action D, and "
+    "Pseudonymizer._dummy_dataset remaps every UI inside it, SOP Class UIDs too, so any "
+    "SR or KOS pseudonymized for a research peer references '2.25...' SOP classes "
+    "(dciodvfy: SOP Class in evidence does not match reference)"))
+def test_a_research_peer_gets_the_note_s_content_tree_with_its_sop_classes(
+        superseded: Superseded, tmp_path: Path) -> None:
+    back, results, path = _for_research(superseded, tmp_path)
+    assert Counter((c, i) for _t, c, i in _content(back)) == Counter(
+        (str(r.SOPClassUID), str(r.SOPInstanceUID)) for r in results)
+    code, report_text, errors = _dciodvfy(path)
+    assert code == 0 and not errors, report_text
