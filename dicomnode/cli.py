@@ -166,9 +166,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print("no jobs")
     for job in report["jobs"]:
         took = f"{job['seconds']:.1f} s" if job["seconds"] is not None else ""
-        line = (f"job {job['id']:<5} {job['state']:<8} {job['rule']:<20} {job['model']:<12} "
-                f"study {job['study']:<5} attempts {job['attempts']:<2} {job['trigger']:<8} "
-                f"{took}")
+        line = (f"job {job['id']:<5} {job['state']:<9} {job['rule']:<20} {job['model']:<12} "
+                f"v{job['version']:<3} study {job['study']:<5} attempts {job['attempts']:<2} "
+                f"{job['trigger']:<10} {took}")
+        if job["changes"]:
+            line += f"\n      changed: {job['changes']}"
+        if job["withdrawn_by"]:
+            line += f"\n      results withdrawn by job {job['withdrawn_by']}"
         steps = format_timings(job["timings"])
         if steps:
             line += f"\n      {steps}"

@@ -9,6 +9,7 @@ together with its data.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -101,9 +102,11 @@ class StorageConfig(_Section):
 class CompletionConfig(_Section):
     """When a study counts as complete."""
 
-    quiet_seconds: float = Field(5.0, ge=0)
+    quiet_seconds: float = Field(
+        5.0, ge=0, description="a study with no new instance for this long is complete")
     series_quiet_seconds: float = Field(
-        1.0, ge=0, description="a series with no new instance for this long has settled")
+        10.0, ge=0, description="a series with no new instance for this long has settled "
+        "(one that reaches the size its instances state settles at once)")
     check_interval_seconds: float = Field(0.5, gt=0, le=60)
 
 
@@ -227,6 +230,18 @@ class OutputsConfig(_Section):
     seg_omit_empty_frames: bool = False
     rtstruct: bool = True
     sr: bool = Field(False, description="a TID 1500 measurement report (needs seg)")
+    reject_superseded: bool = Field(
+        True, description="when a job's newer version sends its results, send an IHE IOCM "
+        "rejection note (KOS, Rejected for Quality Reasons) withdrawing the earlier ones")
+
+    def for_rule(self, kinds: Sequence[str] | None) -> OutputsConfig:
+        """These options with the objects a rule asks for (``seg``, ``rtstruct``,
+        ``measurements`` = the TID 1500 report); ``None`` keeps them as they are."""
+        if kinds is None:
+            return self
+        return self.model_copy(update={"seg": "seg" in kinds or "measurements" in kinds,
+                                       "rtstruct": "rtstruct" in kinds,
+                                       "sr": "measurements" in kinds})
 
     @model_validator(mode="after")
     def _sr_needs_seg(self) -> OutputsConfig:

@@ -31,7 +31,7 @@ from dicomnode.store.ingest import InstanceStore
 from dicomnode.store.recovery import recover_orphans
 from dicomnode.web.metrics import RefusalCounter, metrics_text
 from dicomnode.web.server import ConsoleServer
-from dicomnode.worker import JobRunner
+from dicomnode.worker import JobRunner, reset
 
 __all__ = ["Node"]
 
@@ -49,15 +49,23 @@ class Node:
                                    min_free_bytes=config.storage.min_free_bytes)
         self.rules = load_rules(config.rules_dir, peers=config.peers,
                                 models_dir=config.models_dir)
-        self.trigger = RuleTrigger(self.index, self.rules, config.storage.path)
-        # an association that delivered and closed has settled its series: check now
+        self.trigger = RuleTrigger(self.index, self.rules, config.storage.path,
+                                   quiet_seconds=config.completion.quiet_seconds)
+        # an association that delivered and closed may have completed a series: check now
         self.activity = AssociationActivity(on_closed=[self._check_completion_now])
+        arriving = [r for r in self.rules.enabled if r.schedule is None]
         self.completion = CompletionMonitor(
             self.index, self.activity,
             quiet_seconds=config.completion.quiet_seconds,
             series_quiet_seconds=config.completion.series_quiet_seconds,
             listeners=[self._on_study_complete],
-            settled_listeners=[self._on_series_settled])
+            settled_listeners=[self._on_series_settled],
+            # rules' own quiet times, and when they act on incomplete studies
+            waits=[w for r in arriving for w in (
+                r.wait_seconds,
+                r.when_incomplete.after_seconds if r.when_incomplete is not None else None)
+                if w is not None],
+            wait_listeners=[self._on_study_waited])
         self.refused = RefusalCounter()
         self.scp = StorageSCP(config.node, self.store,
                               AccessPolicy(config.node.ae_title, config.peers), self.activity,
@@ -68,7 +76,7 @@ class Node:
         self.console = (ConsoleServer(
             config, self.index, self.outbox, self.rules,
             partial(metrics_text, self.index, refused=self.refused,
-                    storage_path=config.storage.path))
+                    storage_path=config.storage.path), run_now=self.run_now)
             if config.web.enabled else None)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
@@ -85,7 +93,31 @@ class Node:
         self._dispatch_new(self.trigger.on_study(study_pk, trigger="complete"))
 
     def _on_series_settled(self, study_pk: int) -> None:
-        self._dispatch_new(self.trigger.on_study(study_pk, trigger="early", early=True))
+        self._dispatch_new(self.trigger.on_study(study_pk, trigger="settled"))
+
+    def _on_study_waited(self, study_pk: int, seconds: float) -> None:
+        """The study has been quiet for ``seconds``: some rule's wait or incomplete time."""
+        arriving = [r for r in self.rules.enabled if r.schedule is None]
+        firings = self.trigger.on_study(
+            study_pk, trigger="quiet", quiet_for=seconds,
+            rules=[r for r in arriving if r.wait_seconds == seconds])
+        firings += self.trigger.on_incomplete(study_pk, [
+            r for r in arriving
+            if r.when_incomplete is not None and r.when_incomplete.after_seconds == seconds])
+        self._dispatch_new(firings)
+
+    def run_now(self, study_pk: int, rule_name: str) -> list[Firing]:
+        """An operator's "run now" (force completion): settle the study's series and fire the
+        rule without waiting for quiet times; a job that already ran on the same input runs
+        again as the same version (same UIDs)."""
+        rule = self.rules.get(rule_name)
+        self.completion.settle_study(study_pk)
+        firings = self.trigger.on_study(study_pk, trigger="manual", rules=[rule])
+        for f in firings:
+            if f.existing_job is not None:
+                reset(self.index, f.existing_job)
+        self.jobs.dispatch()
+        return firings
 
     def _dispatch_new(self, firings: list[Firing]) -> None:
         # a job a rule just created starts now, not at the dispatcher's next tick

@@ -271,6 +271,20 @@ class Outbox:
                  was.value)
         return was
 
+    def cancel_jobs(self, job_ids: Iterable[int], *, reason: str) -> int:
+        """Cancel the items of these jobs that are not sent and not being sent (pending or
+        failed), e.g. the results of a job's version that a newer one superseded; returns
+        how many. ``resend`` can still send a cancelled item."""
+        with self.index.session() as session:
+            result = cast(CursorResult[Any], session.execute(
+                update(OutboxItem).where(
+                    OutboxItem.job_pk.in_(list(job_ids)),
+                    OutboxItem.state.in_((OutboxState.PENDING, OutboxState.FAILED)))
+                .values(state=OutboxState.CANCELLED, last_error=reason[:200])
+                .execution_options(synchronize_session=False)))
+            session.commit()
+        return int(result.rowcount or 0)
+
     def recover(self) -> int:
         """Return every ``sending`` item to ``pending``, due now (at node start-up).
 

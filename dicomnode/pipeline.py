@@ -5,8 +5,14 @@ one copy fit for each destination -> outbox.
 worker process executes (:mod:`dicomnode.worker`), and what ``dicomnode run`` and
 ``dicomnode jobs retry`` execute in their own process. Everything it writes is
 deterministic for a job: the pseudonymized headers (keyed), the result objects' UIDs (seeded
-by the job's inputs key, model and version) and the outbox items (unique per object and
-destination), so a job re-run after a crash leaves no duplicate anywhere.
+by the job's inputs key, its version, the model and the model's version) and the outbox
+items (unique per object and destination), so a job re-run after a crash writes the same
+objects again. A newer version of a job (its input series changed) writes new UIDs, and
+withdraws what the earlier versions sent with an IHE IOCM rejection note
+(``outputs.reject_superseded``); their items not sent yet are cancelled.
+
+The job carries its rule's decisions, recorded when it was created: the model, the bound
+series, ``outputs`` (which objects) and ``send_to`` (where they go).
 
 The bound series are read once and pseudonymized in memory (the pseudonym map recorded in
 the index); no pseudonymized copy of them is written. Working
@@ -19,31 +25,34 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from dicomnode.boundary import BoundaryError, for_peer, pseudonymize_datasets, pseudonymizer
 from dicomnode.config import Config
 from dicomnode.deid import DeidKeyError
-from dicomnode.inference.card import CardError, load_card
+from dicomnode.inference.card import Card, CardError, load_card
 from dicomnode.inference.predict import InferenceError
 from dicomnode.inference.preprocess import PreprocessingError
 from dicomnode.inference.segment import Segmentation, load_inputs, segment
 from dicomnode.inference.volume import VolumeError
 from dicomnode.outbox import Outbox
 from dicomnode.outputs.overlay import OverlayStructure, render_overlay
+from dicomnode.outputs.rejection import build_rejection_note, write_rejection_note
 from dicomnode.outputs.source import OutputError
 from dicomnode.outputs.write import write_results
 from dicomnode.rules.loader import load_rules
 from dicomnode.store.db import Index
 from dicomnode.store.files import write_atomic
 from dicomnode.store.pseudonyms import PseudonymMap
-from dicomnode.store.tables import Instance, Job, Series
+from dicomnode.store.tables import Instance, Job, JobState, Series
 
 __all__ = ["JobFailure", "JobSummary", "job_dir", "job_overlay", "run_job"]
 
@@ -141,9 +150,17 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         if job is None:
             raise JobFailure(f"no job {job_id}", permanent=True)
         rule_name, model, inputs_key = job.rule_name, job.model, job.inputs_key
+        version, kinds = job.version or 1, job.outputs
         bindings = [(str(n), str(uid)) for n, uid in job.bindings]
-    rules = load_rules(config.rules_dir, peers=config.peers, models_dir=config.models_dir)
-    destinations = rules.get(rule_name).send_to
+        send_to = job.send_to
+    if send_to is None:  # a job created before jobs recorded their rule's decisions
+        rules = load_rules(config.rules_dir, peers=config.peers, models_dir=config.models_dir)
+        send_to = list(rules.get(rule_name).send_to)
+    destinations = [str(name) for name in send_to]
+    unknown = [name for name in destinations if name not in config.peers]
+    if unknown:
+        raise JobFailure(f"job {job_id} sends to {', '.join(unknown)}, which is no longer a "
+                         "configured peer", permanent=True)
     card = load_card(config.models_dir / model)
     names = [name for name, _ in bindings]
     if names != list(card.input_names):
@@ -174,17 +191,38 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
     summary.provider = result.provider
     summary.timings["model"] = round(result.timings.session_run, 4)
     clock.lap("inference")
-    seed = f"{inputs_key}/{card.name}/{card.version}"
+    # version 1 keeps the seed of the releases before versions, so its UIDs stay the same
+    seed = (f"{inputs_key}/{card.name}/{card.version}" if version == 1
+            else f"{inputs_key}/v{version}/{card.name}/{card.version}")
     written = write_results(result, volumes[0], headers[names[0]], work / "results",
-                            config.outputs, seed=seed, extra={"job": job_id, "rule": rule_name},
-                            keep_datasets=True)
+                            config.outputs.for_rule(kinds), seed=seed,
+                            extra={"job": job_id, "rule": rule_name, "version": version},
+                            keep_datasets=True, result_number=version)
     summary.results = [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
                         "file": str(o.path.relative_to(config.storage.path))}
                        for o in written.objects]
+    objects: list[tuple[Path, Dataset | None]] = [(o.path, o.dataset) for o in written.objects]
     _draw_overlay(result, volumes[0].image, job_overlay(config, job_id), f"job {job_id}")
     del result, volumes, headers
+    newer = _newer_version(index, job_id)
+    superseded = _superseded(index, config, job_id) if version > 1 and newer is None else {}
+    if superseded and config.outputs.reject_superseded:
+        note = _write_rejection_note(config, superseded, work / "results", seed=seed,
+                                     card=card, version=version)
+        if note is not None:
+            objects.append((note, None))
+            summary.results.append({"kind": "KO", "sop_instance_uid": _uid(note),
+                                    "file": str(note.relative_to(config.storage.path))})
     clock.lap("write")
     outbox = Outbox.from_config(config, index)
+    if newer is not None:  # created while this one ran: its results are the ones to send
+        LOG.info("job %d: not sending its results, job %d is a newer version", job_id, newer)
+        destinations = []
+    if superseded:  # what the earlier versions have not sent yet, they never will
+        cancelled = outbox.cancel_jobs(list(superseded), reason=f"superseded by job {job_id}")
+        if cancelled:
+            LOG.info("job %d: %d unsent item(s) of earlier versions cancelled", job_id,
+                     cancelled)
     # research peers first: they take the pseudonymous objects, which re-identification
     # for the clinical peers then changes in memory (one copy serves all clinical peers)
     research = [n for n in destinations if config.peers[n].pseudonymize]
@@ -193,13 +231,73 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         if not group:
             continue
         peer, label = config.peers[group[0]], ", ".join(group)
-        paths = [for_peer(o.path, label, peer, pseudonyms=pseudonyms,
+        paths = [for_peer(path, label, peer, pseudonyms=pseudonyms,
                           out_dir=work / "send" / group[0], pseudonymizer=engine,
-                          dataset=o.dataset if in_memory else None)
-                 for o in written.objects]
+                          dataset=dataset if in_memory else None)
+                 for path, dataset in objects]
         summary.enqueued += len(outbox.enqueue(paths, group, job_pk=job_id))
+    if superseded:
+        _mark_withdrawn(index, list(superseded), job_id)
     clock.lap("reidentify")
     return summary
+
+
+def _newer_version(index: Index, job_id: int) -> int | None:
+    with index.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return session.scalars(select(Job.id).where(
+            Job.rule_name == job.rule_name, Job.inputs_key == job.inputs_key,
+            Job.version > job.version)).first()
+
+
+def _superseded(index: Index, config: Config, job_id: int) -> dict[int, list[Path]]:
+    """The result files of the earlier versions of a job that no later version withdrew
+    yet (or that this job withdrew already, when it runs again): job id -> files."""
+    with index.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        earlier = session.scalars(select(Job).where(
+            Job.rule_name == job.rule_name, Job.inputs_key == job.inputs_key,
+            Job.version < job.version, Job.state == JobState.DONE,
+            (Job.withdrawn_by.is_(None)) | (Job.withdrawn_by == job_id))
+            .order_by(Job.version)).all()
+        found: dict[int, list[Path]] = {}
+        for old in earlier:
+            files = [config.storage.path / r["file"] for r in old.results or []
+                     if r.get("kind") != "KO"]
+            found[old.id] = [f for f in files if f.is_file()]
+            if len(found[old.id]) < len(files):
+                LOG.warning("job %d: %d result file(s) of job %d are gone (retention?); the "
+                            "rejection note leaves them out", job_id,
+                            len(files) - len(found[old.id]), old.id)
+    return found
+
+
+def _write_rejection_note(config: Config, superseded: dict[int, list[Path]], out_dir: Path, *,
+                          seed: str, card: Card, version: int) -> Path | None:
+    """The IOCM rejection note withdrawing the earlier versions' objects, written next to
+    this version's results (pseudonymous, like them); None when nothing is left to reject."""
+    rejected = [pydicom.dcmread(path, stop_before_pixels=True)
+                for paths in superseded.values() for path in paths]
+    if not rejected:
+        return None
+    note = build_rejection_note(
+        rejected, seed=f"{seed}/rejection", card=card,
+        series_description=f"Rejected: {card.name} v{card.version} results before "
+                           f"result {version}")
+    return write_rejection_note(note, out_dir / "rejection.dcm").path
+
+
+def _uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True,
+                               specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+
+
+def _mark_withdrawn(index: Index, job_ids: Sequence[int], by: int) -> None:
+    with index.session() as session, session.begin():
+        session.execute(update(Job).where(Job.id.in_(list(job_ids)))
+                        .values(withdrawn_by=by))
 
 
 def _draw_overlay(result: Segmentation, image: sitk.Image, path: Path, title: str) -> None:

@@ -146,7 +146,8 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
                 "storescu": {"ae_title": "STORESCU", "host": "localhost"},
                 "self": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port},
             },
-            "completion": {"quiet_seconds": quiet_seconds, "check_interval_seconds": 0.2},
+            "completion": {"quiet_seconds": quiet_seconds, "series_quiet_seconds": 0.5,
+                           "check_interval_seconds": 0.2},
             "web": {"port": 0},  # a free port, logged as "console at http://HOST:PORT/"
             "logging": {"level": "INFO"},
         }

@@ -328,6 +328,22 @@ def test_multi_valued_equals_every_containing_one() -> None:
     assert one('ImageType regexp "^PRIM"', item).matched
 
 
+def test_containing_is_a_case_insensitive_substring_test() -> None:
+    t1 = series("s", SeriesDescription="T1 MPRAGE sag")
+    assert one('SeriesDescription containing "t1"', t1).matched
+    assert one('SeriesDescription containing "mprage"', t1).matched
+    assert one('SeriesDescription containing "T1 MP"', t1).matched
+    assert not one('SeriesDescription containing "T2"', t1).matched
+    assert not one('SeriesDescription = "T1"', t1).matched  # = stays exact
+    colin = series("c", SeriesDescription="sT1W_3D_TFE")
+    assert one('SeriesDescription containing "T1"', colin).matched
+    multi = series("m", ImageType="ORIGINAL\\PRIMARY\\AXIAL")
+    assert one('ImageType containing "prim"', multi).matched  # any one value
+    assert not one('ImageType containing "DERIVED"', multi).matched
+    numbered = series("n", SeriesNumber="1203")
+    assert one("SeriesNumber containing 20", numbered).matched  # the literal's text
+
+
 def test_regexp_is_unanchored_and_case_sensitive() -> None:
     item = series("s", SeriesDescription="ax T1 mprage")
     assert one('SeriesDescription regexp "T1"', item).matched

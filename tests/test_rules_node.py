@@ -115,31 +115,63 @@ def test_four_named_series_bind_in_rule_order_whatever_the_arrival_order(
     assert len(_jobs(node)) == 1
 
 
-def test_rule_fires_early_when_its_series_are_whole(node_factory: NodeFactory,
-                                                    tmp_path: Path) -> None:
-    node = _rule_node(node_factory, tmp_path, quiet_seconds=60.0,
+def _state_size(paths: list[Path], size: int) -> list[Path]:
+    """Make each instance state the size of its series (ImagesInAcquisition)."""
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.AcquisitionNumber = 1
+        ds.ImagesInAcquisition = size
+        ds.save_as(p)
+    return paths
+
+
+def test_whole_series_without_stated_size_waits_for_the_quiet_time(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    # the association's release and a whole stack say nothing about whether the series is
+    # finished: the rule waits for the study's quiet time
+    node = _rule_node(node_factory, tmp_path, quiet_seconds=6.0,
                       completion={"series_quiet_seconds": 0.5, "check_interval_seconds": 0.2})
     ct = testdata.synthetic_ct(tmp_path / "ct", slices=12, rows=32, columns=32)
-    start = time.monotonic()
     _send(node.port, ct)
-    (job,) = _wait_jobs(node, 1, timeout=10)
-    assert time.monotonic() - start < 10, "fired only after the quiet time"
-    assert job.trigger == "early"
-    assert node.studies()[0]["state"] == "receiving"
+    sent = time.monotonic()
+    time.sleep(4.0)
+    assert _jobs(node) == [], "fired before the study's quiet time"
+    (job,) = _wait_jobs(node, 1, timeout=15)
+    assert time.monotonic() - sent >= 5.5
+    assert job.trigger in ("complete", "settled")
+    assert job.version == 1 and job.instance_count == 12
 
 
-def test_rule_fires_when_the_association_closes_not_at_the_next_check(
+def test_series_that_reaches_its_stated_size_fires_at_once(
         node_factory: NodeFactory, tmp_path: Path) -> None:
-    # the first periodic check comes 30 s after the start: only the association's release
-    # can have the series judged and the rule fired within seconds
+    # the first periodic check comes 30 s after the start, the series quiet time is 30 s:
+    # only the stated size (checked when the association that delivered the last instance
+    # closes) can have the rule fire within a second or so
     node = _rule_node(node_factory, tmp_path, quiet_seconds=60.0,
                       completion={"series_quiet_seconds": 30, "check_interval_seconds": 30})
-    ct = testdata.synthetic_ct(tmp_path / "ct", slices=12, rows=32, columns=32)
+    ct = _state_size(testdata.synthetic_ct(tmp_path / "ct", slices=12, rows=32, columns=32), 12)
     _send(node.port, ct)
     released = time.monotonic()
     (job,) = _wait_jobs(node, 1, timeout=20)
-    assert time.monotonic() - released < 10
+    assert time.monotonic() - released < 3
     assert job.trigger == "early"
+
+
+def test_series_short_of_its_stated_size_does_not_settle_early(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    node = _rule_node(node_factory, tmp_path, quiet_seconds=60.0,
+                      completion={"series_quiet_seconds": 4, "check_interval_seconds": 0.2})
+    ct = _state_size(testdata.synthetic_ct(tmp_path / "ct", slices=12, rows=32, columns=32), 14)
+    _send(node.port, ct)
+    time.sleep(2.5)
+    (study,) = node.studies()
+    assert study["series"][0]["geometry"]["state"] == "pending"
+    assert _jobs(node) == []
+    # after its quiet time it settles like any series, saying what is missing
+    node.wait_for(lambda s: s[0]["series"][0]["geometry"]["state"] != "pending", timeout=10)
+    reason = node.studies()[0]["series"][0]["geometry"]["reason"]
+    assert "12 of the 14 images its instances state" in reason
+    assert _jobs(node) == []  # the study's quiet time (60 s) has not passed
 
 
 def test_series_with_a_gap_does_not_fire(node_factory: NodeFactory, tmp_path: Path) -> None:

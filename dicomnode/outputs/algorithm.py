@@ -35,6 +35,15 @@ def description(card: Card) -> str:
     return text[:64]
 
 
+def result_description(kind: str, card: Card, result_number: int = 1) -> str:
+    """The SeriesDescription of a result object: its kind, the model and which result of
+    its job this is (a job's later versions are results 2, 3, ...), e.g.
+    ``SEG ct-body v1.0.0 result 2`` (LO, 64 characters)."""
+    if result_number < 1:
+        raise ValueError(f"result_number must be >= 1, not {result_number}")
+    return f"{kind} {card.name} v{card.version} result {result_number}"[-64:]
+
+
 def sr_code(code: CardCode) -> Code:
     """A card's coded concept as the pydicom :class:`~pydicom.sr.coding.Code` highdicom takes."""
     return Code(code.value, code.scheme, code.meaning)

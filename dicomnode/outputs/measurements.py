@@ -15,7 +15,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicomnode.inference.segment import Segmentation
-from dicomnode.outputs.algorithm import description, sr_code
+from dicomnode.outputs.algorithm import description, result_description, sr_code
 from dicomnode.outputs.source import OutputError, SourceSeries, object_identity, result_uid
 
 __all__ = ["SR_SERIES_NUMBER", "build_sr"]
@@ -33,6 +33,7 @@ def build_sr(
     *,
     seed: str,
     series_number: int = SR_SERIES_NUMBER,
+    result_number: int = 1,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 measurement report of the volumes of ``segmentation``'s structures.
 
@@ -85,5 +86,5 @@ def build_sr(
         content=report,
         **object_identity(seed, "SR", series_number),
         is_complete=True,
-        series_description=f"Volumes {card.name} {card.version}"[:64],
+        series_description=result_description("Volumes", card, result_number),
     )

@@ -35,7 +35,12 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
 from dicomnode.inference.card import Code as CardCode
 from dicomnode.inference.segment import Geometry, Segmentation, Structure
-from dicomnode.outputs.algorithm import content_label, description, software_versions
+from dicomnode.outputs.algorithm import (
+    content_label,
+    description,
+    result_description,
+    software_versions,
+)
 from dicomnode.outputs.source import (
     OutputError,
     SourceFrame,
@@ -232,6 +237,7 @@ def build_rtstruct(
     seed: str,
     series_number: int = RTSTRUCT_SERIES_NUMBER,
     now: dt.datetime | None = None,
+    result_number: int = 1,
 ) -> Dataset:
     """An RT Structure Set of ``segmentation`` on the images of ``source``.
 
@@ -241,6 +247,7 @@ def build_rtstruct(
         seed: what makes the object's UIDs; the same seed gives the same UIDs.
         series_number: the RTSTRUCT series' number.
         now: the creation time written (default: the current local time).
+        result_number: which result of its job this is (its SeriesDescription says it).
 
     Raises:
         OutputError: the source has no Frame of Reference, or the masks do not match
@@ -274,7 +281,7 @@ def build_rtstruct(
     ds.SeriesInstanceUID = result_uid(seed, "RTSTRUCT", "series")
     ds.SeriesNumber = series_number
     ds.SeriesDate, ds.SeriesTime = date, time
-    ds.SeriesDescription = f"RTSTRUCT {card.name} {card.version}"[:64]
+    ds.SeriesDescription = result_description("RTSTRUCT", card, result_number)
     ds.OperatorsName = ""
     ds.Manufacturer = "dicomnode"
     # Frame of Reference

@@ -20,6 +20,7 @@ from dicomnode.inference.segment import Segmentation
 from dicomnode.outputs.algorithm import (
     algorithm_identification,
     content_label,
+    result_description,
     software_versions,
     sr_code,
 )
@@ -61,6 +62,7 @@ def build_seg(
     omit_empty_frames: bool = False,
     seed: str,
     series_number: int = SEG_SERIES_NUMBER,
+    result_number: int = 1,
 ) -> hd.seg.Segmentation:
     """A SEG object of ``segmentation`` referencing ``source``.
 
@@ -74,6 +76,7 @@ def build_seg(
         seed: what makes the object's UIDs (e.g. the job's key); the same seed gives
             the same Series and SOP Instance UIDs.
         series_number: the SEG series' number.
+        result_number: which result of its job this is (its SeriesDescription says it).
 
     Raises:
         OutputError: the segmentation has no structure, or its grid does not match
@@ -111,6 +114,6 @@ def build_seg(
         device_serial_number="0",
         content_label=content_label(card),
         content_description=f"{card.name} {card.version}"[:64],
-        series_description=f"SEG {card.name} {card.version}"[:64],
+        series_description=result_description("SEG", card, result_number),
         omit_empty_frames=omit_empty_frames,
     )

@@ -78,6 +78,7 @@ def write_results(
     seed: str | None = None,
     extra: dict[str, Any] | None = None,
     keep_datasets: bool = False,
+    result_number: int = 1,
 ) -> Results:
     """Write the result objects of ``segmentation`` on ``volume`` (read from ``paths``).
 
@@ -91,6 +92,8 @@ def write_results(
         extra: more keys for ``volumes.json``.
         keep_datasets: keep each object's dataset in its :class:`ResultObject` (for a
             caller that goes on with them, e.g. to re-identify without reading back).
+        result_number: which result of its job this is, the job's version (each object's
+            SeriesDescription says it).
 
     Raises:
         OutputError: an object cannot be built from this segmentation and source.
@@ -105,13 +108,16 @@ def write_results(
     if options.seg:
         seg_type = segmentation.card.outputs.seg_type or options.seg_type
         seg_ds = build_seg(segmentation, source, seg_type=seg_type, seed=seed,
-                           omit_empty_frames=options.seg_omit_empty_frames)
+                           omit_empty_frames=options.seg_omit_empty_frames,
+                           result_number=result_number)
         objects.append(_save(seg_ds, out / "seg.dcm", "SEG", keep_datasets))
     if options.rtstruct:
-        objects.append(_save(build_rtstruct(segmentation, source, seed=seed),
+        objects.append(_save(build_rtstruct(segmentation, source, seed=seed,
+                                            result_number=result_number),
                              out / "rtstruct.dcm", "RTSTRUCT", keep_datasets))
     if options.sr and seg_ds is not None:
-        objects.append(_save(build_sr(segmentation, seg_ds, source, seed=seed),
+        objects.append(_save(build_sr(segmentation, seg_ds, source, seed=seed,
+                                      result_number=result_number),
                              out / "sr.dcm", "SR", keep_datasets))
     del seg_ds
     report = segmentation.measurements()

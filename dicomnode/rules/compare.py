@@ -9,7 +9,13 @@ Values are compared after stripping DICOM padding (spaces and NUL) at both ends.
 * ``=`` : every value equals the literal. Equality is exact string equality; a bare
   number literal (``SeriesNumber = 5``) also equals values that read as the same
   number (``"05"``, ``"5.0"``); a quoted literal is compared as a string only.
-* ``containing``: at least one value equals the literal (same equality).
+* ``containing``: a case-insensitive substring test: at least one value contains the
+  literal's text, compared after Unicode case folding (``SeriesDescription containing
+  "t1"`` holds for ``"T1 MPRAGE sag"`` and ``"sT1W_3D"``; ``ImageType containing
+  "ORIGINAL"`` holds for ``ORIGINAL\\PRIMARY\\AXIAL``). A number literal is matched as its
+  text. Unlike ``=``, which needs *every* value to equal the literal exactly, one
+  containing value is enough; ``regexp`` is the case-sensitive, anchored-or-not
+  alternative.
 * ``regexp``: ``re.search`` finds the pattern in at least one value (unanchored,
   case-sensitive).
 * ``<``, ``>``, ``<=``, ``>=``, ``approx``: every value reads as a plain decimal
@@ -103,7 +109,8 @@ def compare_literal(
     if op is Operator.EQ:
         return all(_equals_literal(v, literal) for v in stripped), None
     if op is Operator.CONTAINING:
-        return any(_equals_literal(v, literal) for v in stripped), None
+        needle = literal.text.casefold()
+        return any(needle in v.casefold() for v in stripped), None
     if op is Operator.REGEXP:
         regex = pattern if pattern is not None else re.compile(literal.text)
         return any(regex.search(v) is not None for v in stripped), None

@@ -36,7 +36,8 @@ def index_folder(folder: Path, work: Path) -> tuple[Index, list[int]]:
             store.ingest(staged, calling_ae_title="")
         except StoreFailure:
             staged.unlink(missing_ok=True)
-    CompletionMonitor(index, AssociationActivity(), quiet_seconds=0).update_geometry(set())
+    CompletionMonitor(index, AssociationActivity(), quiet_seconds=0,
+                      series_quiet_seconds=0).update_geometry()
     with index.session() as session:
         studies = list(session.scalars(select(Study.id).order_by(Study.id)).all())
     return index, studies

@@ -6,11 +6,20 @@ A rule::
     select: |                         # a statement in the select language
       SELECT study WHERE series NAMED "T1w" HAS Modality = "MR" AND IsVolume = true
     model: brain-mr                   # a model package in models_dir
-    outputs: [seg, rtstruct, measurements]
+    outputs: [seg, rtstruct, measurements]   # optional; default: the configuration's outputs
     send_to: [pacs]                   # peer names from the configuration
     priority: 0                       # higher runs first (optional)
     enabled: true                     # optional
     schedule: "0 22 * * *"            # optional cron: run as an off-hours batch instead
+    wait_seconds: 30                  # optional: the study's quiet time for this rule
+    require_series: [T1w, FLAIR]      # optional: fire as soon as these are there and settled
+    when_incomplete:                  # optional: what to do when they never arrive
+      after_seconds: 3600
+      action: run                     # run | discard | wait (the default)
+
+A ``require_series`` entry is either a series name of the statement (that series must be
+bound, settled and whole) or, like mercure's "series received" list, a text that the
+SeriesDescription of some settled series of the study must contain (case-insensitive).
 
 Problems are reported as :class:`RuleFileError` naming the file, the line and the
 column; select-statement errors are positioned in the YAML file itself, with the
@@ -19,6 +28,7 @@ offending line and a caret under the token.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,11 +43,29 @@ from .errors import RuleSyntaxError
 from .nodes import SelectStatement
 from .parser import parse
 
-__all__ = ["OUTPUT_KINDS", "Rule", "RuleFileError", "RuleSet", "load_rules"]
+__all__ = ["OUTPUT_KINDS", "IncompleteAction", "Rule", "RuleFileError", "RuleSet",
+           "WhenIncomplete", "load_rules"]
 
 OUTPUT_KINDS = ("seg", "rtstruct", "measurements")
+
+
+class IncompleteAction(str, enum.Enum):
+    """What a rule does on a study whose required series have not all arrived in time."""
+
+    RUN = "run"  # fire with what the statement binds, without the missing series
+    DISCARD = "discard"  # give up on the study (recorded as a discarded job)
+    WAIT = "wait"  # keep waiting (the default)
+
+
+@dataclass(frozen=True)
+class WhenIncomplete:
+    """``when_incomplete``: after ``after_seconds`` of quiet (s), take ``action``."""
+
+    after_seconds: float
+    action: IncompleteAction
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_KEYS = ("name", "select", "model", "outputs", "send_to", "priority", "enabled", "schedule")
+_KEYS = ("name", "select", "model", "outputs", "send_to", "priority", "enabled", "schedule",
+         "wait_seconds", "require_series", "when_incomplete")
 _REQUIRED = ("name", "select", "model")
 
 
@@ -56,12 +84,15 @@ class Rule:
     name: str
     statement: SelectStatement
     model: str
-    outputs: tuple[str, ...]
+    outputs: tuple[str, ...] | None  # None: the configuration's ``outputs`` decide
     send_to: tuple[str, ...]
     priority: int
     enabled: bool
     schedule: str | None
     source: str
+    wait_seconds: float | None = None  # None: ``completion.quiet_seconds``
+    require_series: tuple[str, ...] = ()
+    when_incomplete: WhenIncomplete | None = None
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -158,12 +189,12 @@ def _load_rule(file: Path, text: str, node: yaml.MappingNode, data: Mapping[str,
     except RuleSyntaxError as exc:
         assert isinstance(select_node, yaml.ScalarNode)
         problems.append(_statement_error(file, text, select_node, exc))
-    outputs = data.get("outputs", ["seg", "rtstruct"])
-    if not isinstance(outputs, list) or not outputs or any(o not in OUTPUT_KINDS
-                                                            for o in outputs):
+    outputs = data.get("outputs")
+    if outputs is not None and (not isinstance(outputs, list) or not outputs
+                                or any(o not in OUTPUT_KINDS for o in outputs)):
         problems.append(f"{_where(file, val('outputs'))}: outputs must be a non-empty list of "
                         f"{', '.join(OUTPUT_KINDS)}")
-        outputs = []
+        outputs = None
     send_to = data.get("send_to", [])
     if not isinstance(send_to, list) or not all(isinstance(p, str) for p in send_to):
         problems.append(f"{_where(file, val('send_to'))}: send_to must be a list of peer names")
@@ -184,12 +215,57 @@ def _load_rule(file: Path, text: str, node: yaml.MappingNode, data: Mapping[str,
         except ValueError as exc:
             problems.append(f"{_where(file, val('schedule'))}: schedule {schedule!r} is not a "
                             f"cron expression (minute hour day month weekday): {exc}")
+    wait_seconds = data.get("wait_seconds")
+    if wait_seconds is not None and (isinstance(wait_seconds, bool)
+                                     or not isinstance(wait_seconds, (int, float))
+                                     or not 0 <= wait_seconds <= 7 * 86400):
+        problems.append(f"{_where(file, val('wait_seconds'))}: wait_seconds must be a number "
+                        "of seconds from 0 to 604800 (a week)")
+    required = data.get("require_series", [])
+    if (not isinstance(required, list)
+            or not all(isinstance(r, str) and r.strip() for r in required)):
+        problems.append(f"{_where(file, val('require_series'))}: require_series must be a "
+                        "list of series names (of the statement) or SeriesDescription texts")
+        required = []
+    when_incomplete = _when_incomplete(file, val("when_incomplete"),
+                                       data.get("when_incomplete"), problems)
+    if when_incomplete is not None and not required:
+        problems.append(f"{_where(file, val('when_incomplete'))}: when_incomplete needs "
+                        "require_series (it acts when those have not all arrived)")
     if len(problems) > before or statement is None:
         return None
     return Rule(name=name, statement=statement, model=str(data["model"]),
-                outputs=tuple(outputs), send_to=tuple(send_to), priority=priority,
-                enabled=bool(enabled), schedule=None if schedule is None else str(schedule),
-                source=f"{_where(file, node)}")
+                outputs=None if outputs is None else tuple(outputs), send_to=tuple(send_to),
+                priority=priority, enabled=bool(enabled),
+                schedule=None if schedule is None else str(schedule),
+                source=f"{_where(file, node)}",
+                wait_seconds=None if wait_seconds is None else float(wait_seconds),
+                require_series=tuple(r.strip() for r in required),
+                when_incomplete=when_incomplete)
+
+
+def _when_incomplete(file: Path, node: yaml.Node | None, value: Any,
+                     problems: list[str]) -> WhenIncomplete | None:
+    if value is None:
+        return None
+    actions = ", ".join(a.value for a in IncompleteAction)
+    where = _where(file, node)
+    if not isinstance(value, dict) or set(value) - {"after_seconds", "action"}:
+        problems.append(f"{where}: when_incomplete must be a mapping with after_seconds and "
+                        f"action ({actions})")
+        return None
+    after = value.get("after_seconds")
+    if isinstance(after, bool) or not isinstance(after, (int, float)) or after <= 0:
+        problems.append(f"{where}: when_incomplete.after_seconds must be a number of seconds "
+                        "greater than 0")
+        return None
+    try:
+        action = IncompleteAction(value.get("action", "wait"))
+    except ValueError:
+        problems.append(f"{where}: when_incomplete.action {value.get('action')!r} is not one "
+                        f"of {actions}")
+        return None
+    return WhenIncomplete(float(after), action)
 
 
 def _card_inputs(models_dir: Path, model: str) -> tuple[str, ...] | str:

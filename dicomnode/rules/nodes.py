@@ -70,11 +70,12 @@ class Level(enum.Enum):
 class Operator(enum.Enum):
     """A comparison operator.
 
-    ``EQ`` (``=`` or ``==``): every value equals the literal. ``CONTAINING``: the
-    literal is one of the values. ``REGEXP``: ``re.search`` finds the pattern in one
-    of the values. ``LT``/``GT``/``LE``/``GE``: every value compares numerically.
-    ``APPROX`` (from ``ror``): every value is within :data:`APPROX_TOLERANCE` of
-    the number.
+    ``EQ`` (``=`` or ``==``): every value equals the literal. ``CONTAINING``: one of
+    the values contains the literal, case-insensitively (between two fields: every
+    value on the right is one of the values on the left). ``REGEXP``: ``re.search``
+    finds the pattern in one of the values. ``LT``/``GT``/``LE``/``GE``: every value
+    compares numerically. ``APPROX`` (from ``ror``): every value is within
+    :data:`APPROX_TOLERANCE` of the number.
     """
 
     EQ = "="

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,4 +62,34 @@ def open_index(url: str, *, create: bool = True) -> Index:
         event.listen(engine, "connect", _sqlite_pragmas)
     if create:
         Base.metadata.create_all(engine)
+        _add_new_columns(engine)
     return Index(engine)
+
+
+#: Indexes of earlier releases that a newer one replaced.
+_DROPPED_INDEXES = {"job": ("ux_job_rule_inputs",)}
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """Bring an index made by an earlier release up to the current tables: add the columns
+    it lacks (nullable, or with their scalar default) and drop replaced indexes."""
+    inspector = inspect(engine)
+    with engine.begin() as connection:
+        for table in Base.metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in present:
+                    continue
+                kind = column.type.compile(dialect=engine.dialect)
+                default = getattr(column.default, "arg", None)
+                clause = (f" DEFAULT {int(default)}" if isinstance(default, (bool, int))
+                          else "")
+                connection.execute(text(
+                    f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}{clause}'))
+            existing = {ix["name"] for ix in inspector.get_indexes(table.name)}
+            for name in _DROPPED_INDEXES.get(table.name, ()):
+                if name in existing:
+                    connection.execute(text(f'DROP INDEX "{name}"'))
+            for index in table.indexes:
+                if index.name not in existing:
+                    index.create(connection)

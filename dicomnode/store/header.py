@@ -19,6 +19,19 @@ from pydicom.tag import Tag
 
 __all__ = ["HeaderError", "InstanceHeader", "read_header"]
 
+#: What an instance may state about the size of its series (see
+#: :func:`dicomnode.completion.stated_size`): index key <- DICOM keyword.
+_SIZE_HINTS = (
+    ("AcquisitionNumber", "acquisition"),
+    ("ImagesInAcquisition", "images_in_acquisition"),
+    ("NumberOfSlices", "number_of_slices"),
+    ("NumberOfTimeSlices", "number_of_time_slices"),
+    ("NumberOfTemporalPositions", "temporal_positions"),
+    ("TemporalPositionIdentifier", "temporal_position"),
+    ("ConcatenationUID", "concatenation_uid"),
+    ("InConcatenationTotalNumber", "concatenation_total"),
+)
+
 _KEYWORDS = (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
     "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
@@ -27,6 +40,7 @@ _KEYWORDS = (
     "FrameOfReferenceUID", "InstanceNumber", "ImageType", "Rows", "Columns",
     "PixelSpacing", "SliceThickness", "ImagePositionPatient", "ImageOrientationPatient",
     "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    *(keyword for keyword, _ in _SIZE_HINTS),
 )
 _TAGS = [Tag(k) for k in _KEYWORDS]
 
@@ -145,6 +159,16 @@ def _frame_geometry(ds: Dataset) -> tuple[list[list[float]] | None, dict[str, An
     return (positions or None), extra
 
 
+def _size_hints(ds: Dataset) -> dict[str, Any] | None:
+    """What the instance states about its series' size (numbers, a concatenation UID)."""
+    hints: dict[str, Any] = {}
+    for keyword, key in _SIZE_HINTS:
+        value = _text(ds, keyword) if keyword == "ConcatenationUID" else _int(ds, keyword)
+        if value is not None:
+            hints[key] = value
+    return hints or None
+
+
 def read_header(path: Path) -> InstanceHeader:
     """Parse the header of a stored DICOM file (pixel data is not read).
 
@@ -179,6 +203,7 @@ def read_header(path: Path) -> InstanceHeader:
         "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
         "number_of_frames": number_of_frames,
         "frame_positions": None,
+        "size_hints": _size_hints(ds),
     }
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         positions, extra = _frame_geometry(ds)

@@ -108,5 +108,7 @@ def _series(s: Series, count: int, frames: int) -> dict[str, Any]:
             "frames": s.geometry_frames,
             "slice_spacing_mm": s.slice_spacing,
             "orientation": s.orientation,
+            "stated_size": s.stated_size,
+            "settled_by_size": s.settled_by_size,
         },
     }

@@ -127,6 +127,10 @@ class Series(Base):
     geometry_frames: Mapped[int | None] = mapped_column(Integer)
     slice_spacing: Mapped[float | None] = mapped_column(Float)
     orientation: Mapped[str | None] = mapped_column(String(16))
+    # the series' size as its instances state it (None: not stated), and whether it had
+    # reached it when it settled (then it settled at once, without its quiet time)
+    stated_size: Mapped[int | None] = mapped_column(Integer)
+    settled_by_size: Mapped[bool | None] = mapped_column(Boolean)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -154,6 +158,9 @@ class Instance(Base):
     number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
     # per-frame geometry of multi-frame images: [[x, y, z], ...] (mm) and one orientation
     frame_positions: Mapped[list[Any] | None] = mapped_column(JSON)
+    # what the instance states about the size of its series (see dicomnode.completion
+    # stated_size): {"acquisition": AcquisitionNumber, "images_in_acquisition": ...}
+    size_hints: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     calling_ae_title: Mapped[str] = mapped_column(String(16))
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     file_path: Mapped[str] = mapped_column(Text)
@@ -170,13 +177,18 @@ class JobState(str, enum.Enum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    DISCARDED = "discarded"  # its required series never arrived (``when_incomplete``)
 
 
 class Job(Base):
-    """One firing of a rule on a set of input series (unique per rule and inputs).
+    """One version of a rule's firing on a set of input series.
 
     ``bindings`` is the rule's named series in clause order, the model's input
-    channel order: ``[[name, SeriesInstanceUID], ...]``.
+    channel order: ``[[name, SeriesInstanceUID], ...]``. A job is unique per rule, input
+    series and ``version``: when the instances of its input series change after a job was
+    created (late or replaced instances, ``content_key``), the rule fires again as the next
+    version, whose results get new UIDs and withdraw the earlier version's. ``outputs`` and
+    ``send_to`` are the rule's decisions, recorded when the job is created.
     """
 
     __tablename__ = "job"
@@ -189,6 +201,15 @@ class Job(Base):
     bindings: Mapped[list[Any]] = mapped_column(JSON)
     alternatives: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     trigger: Mapped[str] = mapped_column(String(16))  # early, complete, schedule, manual
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    # digest of the bound series' instances (SOP Instance UID and time received)
+    content_key: Mapped[str | None] = mapped_column(String(64))
+    instance_count: Mapped[int | None] = mapped_column(Integer)
+    changes: Mapped[str | None] = mapped_column(Text)  # what changed since the last version
+    outputs: Mapped[list[Any] | None] = mapped_column(JSON)  # None: the configuration's
+    send_to: Mapped[list[Any] | None] = mapped_column(JSON)
+    # the job whose rejection note withdrew this job's results (IOCM)
+    withdrawn_by: Mapped[int | None] = mapped_column(Integer)
     state: Mapped[JobState] = mapped_column(
         Enum(JobState, native_enum=False, length=16), default=JobState.PENDING, index=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -203,7 +224,9 @@ class Job(Base):
 
     study: Mapped[Study] = relationship()
 
-    __table_args__ = (Index("ux_job_rule_inputs", "rule_name", "inputs_key", unique=True),)
+    __table_args__ = (
+        Index("ux_job_rule_inputs_version", "rule_name", "inputs_key", "version", unique=True),
+    )
 
 
 class OutboxState(str, enum.Enum):
@@ -213,6 +236,7 @@ class OutboxState(str, enum.Enum):
     SENDING = "sending"  # claimed by a delivery until ``next_attempt_at`` (a lease)
     SENT = "sent"  # the destination answered Success or a warning
     FAILED = "failed"  # refused for good, or transient failures ``max_attempts`` times
+    CANCELLED = "cancelled"  # superseded by a newer version of its job before it was sent
 
 
 class OutboxItem(Base):

@@ -8,8 +8,10 @@ hold names), and the rule explanation is reduced to each rule's verdict.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from html import escape
 from typing import Any
+from urllib.parse import quote
 
 from dicomnode.store.queries import format_timings
 
@@ -155,7 +157,7 @@ def dashboard(studies: dict[str, Any], jobs: dict[str, Any], outbox: dict[str, A
 
 
 def study_page(study: dict[str, Any], explanation: str, *, patient: str | None,
-               authenticated: bool) -> bytes:
+               authenticated: bool, rules: Sequence[str] = ()) -> bytes:
     """One study: its series with geometry verdicts and how each rule evaluates on it."""
     rows = []
     for s in study["series"]:
@@ -173,4 +175,9 @@ def study_page(study: dict[str, Any], explanation: str, *, patient: str | None,
             f"<h2>Series</h2><table><tr><th>series</th><th>modality</th><th>number</th>{head}"
             f"<th>instances</th><th>geometry</th><th>orientation</th><th>spacing (mm)</th></tr>"
             f"{''.join(rows)}</table><h2>Rules</h2><pre>{escape(explanation)}</pre>")
+    if rules:  # force completion: settle the series now and fire without waiting
+        buttons = "".join(
+            f'<button onclick="act(\'/api/studies/{study["id"]}/rules/{quote(r)}/run\')">'
+            f"run {escape(r)} now</button> " for r in rules)
+        body += f'<p id="run-now">{buttons}</p>'
     return _page(f"study {study['id']}", body, authenticated=authenticated)

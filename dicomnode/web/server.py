@@ -40,6 +40,7 @@ from dicomnode.outbox import Outbox, OutboxError, outbox_report
 from dicomnode.pipeline import job_overlay
 from dicomnode.rules.explain import explain_study
 from dicomnode.rules.loader import RuleSet
+from dicomnode.rules.trigger import Firing
 from dicomnode.store.db import Index
 from dicomnode.store.queries import studies_report
 from dicomnode.store.tables import Patient, Study
@@ -89,11 +90,15 @@ def console_token(config: Config) -> str | None:
     return token
 
 
+RunNow = Callable[[int, str], list[Firing]]
+
+
 class ConsoleServer:
     """Serves the console on ``web.host:web.port`` in daemon threads."""
 
     def __init__(self, config: Config, index: Index, outbox: Outbox, rules: RuleSet | None,
-                 metrics: MetricsSource) -> None:
+                 metrics: MetricsSource, *, run_now: RunNow | None = None) -> None:
+        self.run_now = run_now  # an operator's "run now" of a rule on a study
         self.config = config
         self.index = index
         self.outbox = outbox
@@ -161,6 +166,7 @@ class ConsoleServer:
 
 
 _JOB_RETRY = re.compile(r"^/api/jobs/(\d+)/retry$")
+_RUN_NOW = re.compile(r"^/api/studies/(\d+)/rules/([A-Za-z0-9._-]{1,64})/run$")
 _ITEM_RESEND = re.compile(r"^/api/outbox/(\d+)/resend$")
 _OVERLAY = re.compile(r"^/jobs/(\d+)/overlay\.png$")
 _STUDY = re.compile(r"^/studies/(\d+)$")
@@ -300,7 +306,9 @@ class _Handler(BaseHTTPRequestHandler):
             explanation = "\n".join(line for line in explanation.splitlines()
                                     if line.startswith("rule "))
         patient = console.patients(study_id).get(study_id) if auth else None
-        self._html(pages.study_page(data, explanation, patient=patient, authenticated=auth))
+        runnable = [r.name for r in rules if r.enabled] if console.run_now is not None else []
+        self._html(pages.study_page(data, explanation, patient=patient, authenticated=auth,
+                                    rules=runnable))
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
@@ -322,6 +330,21 @@ class _Handler(BaseHTTPRequestHandler):
                 self._text(200, f"job {job_id} queued again")
             else:
                 self._text(HTTPStatus.CONFLICT, f"job {job_id} does not exist or is running")
+        elif (match := _RUN_NOW.match(path)) and console.run_now is not None:
+            study_id, rule = int(match.group(1)), match.group(2)
+            try:
+                firings = console.run_now(study_id, rule)
+            except KeyError:
+                self._text(HTTPStatus.NOT_FOUND, f"no rule named {rule}")
+                return
+            jobs = [f.job_id or f.existing_job for f in firings
+                    if f.job_id is not None or f.existing_job is not None]
+            LOG.info("console: rule %s run now on study %d by an operator", rule, study_id)
+            if jobs:
+                self._text(200, f"rule {rule}: job {', '.join(map(str, jobs))} queued")
+            else:
+                reasons = "; ".join(f.reason for f in firings) or "no match"
+                self._text(HTTPStatus.CONFLICT, f"rule {rule} does not fire: {reasons}")
         elif match := _ITEM_RESEND.match(path):
             item_id = int(match.group(1))
             try:
