@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.triggers.cron import CronTrigger
-from sqlalchemy import ColumnElement, delete, exists, or_, select
+from sqlalchemy import ColumnElement, and_, delete, exists, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from dicomnode.rules.loader import Rule
@@ -229,11 +229,13 @@ def _eligible(cutoff: dt.datetime, completed_before: dt.datetime) -> list[Column
         Study.completed_at.is_not(None),
         Study.completed_at < completed_before,
         exists(jobs),
-        ~exists(jobs.where(Job.state != JobState.DONE)),
+        ~exists(jobs.where(Job.state.not_in((JobState.DONE, JobState.DISCARDED)))),
         exists(items),
-        ~exists(items.where(or_(OutboxItem.state != OutboxState.SENT,
-                                OutboxItem.sent_at.is_(None),
-                                OutboxItem.sent_at >= cutoff))),
+        # every item sent before the cutoff, or cancelled (superseded by a newer version)
+        ~exists(items.where(or_(
+            OutboxItem.state.not_in((OutboxState.SENT, OutboxState.CANCELLED)),
+            and_(OutboxItem.state == OutboxState.SENT,
+                 or_(OutboxItem.sent_at.is_(None), OutboxItem.sent_at >= cutoff))))),
     ]
 
 
