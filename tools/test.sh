@@ -27,7 +27,10 @@ if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && python3 -m pip show -q onnx
   python3 -m pip uninstall -y -q onnxruntime
   python3 -m pip uninstall -y -q onnxruntime-gpu >/dev/null 2>&1 || true
 fi
-python3 -m pip install -q -e ".[test]"
+# torch first, pinned: the CPU build of exactly this version (nnunetv2 and monai would
+# otherwise pull a CUDA build of several GB)
+python3 -m pip install -q "torch==2.13.0"
+python3 -m pip install -q -e ".[test,import]"
 python3 -m ruff check dicomnode tests tools
 python3 -m mypy
 python3 -m pytest "$@"
