@@ -44,6 +44,18 @@ def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
+def _mean64(source: str, target: str, axes: list[int], opset: int,
+            axes_name: str) -> list[onnx.NodeProto]:
+    """Nodes making ``target``, the float32 mean of ``source`` over ``axes`` summed in
+    float64 (from opset 18 the axes are the tensor ``axes_name``)."""
+    wide, mean = f"{target}_f64", f"{target}_mean64"
+    reduce = (helper.make_node("ReduceMean", [wide, axes_name], [mean], keepdims=1)
+              if opset >= 18 else
+              helper.make_node("ReduceMean", [wide], [mean], axes=axes, keepdims=1))
+    return [helper.make_node("Cast", [source], [wide], to=onnx.TensorProto.DOUBLE), reduce,
+            helper.make_node("Cast", [mean], [target], to=onnx.TensorProto.FLOAT)]
+
+
 def precise_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with every ``InstanceNormalization`` written out in two passes.
 
@@ -85,23 +97,13 @@ def precise_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
             numpy_helper.from_array(np.array(epsilon, dtype=np.float32), p + "eps"),
         ]
 
-        def reduce_mean(source: str, target: str) -> list[onnx.NodeProto]:
-            """The float32 mean of ``source`` over the spatial axes, summed in float64."""
-            wide, mean = f"{target}_f64", f"{target}_mean64"
-            reduce = (helper.make_node("ReduceMean", [wide, p + "axes"], [mean], keepdims=1)
-                      if opset >= 18 else
-                      helper.make_node("ReduceMean", [wide], [mean], axes=axes, keepdims=1))
-            return [helper.make_node("Cast", [source], [wide], to=onnx.TensorProto.DOUBLE),
-                    reduce,
-                    helper.make_node("Cast", [mean], [target], to=onnx.TensorProto.FLOAT)]
-
         if opset >= 18:
             added.append(numpy_helper.from_array(np.array(axes, dtype=np.int64), p + "axes"))
         nodes += [
-            *reduce_mean(x, p + "mean"),
+            *_mean64(x, p + "mean", axes, opset, p + "axes"),
             helper.make_node("Sub", [x, p + "mean"], [p + "dev"]),
             helper.make_node("Mul", [p + "dev", p + "dev"], [p + "sq"]),
-            *reduce_mean(p + "sq", p + "var"),
+            *_mean64(p + "sq", p + "var", axes, opset, p + "axes"),
             helper.make_node("Add", [p + "var", p + "eps"], [p + "vareps"]),
             helper.make_node("Sqrt", [p + "vareps"], [p + "std"]),
             helper.make_node("Div", [p + "dev", p + "std"], [p + "norm"]),
