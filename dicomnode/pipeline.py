@@ -195,7 +195,7 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         peer, label = config.peers[group[0]], ", ".join(group)
         paths = [for_peer(o.path, label, peer, pseudonyms=pseudonyms,
                           out_dir=work / "send" / group[0], pseudonymizer=engine,
-                          dataset=o.dataset if in_memory else None)
+                          dataset=o.dataset if in_memory else None).path
                  for o in written.objects]
         summary.enqueued += len(outbox.enqueue(paths, group, job_pk=job_id))
     clock.lap("reidentify")
