@@ -287,6 +287,11 @@ class Outbox:
         Call it only when no other process is delivering from the same index: an item
         it is sending would be sent twice (harmless for a PACS, which keeps one copy of
         a SOP instance, but wasteful).
+
+        Delivery is at-least-once: of the items a dead process left ``sending``, those
+        it never sent go now for the first time, and at most the one whose C-STORE was
+        answered just before the crash (the response arrived, its commit did not) reaches
+        its destination again, under the same SOP Instance UID.
         """
         with self.index.session() as session:
             result = cast(CursorResult[Any], session.execute(
@@ -296,7 +301,9 @@ class Outbox:
             session.commit()
         count = int(result.rowcount or 0)
         if count:
-            LOG.info("outbox: %d item(s) interrupted while being sent are pending again", count)
+            LOG.info("outbox: %d item(s) interrupted while being sent are pending again; the "
+                     "one in flight at the interruption may reach its destination twice "
+                     "(same SOP Instance UID)", count)
         return count
 
     # ---------------------------------------------------------------- delivery

@@ -6,7 +6,6 @@ Real associations: a pynetdicom Storage SCP records the bytes of every C-STORE i
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -238,5 +237,35 @@ def test_default_options_are_basic_with_modified_dates(tmp_path: Path) -> None:
         load_config(wrong)
 
 
-def _unused(_: logging.Logger) -> None:  # keeps the logging import for the log tests below
-    return None
+def test_each_success_is_committed_before_the_next_c_store(tmp_path: Path) -> None:
+    """At-least-once, with the window as narrow as the protocol allows: while the peer
+    handles the n-th C-STORE, the n-1 before it are already ``sent`` in the index."""
+    files = [phi_file(tmp_path / "in", n) for n in range(4)]
+    config = load_config(_config(tmp_path, {"pacs": {"ae_title": "PACS", "host": "127.0.0.1",
+                                                     "port": free_port()}}))
+    index = open_index(config.db_url)
+    seen: list[int] = []
+
+    def store(event: evt.Event) -> int:
+        with index.session() as session:
+            from dicomnode.store.tables import OutboxItem
+            seen.append(session.query(OutboxItem).filter(
+                OutboxItem.state == OutboxState.SENT).count())
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.supported_contexts = StoragePresentationContexts
+    peer = config.peers["pacs"]
+    assert peer.port is not None
+    server = ae.start_server(("127.0.0.1", peer.port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        outbox = Outbox.from_config(config, index)
+        outbox.enqueue(files, ["pacs"])
+        assert outbox.deliver_due().sent == len(files)
+        # a crash now would re-send nothing; one during C-STORE n re-sends that one only
+        assert outbox.recover() == 0
+    finally:
+        server.shutdown()
+        index.dispose()
+    assert seen == list(range(len(files)))
