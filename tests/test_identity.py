@@ -6,6 +6,7 @@ Real associations: a pynetdicom Storage SCP records the bytes of every C-STORE i
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from typing import Any
 import pydicom
 import pytest
 import yaml
-from conftest import free_port
+from conftest import NodeFactory, free_port, storescu
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import AE, StoragePresentationContexts, evt
@@ -269,3 +270,60 @@ def test_each_success_is_committed_before_the_next_c_store(tmp_path: Path) -> No
         server.shutdown()
         index.dispose()
     assert seen == list(range(len(files)))
+
+
+# -------------------------------------------------------------------- logs and console
+
+BAD_BIRTH_DATE = "1980-01-02"  # not a DA value: pydicom's validation quotes it
+
+
+def test_a_non_conformant_value_never_reaches_the_log(
+        node_factory: NodeFactory, tmp_path: Path, scp: RecordingSCP) -> None:
+    path = phi_file(tmp_path / "in", 1)
+    ds = pydicom.dcmread(path)
+    ds.PatientBirthDate = BAD_BIRTH_DATE
+    ds.save_as(path, enforce_file_format=True)
+    # received by a node logging at DEBUG
+    node = node_factory(logging={"level": "DEBUG"})
+    sent = storescu(node.port, path)
+    assert sent.returncode == 0, sent.stderr
+    node.wait_for(lambda s: len(s) == 1 and s[0]["state"] == "complete")
+    node.terminate()
+    logs = [node.log()]
+    # pseudonymized (pydicom converts the value there and quotes it when it rejects it)
+    config = _config(tmp_path, {"research": scp.peer(pseudonymize=True)})
+    for args in (("send", str(path), "--to", "research"),
+                 ("pseudonymize", str(tmp_path / "in"), str(tmp_path / "out"))):
+        proc = _cli(config, *args)
+        assert proc.returncode == 0, proc.stderr
+        logs += [proc.stdout, proc.stderr]
+    text = "\n".join(logs)
+    assert BAD_BIRTH_DATE not in text
+    assert _leaks(text.encode()) == []
+
+
+def test_reidentification_logs_no_rejected_value(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Restoring a birth date pydicom rejects made it quote the value in the log."""
+    from dicomnode.boundary import pseudonymize_files, pseudonymizer
+
+    path = phi_file(tmp_path / "in", 1)
+    ds = pydicom.dcmread(path)
+    ds.PatientBirthDate = BAD_BIRTH_DATE
+    ds.save_as(path, enforce_file_format=True)
+    config = load_config(_config(tmp_path, {}))
+    index = open_index(config.db_url)
+    caplog.set_level(logging.DEBUG)
+    try:
+        pseudonyms = PseudonymMap(index)
+        (pseudo,) = pseudonymize_files([path], tmp_path / "out", pseudonymizer(config),
+                                       pseudonyms).written
+        clinical = PeerConfig(ae_title="PACS", host="127.0.0.1", port=104)
+        copy = for_peer(pseudo, "pacs", clinical, pseudonyms=pseudonyms,
+                        out_dir=tmp_path / "pacs")
+        assert pydicom.dcmread(copy.path).PatientBirthDate == BAD_BIRTH_DATE  # restored
+    finally:
+        index.dispose()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "value hidden" in text  # pydicom did complain, without the value
+    assert BAD_BIRTH_DATE not in text
