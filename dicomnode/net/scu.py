@@ -38,6 +38,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.config import PeerConfig
 from dicomnode.net.sockets import set_nodelay
+from dicomnode.net.tls import TlsError, client_tls_args
 
 if TYPE_CHECKING:
     from dicomnode.boundary import PeerCopy
@@ -119,7 +120,11 @@ def _associate(ae: AE, peer: PeerConfig, name: str, contexts: list[PresentationC
                ) -> Association:
     host, port = _peer_address(peer, name)
     ae.requested_contexts = contexts
-    assoc = ae.associate(host, port, ae_title=peer.ae_title)
+    try:
+        tls_args = client_tls_args(peer, name)
+    except TlsError as exc:
+        raise SendError(str(exc), transient=False) from None
+    assoc = ae.associate(host, port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         answer = assoc.acceptor.primitive
         if assoc.is_rejected:
@@ -131,6 +136,10 @@ def _associate(ae: AE, peer: PeerConfig, name: str, contexts: list[PresentationC
             classes = sorted({UID(str(cx.abstract_syntax)).name for cx in contexts})
             raise SendError(f"peer {name!r} ({host}:{port}) accepted none of the proposed "
                             f"presentation contexts ({', '.join(classes)})", transient=False)
+        if tls_args is not None:
+            raise SendError(f"peer {name!r} ({host}:{port}) could not be reached over TLS "
+                            "(no connection, a certificate not trusted (peers."
+                            f"{name}.tls), or no answer to the association request)")
         raise SendError(f"peer {name!r} ({host}:{port}) could not be reached "
                         "(no connection, or no answer to the association request)")
     set_nodelay(assoc)
