@@ -482,6 +482,10 @@ class Outbox:
             record_unsent(report.error, transient=True)
         else:
             record_unsent("no result reported", transient=True)
+        finally:
+            for copy in copies.values():  # made for this round; a retry makes them again
+                if copy.path != copy.source:
+                    copy.path.unlink(missing_ok=True)
         report.seconds = time.monotonic() - started
         return report
 

@@ -224,6 +224,19 @@ def test_the_scu_sends_only_what_the_boundary_made(tmp_path: Path, scp: Recordin
     assert scp.received == []
 
 
+def test_the_default_options_keep_no_free_text(tmp_path: Path) -> None:
+    from dicomnode.boundary import profile_options
+    from dicomnode.config import DeidConfig
+    from dicomnode.deid import Pseudonymizer
+
+    ds = pydicom.dcmread(phi_file(tmp_path, 1))
+    Pseudonymizer(KEY, profile_options(DeidConfig())).apply(ds)
+    data = pydicom.filebase.DicomBytesIO()
+    ds.save_as(data, enforce_file_format=True)
+    for marker in (*FREE_TEXT.values(), *NESTED_MARKERS):
+        assert marker.encode() not in data.getvalue(), marker
+
+
 def test_default_options_are_basic_with_modified_dates(tmp_path: Path) -> None:
     config = load_config(_config(tmp_path, {}))
     assert [o.value for o in config.deid.options] == [
