@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from orthanc import OrthancServer, requires_orthanc
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -164,6 +165,7 @@ def tls_scp(pki: Pki) -> Iterator[TlsSCP]:
 
 
 def _config(tmp_path: Path, peers: dict[str, Any]) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "dicomnode.yaml"
     path.write_text(yaml.safe_dump({"storage": {"path": "store"}, "peers": peers,
                                     "outbox": {"timeout_seconds": 5}}))
@@ -235,3 +237,43 @@ def test_tls_configuration_errors_name_the_file(tmp_path: Path, pki: Pki) -> Non
     assert config.node.tls is not None
     with pytest.raises(TlsError, match="cannot be used together"):
         server_context(config.node.tls)
+
+
+@requires_orthanc
+def test_orthanc_over_dicom_tls_both_ways(node_factory: NodeFactory, tmp_path: Path, pki: Pki,
+                                          small_ct: list[Path]) -> None:
+    """Orthanc 1.10's DICOM TLS against the node: a push with a certificate the CA signed
+    is stored, one with a self-signed certificate is refused; results go back over TLS."""
+    node = node_factory(node={"tls": _node_tls(pki)},
+                        peers={"orthanc": {"ae_title": "ORTHANC", "host": "127.0.0.1"}})
+    target = {"AET": "DICOMNODE", "Host": "127.0.0.1", "Port": node.port, "UseDicomTls": True}
+
+    def orthanc(folder: str, key: Path, cert: Path) -> OrthancServer:
+        return OrthancServer(tmp_path / folder, config={
+            "DicomTlsEnabled": True, "DicomTlsCertificate": str(cert),
+            "DicomTlsPrivateKey": str(key), "DicomTlsTrustedCertificates": str(pki.ca),
+            "DicomTlsRemoteCertificateRequired": True,
+            "DicomModalities": {"dicomnode": target}})
+
+    with orthanc("rogue", *pki.self_signed) as rogue:
+        ids = [rogue.upload(p)["ID"] for p in small_ct[5:7]]
+        with pytest.raises(Exception):  # noqa: B017 - Orthanc answers its job's failure
+            rogue.push("dicomnode", ids, timeout=60)
+    with orthanc("trusted", *pki.client) as trusted:
+        ids = [trusted.upload(p)["ID"] for p in small_ct[:3]]
+        trusted.push("dicomnode", ids, timeout=60)
+        node.wait_for(lambda s: len(s) == 1 and s[0]["instance_count"] == 3)
+        assert "CERTIFICATE_VERIFY_FAILED" in node.log()  # the rogue's handshake, refused
+        # and back: the node's SCU to Orthanc over TLS, with the node's client certificate
+        config = load_config(_config(tmp_path / "back", {"orthanc": {
+            **trusted.peer(), "tls": {"ca_bundle": str(pki.ca),
+                                      "certificate": str(pki.client[1]),
+                                      "private_key": str(pki.client[0])}}}))
+        index = open_index(config.db_url)
+        try:
+            outbox = Outbox.from_config(config, index)
+            outbox.enqueue(small_ct[3:5], ["orthanc"])
+            assert outbox.deliver_due().sent == 2
+        finally:
+            index.dispose()
+        assert len(trusted.sop_instance_uids()) == 5
