@@ -289,6 +289,20 @@ def test_console_defences(node_factory: NodeFactory, tmp_path: Path) -> None:
     assert "wrong token from 127.0.0.1" in node.log()
 
 
+def test_a_job_error_quoting_a_value_is_hidden_without_the_token(
+        node_with_job: RunningNode) -> None:
+    import sqlite3
+
+    with sqlite3.connect(node_with_job.store / "index.sqlite") as db:
+        db.execute("UPDATE job SET error = ? WHERE id = 1",
+                   ("ValueError: Invalid value for VR DA: '1980-01-02' (Doe^John)",))
+    base = node_with_job.console_url()
+    for route in ("/", "/api/jobs"):
+        status, body, _ = _get(f"{base}{route}")
+        assert status == 200 and "Invalid value for VR DA" in body.decode()
+        assert "1980-01-02" not in body.decode() and "Doe^John" not in body.decode()
+
+
 def test_job_errors_quote_no_value_without_the_token() -> None:
     from dicomnode.web.pages import redact_jobs, redact_outbox
 

@@ -59,6 +59,7 @@ document.addEventListener('click', (event) => {
 """
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _NUMBERS = re.compile(r"\d[\d.\-/:]{5,}")  # UIDs, dates, identifiers made of digits
+_PERSON_NAMES = re.compile(r"[^\s()\[\]{},;]*\^[^\s()\[\]{},;]*")  # DICOM PN: Doe^John
 
 
 def redact_studies(report: dict[str, Any]) -> dict[str, Any]:
@@ -81,10 +82,13 @@ def redact_outbox(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _hide_values(text: str | None) -> str | None:
-    """An error message without quoted values or long runs of digits (UIDs, dates, IDs)."""
+    """An error message without quoted values, person names (``Doe^John``) or long runs of
+    digits (UIDs, dates, IDs)."""
     if text is None:
         return None
-    return _NUMBERS.sub("<value hidden>", _QUOTED.sub("<value hidden>", text))
+    for pattern in (_QUOTED, _PERSON_NAMES, _NUMBERS):
+        text = pattern.sub("<value hidden>", text)
+    return text
 
 
 def redact_jobs(report: dict[str, Any]) -> dict[str, Any]:
