@@ -5,12 +5,16 @@ for each destination.
   Profile with the configured options, keyed UIDs) and records the pseudonym map in the
   index, so that results made from them can be re-identified.
   :func:`pseudonymize_datasets` does the same in memory, for a job's inputs.
-* :func:`for_peer` gives the file to send to one peer: for a clinical peer
+* :func:`for_peer` gives the file to send to one peer, as a :class:`PeerCopy`: the only
+  thing the SCU (:func:`dicomnode.net.scu.send_files`) sends, so every path that hands a
+  file to a peer (the outbox, ``dicomnode send``, ``outbox resend``) crosses this
+  boundary. :class:`PeerBoundary` binds it to a node. For a clinical peer
   (``pseudonymize: false``) a result made from pseudonymized inputs is re-identified
   (patient and study restored, every UID of the source mapped back) so that it attaches
   to the original study; a result that looks pseudonymized but whose study the map does
   not know is refused. For a research peer (``pseudonymize: true``) pseudonymous objects
-  go as they are and identified ones are pseudonymized first.
+  go as they are (unless made under options the peer does not take) and identified ones
+  are pseudonymized first, with the peer's ``deid_options`` (default: ``deid.options``).
 
 Copies are written atomically under names made of UIDs only. Errors and log lines name
 files, peers and counts, never identity.
@@ -21,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -29,7 +33,7 @@ from typing import BinaryIO
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicomnode.config import Config, DeidConfig, PeerConfig
+from dicomnode.config import Config, DeidConfig, DeidOption, PeerConfig
 from dicomnode.deid import (
     ProfileOptions,
     PseudonymizationError,
@@ -41,8 +45,9 @@ from dicomnode.deid import (
 from dicomnode.store.files import write_atomic, write_temporary
 from dicomnode.store.pseudonyms import PseudonymMap
 
-__all__ = ["BoundaryError", "DatasetReport", "ExportReport", "for_peer", "node_key",
-           "profile_options", "pseudonymize_datasets", "pseudonymize_files", "pseudonymizer"]
+__all__ = ["BoundaryError", "DatasetReport", "ExportReport", "PeerBoundary", "PeerCopy",
+           "for_peer", "node_key", "profile_options", "pseudonymize_datasets",
+           "pseudonymize_files", "pseudonymizer"]
 
 LOG = logging.getLogger(__name__)
 _RECORD_BATCH = 256
@@ -52,14 +57,15 @@ class BoundaryError(Exception):
     """An object that must not cross the boundary as asked (no identity in the message)."""
 
 
-def profile_options(deid: DeidConfig) -> ProfileOptions:
-    """The PS3.15 profile options the configuration enables."""
+def profile_options(deid: DeidConfig | Sequence[DeidOption]) -> ProfileOptions:
+    """The PS3.15 profile options a configuration (``deid.options``) or a list enables."""
+    chosen = set(deid.options if isinstance(deid, DeidConfig) else deid)
     return ProfileOptions(
         retain_longitudinal_temporal_modified_dates=(
-            deid.retain_longitudinal_temporal_modified_dates),
-        retain_patient_characteristics=deid.retain_patient_characteristics,
-        clean_descriptors=deid.clean_descriptors,
-        retain_device_identity=deid.retain_device_identity,
+            DeidOption.RETAIN_LONGITUDINAL_TEMPORAL_MODIFIED_DATES in chosen),
+        retain_patient_characteristics=DeidOption.RETAIN_PATIENT_CHARACTERISTICS in chosen,
+        clean_descriptors=DeidOption.CLEAN_DESCRIPTORS in chosen,
+        retain_device_identity=DeidOption.RETAIN_DEVICE_IDENTITY in chosen,
     )
 
 
@@ -212,47 +218,155 @@ def _looks_pseudonymized(ds: Dataset) -> bool:
             or "DeidentificationMethodCodeSequence" in ds)
 
 
+_SEAL = object()
+
+
+@dataclass(frozen=True)
+class PeerCopy:
+    """A file made fit for one peer by :func:`for_peer`: what the SCU sends to that peer.
+
+    ``path`` is the file to send (``source`` itself, or a copy written for the peer);
+    ``source`` the file it was made from; ``peer`` the peer it is fit for. Only
+    :func:`for_peer` makes one.
+    """
+
+    path: Path
+    source: Path
+    peer_name: str
+    peer: PeerConfig
+    seal: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.seal is not _SEAL:
+            raise TypeError("a PeerCopy is made by dicomnode.boundary.for_peer only")
+
+
+def _copy(path: Path, source: Path, peer_name: str, peer: PeerConfig) -> PeerCopy:
+    return PeerCopy(path, source, peer_name, peer, _SEAL)
+
+
+def _method_codes(ds: Dataset) -> set[str]:
+    return {str(item.get("CodeValue", "")) for item in
+            ds.get("DeidentificationMethodCodeSequence", None) or ()}
+
+
 def for_peer(path: Path, peer_name: str, peer: PeerConfig, *, pseudonyms: PseudonymMap,
-             out_dir: Path, pseudonymizer: Pseudonymizer | None = None,
-             dataset: Dataset | None = None) -> Path:
+             out_dir: Path | None, pseudonymizer: Pseudonymizer | None = None,
+             dataset: Dataset | None = None) -> PeerCopy:
     """The file to send to ``peer``: ``path`` itself, or a copy made fit for it.
 
     ``dataset`` is the object of ``path`` already in memory (it is then not read back);
     making the copy changes it in place. Without it, ``path`` is read up to its pixel data
-    to decide, and whole only when a copy is made.
+    to decide, and whole only when a copy is made. Copies are written to ``out_dir``.
+    ``pseudonymizer`` is the one for this peer (its options are what the peer takes).
 
     Raises:
         BoundaryError: a pseudonymized result whose study the map does not know, for a
-            clinical peer; or an identified object for a research peer when no
-            pseudonymizer (key) is available.
+            clinical peer; for a research peer, an identified object when no
+            pseudonymizer (key) is available, or a pseudonymized one made under a PS3.15
+            option the peer does not take; a copy is needed and ``out_dir`` is None.
     """
     ds = dataset if dataset is not None else pydicom.dcmread(path, stop_before_pixels=True)
     study_uid = str(ds.get("StudyInstanceUID", "") or "")
     sop = str(ds.SOPInstanceUID)
     if peer.pseudonymize:
         if (study_uid and pseudonyms.is_pseudonymous_study(study_uid)) or _looks_pseudonymized(ds):
-            return path
+            if pseudonymizer is not None:
+                allowed = {code for code, _ in pseudonymizer.options.method_codes()}
+                extra = _method_codes(ds) - allowed
+                if extra:
+                    raise BoundaryError(
+                        f"a pseudonymized object made under PS3.15 option(s) "
+                        f"{', '.join(sorted(extra))} (CID 7050) that research peer "
+                        f"{peer_name!r} does not take is not sent to it")
+            return _copy(path, path, peer_name, peer)
         if pseudonymizer is None:
             raise BoundaryError(f"peer {peer_name!r} takes pseudonymized data only and no "
                                 "pseudonymization key is available")
+        folder = _folder(out_dir, peer_name)
         ds = _whole(ds, path, dataset)
         record = pseudonymizer.apply(ds)
         pseudonyms.record([record])
         LOG.info("pseudonymized an object for research peer %s", peer_name)
-        return write_atomic(out_dir / f"{record.sop_instance_uid[1]}.pseudonymized.dcm", _save(ds))
+        return _copy(write_atomic(folder / f"{record.sop_instance_uid[1]}.pseudonymized.dcm",
+                                  _save(ds)), path, peer_name, peer)
     identity = pseudonyms.study(study_uid) if study_uid else None  # the whole UID map
     if identity is None:
         if _looks_pseudonymized(ds):
             raise BoundaryError(
                 f"an object of a pseudonymized study that this node's map does not know cannot "
                 f"be re-identified: it is not sent to clinical peer {peer_name!r}")
-        return path
+        return _copy(path, path, peer_name, peer)
+    folder = _folder(out_dir, peer_name)
     ds = _whole(ds, path, dataset)
     reidentify(ds, identity.uid_map, identity.patient_study)
     LOG.info("re-identified an object for clinical peer %s", peer_name)
-    return write_atomic(out_dir / f"{sop}.reidentified.dcm", _save(ds))
+    return _copy(write_atomic(folder / f"{sop}.reidentified.dcm", _save(ds)), path,
+                 peer_name, peer)
+
+
+def _folder(out_dir: Path | None, peer_name: str) -> Path:
+    if out_dir is None:
+        raise BoundaryError(f"an object for peer {peer_name!r} needs a copy and no folder for "
+                            "copies is given")
+    return out_dir
 
 
 def _whole(ds: Dataset, path: Path, given: Dataset | None) -> Dataset:
     """``ds`` with everything after its pixel data too: as given, or read whole."""
     return given if given is not None else pydicom.dcmread(path)
+
+
+class PeerBoundary:
+    """:func:`for_peer` bound to one node: its peers, pseudonym map, key and options.
+
+    ``key`` gives the pseudonymization key when first needed (None: no key, identified
+    objects are refused for research peers); ``options`` are the node's PS3.15 options
+    (``deid.options``), which a research peer's ``deid_options`` replace. Copies go to
+    ``out_dir/<peer name>/``.
+    """
+
+    def __init__(self, peers: Mapping[str, PeerConfig], pseudonyms: PseudonymMap, *,
+                 out_dir: Path | None, key: Callable[[], bytes] | None = None,
+                 options: ProfileOptions | None = None) -> None:
+        self.peers = dict(peers)
+        self.pseudonyms = pseudonyms
+        self.out_dir = out_dir
+        self._key = key
+        self._options = options or profile_options(DeidConfig())
+        self._engines: dict[ProfileOptions, Pseudonymizer] = {}
+
+    @classmethod
+    def from_config(cls, config: Config, pseudonyms: PseudonymMap, *,
+                    out_dir: Path | None = None) -> PeerBoundary:
+        """The boundary of a configured node; copies under ``out_dir`` (default:
+        ``storage.path/outbox``)."""
+        return cls(config.peers, pseudonyms,
+                   out_dir=out_dir if out_dir is not None else config.storage.path / "outbox",
+                   key=lambda: node_key(config), options=profile_options(config.deid))
+
+    def pseudonymizer(self, peer: PeerConfig) -> Pseudonymizer | None:
+        """The pseudonymizer for a research peer's options, or None without a key."""
+        if self._key is None:
+            return None
+        options = (self._options if peer.deid_options is None
+                   else profile_options(peer.deid_options))
+        engine = self._engines.get(options)
+        if engine is None:
+            engine = self._engines[options] = Pseudonymizer(self._key(), options)
+        return engine
+
+    def copy(self, path: Path, peer_name: str, *, dataset: Dataset | None = None) -> PeerCopy:
+        """:func:`for_peer` for the configured peer ``peer_name``.
+
+        Raises:
+            BoundaryError: see :func:`for_peer`; or ``peer_name`` is not configured.
+            DeidKeyError: the configured key cannot be read.
+        """
+        peer = self.peers.get(peer_name)
+        if peer is None:
+            raise BoundaryError(f"peer {peer_name!r} is not configured")
+        out = None if self.out_dir is None else self.out_dir / peer_name
+        return for_peer(path, peer_name, peer, pseudonyms=self.pseudonyms, out_dir=out,
+                        pseudonymizer=self.pseudonymizer(peer) if peer.pseudonymize else None,
+                        dataset=dataset)

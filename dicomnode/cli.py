@@ -96,7 +96,13 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from dicomnode.net.scu import SendError, SendResult, send_files
+    import tempfile
+
+    from dicomnode.boundary import BoundaryError, PeerBoundary, PeerCopy
+    from dicomnode.deid import DeidKeyError
+    from dicomnode.net.scu import SendError, SendResult, collect_files, send_files
+    from dicomnode.store.db import open_index
+    from dicomnode.store.pseudonyms import PseudonymMap
 
     config = _config(args)
     setup_logging("WARNING")
@@ -112,11 +118,31 @@ def cmd_send(args: argparse.Namespace) -> int:
         print(f"{result.path}: {result.message}", flush=True)
 
     try:
-        send_files(config.node.ae_title, peer, name,
-                   [Path(p) for p in args.paths], on_result=show)
-    except (SendError, FileNotFoundError) as exc:
+        files = list(collect_files([Path(p) for p in args.paths]))
+    except FileNotFoundError as exc:
         print(f"send: {exc}", file=sys.stderr)
         return 1
+    index = open_index(config.db_url)
+    try:
+        with tempfile.TemporaryDirectory(prefix="dicomnode-send-") as scratch:
+            # every file crosses the boundary: pseudonymized for a research peer,
+            # re-identified (or refused) for a clinical one
+            boundary = PeerBoundary.from_config(config, PseudonymMap(index),
+                                                out_dir=Path(scratch))
+            copies: list[PeerCopy] = []
+            for path in files:
+                try:
+                    copies.append(boundary.copy(path, name))
+                except (BoundaryError, DeidKeyError) as exc:
+                    show(SendResult(path, None, f"not sent: {exc}"))
+                except Exception as exc:  # its message could quote values
+                    show(SendResult(path, None, f"not a DICOM file: {type(exc).__name__}"))
+            send_files(config.node.ae_title, peer, name, copies, on_result=show)
+    except SendError as exc:
+        print(f"send: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        index.dispose()
     print(f"{sent - failed} sent, {failed} failed", file=sys.stderr)
     return 1 if failed else 0
 

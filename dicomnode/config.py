@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -30,14 +31,17 @@ __all__ = [
     "Config",
     "ConfigError",
     "DeidConfig",
+    "DeidOption",
     "InferenceConfig",
     "NodeConfig",
     "OutboxConfig",
     "OutputsConfig",
     "PeerConfig",
+    "PeerTlsConfig",
     "PipelineConfig",
     "RetentionConfig",
     "StorageConfig",
+    "TlsConfig",
     "WebConfig",
     "format_validation_errors",
     "load_config",
@@ -64,6 +68,73 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DeidOption(str, Enum):
+    """A PS3.15 Table E.1-1 option that extends the Basic Profile (see docs/pseudonymization.md)."""
+
+    RETAIN_LONGITUDINAL_TEMPORAL_MODIFIED_DATES = "retain_longitudinal_temporal_modified_dates"
+    RETAIN_PATIENT_CHARACTERISTICS = "retain_patient_characteristics"
+    CLEAN_DESCRIPTORS = "clean_descriptors"
+    RETAIN_DEVICE_IDENTITY = "retain_device_identity"
+
+
+def _fix(base: Path, path: Path | None) -> Path | None:
+    return None if path is None or path.is_absolute() else (base / path).resolve()
+
+
+class TlsConfig(_Section):
+    """DICOM TLS (PS3.15 Annex B.1) of the node's SCP: its certificate and whom it trusts.
+
+    ``certificate`` and ``private_key`` are PEM files (the certificate may hold its chain);
+    ``ca_bundle`` holds the PEM certificates of the CAs whose client certificates are
+    accepted, and is needed when ``require_client_certificate`` is set.
+    """
+
+    certificate: Path
+    private_key: Path
+    ca_bundle: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _ca_for_clients(self) -> TlsConfig:
+        if self.require_client_certificate and self.ca_bundle is None:
+            raise ValueError("require_client_certificate: true needs ca_bundle (the CAs whose "
+                             "client certificates are accepted)")
+        return self
+
+    def resolved(self, base: Path) -> TlsConfig:
+        return self.model_copy(update={
+            "certificate": _fix(base, self.certificate) or self.certificate,
+            "private_key": _fix(base, self.private_key) or self.private_key,
+            "ca_bundle": _fix(base, self.ca_bundle) or self.ca_bundle})
+
+
+class PeerTlsConfig(_Section):
+    """DICOM TLS towards one peer (outbox, ``echo``, ``send``).
+
+    The peer's certificate is verified against ``ca_bundle`` (default: the system's trust
+    store) and ``server_hostname`` (default: the peer's ``host``); ``certificate`` and
+    ``private_key`` (PEM) are the node's client certificate, for peers that require one.
+    """
+
+    ca_bundle: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    server_hostname: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> PeerTlsConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together (the node's client "
+                             "certificate and its key)")
+        return self
+
+    def resolved(self, base: Path) -> PeerTlsConfig:
+        return self.model_copy(update={
+            "certificate": _fix(base, self.certificate) or self.certificate,
+            "private_key": _fix(base, self.private_key) or self.private_key,
+            "ca_bundle": _fix(base, self.ca_bundle) or self.ca_bundle})
+
+
 class NodeConfig(_Section):
     """The node's own DICOM identity and listening socket."""
 
@@ -78,6 +149,7 @@ class NodeConfig(_Section):
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="seconds in-flight associations get to finish on SIGTERM"
     )
+    tls: TlsConfig | None = Field(None, description="DICOM TLS for the SCP (null: plain TCP)")
 
 
 class PeerConfig(_Section):
@@ -88,6 +160,15 @@ class PeerConfig(_Section):
     port: int | None = Field(None, ge=1, le=65535)
     pseudonymize: bool = Field(
         False, description="a research destination: what is sent to it carries no identity")
+    deid_options: list[DeidOption] | None = Field(
+        None, description="PS3.15 options for this research peer (null: deid.options)")
+    tls: PeerTlsConfig | None = Field(None, description="DICOM TLS to this peer (null: plain)")
+
+    @model_validator(mode="after")
+    def _options_for_research(self) -> PeerConfig:
+        if self.deid_options is not None and not self.pseudonymize:
+            raise ValueError("deid_options applies to research peers only (pseudonymize: true)")
+        return self
 
 
 class StorageConfig(_Section):
@@ -204,6 +285,13 @@ class WebConfig(_Section):
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
     token_file: Path | None = None
     token_env: str = Field("DICOMNODE_WEB_TOKEN", min_length=1)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header names accepted besides localhost, 127.0.0.1, ::1 and host")
+    max_token_failures: int = Field(
+        10, ge=1, description="wrong tokens per client address before it is locked out")
+    lockout_seconds: float = Field(
+        300.0, gt=0, description="how long a locked-out address is answered 429")
 
 
 class DeidConfig(_Section):
@@ -215,10 +303,19 @@ class DeidConfig(_Section):
 
     key_file: Path | None = None
     key_env: str = Field("DICOMNODE_DEID_KEY", min_length=1)
-    retain_longitudinal_temporal_modified_dates: bool = True
-    retain_patient_characteristics: bool = False
-    clean_descriptors: bool = True
-    retain_device_identity: bool = False
+    options: list[DeidOption] = Field(
+        default_factory=lambda: [DeidOption.RETAIN_LONGITUDINAL_TEMPORAL_MODIFIED_DATES],
+        description="PS3.15 options on top of the Basic Profile (docs/pseudonymization.md)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            old = sorted(k for k in data if k in {o.value for o in DeidOption})
+            if old:
+                raise ValueError(f"deid.{old[0]} is now an entry of deid.options (a list, e.g. "
+                                 f"options: [{old[0]}]); remove the key")
+        return data
 
 
 class OutputsConfig(_Section):
@@ -294,6 +391,11 @@ class Config(_Section):
                     "key_file": None if self.deid.key_file is None else fix(self.deid.key_file)}),
                 "web": self.web.model_copy(update={"token_file": (
                     None if self.web.token_file is None else fix(self.web.token_file))}),
+                "node": self.node.model_copy(update={"tls": (
+                    None if self.node.tls is None else self.node.tls.resolved(base))}),
+                "peers": {name: peer.model_copy(update={"tls": (
+                    None if peer.tls is None else peer.tls.resolved(base))})
+                    for name, peer in self.peers.items()},
             }
         )
 

@@ -14,8 +14,10 @@ still to be sent survives restarts and crashes. Items move through these states:
   destination is served by its own thread, over one association per round (more only
   past 128 presentation contexts), so a destination that is down or slow never delays
   the others. Presentation contexts and the C-STORE itself are those of
-  :func:`dicomnode.net.scu.send_files`. Each response is committed as soon as it
-  arrives.
+  :func:`dicomnode.net.scu.send_files`. Each item's file crosses the boundary
+  (:class:`dicomnode.boundary.PeerBoundary`) at delivery: pseudonymized for a research
+  peer, re-identified for a clinical one, or refused (``failed``), whoever queued it.
+  Each response is committed as soon as it arrives, before the next C-STORE.
 * **Claims**: a delivery first claims its items (state ``sending``, with
   ``next_attempt_at`` holding the end of the claim), so two deliveries (the node's and
   ``dicomnode outbox send``) never send the same item at once. A claim that outlives
@@ -53,9 +55,12 @@ from pydicom.uid import UID
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from dicomnode.boundary import BoundaryError, PeerBoundary, PeerCopy
 from dicomnode.config import Config, OutboxConfig, PeerConfig
+from dicomnode.deid import DeidKeyError
 from dicomnode.net.scu import SendError, SendResult, send_files
 from dicomnode.store.db import Index
+from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.queries import count_by_state, iso_utc
 from dicomnode.store.tables import OutboxItem, OutboxState, utcnow
 
@@ -165,9 +170,13 @@ class Outbox:
     """
 
     def __init__(self, index: Index, peers: Mapping[str, PeerConfig], *, ae_title: str,
-                 settings: OutboxConfig | None = None) -> None:
+                 settings: OutboxConfig | None = None,
+                 boundary: PeerBoundary | None = None) -> None:
+        """``boundary`` makes each file fit for its destination at delivery (default: one
+        without a key or a folder for copies, which refuses what would need either)."""
         self.index = index
         self.peers = dict(peers)
+        self.boundary = boundary or PeerBoundary(peers, PseudonymMap(index), out_dir=None)
         self.ae_title = ae_title
         self.settings = settings or OutboxConfig()
         self._lock = threading.Lock()
@@ -178,7 +187,8 @@ class Outbox:
     @classmethod
     def from_config(cls, config: Config, index: Index) -> Outbox:
         """The outbox of a configured node: its peers, its AE title and ``outbox`` settings."""
-        return cls(index, config.peers, ae_title=config.node.ae_title, settings=config.outbox)
+        return cls(index, config.peers, ae_title=config.node.ae_title, settings=config.outbox,
+                   boundary=PeerBoundary.from_config(config, PseudonymMap(index)))
 
     @property
     def destinations(self) -> list[str]:
@@ -291,6 +301,11 @@ class Outbox:
         Call it only when no other process is delivering from the same index: an item
         it is sending would be sent twice (harmless for a PACS, which keeps one copy of
         a SOP instance, but wasteful).
+
+        Delivery is at-least-once: of the items a dead process left ``sending``, those
+        it never sent go now for the first time, and at most the one whose C-STORE was
+        answered just before the crash (the response arrived, its commit did not) reaches
+        its destination again, under the same SOP Instance UID.
         """
         with self.index.session() as session:
             result = cast(CursorResult[Any], session.execute(
@@ -300,7 +315,9 @@ class Outbox:
             session.commit()
         count = int(result.rowcount or 0)
         if count:
-            LOG.info("outbox: %d item(s) interrupted while being sent are pending again", count)
+            LOG.info("outbox: %d item(s) interrupted while being sent are pending again; the "
+                     "one in flight at the interruption may reach its destination twice "
+                     "(same SOP Instance UID)", count)
         return count
 
     # ---------------------------------------------------------------- delivery
@@ -437,13 +454,23 @@ class Outbox:
             return report
         peer = self.peers[name]
         waiting: dict[str, list[_Claim]] = {}
+        copies: dict[str, PeerCopy] = {}
         for claim in claims:
-            if Path(claim.path).is_file():
+            problem = None
+            if not Path(claim.path).is_file():
+                problem = "file missing: the result object was removed"
+            elif claim.path not in copies:
+                try:  # whoever queued it, the file crosses the boundary here
+                    copies[claim.path] = self.boundary.copy(Path(claim.path), name)
+                except (BoundaryError, DeidKeyError) as exc:
+                    problem = f"refused at the boundary: {exc}"
+                except Exception as exc:  # unreadable: the message could quote values
+                    problem = f"not a readable DICOM file ({type(exc).__name__})"
+            if problem is None:
                 waiting.setdefault(claim.path, []).append(claim)
             else:
-                self._record(claim, name, report, SendResult(
-                    Path(claim.path), None, "file missing: the result object was removed"),
-                    clock())
+                self._record(claim, name, report, SendResult(Path(claim.path), None, problem),
+                             clock())
 
         def on_result(result: SendResult) -> None:
             for claim in waiting.pop(str(result.path), []):
@@ -457,7 +484,7 @@ class Outbox:
 
         try:
             if waiting:
-                send_files(self.ae_title, peer, name, [Path(p) for p in waiting],
+                send_files(self.ae_title, peer, name, [copies[p] for p in waiting],
                            timeout=self.settings.timeout_seconds, on_result=on_result,
                            cancel=self._stopping)
         except SendError as exc:
@@ -469,6 +496,10 @@ class Outbox:
             record_unsent(report.error, transient=True)
         else:
             record_unsent("no result reported", transient=True)
+        finally:
+            for copy in copies.values():  # made for this round; a retry makes them again
+                if copy.path != copy.source:
+                    copy.path.unlink(missing_ok=True)
         report.seconds = time.monotonic() - started
         return report
 

@@ -233,7 +233,7 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         peer, label = config.peers[group[0]], ", ".join(group)
         paths = [for_peer(path, label, peer, pseudonyms=pseudonyms,
                           out_dir=work / "send" / group[0], pseudonymizer=engine,
-                          dataset=dataset if in_memory else None)
+                          dataset=dataset if in_memory else None).path
                  for path, dataset in objects]
         summary.enqueued += len(outbox.enqueue(paths, group, job_pk=job_id))
     if superseded:

@@ -213,9 +213,9 @@ def test_a_full_run_reidentifies_seg_and_rtstruct_and_logs_no_identity(
             assert made.PatientID != first.PatientID  # made from pseudonymized inputs
             # a research peer gets it as it is
             assert for_peer(obj.path, "research", RESEARCH, pseudonyms=pseudonyms,
-                            out_dir=tmp_path / "research") == obj.path
+                            out_dir=tmp_path / "research").path == obj.path
             path = for_peer(obj.path, "pacs", CLINICAL, pseudonyms=pseudonyms,
-                            out_dir=tmp_path / "clinical")
+                            out_dir=tmp_path / "clinical").path
             back = pydicom.dcmread(path)
             assert back.PatientID == "PID-4711-X"
             assert str(back.PatientName) == str(first.PatientName)
@@ -259,9 +259,9 @@ def test_an_unknown_pseudonymous_study_never_reaches_a_clinical_peer(
         assert not (tmp_path / "clinical").exists()
         # node A knows it, and an identified object goes to a clinical peer unchanged
         assert for_peer(path, "pacs", CLINICAL, pseudonyms=PseudonymMap(a),
-                        out_dir=tmp_path / "clinical").parent == tmp_path / "clinical"
+                        out_dir=tmp_path / "clinical").path.parent == tmp_path / "clinical"
         assert for_peer(phi_series[1], "pacs", CLINICAL, pseudonyms=PseudonymMap(a),
-                        out_dir=tmp_path / "clinical") == phi_series[1]
+                        out_dir=tmp_path / "clinical").path == phi_series[1]
     finally:
         a.dispose()
         b.dispose()
@@ -277,7 +277,7 @@ def test_an_identified_object_is_pseudonymized_for_a_research_peer(
             for_peer(phi_series[0], "research", RESEARCH, pseudonyms=pseudonyms,
                      out_dir=tmp_path / "research")
         path = for_peer(phi_series[0], "research", RESEARCH, pseudonyms=pseudonyms,
-                        out_dir=tmp_path / "research", pseudonymizer=pseudonymizer(config))
+                        out_dir=tmp_path / "research", pseudonymizer=pseudonymizer(config)).path
         assert path != phi_series[0] and not _phi_in(_without_pixels(path))
         assert pseudonyms.is_pseudonymous_study(str(pydicom.dcmread(path).StudyInstanceUID))
     finally:

@@ -103,8 +103,9 @@ def test_basic_profile_actions() -> None:
     assert ds.ContentDate == "19000101"  # Z/D: dummy
     assert ds.LongitudinalTemporalInformationModified == "REMOVED"
     assert ds.Modality == "CT" and ds.Manufacturer == "ACME"  # not in the table: kept
-    # not in the table but free text: known identity removed from Code Meaning
-    assert ds.ProcedureCodeSequence[0].CodeMeaning == "Thorax CT requested by Dr"
+    # not in the table, but a local code (99LOCAL): a site's free text, removed without
+    # the Clean Descriptors Option
+    assert len(ds.ProcedureCodeSequence) == 0
 
 
 def test_options_keep_characteristics_and_clean_descriptors() -> None:
@@ -114,6 +115,8 @@ def test_options_keep_characteristics_and_clean_descriptors() -> None:
     assert ds.StudyDescription == "CT THORAX for"
     assert ds.SeriesDescription == "AXIAL protocol"
     assert ds.PatientComments == "Patient, born"
+    # a local code is a descriptor: kept, known identity removed from its meaning
+    assert ds.ProcedureCodeSequence[0].CodeMeaning == "Thorax CT requested by Dr"
     request = ds.RequestAttributesSequence[0]
     assert request.RequestedProcedureDescription == "Requested for"
     assert "ScheduledPerformingPhysicianName" not in request

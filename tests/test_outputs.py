@@ -23,6 +23,7 @@ from orthanc import OrthancServer, requires_orthanc
 from pydicom.dataset import Dataset
 from skimage.draw import polygon2mask
 
+from dicomnode.boundary import for_peer
 from dicomnode.config import ConfigError, OutputsConfig, PeerConfig, load_config
 from dicomnode.inference.card import load_card
 from dicomnode.inference.segment import Segmentation, load_inputs, segment
@@ -32,6 +33,8 @@ from dicomnode.outputs.rtstruct import ds_bytes, slice_contours
 from dicomnode.outputs.source import OutputError
 from dicomnode.outputs.write import Results, write_results
 from dicomnode.rules.explain import index_folder
+from dicomnode.store.db import open_index
+from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.queries import studies_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,7 +340,13 @@ def test_orthanc_accepts_the_objects_into_the_source_study(case: Case, tmp_path:
     with OrthancServer(tmp_path / "orthanc") as orthanc:
         peer = PeerConfig.model_validate(orthanc.peer())
         paths = [*case.files, *(o.path for o in case.results.objects)]
-        results = send_files("DICOMNODE", peer, "orthanc", paths)
+        index = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+        try:
+            copies = [for_peer(p, "orthanc", peer, pseudonyms=PseudonymMap(index),
+                               out_dir=tmp_path / "send") for p in paths]
+            results = send_files("DICOMNODE", peer, "orthanc", copies)
+        finally:
+            index.dispose()
         assert all(r.ok for r in results), [r.message for r in results if not r.ok]
         studies = orthanc.get("/studies?expand")
         assert len(studies) == 1  # the results joined the source study

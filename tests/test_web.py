@@ -4,10 +4,12 @@ headless Chromium (Debian `chromium` and `chromium-driver`)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +47,38 @@ def _post(url: str, *, header: bool = True) -> tuple[int, str]:
             return reply.status, reply.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _login(base: str, token: str) -> str:
+    """POST the login form; returns the Set-Cookie header ("" when refused)."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    data = urllib.parse.urlencode({"token": token}).encode()
+    try:
+        with opener.open(urllib.request.Request(f"{base}/login", data=data), timeout=30) as r:
+            return str(r.headers.get("Set-Cookie", ""))
+    except urllib.error.HTTPError as exc:
+        return str(exc.headers.get("Set-Cookie", "")) if exc.code == 303 else ""
+
+
+def _raw(base: str, method: str, target: str, headers: dict[str, str]) -> tuple[int, str,
+                                                                               dict[str, str]]:
+    """A request with exactly these headers (urllib would set Host itself)."""
+    host, port = urllib.parse.urlsplit(base).netloc.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.putrequest(method, target, skip_host=True)
+        for key, value in headers.items():
+            connection.putheader(key, value)
+        connection.endheaders()
+        reply = connection.getresponse()
+        return reply.status, reply.read().decode(), dict(reply.getheaders())
+    finally:
+        connection.close()
 
 
 def _rules(folder: Path) -> Path:
@@ -141,9 +175,12 @@ def test_identity_only_with_the_token(node_factory: NodeFactory, tmp_path: Path,
     status, page, _ = _get(f"{base}/", token=TOKEN)
     assert status == 200 and "Test^Patient" in page.decode() and "DN-TEST-0001" in page.decode()
     assert _get(f"{base}/", token="wrong-token-0123456789")[0] == 401
-    # the token in the query sets a cookie, so links work in a browser
-    with urllib.request.urlopen(f"{base}/?token={TOKEN}", timeout=30) as reply:
-        assert "dicomnode_token=" in reply.headers.get("Set-Cookie", "")
+    # the login form sets a cookie, so links work in a browser
+    cookie = _login(base, TOKEN)
+    assert cookie.startswith("dicomnode_token=") and "HttpOnly" in cookie
+    request = urllib.request.Request(f"{base}/", headers={"Cookie": cookie.split(";")[0]})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert "DN-TEST-0001" in reply.read().decode()
     # POST needs the token when one is configured
     assert _post(f"{base}/api/jobs/1/retry")[0] == 401
 
@@ -186,6 +223,10 @@ def test_the_page_in_headless_chromium_shows_the_job_and_its_overlay(
 
         wait_until(loaded, 30, "the overlay image to load")
         assert "Test^Patient" not in driver.page_source
+        # the action runs from /static/console.js under the Content-Security-Policy
+        row.find_element(By.CSS_SELECTOR, "button[data-action]").click()
+        result = driver.find_element(By.ID, "action-result")
+        wait_until(lambda: "job 1" in result.text, 30, "the retry action's answer")
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
@@ -204,3 +245,73 @@ def test_a_console_port_in_use_stops_the_start_with_a_clear_error(
     assert proc.returncode == 2
     assert f"cannot serve the console on 127.0.0.1:{port}" in proc.stderr
     assert "listening as" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_console_defences(node_factory: NodeFactory, tmp_path: Path) -> None:
+    """Host header, token never in a URL nor in the DEBUG log, lockout, security headers."""
+    token_file = tmp_path / "console.token"
+    token_file.write_text(TOKEN + "\n")
+    node = node_factory(web={"port": 0, "token_file": str(token_file), "max_token_failures": 3,
+                             "allowed_hosts": ["console.example"]},
+                        logging={"level": "DEBUG"})
+    base = node.console_url()
+    netloc = urllib.parse.urlsplit(base).netloc
+    port = netloc.split(":")[1]
+    # DNS rebinding: a page of evil.example resolving to 127.0.0.1 sends Host: evil.example
+    for host in ("evil.example", f"evil.example:{port}", ""):
+        status, _, _ = _raw(base, "GET", "/api/studies", {"Host": host} if host else {})
+        assert status == 421, host
+    for host in (netloc, f"localhost:{port}", "console.example"):
+        assert _raw(base, "GET", "/api/studies", {"Host": host})[0] == 200, host
+    # the token never in a URL: refused, and no cookie for it
+    status, _, headers = _raw(base, "GET", f"/?token={TOKEN}", {"Host": netloc})
+    assert status == 400 and "Set-Cookie" not in headers
+    # security headers on pages, JSON and errors; no inline script in the pages
+    status, page, headers = _raw(base, "GET", "/", {"Host": netloc})
+    assert status == 200
+    for reply in (headers, _raw(base, "GET", "/nothing", {"Host": netloc})[2]):
+        assert "default-src 'self'" in reply["Content-Security-Policy"]
+        assert "script-src 'self'" in reply["Content-Security-Policy"]
+        assert reply["X-Frame-Options"] == "DENY"
+        assert reply["X-Content-Type-Options"] == "nosniff"
+        assert reply["Referrer-Policy"] == "no-referrer"
+    assert "<script>" not in page and "onclick" not in page and "<style>" not in page
+    assert _raw(base, "GET", "/static/console.js", {"Host": netloc})[0] == 200
+    assert _login(base, TOKEN).startswith("dicomnode_token=")
+    # wrong tokens: 401, then the address is locked out (429), even with the right token
+    for _ in range(3):
+        assert _get(f"{base}/", token="wrong-token-0123456789")[0] == 401
+    assert _login(base, TOKEN) == ""
+    assert _get(f"{base}/", token=TOKEN)[0] == 429
+    assert _get(f"{base}/healthz")[0] == 200
+    node.terminate()
+    assert TOKEN not in node.log()
+    assert "wrong token from 127.0.0.1" in node.log()
+
+
+def test_a_job_error_quoting_a_value_is_hidden_without_the_token(
+        node_with_job: RunningNode) -> None:
+    import sqlite3
+
+    with sqlite3.connect(node_with_job.store / "index.sqlite") as db:
+        db.execute("UPDATE job SET error = ? WHERE id = 1",
+                   ("ValueError: Invalid value for VR DA: '1980-01-02' (Doe^John)",))
+    base = node_with_job.console_url()
+    for route in ("/", "/api/jobs"):
+        status, body, _ = _get(f"{base}{route}")
+        assert status == 200 and "Invalid value for VR DA" in body.decode()
+        assert "1980-01-02" not in body.decode() and "Doe^John" not in body.decode()
+
+
+def test_job_errors_quote_no_value_without_the_token() -> None:
+    from dicomnode.web.pages import redact_jobs, redact_outbox
+
+    report = {"jobs": [{"id": 1, "error": "ValueError: Invalid value for VR DA: '1980-01-02' "
+                                          "in 1.2.826.0.1.3680043.8.498.1001"}]}
+    (job,) = redact_jobs(report)["jobs"]
+    assert "1980-01-02" not in job["error"] and "3680043" not in job["error"]
+    assert job["error"].startswith("ValueError: Invalid value for VR DA")
+    outbox = {"items": [{"id": 1, "last_error": "status 0xC000: 'Doe^John' refused",
+                         "sop_instance_uid": "1.2.3", "file_path": "/x"}]}
+    (item,) = redact_outbox(outbox)["items"]
+    assert "Doe" not in item["last_error"] and "sop_instance_uid" not in item

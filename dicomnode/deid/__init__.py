@@ -12,6 +12,9 @@ from dicomnode.deid.pseudonymize import PseudonymizationError, Pseudonymizer
 from dicomnode.deid.record import PseudonymizationRecord
 from dicomnode.deid.reidentify import ReidentificationError, reidentify
 from dicomnode.deid.uids import UIDMapper
+from dicomnode.logs import hide_dicom_values
+
+hide_dicom_values()  # pydicom quotes the values it rejects: never in a log line
 
 __all__ = [
     "EDITION",

@@ -13,6 +13,9 @@ and options give one action):
 * not in the table: sequences processed, person names (PN) emptied, free text scrubbed,
   dates shifted when the modified-dates option is on, values of unknown VR (UN) removed,
   everything else kept;
+* without the Clean Descriptors Option, code items of a local coding scheme (designator
+  ``99...``, ``L`` or ``LOCAL``: their meanings are a site's free text, e.g. local
+  procedure codes) are removed from every sequence; standard codes (DCM, SCT, LN...) stay;
 * private attributes removed (unless listed as safe under the Retain Safe Private Option),
   and so are group lengths (gggg,0000), retired and wrong once values change.
 
@@ -80,6 +83,12 @@ def _values(value: Any) -> list[Any]:
     if isinstance(value, (list, tuple, MultiValue)):
         return list(value)
     return [value]
+
+
+def _local_code(item: Dataset) -> bool:
+    """Whether ``item`` is a code of a local (private) coding scheme (PS3.3 8.2)."""
+    scheme = str(item.get("CodingSchemeDesignator", "") or "").strip().upper()
+    return scheme.startswith("99") or scheme in ("L", "LOCAL")
 
 
 def _set_values(elem: DataElement, values: list[Any]) -> None:
@@ -175,6 +184,9 @@ class Pseudonymizer:
                 self._act(ds, elem, action, run)
 
     def _items(self, elem: DataElement, run: _Run) -> None:
+        items = elem.value or ()
+        if not self._options.clean_descriptors and any(_local_code(i) for i in items):
+            elem.value = Sequence([i for i in items if not _local_code(i)])
         for item in elem.value or ():
             self._process(item, run)
 

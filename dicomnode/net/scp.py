@@ -26,6 +26,7 @@ from dicomnode.completion import AssociationActivity
 from dicomnode.config import NodeConfig
 from dicomnode.net.access import REFUSED_OTHER, REFUSED_TOO_MANY, AccessPolicy
 from dicomnode.net.sockets import set_nodelay
+from dicomnode.net.tls import server_context
 from dicomnode.store.ingest import InstanceStore, StoreFailure
 
 __all__ = ["StorageSCP"]
@@ -182,9 +183,13 @@ class StorageSCP:
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False
         tempfile.tempdir = str(self.store.files.tmp)
+        tls = None if self.node.tls is None else server_context(
+            self.node.tls, handshake_timeout=self.node.network_timeout_seconds)
         self.server = self.ae.start_server(
-            (self.node.host, self.node.port), block=False, evt_handlers=self.handlers)
-        LOG.info("listening as %s on %s:%d", self.node.ae_title, self.node.host, self.node.port)
+            (self.node.host, self.node.port), block=False, evt_handlers=self.handlers,
+            ssl_context=tls)
+        LOG.info("listening as %s on %s:%d%s", self.node.ae_title, self.node.host, self.node.port,
+                 "" if tls is None else " (DICOM TLS)")
 
     @property
     def port(self) -> int:

@@ -1,6 +1,9 @@
 """Verification and Storage SCU: C-ECHO a peer, C-STORE files and folders to it.
 
-Files are sent as they are stored, in their own transfer syntax, streamed
+What is sent to a peer is a :class:`~dicomnode.boundary.PeerCopy`, made by
+:func:`dicomnode.boundary.for_peer` (pseudonymized for research peers, re-identified for
+clinical ones): :func:`send_files` takes nothing else, so no path to a peer can skip the
+boundary. Files are sent as they are stored, in their own transfer syntax, streamed
 from disk without decoding (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``). For
 uncompressed files the little endian syntaxes are proposed too, and a file is
 converted in memory only when the peer accepted none of its own syntax.
@@ -19,6 +22,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.uid import (
@@ -34,6 +38,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.config import PeerConfig
 from dicomnode.net.sockets import set_nodelay
+from dicomnode.net.tls import TlsError, client_tls_args
+
+if TYPE_CHECKING:
+    from dicomnode.boundary import PeerCopy
 
 __all__ = [
     "SendError",
@@ -112,7 +120,11 @@ def _associate(ae: AE, peer: PeerConfig, name: str, contexts: list[PresentationC
                ) -> Association:
     host, port = _peer_address(peer, name)
     ae.requested_contexts = contexts
-    assoc = ae.associate(host, port, ae_title=peer.ae_title)
+    try:
+        tls_args = client_tls_args(peer, name)
+    except TlsError as exc:
+        raise SendError(str(exc), transient=False) from None
+    assoc = ae.associate(host, port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         answer = assoc.acceptor.primitive
         if assoc.is_rejected:
@@ -124,6 +136,10 @@ def _associate(ae: AE, peer: PeerConfig, name: str, contexts: list[PresentationC
             classes = sorted({UID(str(cx.abstract_syntax)).name for cx in contexts})
             raise SendError(f"peer {name!r} ({host}:{port}) accepted none of the proposed "
                             f"presentation contexts ({', '.join(classes)})", transient=False)
+        if tls_args is not None:
+            raise SendError(f"peer {name!r} ({host}:{port}) could not be reached over TLS "
+                            "(no connection, a certificate not trusted (peers."
+                            f"{name}.tls), or no answer to the association request)")
         raise SendError(f"peer {name!r} ({host}:{port}) could not be reached "
                         "(no connection, or no answer to the association request)")
     set_nodelay(assoc)
@@ -163,18 +179,20 @@ def collect_files(paths: Iterable[Path], *, skip_hidden: bool = False) -> Iterat
 
 @dataclass(frozen=True)
 class _Item:
-    path: Path
+    path: Path  # the file sent
+    source: Path  # what results name: the file the caller handed to the boundary
     sop_class: str
     transfer_syntax: str
 
 
-def _read_item(path: Path) -> _Item | SendResult:
+def _read_item(copy: PeerCopy) -> _Item | SendResult:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True,
+        ds = pydicom.dcmread(copy.path, stop_before_pixels=True,
                              specific_tags=["SOPClassUID", "SOPInstanceUID"])
-        return _Item(path, str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        return _Item(copy.path, copy.source, str(ds.SOPClassUID),
+                     str(ds.file_meta.TransferSyntaxUID))
     except Exception as exc:
-        return SendResult(path, None, f"not a DICOM file: {type(exc).__name__}")
+        return SendResult(copy.source, None, f"not a DICOM file: {type(exc).__name__}")
 
 
 def _pairs(item: _Item) -> list[tuple[str, str]]:
@@ -215,35 +233,51 @@ def _send_one(assoc: Association, item: _Item) -> SendResult:
             # a dataset is re-encoded by pynetdicom in the accepted syntax
             status = assoc.send_c_store(pydicom.dcmread(item.path))
         else:
-            return SendResult(item.path, None,
+            return SendResult(item.source, None,
                               f"peer accepted no presentation context for SOP class "
                               f"{item.sop_class} in transfer syntax {item.transfer_syntax}")
     except Exception as exc:
-        return SendResult(item.path, None, f"send failed: {type(exc).__name__}: {exc}",
+        # the text of a network error helps; that of an encoding error may quote values
+        detail = f": {exc}" if isinstance(exc, OSError) else ""
+        return SendResult(item.source, None, f"send failed: {type(exc).__name__}{detail}",
                           transient=True)
     if "Status" not in status:
-        return SendResult(item.path, None, "no response from peer (association lost)",
+        return SendResult(item.source, None, "no response from peer (association lost)",
                           transient=True)
     code = int(status.Status)
     comment = str(status.get("ErrorComment", "")).strip()
     text = "Success" if code == 0 else f"status 0x{code:04X}" + (f": {comment}" if comment else "")
-    return SendResult(item.path, code, text, transient=is_transient_status(code))
+    return SendResult(item.source, code, text, transient=is_transient_status(code))
 
 
-def send_files(ae_title: str, peer: PeerConfig, name: str, paths: Iterable[Path], *,
+def send_files(ae_title: str, peer: PeerConfig, name: str, copies: Iterable[PeerCopy], *,
                timeout: float = 60.0,
                on_result: Callable[[SendResult], None] | None = None,
                cancel: threading.Event | None = None) -> list[SendResult]:
-    """C-STORE files to a peer over as few associations as the 128-context limit allows.
+    """C-STORE files made fit for ``peer`` over as few associations as the 128-context
+    limit allows.
 
+    Each result names the copy's ``source`` (the file handed to the boundary).
     ``on_result`` is called with each file's result as soon as the peer answered it.
     Once ``cancel`` is set, the files not yet sent are reported as cancelled (and
     transient) and the association is released.
 
     Raises:
+        TypeError: something other than a PeerCopy made for ``peer`` (the boundary,
+            :func:`dicomnode.boundary.for_peer`, is the only way to a peer).
         SendError: the peer could not be reached or refused the association; the files
             of the batches already sent have been reported.
     """
+    from dicomnode.boundary import PeerCopy
+
+    copies = list(copies)
+    for copy in copies:
+        if not isinstance(copy, PeerCopy):
+            raise TypeError("send_files() sends only PeerCopy objects made by "
+                            f"dicomnode.boundary.for_peer, not {type(copy).__name__}")
+        if copy.peer != peer:
+            raise TypeError(f"a PeerCopy made for peer {copy.peer_name!r} cannot be sent to "
+                            f"peer {name!r}")
     results: list[SendResult] = []
 
     def report(result: SendResult) -> None:
@@ -252,8 +286,8 @@ def send_files(ae_title: str, peer: PeerConfig, name: str, paths: Iterable[Path]
             on_result(result)
 
     items: list[_Item] = []
-    for path in collect_files(paths):
-        read = _read_item(path)
+    for copy in copies:
+        read = _read_item(copy)
         if isinstance(read, SendResult):
             report(read)
         else:
@@ -263,17 +297,17 @@ def send_files(ae_title: str, peer: PeerConfig, name: str, paths: Iterable[Path]
     for batch in _batches(items):
         if cancel is not None and cancel.is_set():
             for item in batch:
-                report(SendResult(item.path, None, "not sent: cancelled", transient=True,
+                report(SendResult(item.source, None, "not sent: cancelled", transient=True,
                                   cancelled=True))
             continue
         assoc = _associate(ae, peer, name, _contexts(batch))
         try:
             for item in batch:
                 if cancel is not None and cancel.is_set():
-                    report(SendResult(item.path, None, "not sent: cancelled",
+                    report(SendResult(item.source, None, "not sent: cancelled",
                                       transient=True, cancelled=True))
                 elif not assoc.is_established:
-                    report(SendResult(item.path, None, "association lost before sending",
+                    report(SendResult(item.source, None, "association lost before sending",
                                       transient=True))
                 else:
                     report(_send_one(assoc, item))

@@ -8,6 +8,7 @@ hold names), and the rule explanation is reduced to each rule's verdict.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from html import escape
 from typing import Any
@@ -15,14 +16,21 @@ from urllib.parse import quote
 
 from dicomnode.store.queries import format_timings
 
-__all__ = ["IDENTITY_STUDY_KEYS", "dashboard", "redact_outbox", "redact_studies", "study_page"]
+__all__ = ["CONTENT_SECURITY_POLICY", "IDENTITY_STUDY_KEYS", "SCRIPT", "STYLE", "dashboard",
+           "login_page", "redact_jobs", "redact_outbox", "redact_studies", "study_page"]
 
 #: Study and series keys of ``studies --json`` that may carry identity.
 IDENTITY_STUDY_KEYS = ("study_instance_uid", "study_date", "study_description")
 _IDENTITY_SERIES_KEYS = ("series_instance_uid", "series_description", "frame_of_reference_uid")
 _IDENTITY_OUTBOX_KEYS = ("sop_instance_uid", "file_path")
 
-_STYLE = """
+#: Pages load their script and style from the console itself (/static/...): no inline
+#: script or style, no other origin, no framing.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; "
+                           "img-src 'self'; object-src 'none'; base-uri 'none'; "
+                           "form-action 'self'; frame-ancestors 'none'")
+
+STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #1d2433; }
 h1 { font-size: 1.4rem; } h2 { font-size: 1.1rem; margin-top: 1.6rem; }
 table { border-collapse: collapse; margin: .4rem 0; }
@@ -38,7 +46,7 @@ button { font-size: .8rem; }
 pre { background: #f7f8fa; padding: .6rem; font-size: .85rem; }
 """
 
-_SCRIPT = """
+SCRIPT = """
 async function act(url) {
   const reply = await fetch(url, {method: 'POST', headers: {'X-Dicomnode': '1'},
                                   credentials: 'same-origin'});
@@ -46,7 +54,14 @@ async function act(url) {
   document.getElementById('action-result').textContent = text;
   if (reply.ok) { setTimeout(() => location.reload(), 800); }
 }
+document.addEventListener('click', (event) => {
+  const button = event.target.closest('button[data-action]');
+  if (button) { act(button.dataset.action); }
+});
 """
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_NUMBERS = re.compile(r"\d[\d.\-/:]{5,}")  # UIDs, dates, identifiers made of digits
+_PERSON_NAMES = re.compile(r"[^\s()\[\]{},;]*\^[^\s()\[\]{},;]*")  # DICOM PN: Doe^John
 
 
 def redact_studies(report: dict[str, Any]) -> dict[str, Any]:
@@ -62,9 +77,26 @@ def redact_studies(report: dict[str, Any]) -> dict[str, Any]:
 
 def redact_outbox(report: dict[str, Any]) -> dict[str, Any]:
     """``outbox --json`` without the (re-identified) instance UIDs and file paths."""
-    items = [{k: v for k, v in item.items() if k not in _IDENTITY_OUTBOX_KEYS}
+    items = [{**{k: v for k, v in item.items() if k not in _IDENTITY_OUTBOX_KEYS},
+              "last_error": _hide_values(item.get("last_error"))}
              for item in report["items"]]
     return {**report, "items": items}
+
+
+def _hide_values(text: str | None) -> str | None:
+    """An error message without quoted values, person names (``Doe^John``) or long runs of
+    digits (UIDs, dates, IDs)."""
+    if text is None:
+        return None
+    for pattern in (_QUOTED, _PERSON_NAMES, _NUMBERS):
+        text = pattern.sub("<value hidden>", text)
+    return text
+
+
+def redact_jobs(report: dict[str, Any]) -> dict[str, Any]:
+    """``jobs --json`` with errors that quote no value (an error from a library may)."""
+    jobs = [{**job, "error": _hide_values(job.get("error"))} for job in report["jobs"]]
+    return {**report, "jobs": jobs}
 
 
 def _state(value: str) -> str:
@@ -77,11 +109,11 @@ def _cell(value: Any) -> str:
 
 def _page(title: str, body: str, *, authenticated: bool) -> bytes:
     note = ("" if authenticated else
-            '<p class="muted">Patient identity is hidden: open the console with its token '
-            "(<code>?token=...</code>) to see names, identifiers and descriptions.</p>")
+            '<p class="muted">Patient identity is hidden: <a href="/login">log in</a> with '
+            "the console's token to see names, identifiers and descriptions.</p>")
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
-            f"<title>{escape(title)}</title><style>{_STYLE}</style>"
-            f"<script>{_SCRIPT}</script></head><body>"
+            f'<title>{escape(title)}</title><link rel="stylesheet" href="/static/console.css">'
+            f'<script src="/static/console.js" defer></script></head><body>'
             f'<h1>{escape(title)}</h1>{note}<p id="action-result" class="muted"></p>'
             f"{body}</body></html>").encode()
 
@@ -111,7 +143,7 @@ def _jobs_table(jobs: list[dict[str, Any]], overlays: set[int]) -> str:
         picture = (f'<img class="overlay" alt="job {job["id"]} overlay" '
                    f'src="/jobs/{job["id"]}/overlay.png">' if job["id"] in overlays else "")
         retry = ("" if job["state"] == "running" else
-                 f'<button onclick="act(\'/api/jobs/{job["id"]}/retry\')">retry</button>')
+                 f'<button data-action="/api/jobs/{job["id"]}/retry">retry</button>')
         error = f'<div class="error">{_cell(job["error"])}</div>' if job["error"] else ""
         rows.append(
             f'<tr id="job-{job["id"]}" class="job"><td>job {job["id"]}</td>'
@@ -130,7 +162,7 @@ def _outbox_table(items: list[dict[str, Any]]) -> str:
     rows = []
     for item in items:
         resend = ("" if item["state"] in ("pending", "sending") else
-                  f'<button onclick="act(\'/api/outbox/{item["id"]}/resend\')">resend</button>')
+                  f'<button data-action="/api/outbox/{item["id"]}/resend">resend</button>')
         status = "" if item["last_status"] is None else f"0x{item['last_status']:04X} "
         rows.append(
             f'<tr id="item-{item["id"]}"><td>item {item["id"]}</td>'
@@ -177,7 +209,16 @@ def study_page(study: dict[str, Any], explanation: str, *, patient: str | None,
             f"{''.join(rows)}</table><h2>Rules</h2><pre>{escape(explanation)}</pre>")
     if rules:  # force completion: settle the series now and fire without waiting
         buttons = "".join(
-            f'<button onclick="act(\'/api/studies/{study["id"]}/rules/{quote(r)}/run\')">'
+            f'<button data-action="/api/studies/{study["id"]}/rules/{quote(r)}/run">'
             f"run {escape(r)} now</button> " for r in rules)
         body += f'<p id="run-now">{buttons}</p>'
     return _page(f"study {study['id']}", body, authenticated=authenticated)
+
+
+def login_page(message: str = "") -> bytes:
+    """The form that sets the console's cookie (the token never goes in a URL)."""
+    note = f'<p class="error">{escape(message)}</p>' if message else ""
+    body = (f'{note}<form method="post" action="/login">'
+            '<label>token <input type="password" name="token" autocomplete="current-password" '
+            'required></label> <button type="submit">log in</button></form>')
+    return _page("dicomnode: log in", body, authenticated=True)

@@ -12,8 +12,16 @@ Routes:
 
 Access: bound to a loopback address, anyone on the machine may read the pages, without
 patient identity; bound elsewhere, every route but ``/healthz`` needs the token. A request
-carrying the token (``Authorization: Bearer TOKEN``, the cookie ``dicomnode_token``, or
-``?token=TOKEN``, which sets the cookie) is authenticated and sees identity.
+carrying the token (``Authorization: Bearer TOKEN``, or the cookie ``dicomnode_token`` that
+the login form, ``POST /login``, sets) is authenticated and sees identity. The token never
+travels in a URL: a request with ``?token=`` is refused (400), and nothing logs it.
+
+Defences: a request whose ``Host`` is not localhost, a loopback address, ``web.host`` or
+one of ``web.allowed_hosts`` is refused (421; DNS rebinding); after
+``web.max_token_failures`` wrong tokens within ``web.lockout_seconds`` a client address is
+answered 429 until that time has passed; every answer carries a Content-Security-Policy
+(script and style only from ``/static/``), ``X-Frame-Options: DENY``,
+``X-Content-Type-Options: nosniff`` and ``Referrer-Policy: no-referrer``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import logging
 import os
 import re
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
 from http.cookies import SimpleCookie
@@ -106,6 +116,10 @@ class ConsoleServer:
         self.metrics = metrics
         self.token = console_token(config)
         self.open_reading = is_loopback(config.web.host)
+        self.allowed_hosts = {"localhost", "127.0.0.1", "::1", config.web.host.lower(),
+                              *(h.lower() for h in config.web.allowed_hosts)}
+        self._failures: dict[str, deque[float]] = {}
+        self._failures_lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -141,6 +155,38 @@ class ConsoleServer:
         return (self.token is not None and presented is not None
                 and hmac.compare_digest(presented.encode(), self.token.encode()))
 
+    def locked_out(self, client: str) -> bool:
+        """Whether ``client`` gave ``web.max_token_failures`` wrong tokens in the window."""
+        window = self.config.web.lockout_seconds
+        with self._failures_lock:
+            failures = self._failures.get(client)
+            if not failures:
+                return False
+            while failures and failures[0] < time.monotonic() - window:
+                failures.popleft()
+            return len(failures) >= self.config.web.max_token_failures
+
+    def failed(self, client: str) -> None:
+        """Count a wrong token from ``client``."""
+        with self._failures_lock:
+            if len(self._failures) > 10_000:  # bounded: forget the oldest addresses
+                self._failures.pop(next(iter(self._failures)))
+            failures = self._failures.setdefault(
+                client, deque(maxlen=self.config.web.max_token_failures))
+            failures.append(time.monotonic())
+        LOG.warning("console: wrong token from %s", client)
+
+    def host_allowed(self, header: str | None) -> bool:
+        """Whether a request's Host header names this console (DNS rebinding)."""
+        if not header:
+            return False
+        host = header.strip().lower()
+        if host.startswith("["):  # [::1]:8080
+            host = host[1:host.find("]")] if "]" in host else host
+        elif host.count(":") == 1:
+            host = host.rsplit(":", 1)[0]
+        return host in self.allowed_hosts
+
     def overlays(self) -> set[int]:
         root = self.config.storage.path / "jobs"
         if not root.is_dir():
@@ -170,30 +216,63 @@ _RUN_NOW = re.compile(r"^/api/studies/(\d+)/rules/([A-Za-z0-9._-]{1,64})/run$")
 _ITEM_RESEND = re.compile(r"^/api/outbox/(\d+)/resend$")
 _OVERLAY = re.compile(r"^/jobs/(\d+)/overlay\.png$")
 _STUDY = re.compile(r"^/studies/(\d+)$")
+_STATIC = {"/static/console.js": (pages.SCRIPT.encode(), "text/javascript; charset=utf-8"),
+           "/static/console.css": (pages.STYLE.encode(), "text/css; charset=utf-8")}
+_SECURITY_HEADERS = {
+    "Content-Security-Policy": pages.CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
     console: ConsoleServer
     server_version = "dicomnode"
-    _cookie: str | None = None  # Set-Cookie value when the token came in the query
+    _cookie: str | None = None  # Set-Cookie value after a login
 
     def log_message(self, format: str, *args: Any) -> None:
-        LOG.debug("console: " + format, *args)  # paths hold index keys only
+        # never the request line: its query could carry anything; paths hold index keys
+        LOG.debug("console: %s %s: %s", self.command, _path_of(getattr(self, "path", "")),
+                  _escape(format % args))
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        LOG.debug("console: %s %s -> %s", self.command, _path_of(self.path), code)
 
     # ------------------------------------------------------------ plumbing
 
-    def _token(self) -> tuple[str | None, bool]:
-        """The token presented, and whether it came in the query (to set the cookie)."""
+    def _client(self) -> str:
+        return str(self.client_address[0])
+
+    def _token(self) -> str | None:
+        """The token presented in the Authorization header or the cookie."""
         header = self.headers.get("Authorization", "")
         if header.startswith("Bearer "):
-            return header[7:].strip(), False
-        query = parse_qs(urlsplit(self.path).query).get("token")
-        if query:
-            return query[0], True
-        cookie = SimpleCookie(self.headers.get("Cookie", ""))
+            return header[7:].strip()
+        cookie = SimpleCookie()
+        try:
+            cookie.load(self.headers.get("Cookie", ""))
+        except Exception:
+            return None
         if _COOKIE in cookie:
-            return cookie[_COOKIE].value, False
-        return None, False
+            return cookie[_COOKIE].value
+        return None
+
+    def _guard(self) -> bool:
+        """Host header, token in the URL, lockout: False when the request was answered."""
+        if not self.console.host_allowed(self.headers.get("Host")):
+            self._text(HTTPStatus.MISDIRECTED_REQUEST,
+                       "this console does not answer to that host name (web.allowed_hosts)")
+            return False
+        if "token" in parse_qs(urlsplit(self.path).query):
+            self._text(HTTPStatus.BAD_REQUEST, "the token never goes in a URL: log in at "
+                       "/login or send Authorization: Bearer TOKEN")
+            return False
+        if self.console.locked_out(self._client()):
+            self._text(HTTPStatus.TOO_MANY_REQUESTS,
+                       "too many wrong tokens from this address; try again later")
+            return False
+        return True
 
     def _send(self, status: int, body: bytes, content_type: str,
               headers: dict[str, str] | None = None) -> None:
@@ -201,8 +280,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for key, value in (headers or {}).items():
+        for key, value in {**_SECURITY_HEADERS, **(headers or {})}.items():
             self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
@@ -216,13 +294,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _access(self) -> bool | None:
         """Authenticated (True), open reading (False), or refused (None, answered)."""
-        presented, from_query = self._token()
+        presented = self._token()
         console = self.console
         if console.authenticated(presented):
-            if from_query:
-                self._cookie = f"{_COOKIE}={presented}; HttpOnly; SameSite=Strict; Path=/"
             return True
         if presented is not None:
+            console.failed(self._client())
             self._text(HTTPStatus.UNAUTHORIZED, "wrong token")
             return None
         if console.open_reading:
@@ -243,6 +320,14 @@ class _Handler(BaseHTTPRequestHandler):
             if path == "/healthz":
                 self._json({"status": "ok" if console.healthy() else "error"})
                 return
+            if not self._guard():
+                return
+            if path in _STATIC:
+                self._send(200, *_STATIC[path])
+                return
+            if path == "/login":
+                self._send(200, pages.login_page(), "text/html; charset=utf-8")
+                return
             self._cookie = None
             auth = self._access()
             if auth is None:
@@ -261,7 +346,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/":
             studies = studies_report(console.index)
             self._html(pages.dashboard(
-                studies if auth else pages.redact_studies(studies), jobs_report(console.index),
+                studies if auth else pages.redact_studies(studies),
+                jobs_report(console.index) if auth else pages.redact_jobs(
+                    jobs_report(console.index)),
                 outbox_report(console.index) if auth else pages.redact_outbox(
                     outbox_report(console.index)),
                 overlays=console.overlays(), patients=console.patients() if auth else None,
@@ -278,7 +365,8 @@ class _Handler(BaseHTTPRequestHandler):
             report = studies_report(console.index)
             self._json(report if auth else pages.redact_studies(report))
         elif path == "/api/jobs":
-            self._json(jobs_report(console.index))
+            report = jobs_report(console.index)
+            self._json(report if auth else pages.redact_jobs(report))
         elif path == "/api/outbox":
             report = outbox_report(console.index)
             self._json(report if auth else pages.redact_outbox(report))
@@ -310,10 +398,36 @@ class _Handler(BaseHTTPRequestHandler):
         self._html(pages.study_page(data, explanation, patient=patient, authenticated=auth,
                                     rules=runnable))
 
+    def _login(self) -> None:
+        """``POST /login`` with the form field ``token``: sets the cookie, back to ``/``."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= 4096:
+            self._text(HTTPStatus.BAD_REQUEST, "a login form is small")
+            return
+        form = parse_qs(self.rfile.read(length).decode("utf-8", "replace"))
+        presented = (form.get("token") or [""])[0].strip()
+        if not self.console.authenticated(presented):
+            self.console.failed(self._client())
+            self._send(HTTPStatus.UNAUTHORIZED, pages.login_page("wrong token"),
+                       "text/html; charset=utf-8")
+            return
+        LOG.info("console: login from %s", self._client())
+        self._send(HTTPStatus.SEE_OTHER, b"", "text/plain; charset=utf-8", {
+            "Location": "/",
+            "Set-Cookie": f"{_COOKIE}={presented}; HttpOnly; SameSite=Strict; Path=/"})
+
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
         console = self.console
         self._cookie = None
+        if not self._guard():
+            return
+        if path == "/login":
+            self._login()
+            return
         auth = self._access()
         if auth is None:
             return
@@ -356,3 +470,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._text(200, f"item {item_id} queued again")
         else:
             self._text(HTTPStatus.NOT_FOUND, "not found")
+
+
+def _path_of(target: str) -> str:
+    """The path of a request target, without its query, escaped for a log line."""
+    return _escape(urlsplit(target).path)
+
+
+def _escape(text: str) -> str:
+    return text.encode("unicode_escape", "backslashreplace").decode("ascii")[:300]
