@@ -470,6 +470,15 @@ def cmd_models_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from dicomnode.inference.importers import importer_module
+
+    config = _config(args)
+    setup_logging(config.logging.level)
+    code: int = importer_module(args.import_kind).run(args, config.models_dir)
+    return code
+
+
 def cmd_models_run(args: argparse.Namespace) -> int:
     from dicomnode.inference.predict import InferenceError
     from dicomnode.inference.preprocess import PreprocessingError
@@ -626,6 +635,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "rtstruct.dcm (sr.dcm) and volumes.json")
     p.add_argument("--config", "-c", type=Path, default=None)
     p.set_defaults(func=cmd_models_run)
+    from dicomnode.inference.importers import IMPORTERS, importer_module
+
+    p = models_sub.add_parser(
+        "import", help="make a package from a trained model (needs dicomnode[import])")
+    kinds = p.add_subparsers(dest="import_kind", required=True)
+    for kind in IMPORTERS:
+        q = kinds.add_parser(kind, help=f"import a {kind} model")
+        q.add_argument("folder", type=Path, help="the trained model's folder")
+        q.add_argument("--name", required=True, help="the package name in models_dir")
+        q.add_argument("--config", "-c", type=Path, default=None)
+        importer_module(kind).add_arguments(q)
+        q.set_defaults(func=cmd_models_import)
     return parser
 
 

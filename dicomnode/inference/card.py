@@ -23,7 +23,7 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -339,6 +339,9 @@ class Card(_Spec):
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     outputs: OutputSpec
     measurements: tuple[Literal["volume_ml", "voxel_count"], ...] = ("volume_ml", "voxel_count")
+    # a framework profile (dicomnode.inference.profiles): the framework's own pre-processing,
+    # sliding windows and way back, with its parameters; validated by the profile's module
+    profile: dict[str, Any] | None = None
     package: Path = Field(Path("."), exclude=True)
 
     @field_validator("name")
@@ -358,6 +361,12 @@ class Card(_Spec):
             raise ValueError(f"input names must be distinct (got {names})")
         if "volume_ml" not in self.measurements:
             raise ValueError("measurements must include volume_ml")
+        if self.profile is not None:
+            from dicomnode.inference.profiles import profile_module
+
+            if not isinstance(self.profile.get("framework"), str):
+                raise ValueError("profile needs framework: the name of a framework profile")
+            profile_module(self.profile["framework"]).validate(self)
         return self
 
     @property

@@ -178,6 +178,11 @@ def segment(
         raise InferenceError(
             f"model {card.name} takes {len(card.inputs)} input(s), got {len(volumes)}"
         )
+    if card.profile is not None:  # the framework's own way (nnU-Net, MONAI)
+        from dicomnode.inference.profiles import segment_with_profile
+
+        return segment_with_profile(card, volumes, providers=providers,
+                                    intra_op_threads=intra_op_threads)
     started = time.perf_counter()
     timings = Timings()
     session = open_card_session(card, providers=providers, intra_op_threads=intra_op_threads)
