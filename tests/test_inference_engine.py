@@ -388,3 +388,30 @@ def test_antialias_gaussian_is_the_sampled_gaussian_of_scipy_and_skimage() -> No
     np.testing.assert_allclose(ours, expected, atol=1e-5)
     # Sigmas too small to matter are skipped.
     assert _smooth(image, np.array([0.2, 0.2, 0.2])) is image
+
+
+def test_pip_installed_cuda_libraries_are_preloaded_before_the_probe(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # CUDA and cuDNN from pip wheels (onnxruntime-gpu[cuda,cudnn]) load only after
+    # onnxruntime.preload_dlls(): the probe must call it before loading libraries by name
+    import ctypes
+
+    from dicomnode.inference import runtime
+
+    events: list[str] = []
+    monkeypatch.setattr(runtime, "_PRELOADED", [])
+    monkeypatch.setattr(runtime.ort, "preload_dlls", lambda: events.append("preload"),
+                        raising=False)
+    real_cdll = ctypes.CDLL
+
+    def probe(name: str, *args: object, **kwargs: object) -> object:
+        events.append(f"load {name}")
+        return real_cdll(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime.ctypes, "CDLL", probe)
+    runtime.choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    runtime.choose_providers(["CUDAExecutionProvider"])
+    if "CUDAExecutionProvider" not in runtime.ort.get_available_providers():
+        pytest.skip("this onnxruntime build has no CUDA provider to probe")
+    assert events[0] == "preload" and events.count("preload") == 1
+    assert any(e.startswith("load libcudart") for e in events[1:])

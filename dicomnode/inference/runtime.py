@@ -61,8 +61,30 @@ class ProviderChoice:
     skipped: tuple[tuple[str, str], ...]
 
 
+_PRELOADED: list[bool] = []
+
+
+def _preload_pip_libraries() -> None:
+    """Load CUDA, cuDNN (and the MSVC runtime on Windows) installed from pip wheels
+    (``onnxruntime-gpu[cuda,cudnn]``): they are not on the loader's path, so without this
+    the probe below, and the CUDA provider itself, would not find them. Once per process;
+    a machine without them loses nothing."""
+    if _PRELOADED:
+        return
+    _PRELOADED.append(True)
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime 1.21+
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # a broken wheel must not stop the CPU fallback
+        log.debug("onnxruntime.preload_dlls failed: %s", type(exc).__name__)
+
+
 def _missing_library(provider: str) -> str | None:
     table = _WINDOWS_LIBRARIES if sys.platform == "win32" else _LIBRARIES
+    if provider in table:
+        _preload_pip_libraries()
     for alternatives in table.get(provider, ()):
         for name in alternatives:
             try:
