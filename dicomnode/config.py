@@ -77,6 +77,15 @@ class NodeConfig(_Section):
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="seconds in-flight associations get to finish on SIGTERM"
     )
+    association_request_timeout_seconds: float = Field(
+        5.0, gt=0, le=300,
+        description="seconds from connecting until the association is accepted, in all")
+    maximum_associations_per_address: int = Field(
+        8, ge=1, le=1000, description="concurrent associations from one source address")
+    maximum_pending_connections: int = Field(
+        64, ge=1, le=1000, description="connections not (yet) associated, in all")
+    maximum_pending_connections_per_address: int = Field(
+        8, ge=1, le=1000, description="connections not (yet) associated, per source address")
 
 
 class PeerConfig(_Section):
@@ -201,6 +210,10 @@ class WebConfig(_Section):
     port: int = Field(8080, ge=0, le=65535, description="0 picks a free port")
     token_file: Path | None = None
     token_env: str = Field("DICOMNODE_WEB_TOKEN", min_length=1)
+    maximum_connections: int = Field(
+        32, ge=1, le=1000, description="open console connections; more are answered 503")
+    request_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="seconds a console connection may wait for the peer")
 
 
 class DeidConfig(_Section):
