@@ -91,6 +91,10 @@ STOP_JOIN_SECONDS = 2.0
 #: A connection closed before association keeps its (idle) thread until the request
 #: timeout; at most this many times ``maximum_pending_connections`` such threads.
 LINGERING_FACTOR = 4
+#: pynetdicom's DUL thread polls its socket, sleeping ``_run_loop_delay`` (1 ms) when
+#: idle: 50 idle connections would take most of a CPU core. Until its association is
+#: accepted, a connection's DUL sleeps this long instead (seconds); then pynetdicom's.
+PENDING_LOOP_DELAY = 0.02
 #: Connections closed at once are logged at most this often (seconds).
 REFUSAL_LOG_SECONDS = 10.0
 #: pynetdicom's own ``maximum_associations`` counts pending connections too: the guard
@@ -171,6 +175,7 @@ class Connection:
     deadline: float  # time.monotonic() by which a pending connection must be associated
     state: ConnectionState = ConnectionState.PENDING
     assoc: Association | None = None
+    loop_delay: float = 0.001  # pynetdicom's DUL loop delay, restored once associated
 
     @property
     def finished(self) -> bool:
@@ -263,6 +268,8 @@ class ConnectionGuard:
     def attach(self, conn: Connection, assoc: Association) -> None:
         with self._lock:
             conn.assoc = assoc
+            conn.loop_delay = assoc.dul._run_loop_delay
+            assoc.dul._run_loop_delay = max(PENDING_LOOP_DELAY, conn.loop_delay)
 
     def connection(self, assoc: Association) -> Connection | None:
         with self._lock:
@@ -290,6 +297,7 @@ class ConnectionGuard:
             conn.sock.settimeout(limits.network_timeout_seconds)
         except OSError:
             pass
+        assoc.dul._run_loop_delay = conn.loop_delay
         return None
 
     def end(self, assoc: Association) -> None:
@@ -413,6 +421,18 @@ class _GuardedSocket(AssociationSocket):
         return super().recv(nr_bytes)
 
 
+class _SharedContexts(list[Any]):
+    """The server's supported presentation contexts, copied shallowly for each connection.
+
+    pynetdicom deep-copies them for every new connection, before reading a byte: with
+    every storage SOP class and transfer syntax that is about 40 ms of CPU (holding the
+    GIL), so a burst of connections would slow every association. Negotiation only reads
+    them (``presentation.negotiate_as_acceptor`` makes new result contexts)."""
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> list[Any]:
+        return list(self)
+
+
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's request handler, binding the new association to its guarded connection."""
 
@@ -453,6 +473,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.guard = guard
         super().__init__(ae, address, ae_title, contexts, ssl_context,
                          evt_handlers=evt_handlers, request_handler=GuardedRequestHandler)
+        self.contexts = _SharedContexts(self.contexts)
         self.bind(evt.EVT_RELEASED, self._on_ended)
         self.bind(evt.EVT_ABORTED, self._on_ended)
         self.bind(evt.EVT_CONN_CLOSE, self._on_ended)
