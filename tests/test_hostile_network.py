@@ -148,7 +148,9 @@ def test_idle_trickling_and_malformed_connections_block_no_peer(
         assert not open_after, f"{len(open_after)} of 50 connections still open"
     assert _echo_seconds(before) < 1.0
     before.release()
-    assert "no association accepted within 2 s" in node.log()
+    log = node.log()
+    assert "connection(s) closed: " in log
+    assert "no association accepted within 2 s" in log or "no data for 2 s inside a PDU" in log
 
 
 def test_connections_beyond_the_pending_limits_are_closed_at_once(
@@ -269,8 +271,8 @@ def test_a_pdu_longer_than_the_announced_maximum_aborts_the_association(
         assert not assoc.is_established
     growth = _rss_bytes(node.proc.pid) - rss_before
     assert growth < 20 * 1024 * 1024, f"RSS grew by {growth / 2**20:.0f} MiB"
-    log = node.log()
-    assert "declared 16385 bytes, more than the 16384 allowed once associated" in log
+    # the first is logged at once (the next ones are summarised every 10 s)
+    assert "declared 4294967295 bytes, more than the 16384 allowed once associated" in node.log()
     # a sender that keeps to the announced maximum is served
     ok = _associate(ae, node.port)
     assert _echo_seconds(ok) < 1.0

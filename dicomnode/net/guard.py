@@ -35,8 +35,8 @@ handler and of its association socket:
 An association counts until it is released or aborted or its connection closes; a
 pending connection until it is associated or closed (checked every
 :data:`SWEEP_SECONDS`). Log lines name peers by
-address only; connections closed at once are logged at most once per
-:data:`REFUSAL_LOG_SECONDS`, with their number.
+address only; connections closed at once, timed out or aborted are logged at once the
+first time, then summarised at most once per :data:`REFUSAL_LOG_SECONDS`.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ LINGERING_FACTOR = 4
 #: idle: 50 idle connections would take most of a CPU core. Until its association is
 #: accepted, a connection's DUL sleeps this long instead (seconds); then pynetdicom's.
 PENDING_LOOP_DELAY = 0.02
-#: Connections closed at once are logged at most this often (seconds).
+#: Connections closed by the guard are summarised in the log at most this often (seconds).
 REFUSAL_LOG_SECONDS = 10.0
 #: pynetdicom's own ``maximum_associations`` counts pending connections too: the guard
 #: counts instead, so pynetdicom's limit is set out of reach.
@@ -184,28 +184,31 @@ class Connection:
             and not self.assoc.is_alive()
 
 
-class _RefusalLog:
-    """Counts connections closed at once; logs them at most once per period."""
+class _SummaryLog:
+    """Counts events per peer address and reason; logs the first at once, then at most one
+    summary line per ``period`` seconds (a flood of connections makes no flood of lines)."""
 
-    def __init__(self, period: float) -> None:
+    def __init__(self, what: str, period: float) -> None:
+        self.what = what
         self.period = period
         self._counts: Counter[str] = Counter()
         self._last = -period
         self._lock = threading.Lock()
 
-    def note(self, address: str, why: str) -> None:
+    def note(self, address: str, why: str, *, flush: bool = True) -> None:
         with self._lock:
             self._counts[f"{address} ({why})"] += 1
-        self.flush()
+        if flush:
+            self.flush()
 
-    def flush(self, *, force: bool = False) -> None:
+    def flush(self) -> None:
         with self._lock:
             now = time.monotonic()
-            if not self._counts or (not force and now - self._last < self.period):
+            if not self._counts or now - self._last < self.period:
                 return
             counts, self._counts = self._counts, Counter()
             self._last = now
-        LOG.warning("closed at once, over the limits on connections not yet associated: %s",
+        LOG.warning("%s: %s", self.what,
                     ", ".join(f"{n} from {key}" for key, n in sorted(counts.items())))
 
 
@@ -224,7 +227,10 @@ class ConnectionGuard:
         self.on_refused_connection = on_refused_connection
         self._lock = threading.Lock()
         self._connections: list[Connection] = []
-        self._refusals = _RefusalLog(REFUSAL_LOG_SECONDS)
+        self._refusals = _SummaryLog(
+            "closed at once, over the limits on connections not yet associated",
+            REFUSAL_LOG_SECONDS)
+        self._closures = _SummaryLog("connection(s) closed", REFUSAL_LOG_SECONDS)
         self.refused_connections = 0
         self.expired_connections = 0
         self.oversized_pdus = 0
@@ -344,10 +350,12 @@ class ConnectionGuard:
                     expired.append(conn)
             self.expired_connections += len(expired)
         for conn in expired:
-            LOG.warning("connection from %s closed: no association accepted within %g s",
-                        conn.address, self.limits.association_request_timeout_seconds)
+            self._closures.note(conn.address, f"no association accepted within "
+                                f"{self.limits.association_request_timeout_seconds:g} s",
+                                flush=False)
             _shut(conn.sock)
         self._refusals.flush()
+        self._closures.flush()
 
     def pending(self) -> list[Connection]:
         with self._lock:
@@ -373,6 +381,15 @@ class ConnectionGuard:
             _shut(conn.sock)
         return len(closing)
 
+    def timed_out(self, conn: Connection) -> None:
+        """A read inside a PDU timed out: close the connection."""
+        with self._lock:
+            if conn.state is ConnectionState.PENDING:
+                conn.state = ConnectionState.CLOSED
+        timeout = conn.sock.gettimeout()
+        self._closures.note(conn.address, f"no data for {timeout or 0:g} s inside a PDU")
+        _shut(conn.sock)
+
     def oversized(self, conn: Connection, declared: int, limit: int) -> None:
         """A PDU declared more than ``limit`` bytes: A-ABORT, then close the socket."""
         with self._lock:
@@ -380,9 +397,9 @@ class ConnectionGuard:
             associated = conn.state is ConnectionState.ASSOCIATED
             if conn.state is ConnectionState.PENDING:
                 conn.state = ConnectionState.CLOSED
-        LOG.warning("connection from %s aborted: a PDU declared %d bytes, more than the %d "
-                    "allowed %s", conn.address, declared, limit,
-                    "once associated" if associated else "before association")
+        self._closures.note(conn.address, f"aborted: a PDU declared {declared} bytes, more "
+                            f"than the {limit} allowed "
+                            f"{'once associated' if associated else 'before association'}")
         abort = A_ABORT_RQ()
         abort.source = _ABORT_SOURCE_PROVIDER
         abort.reason_diagnostic = _ABORT_INVALID_PDU_PARAMETER
@@ -407,7 +424,8 @@ class _GuardedSocket(AssociationSocket):
 
     pynetdicom's DUL reads a PDU as ``recv(6)`` (type and length) then
     ``recv(length)``: a read longer than the guard's limit is the body of an oversized
-    PDU. Returning nothing makes the DUL treat the connection as closed (Evt17).
+    PDU. Returning nothing makes the DUL treat the connection as closed (Evt17); so does
+    a read that times out (logged in one line here).
     """
 
     guard: ConnectionGuard
@@ -418,7 +436,11 @@ class _GuardedSocket(AssociationSocket):
         if nr_bytes > limit:
             self.guard.oversized(self.connection, nr_bytes, limit)
             return bytearray()
-        return super().recv(nr_bytes)
+        try:
+            return super().recv(nr_bytes)
+        except TimeoutError:  # one log line, not pynetdicom's traceback
+            self.guard.timed_out(self.connection)
+            return bytearray()
 
 
 class _SharedContexts(list[Any]):
