@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -24,6 +26,8 @@ from conftest import NodeFactory, RunningNode, write_model_card
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomnode.net.guard import ConnectionGuard, GuardLimits, start_guarded_server
 
 # an A-ASSOCIATE-RQ header (type 0x01) declaring a 200-byte body; bytes trickle after it
 _RQ_HEADER = b"\x01\x00" + (200).to_bytes(4, "big")
@@ -445,3 +449,48 @@ def test_kill_9_during_start_up_leaves_no_worker(node_factory: NodeFactory, tmp_
             except ProcessLookupError:
                 pass
 
+
+
+# ------------------------------------------------------------------ TLS (the guard alone)
+
+
+def test_a_silent_tls_peer_stalls_no_other_and_associations_outlive_the_deadline(
+        tmp_path: Path) -> None:
+    """pynetdicom's server runs the TLS handshake in its accept loop, without a timeout:
+    one peer that connects and sends nothing stalls every other. The guarded server runs
+    it in the connection's thread, within the request deadline. An association nobody
+    else admitted is admitted by the guard (it is not cut at the deadline)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+    ae = AE(ae_title="TLSSCP")
+    ae.add_supported_context(Verification)
+    limits = GuardLimits(association_request_timeout_seconds=1.5, network_timeout_seconds=10,
+                         maximum_pending_connections=8, maximum_pending_connections_per_address=4,
+                         maximum_associations=4, maximum_associations_per_address=4,
+                         maximum_pdu_length=16384)
+    server = start_guarded_server(ae, ("127.0.0.1", 0), guard=ConnectionGuard(limits),
+                                  evt_handlers=[], ssl_context=server_ctx)
+    port = int(server.server_address[1])
+    try:
+        with _closing([_connect(port, "127.0.0.2")]) as (silent,):
+            time.sleep(0.2)
+            start = time.monotonic()
+            assoc = _echo_ae("TLSSCU").associate("127.0.0.1", port, ae_title="TLSSCP",
+                                                 tls_args=(client_ctx, "127.0.0.1"))
+            assert assoc.is_established, "a silent TLS peer stalled the accept loop"
+            assert _echo_seconds(assoc) < 1.0
+            assert time.monotonic() - start < 2.0
+            assert _closed_by_peer(silent, 3.0), "the silent peer outlived the deadline"
+            time.sleep(1.0)  # past the association's own request deadline
+            assert _echo_seconds(assoc) < 1.0
+            assoc.release()
+    finally:
+        server.stop(0)

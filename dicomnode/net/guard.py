@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ASSOCIATE_RQ_MAX_LENGTH",
+    "LOCAL_LIMIT_EXCEEDED",
     "ConnectionGuard",
     "ConnectionState",
     "GuardLimits",
@@ -103,6 +104,9 @@ _PYNETDICOM_MAXIMUM_ASSOCIATIONS = 1_000_000
 #: The listen backlog: a burst of connections waits in it to be accepted (and refused).
 LISTEN_BACKLOG = 128
 
+#: A-ASSOCIATE-RJ result 2 (transient), source 3 (service provider, presentation related),
+#: reason 2 (local limit exceeded): the refusal of an association beyond a limit.
+LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
 # DUL states once an A-ABORT is sent: idle, or awaiting the peer's close
 _ABORTED = ("Sta1", "Sta13")
 #: How often the accept loop checks whether it is to stop (seconds).
@@ -496,6 +500,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         super().__init__(ae, address, ae_title, contexts, ssl_context,
                          evt_handlers=evt_handlers, request_handler=GuardedRequestHandler)
         self.contexts = _SharedContexts(self.contexts)
+        # after the caller's handlers: admits what they did not refuse nor admit themselves
+        self.bind(evt.EVT_REQUESTED, self._on_requested)
         self.bind(evt.EVT_RELEASED, self._on_ended)
         self.bind(evt.EVT_ABORTED, self._on_ended)
         self.bind(evt.EVT_CONN_CLOSE, self._on_ended)
@@ -503,6 +509,20 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self._sweeper = threading.Thread(target=self._sweep_forever, name="dicom-guard",
                                          daemon=True)
         self._sweeper.start()
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Count the association unless a handler bound before refused or admitted it
+        (the SCP admits after its access policy, to refuse in its own words)."""
+        assoc = event.assoc
+        conn = self.guard.connection(assoc)
+        if (assoc.is_rejected or assoc.is_aborted or conn is None
+                or conn.state is not ConnectionState.PENDING):
+            return
+        why = self.guard.admit(assoc)
+        if why is not None:
+            LOG.warning("association from %s refused: %s", conn.address, why)
+            assoc.acse.send_reject(*LOCAL_LIMIT_EXCEEDED)
+            assoc.kill()
 
     def _on_ended(self, event: evt.Event) -> None:
         self.guard.end(event.assoc)

@@ -25,6 +25,7 @@ from dicomnode.completion import AssociationActivity
 from dicomnode.config import NodeConfig
 from dicomnode.net.access import REFUSED_OTHER, REFUSED_TOO_MANY, AccessPolicy
 from dicomnode.net.guard import (
+    LOCAL_LIMIT_EXCEEDED,
     ConnectionGuard,
     GuardedAssociationServer,
     GuardLimits,
@@ -41,7 +42,6 @@ STATUS_PROCESSING_FAILURE = 0x0110
 
 # A-ASSOCIATE-RJ source 3 (service provider, presentation), reason 2: local limit exceeded
 _LOCAL_LIMIT_EXCEEDED = (0x03, 0x02)
-_RESULT_TRANSIENT = 0x02
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -137,7 +137,7 @@ class StorageSCP:
             return True
         self._refused(REFUSED_TOO_MANY)
         LOG.warning("association from %s refused: %s", address, why)
-        assoc.acse.send_reject(_RESULT_TRANSIENT, *_LOCAL_LIMIT_EXCEEDED)
+        assoc.acse.send_reject(*LOCAL_LIMIT_EXCEEDED)
         assoc.kill()
         return False
 
