@@ -48,7 +48,6 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -221,35 +220,22 @@ class ConnectionGuard:
 
     Args:
         limits: the limits to enforce.
-        on_refused_connection: called (from the accepting thread) with the address of
-            each connection closed at once; must be quick.
     """
 
-    def __init__(self, limits: GuardLimits, *,
-                 on_refused_connection: Callable[[str], None] | None = None) -> None:
+    def __init__(self, limits: GuardLimits) -> None:
         self.limits = limits
-        self.on_refused_connection = on_refused_connection
         self._lock = threading.Lock()
         self._connections: list[Connection] = []
         self._refusals = _SummaryLog(
             "closed at once, over the limits on connections not yet associated",
             REFUSAL_LOG_SECONDS)
         self._closures = _SummaryLog("connection(s) closed", REFUSAL_LOG_SECONDS)
-        self.refused_connections = 0
-        self.expired_connections = 0
-        self.oversized_pdus = 0
 
     # ---------------------------------------------------------------- counting
 
     def _count(self, state: ConnectionState, address: str | None = None) -> int:
         return sum(1 for c in self._connections
                    if c.state is state and (address is None or c.address == address))
-
-    def counts(self) -> dict[str, int]:
-        """How many connections are pending and how many associated, now."""
-        with self._lock:
-            return {"pending": self._count(ConnectionState.PENDING),
-                    "associated": self._count(ConnectionState.ASSOCIATED)}
 
     def open(self, address: str, sock: socket.socket) -> Connection | None:
         """Record a new connection from ``address``; None when it is over a limit (the
@@ -269,10 +255,7 @@ class ConnectionGuard:
                                   + limits.association_request_timeout_seconds)
                 self._connections.append(conn)
                 return conn
-            self.refused_connections += 1
         self._refusals.note(address, why)
-        if self.on_refused_connection is not None:
-            self.on_refused_connection(address)
         return None
 
     def attach(self, conn: Connection, assoc: Association) -> None:
@@ -330,7 +313,7 @@ class ConnectionGuard:
 
     def pdu_limit(self, conn: Connection) -> int:
         """What the next PDU on ``conn`` may declare (its variable field, bytes)."""
-        if conn.state is ConnectionState.ASSOCIATED:
+        if conn.state in (ConnectionState.ASSOCIATED, ConnectionState.ENDED):
             return self.limits.associated_pdu_length
         return ASSOCIATE_RQ_MAX_LENGTH
 
@@ -352,7 +335,6 @@ class ConnectionGuard:
                 if conn.state is ConnectionState.PENDING and now >= conn.deadline:
                     conn.state = ConnectionState.CLOSED
                     expired.append(conn)
-            self.expired_connections += len(expired)
         for conn in expired:
             self._closures.note(conn.address, f"no association accepted within "
                                 f"{self.limits.association_request_timeout_seconds:g} s",
@@ -360,10 +342,6 @@ class ConnectionGuard:
             _shut(conn.sock)
         self._refusals.flush()
         self._closures.flush()
-
-    def pending(self) -> list[Connection]:
-        with self._lock:
-            return [c for c in self._connections if c.state is ConnectionState.PENDING]
 
     def associated(self) -> list[Association]:
         with self._lock:
@@ -397,7 +375,6 @@ class ConnectionGuard:
     def oversized(self, conn: Connection, declared: int, limit: int) -> None:
         """A PDU declared more than ``limit`` bytes: A-ABORT, then close the socket."""
         with self._lock:
-            self.oversized_pdus += 1
             associated = conn.state is ConnectionState.ASSOCIATED
             if conn.state is ConnectionState.PENDING:
                 conn.state = ConnectionState.CLOSED
