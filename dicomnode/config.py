@@ -150,6 +150,15 @@ class NodeConfig(_Section):
         10.0, ge=0, description="seconds in-flight associations get to finish on SIGTERM"
     )
     tls: TlsConfig | None = Field(None, description="DICOM TLS for the SCP (null: plain TCP)")
+    association_request_timeout_seconds: float = Field(
+        5.0, gt=0, le=300,
+        description="seconds from connecting until the association is accepted, in all")
+    maximum_associations_per_address: int = Field(
+        8, ge=1, le=1000, description="concurrent associations from one source address")
+    maximum_pending_connections: int = Field(
+        64, ge=1, le=1000, description="connections not (yet) associated, in all")
+    maximum_pending_connections_per_address: int = Field(
+        8, ge=1, le=1000, description="connections not (yet) associated, per source address")
 
 
 class PeerConfig(_Section):
@@ -292,6 +301,10 @@ class WebConfig(_Section):
         10, ge=1, description="wrong tokens per client address before it is locked out")
     lockout_seconds: float = Field(
         300.0, gt=0, description="how long a locked-out address is answered 429")
+    maximum_connections: int = Field(
+        32, ge=1, le=1000, description="open console connections; more are answered 503")
+    request_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="seconds a console connection may wait for the peer")
 
 
 class DeidConfig(_Section):

@@ -22,7 +22,6 @@ import logging
 import multiprocessing
 import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from functools import partial
@@ -30,6 +29,7 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, select, update
 
+from dicomnode import parentwatch
 from dicomnode.config import Config
 from dicomnode.inference.card import load_card
 from dicomnode.inference.runtime import open_card_session
@@ -106,21 +106,13 @@ def run_claimed(config: Config, index: Index, job_id: int) -> Outcome:
 _WORKER: dict[str, Any] = {}
 
 
-def _watch_parent(parent: int) -> None:
-    """End this worker as soon as the node that spawned it is gone (``kill -9``): an orphan
-    would otherwise finish its job alongside the re-run the restarted node starts."""
-    while os.getppid() == parent:
-        time.sleep(0.2)
-    os._exit(1)
-
-
-def _init_worker(config_data: dict[str, Any]) -> None:
+def init_worker_process(config_data: dict[str, Any]) -> None:
+    """Set a worker process up (called by :func:`dicomnode.parentwatch.init_worker`, which
+    first ties the worker's life to the node's)."""
     config = Config.model_validate(config_data)
     setup_logging(config.logging.level)
     _WORKER["config"] = config
     _WORKER["index"] = open_index(config.db_url)
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch",
-                     daemon=True).start()
 
 
 def _work(job_id: int) -> Outcome:
@@ -184,8 +176,9 @@ class JobRunner:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.config.pipeline.workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(self.config.model_dump(mode="json"),))
+                # a module that imports nothing heavy: the worker checks its parent first
+                initializer=parentwatch.init_worker,
+                initargs=(os.getpid(), self.config.model_dump(mode="json")))
         return self._pool
 
     def dispatch(self) -> list[int]:

@@ -214,7 +214,8 @@ def test_delivers_to_storescp_and_lists_items(tmp_path: Path, small_ct: list[Pat
     assert listed.returncode == 0, listed.stderr
     report_json = json.loads(listed.stdout)
     assert report_json["schema"] == 1
-    assert report_json["counts"] == {"pending": 0, "sending": 0, "sent": 4, "failed": 0}
+    assert report_json["counts"] == {"pending": 0, "sending": 0, "sent": 4, "failed": 0,
+                                      "cancelled": 0}
     for item, path in zip(report_json["items"], files, strict=True):
         assert item["state"] == "sent"
         assert item["destination"] == "archive"

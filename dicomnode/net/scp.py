@@ -12,19 +12,25 @@ from __future__ import annotations
 import logging
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from typing import cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.completion import AssociationActivity
 from dicomnode.config import NodeConfig
 from dicomnode.net.access import REFUSED_OTHER, REFUSED_TOO_MANY, AccessPolicy
+from dicomnode.net.guard import (
+    LOCAL_LIMIT_EXCEEDED,
+    ConnectionGuard,
+    GuardedAssociationServer,
+    GuardLimits,
+    start_guarded_server,
+)
 from dicomnode.net.sockets import set_nodelay
 from dicomnode.net.tls import server_context
 from dicomnode.store.ingest import InstanceStore, StoreFailure
@@ -69,7 +75,9 @@ class StorageSCP:
         self.policy = policy
         self.activity = activity
         self.on_refused = on_refused
-        self.server: ThreadedAssociationServer | None = None
+        self.server: GuardedAssociationServer | None = None
+        # connections not yet associated, associations per address, PDU lengths, timeouts
+        self.guard = ConnectionGuard(GuardLimits.from_config(node))
         self.counters: dict[str, int] = {"stored": 0, "duplicate": 0, "replaced": 0,
                                          "failed": 0, "refused": 0}
         self._counter_lock = threading.Lock()
@@ -119,7 +127,20 @@ class StorageSCP:
             assoc.acse.send_reject(0x01, 0x01, refusal.diagnostic)
             assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the DUL is idle
             return
+        if not self._admit(assoc, address):
+            return
         LOG.info("association from peer %s (%s) accepted", peer, address)
+
+    def _admit(self, assoc: Association, address: str) -> bool:
+        """Count the association against the limits, or refuse it (local limit exceeded)."""
+        why = self.guard.admit(assoc)
+        if why is None:
+            return True
+        self._refused(REFUSED_TOO_MANY)
+        LOG.warning("association from %s refused: %s", address, why)
+        assoc.acse.send_reject(*LOCAL_LIMIT_EXCEEDED)
+        assoc.kill()
+        return False
 
     def _on_rejected(self, event: evt.Event) -> None:
         # pynetdicom's own rejections, after the policy accepted (ours send no EVT_REJECTED)
@@ -185,9 +206,9 @@ class StorageSCP:
         tempfile.tempdir = str(self.store.files.tmp)
         tls = None if self.node.tls is None else server_context(
             self.node.tls, handshake_timeout=self.node.network_timeout_seconds)
-        self.server = self.ae.start_server(
-            (self.node.host, self.node.port), block=False, evt_handlers=self.handlers,
-            ssl_context=tls)
+        self.server = start_guarded_server(
+            self.ae, (self.node.host, self.node.port), guard=self.guard,
+            evt_handlers=self.handlers, ssl_context=tls)
         LOG.info("listening as %s on %s:%d%s", self.node.ae_title, self.node.host, self.node.port,
                  "" if tls is None else " (DICOM TLS)")
 
@@ -199,21 +220,11 @@ class StorageSCP:
         return int(self.server.server_address[1])
 
     def stop(self, grace_seconds: float) -> None:
-        """Stop accepting, let open associations finish for ``grace_seconds``, abort the rest."""
+        """Stop accepting, close connections not yet associated, let associations finish
+        for ``grace_seconds``, abort the rest; returns within a few seconds of that."""
         server = self.server
         if server is None:
             return
-        server.shutdown()
-        deadline = time.monotonic() + grace_seconds
-        while server.active_associations and time.monotonic() < deadline:
-            time.sleep(0.05)
-        remaining = server.active_associations
-        if remaining:
-            LOG.warning("aborting %d association(s) still open after %.0f s",
-                        len(remaining), grace_seconds)
-            for assoc in remaining:
-                assoc.abort()
-            for assoc in remaining:
-                assoc.join(timeout=5)
+        server.stop(grace_seconds)
         self.server = None
         LOG.info("stopped listening")

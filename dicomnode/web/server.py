@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
 from http.cookies import SimpleCookie
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -55,6 +55,7 @@ from dicomnode.store.db import Index
 from dicomnode.store.queries import studies_report
 from dicomnode.store.tables import Patient, Study
 from dicomnode.web import pages
+from dicomnode.web.httpd import BoundedHTTPServer
 from dicomnode.worker import jobs_report, reset
 
 __all__ = ["ConsoleServer", "console_token", "is_loopback"]
@@ -120,7 +121,7 @@ class ConsoleServer:
                               *(h.lower() for h in config.web.allowed_hosts)}
         self._failures: dict[str, deque[float]] = {}
         self._failures_lock = threading.Lock()
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: BoundedHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -129,10 +130,13 @@ class ConsoleServer:
         return int(self._httpd.server_address[1])
 
     def start(self) -> None:
-        handler = type("Handler", (_Handler,), {"console": self})
         web = self.config.web
+        # timeout: each read and write of a connection (an idle one is closed after it)
+        handler = type("Handler", (_Handler,), {"console": self,
+                                                "timeout": web.request_timeout_seconds})
         try:
-            self._httpd = ThreadingHTTPServer((web.host, web.port), handler)
+            self._httpd = BoundedHTTPServer((web.host, web.port), handler,
+                                            maximum_connections=web.maximum_connections)
         except OSError as exc:
             raise ConfigError(f"web: cannot serve the console on {web.host}:{web.port}: "
                               f"{exc.strerror} (set web.port, or web.enabled: false)") from None
