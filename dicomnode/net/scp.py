@@ -17,16 +17,18 @@ from collections.abc import Callable
 from typing import cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.completion import AssociationActivity
 from dicomnode.config import NodeConfig
-from dicomnode.net.access import REFUSED_OTHER, REFUSED_TOO_MANY, AccessPolicy
+from dicomnode.net.access import REFUSED_OTHER, REFUSED_TOO_MANY, AccessPolicy, printable
+from dicomnode.net.contexts import storage_sop_classes, transfer_syntaxes
+from dicomnode.net.receive import ReceiveFiles
 from dicomnode.net.sockets import set_nodelay
-from dicomnode.store.ingest import InstanceStore, StoreFailure
+from dicomnode.store.ingest import STATUS_OUT_OF_RESOURCES, InstanceStore, StoreFailure
 
 __all__ = ["StorageSCP"]
 
@@ -72,6 +74,7 @@ class StorageSCP:
         self.counters: dict[str, int] = {"stored": 0, "duplicate": 0, "replaced": 0,
                                          "failed": 0, "refused": 0}
         self._counter_lock = threading.Lock()
+        self.receive = ReceiveFiles(store.files.tmp, store.min_free_bytes)
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -81,10 +84,12 @@ class StorageSCP:
         ae.network_timeout = self.node.network_timeout_seconds
         ae.acse_timeout = self.node.network_timeout_seconds
         ae.dimse_timeout = self.node.network_timeout_seconds
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax is not None:
-                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        # Explicit VR Little Endian first: pynetdicom accepts the first of *our* syntaxes
+        # that the requestor proposed (see dicomnode.net.contexts)
+        syntaxes = list(transfer_syntaxes())
+        ae.add_supported_context(Verification, syntaxes)
+        for uid in storage_sop_classes():
+            ae.add_supported_context(uid, syntaxes)
         return ae
 
     def _count(self, key: str) -> None:
@@ -114,11 +119,11 @@ class StorageSCP:
                                           address)
         if refusal is not None:
             self._refused(refusal.kind)
-            LOG.warning("association from %s refused: %s", address, refusal.reason)
+            LOG.warning("association from %s refused: %s", printable(address), refusal.reason)
             assoc.acse.send_reject(0x01, 0x01, refusal.diagnostic)
             assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the DUL is idle
             return
-        LOG.info("association from peer %s (%s) accepted", peer, address)
+        LOG.info("association from peer %s (%s) accepted", peer, printable(address))
 
     def _on_rejected(self, event: evt.Event) -> None:
         # pynetdicom's own rejections, after the policy accepted (ours send no EVT_REJECTED)
@@ -126,11 +131,12 @@ class StorageSCP:
         source_reason = (None, None) if rj is None else (rj.result_source, rj.diagnostic)
         if source_reason == _LOCAL_LIMIT_EXCEEDED:
             LOG.warning("association from %s refused: already %d association(s) open",
-                        event.assoc.requestor.address, self.node.maximum_associations)
+                        printable(event.assoc.requestor.address),
+                        self.node.maximum_associations)
             self._refused(REFUSED_TOO_MANY)
         else:
             LOG.warning("association from %s refused by the DICOM layer",
-                        event.assoc.requestor.address)
+                        printable(event.assoc.requestor.address))
             self._refused(REFUSED_OTHER)
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -138,8 +144,15 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         assoc = event.assoc
+        calling = printable(assoc.requestor.ae_title)
+        path = event.dataset_path
+        received = self.receive.claim(path)
+        if received is not None and received.refused is not None:
+            self._count("failed")
+            LOG.warning("C-STORE from %s refused with 0x%04X: %s", calling,
+                        STATUS_OUT_OF_RESOURCES, received.refused)
+            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: disk reserve")
         try:
-            path = event.dataset_path
             result = self.store.ingest(
                 path,
                 calling_ae_title=str(assoc.requestor.ae_title),
@@ -148,18 +161,24 @@ class StorageSCP:
             )
         except StoreFailure as exc:
             self._count("failed")
-            LOG.warning("C-STORE from %s refused with 0x%04X: %s",
-                        assoc.requestor.ae_title, exc.status, exc)
+            LOG.warning("C-STORE from %s refused with 0x%04X: %s", calling, exc.status, exc)
             return _status(exc.status, str(exc))
         except Exception as exc:
             self._count("failed")
             LOG.exception("C-STORE failed unexpectedly: %s", type(exc).__name__)
             return _status(STATUS_PROCESSING_FAILURE, "internal error while storing")
+        finally:
+            if received is not None:
+                received.discard()  # gone already when stored (moved into the store)
         self.activity.touch(id(assoc), result.study_pk)
         self._count(result.outcome)
         return 0x0000
 
     def _on_closed(self, event: evt.Event) -> None:
+        # the temporary files of transfers this association left unfinished go at once
+        removed = self.receive.discard_unclaimed(event.assoc.dul)
+        if removed:
+            LOG.info("removed %d unfinished transfer(s) of a closed association", removed)
         self.activity.close(id(event.assoc))
 
     @property
@@ -182,6 +201,7 @@ class StorageSCP:
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False
         tempfile.tempdir = str(self.store.files.tmp)
+        self.receive.install()
         self.server = self.ae.start_server(
             (self.node.host, self.node.port), block=False, evt_handlers=self.handlers)
         LOG.info("listening as %s on %s:%d", self.node.ae_title, self.node.host, self.node.port)

@@ -8,6 +8,7 @@ Per-frame or Shared Functional Groups.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,9 @@ class InstanceHeader:
     instance: dict[str, Any] = field(default_factory=dict)
 
 
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+def _text(ds: Dataset, keyword: str, limit: int | None = 64) -> str | None:
+    """A descriptive text value, stripped and cut to ``limit`` characters (None: whole);
+    identifiers go through :func:`_uid` or :func:`_identifier`, which never cut."""
     try:
         value = ds.get(keyword)
     except Exception:
@@ -62,7 +65,44 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
     if value is None or value == "":
         return None
     text = str(value).strip().rstrip("\x00")
-    return text[:limit] if text else None
+    if not text:
+        return None
+    return text if limit is None else text[:limit]
+
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+STATUS_MISSING_UID = 0xC002
+STATUS_INVALID_IDENTIFIER = 0xC003
+#: identifiers the index keeps: refused when longer than their VR allows (never truncated,
+#: which would merge different patients, studies or series)
+_IDENTIFIER_LIMITS = {"PatientID": 64, "IssuerOfPatientID": 64, "AccessionNumber": 16,
+                      "StudyID": 16, "FrameOfReferenceUID": 64}
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    """A UID the index keys on: whole, at most 64 characters of digits and dots.
+
+    Raises:
+        HeaderError: 0xC003 when it is longer than 64 characters or not a valid UID.
+    """
+    text = _text(ds, keyword, limit=None) or ""
+    if len(text) > 64:
+        raise HeaderError(f"{keyword} is longer than 64 characters",
+                          STATUS_INVALID_IDENTIFIER)
+    if not _UID.match(text):
+        raise HeaderError(f"{keyword} is not a valid UID (digits and dots)",
+                          STATUS_INVALID_IDENTIFIER)
+    return text
+
+
+def _identifier(ds: Dataset, keyword: str) -> str | None:
+    """An identifier the index keeps, refused (0xC003) rather than truncated."""
+    text = _text(ds, keyword, limit=None)
+    limit = _IDENTIFIER_LIMITS[keyword]
+    if text is not None and len(text) > limit:
+        raise HeaderError(f"{keyword} is longer than {limit} characters",
+                          STATUS_INVALID_IDENTIFIER)
+    return text
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
@@ -150,7 +190,10 @@ def read_header(path: Path) -> InstanceHeader:
 
     Raises:
         HeaderError: status 0xC001 when the dataset cannot be parsed, 0xC002
-            when Study, Series or SOP Instance UID is missing.
+            when Study, Series or SOP Instance UID is missing, 0xC003 when one of them
+            (or SOPClassUID, FrameOfReferenceUID) is not a valid UID of at most 64
+            characters, or PatientID, IssuerOfPatientID, AccessionNumber or StudyID is
+            longer than its VR allows.
     """
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
@@ -164,7 +207,10 @@ def read_header(path: Path) -> InstanceHeader:
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                            "SOPClassUID") if not _text(ds, k)]
     if missing:
-        raise HeaderError(f"dataset lacks {', '.join(missing)}", 0xC002)
+        raise HeaderError(f"dataset lacks {', '.join(missing)}", STATUS_MISSING_UID)
+    uids = {k: _uid(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                     "SOPInstanceUID", "SOPClassUID")}
+    identifiers = {k: _identifier(ds, k) for k in _IDENTIFIER_LIMITS}
 
     number_of_frames = _int(ds, "NumberOfFrames") or 1
     instance: dict[str, Any] = {
@@ -176,7 +222,7 @@ def read_header(path: Path) -> InstanceHeader:
         "slice_thickness": _float(ds, "SliceThickness"),
         "image_position_patient": _floats(ds, "ImagePositionPatient", 3),
         "image_orientation_patient": _floats(ds, "ImageOrientationPatient", 6),
-        "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
+        "frame_of_reference_uid": identifiers["FrameOfReferenceUID"],
         "number_of_frames": number_of_frames,
         "frame_positions": None,
     }
@@ -187,14 +233,14 @@ def read_header(path: Path) -> InstanceHeader:
             if instance.get(key) is None:
                 instance[key] = value
     return InstanceHeader(
-        sop_class_uid=str(_text(ds, "SOPClassUID")),
-        sop_instance_uid=str(_text(ds, "SOPInstanceUID")),
-        study_instance_uid=str(_text(ds, "StudyInstanceUID")),
-        series_instance_uid=str(_text(ds, "SeriesInstanceUID")),
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
         transfer_syntax_uid=transfer_syntax,
         patient={
-            "patient_id": _text(ds, "PatientID") or "",
-            "issuer_of_patient_id": _text(ds, "IssuerOfPatientID") or "",
+            "patient_id": identifiers["PatientID"] or "",
+            "issuer_of_patient_id": identifiers["IssuerOfPatientID"] or "",
             "patient_name": _text(ds, "PatientName", 324),
             "patient_birth_date": _text(ds, "PatientBirthDate", 8),
             "patient_sex": _text(ds, "PatientSex", 16),
@@ -202,8 +248,8 @@ def read_header(path: Path) -> InstanceHeader:
         study={
             "study_date": _text(ds, "StudyDate", 8),
             "study_time": _text(ds, "StudyTime", 16),
-            "accession_number": _text(ds, "AccessionNumber", 16),
-            "study_id": _text(ds, "StudyID", 16),
+            "accession_number": identifiers["AccessionNumber"],
+            "study_id": identifiers["StudyID"],
             "study_description": _text(ds, "StudyDescription"),
         },
         series={
@@ -211,7 +257,7 @@ def read_header(path: Path) -> InstanceHeader:
             "series_description": _text(ds, "SeriesDescription"),
             "series_number": _int(ds, "SeriesNumber"),
             "body_part_examined": _text(ds, "BodyPartExamined", 16),
-            "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
+            "frame_of_reference_uid": identifiers["FrameOfReferenceUID"],
         },
         instance=instance,
     )
