@@ -28,6 +28,7 @@ _KEYWORDS = (
     "FrameOfReferenceUID", "InstanceNumber", "ImageType", "Rows", "Columns",
     "PixelSpacing", "SliceThickness", "ImagePositionPatient", "ImageOrientationPatient",
     "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+    "GridFrameOffsetVector",
 )
 _TAGS = [Tag(k) for k in _KEYWORDS]
 
@@ -166,13 +167,16 @@ def _frame_geometry(ds: Dataset) -> tuple[list[list[float]] | None, dict[str, An
         extra["pixel_spacing"] = _floats(measures, "PixelSpacing", 2)
         extra["slice_thickness"] = _float(measures, "SliceThickness")
     positions: list[list[float]] = []
+    shared_orientation = orientation is not None
     if per_frame:
         for frame in per_frame:
             pos = _floats(first_item(frame, "PlanePositionSequence") or Dataset(),
                           "ImagePositionPatient", 3)
+            own = None if shared_orientation else _floats(
+                first_item(frame, "PlaneOrientationSequence") or Dataset(),
+                "ImageOrientationPatient", 6)
             if orientation is None:
-                orientation = _floats(first_item(frame, "PlaneOrientationSequence") or Dataset(),
-                                      "ImageOrientationPatient", 6)
+                orientation = own
             if measures is None and "pixel_spacing" not in extra:
                 pm = first_item(frame, "PixelMeasuresSequence")
                 if pm is not None:
@@ -180,9 +184,35 @@ def _frame_geometry(ds: Dataset) -> tuple[list[list[float]] | None, dict[str, An
                     extra["slice_thickness"] = _float(pm, "SliceThickness")
             if pos is None:
                 return None, extra
-            positions.append(pos)
+            # a frame with its own orientation keeps it: position + orientation (9 numbers)
+            positions.append(pos + own if own is not None and own != orientation else pos)
     extra["image_orientation_patient"] = orientation
     return (positions or None), extra
+
+
+def _grid_positions(ds: Dataset, frames: int) -> list[list[float]] | None:
+    """Frame positions of an RT Dose grid (PS3.3 C.8.8.3.2): GridFrameOffsetVector gives
+    each frame's offset along the normal of ImageOrientationPatient, relative to
+    ImagePositionPatient when its first value is 0, otherwise (axial grids only) the
+    frames' z coordinates. None when the vector does not give one offset per frame."""
+    offsets = _floats(ds, "GridFrameOffsetVector", frames)
+    origin = _floats(ds, "ImagePositionPatient", 3)
+    iop = _floats(ds, "ImageOrientationPatient", 6)
+    if offsets is None or origin is None or iop is None:
+        return None
+    row, col = iop[:3], iop[3:]
+    normal = [row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2],
+              row[0] * col[1] - row[1] * col[0]]
+    length = sum(c * c for c in normal) ** 0.5
+    if length < 1e-6:
+        return None
+    normal = [c / length for c in normal]
+    if offsets[0] != 0.0:
+        if [round(v, 6) for v in iop] != [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]:
+            return None
+        base = sum(o * n for o, n in zip(origin, normal, strict=True))
+        offsets = [z - base for z in offsets]
+    return [[o + d * n for o, n in zip(origin, normal, strict=True)] for d in offsets]
 
 
 def read_header(path: Path) -> InstanceHeader:
@@ -232,6 +262,8 @@ def read_header(path: Path) -> InstanceHeader:
         for key, value in extra.items():
             if instance.get(key) is None:
                 instance[key] = value
+    elif number_of_frames > 1 and "GridFrameOffsetVector" in ds:
+        instance["frame_positions"] = _grid_positions(ds, number_of_frames)
     return InstanceHeader(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
