@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ __all__ = [
     "REFUSED_OTHER",
     "REFUSED_TOO_MANY",
     "AccessPolicy",
+    "EscapeControlCharacters",
     "Refusal",
     "printable",
+    "raw_ae_title_problem",
 ]
 
 # A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4), source 1 = service user, result 1 = permanent
@@ -64,6 +67,39 @@ def _valid_ae_title(value: str) -> bool:
     """PS3.5 AE: at most 16 characters of printable ASCII (no control character, no
     backslash), not only spaces."""
     return 0 < len(value) <= 16 and bool(value.strip()) and set(value) <= _AE_CHARACTERS
+
+
+def raw_ae_title_problem(raw: bytes) -> str | None:
+    """Why a 16-byte AE title field of an A-ASSOCIATE-RQ is not a valid AE title, or None.
+
+    Only spaces are non-significant padding (PS3.8 9.3.2; trailing NULs are tolerated
+    too): a tab or line break at either end is refused, where pynetdicom would strip it.
+    """
+    value = raw.lstrip(b" ").rstrip(b" \x00")
+    if not value:
+        return "empty"
+    if any(b < 0x20 or b > 0x7E or b == 0x5C for b in value):
+        return "control, non-ASCII or backslash characters"
+    return None
+
+
+class EscapeControlCharacters(logging.Filter):
+    """Escapes each record of a logger whose messages may quote peer data (pynetdicom's):
+    the message is replaced by its :func:`printable` form (no line break, no control
+    character), and an exception by one escaped line (type and message), as its
+    traceback would quote the same data."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            message = f"{message} ({type(exc).__name__}: {exc})"
+            record.exc_info = None
+            record.exc_text = None
+        escaped = printable(message, limit=2000)[1:]
+        record.msg = escaped[:-1] if escaped.endswith("'") else escaped
+        record.args = None
+        return True
 
 
 @lru_cache(maxsize=256)

@@ -24,7 +24,18 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.completion import AssociationActivity
 from dicomnode.config import NodeConfig
-from dicomnode.net.access import REFUSED_OTHER, REFUSED_TOO_MANY, AccessPolicy, printable
+from dicomnode.net.access import (
+    CALLED_AE_NOT_RECOGNIZED,
+    CALLING_AE_NOT_RECOGNIZED,
+    REFUSED_CALLED_AE,
+    REFUSED_CALLING_AE,
+    REFUSED_OTHER,
+    REFUSED_TOO_MANY,
+    AccessPolicy,
+    EscapeControlCharacters,
+    printable,
+    raw_ae_title_problem,
+)
 from dicomnode.net.contexts import storage_sop_classes, transfer_syntaxes
 from dicomnode.net.receive import ReceiveFiles
 from dicomnode.net.sockets import set_nodelay
@@ -38,6 +49,11 @@ STATUS_PROCESSING_FAILURE = 0x0110
 
 # A-ASSOCIATE-RJ source 3 (service provider, presentation), reason 2: local limit exceeded
 _LOCAL_LIMIT_EXCEEDED = (0x03, 0x02)
+
+
+def _any_ae_title(value: str) -> tuple[bool, str]:
+    """pynetdicom AE validator that lets every title through to the access policy."""
+    return True, ""
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -75,6 +91,9 @@ class StorageSCP:
                                          "failed": 0, "refused": 0}
         self._counter_lock = threading.Lock()
         self.receive = ReceiveFiles(store.files.tmp, store.min_free_bytes)
+        # the AE title fields of each A-ASSOCIATE-RQ as received, before pynetdicom strips
+        # them (by association id; taken by _on_requested)
+        self._raw_titles: dict[int, tuple[bytes, bytes]] = {}
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -109,11 +128,40 @@ class StorageSCP:
     def _on_conn_open(self, event: evt.Event) -> None:
         set_nodelay(event.assoc)
 
+    def _on_data(self, event: evt.Event) -> None:
+        data = event.data
+        if data[:1] == b"\x01" and len(data) >= 42:  # A-ASSOCIATE-RQ: keep the raw titles
+            with self._counter_lock:
+                self._raw_titles[id(event.assoc)] = (bytes(data[10:26]), bytes(data[26:42]))
+
+    def _raw_title_refusal(self, assoc_id: int) -> tuple[str, int, str] | None:
+        with self._counter_lock:
+            raw = self._raw_titles.pop(assoc_id, None)
+        if raw is None:
+            return None
+        for which, field, diagnostic, kind in (
+                ("called", raw[0], CALLED_AE_NOT_RECOGNIZED, REFUSED_CALLED_AE),
+                ("calling", raw[1], CALLING_AE_NOT_RECOGNIZED, REFUSED_CALLING_AE)):
+            problem = raw_ae_title_problem(field)
+            if problem is not None:
+                shown = printable(field.decode("latin-1").strip(" "))
+                return (f"{which} AE title {shown} is not a "
+                        f"valid AE title ({problem})", diagnostic, kind)
+        return None
+
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         rq = assoc.requestor.primitive
         address = str(assoc.requestor.address)
+        raw_refusal = self._raw_title_refusal(id(assoc))
         if rq is None:
+            return
+        if raw_refusal is not None:
+            reason, diagnostic, kind = raw_refusal
+            self._refused(kind)
+            LOG.warning("association from %s refused: %s", printable(address), reason)
+            assoc.acse.send_reject(0x01, 0x01, diagnostic)
+            assoc.kill()
             return
         peer, refusal = self.policy.check(str(rq.calling_ae_title), str(rq.called_ae_title),
                                           address)
@@ -175,6 +223,8 @@ class StorageSCP:
         return 0x0000
 
     def _on_closed(self, event: evt.Event) -> None:
+        with self._counter_lock:
+            self._raw_titles.pop(id(event.assoc), None)
         # the temporary files of transfers this association left unfinished go at once
         removed = self.receive.discard_unclaimed(event.assoc.dul)
         if removed:
@@ -185,6 +235,7 @@ class StorageSCP:
     def handlers(self) -> list[evt.EventHandlerType]:
         return [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_DATA_RECV, self._on_data),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -202,6 +253,15 @@ class StorageSCP:
         _config.LOG_REQUEST_IDENTIFIERS = False
         tempfile.tempdir = str(self.store.files.tmp)
         self.receive.install()
+        # decode every AE title, so the access policy refuses a bad one with an
+        # A-ASSOCIATE-RJ (pynetdicom would abort, logging it raw); escape pynetdicom's logs
+        _config.VALIDATORS["AE"] = _any_ae_title
+        names = ["pynetdicom"] + [n for n in logging.Logger.manager.loggerDict
+                                  if n.startswith("pynetdicom.")]
+        for name in names:  # a logger's filters do not apply to its children's records
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, EscapeControlCharacters) for f in logger.filters):
+                logger.addFilter(EscapeControlCharacters())
         self.server = self.ae.start_server(
             (self.node.host, self.node.port), block=False, evt_handlers=self.handlers)
         LOG.info("listening as %s on %s:%d", self.node.ae_title, self.node.host, self.node.port)

@@ -374,8 +374,8 @@ def _inflate(fp: BinaryIO, out: BinaryIO, *, max_inflated_bytes: int,
                 if on_write is not None:
                     on_write(len(data))
                 out.write(data)
-            if not inflater.unconsumed_tail:
-                break
+            if inflater.eof or not inflater.unconsumed_tail:
+                break  # after the end of the stream, only padding is left
             try:
                 data = inflater.decompress(inflater.unconsumed_tail, _CHUNK)
             except zlib.error:
