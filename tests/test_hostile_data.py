@@ -669,6 +669,8 @@ def test_disk_reserve_holds_while_streaming_and_partial_file_is_removed(
         done.set()
         watcher.join()
     assert statuses == [0xA700]
+    print(f"lowest free space while streaming 40 MiB: {lowest[0] / 2**20:.1f} MiB "
+          f"(reserve {reserve / 2**20:.0f} MiB)")
     # never more than one PDU (1 MiB) below the reserve
     assert lowest[0] >= reserve - (1 << 20), f"free space fell to {lowest[0]} bytes"
     assert not any((node.store / "tmp").iterdir())
