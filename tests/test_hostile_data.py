@@ -27,6 +27,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import NodeFactory, RunningNode, storescu, wait_until
+from orthanc import OrthancServer, requires_orthanc
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config, build_context
@@ -606,6 +607,27 @@ def test_retired_sop_classes_and_retired_jpeg_syntaxes_are_accepted(
     node = node_factory()
     assert send_files(node.port, [paths[v.name] for v in variants]) == [0] * len(variants)
     assert len(stored(node)) == len(variants)
+
+
+@requires_orthanc
+def test_orthanc_push_with_retired_classes_and_syntaxes_is_stored_whole(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    variants = [
+        variant("ct", 0),
+        variant("us-retired", 0, sop_class=US_RETIRED, bits=8),
+        variant("jpeg-53", 0, syntax=JPEG_RETIRED_53, bits=8,
+                edit=_set((0x7FE0, 0x0010), _encapsulated(JPEG_FRAGMENT))),
+    ]
+    paths = write_corpus(variants, tmp_path / "push")
+    node = node_factory(peers={"orthanc": {"ae_title": "ORTHANC", "host": "127.0.0.1"}})
+    with OrthancServer(tmp_path / "orthanc",
+                       modalities={"dicomnode": ("DICOMNODE", node.port)}) as orthanc:
+        ids = [str(orthanc.upload(paths[v.name])["ID"]) for v in variants]
+        orthanc.push("dicomnode", ids)
+    kept = stored(node)
+    assert sorted(kept) == sorted(v.sop_instance for v in variants)
+    stored_syntax = read_file_meta_info(kept[variants[2].sop_instance]).TransferSyntaxUID
+    assert stored_syntax == JPEG_RETIRED_53
 
 
 # ---------------------------------------------------------------- item 5: disk
