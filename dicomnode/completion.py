@@ -185,10 +185,16 @@ def series_verdict(instances: list[Instance]) -> GeometryVerdict | None:
         if not _is_image(inst):
             continue
         if inst.frame_positions:
+            # a frame with its own orientation is stored as 9 numbers: position, orientation
             frames.extend(
-                Frame(pos, inst.image_orientation_patient, inst.rows, inst.columns,
-                      inst.pixel_spacing)
+                Frame(pos[:3], pos[3:] if len(pos) == 9 else inst.image_orientation_patient,
+                      inst.rows, inst.columns, inst.pixel_spacing)
                 for pos in inst.frame_positions)
+        elif (inst.number_of_frames or 1) > 1:
+            # frames without a position each (cine, or positions that could not be read)
+            # are no stack of slices: never "whole, single slice"
+            frames.extend(Frame(None, inst.image_orientation_patient, inst.rows, inst.columns,
+                                inst.pixel_spacing) for _ in range(inst.number_of_frames))
         else:
             frames.append(Frame(inst.image_position_patient, inst.image_orientation_patient,
                                 inst.rows, inst.columns, inst.pixel_spacing))

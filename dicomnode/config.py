@@ -186,6 +186,9 @@ class StorageConfig(_Section):
     path: Path = Path("var")
     database_url: str | None = None
     min_free_bytes: int = Field(1_073_741_824, ge=0)
+    max_inflated_bytes: int = Field(
+        1_073_741_824, ge=1,
+        description="bytes; a deflated dataset inflating to more is refused (0xC007)")
     fsync: bool = True
 
 

@@ -46,7 +46,8 @@ class Node:
         self.files = InstanceFiles(config.storage.path, fsync=config.storage.fsync)
         self.index: Index = open_index(config.db_url)
         self.store = InstanceStore(self.files, self.index,
-                                   min_free_bytes=config.storage.min_free_bytes)
+                                   min_free_bytes=config.storage.min_free_bytes,
+                                   max_inflated_bytes=config.storage.max_inflated_bytes)
         self.rules = load_rules(config.rules_dir, peers=config.peers,
                                 models_dir=config.models_dir)
         self.trigger = RuleTrigger(self.index, self.rules, config.storage.path,

@@ -1,10 +1,19 @@
-"""Geometry verdicts on frames built in the test (pure computation, no I/O)."""
+"""Geometry verdicts on frames built in the test, and on multi-frame index rows."""
 
 from __future__ import annotations
 
-import pytest
+import warnings
+from pathlib import Path
 
+import pytest
+from pydicom.dataset import Dataset
+
+from dicomnode.completion import series_verdict
 from dicomnode.geometry import Frame, assess, orientation_label
+from dicomnode.store.header import read_header
+from dicomnode.store.tables import Instance
+
+warnings.filterwarnings("ignore", message=".*download.*")
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
@@ -70,3 +79,66 @@ def test_sagittal_stack_reports_x() -> None:
 ])
 def test_orientation_labels(iop: tuple[float, ...], label: str) -> None:
     assert orientation_label(iop) == label
+
+
+# ---------------------------------------------------------------- multi-frame objects
+
+
+def _instance(**values: object) -> Instance:
+    base: dict[str, object] = {"sop_class_uid": "1.2.840.10008.5.1.4.1.1.481.2", "rows": 10,
+                               "columns": 10, "image_orientation_patient": list(AXIAL),
+                               "image_position_patient": [0.0, 0.0, -50.0],
+                               "pixel_spacing": [2.0, 2.0], "number_of_frames": 1,
+                               "frame_positions": None}
+    base.update(values)
+    return Instance(**base)
+
+
+def test_rt_dose_grid_frames_are_positioned_by_grid_frame_offset_vector() -> None:
+    from pydicom.data import get_testdata_file
+
+    dose = read_header(Path(str(get_testdata_file("rtdose.dcm"))))
+    positions = dose.instance["frame_positions"]
+    assert dose.instance["number_of_frames"] == 15
+    assert positions is not None and len(positions) == 15
+    x, y, z = dose.instance["image_position_patient"]
+    assert positions[0] == pytest.approx([x, y, z])
+    assert positions[14] == pytest.approx([x, y, z + 70.0])  # offsets 0, 5, ... 70 mm
+    verdict = series_verdict([_instance(number_of_frames=15, frame_positions=positions)])
+    assert verdict is not None and verdict.whole
+    assert verdict.frames == 15 and verdict.slice_spacing == pytest.approx(5.0)
+
+
+def test_grid_offsets_as_z_coordinates_and_a_short_vector() -> None:
+    from dicomnode.store.header import _grid_positions
+
+    ds = Dataset()
+    ds.ImagePositionPatient = [1.0, 2.0, -20.0]
+    ds.ImageOrientationPatient = list(AXIAL)
+    ds.GridFrameOffsetVector = [-20.0, -17.5, -15.0]  # absolute z, first value not 0
+    positions = _grid_positions(ds, 3)
+    assert positions is not None
+    assert [p[2] for p in positions] == pytest.approx([-20.0, -17.5, -15.0])
+    assert all(p[:2] == pytest.approx([1.0, 2.0]) for p in positions)
+    assert _grid_positions(ds, 4) is None  # one offset per frame, or no positions
+    ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]  # z values need axial
+    assert _grid_positions(ds, 3) is None
+
+
+def test_multiframe_without_per_frame_positions_is_not_a_whole_single_slice() -> None:
+    cine = _instance(sop_class_uid="1.2.840.10008.5.1.4.1.1.3.1", number_of_frames=15)
+    verdict = series_verdict([cine])
+    assert verdict is not None and not verdict.whole
+    assert verdict.frames == 15
+    assert "15 of 15 frames lack ImagePositionPatient" in verdict.reason
+    single = series_verdict([_instance()])
+    assert single is not None and single.whole and single.reason == "single slice"
+
+
+def test_enhanced_frames_with_their_own_orientation_are_judged_per_frame() -> None:
+    sagittal = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
+    frames = [[0.0, 0.0, 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, 10.0, *sagittal]]
+    verdict = series_verdict([_instance(sop_class_uid="1.2.840.10008.5.1.4.1.1.4.1",
+                                        number_of_frames=3, frame_positions=frames)])
+    assert verdict is not None and not verdict.whole
+    assert verdict.reason == "frames have more than one orientation"

@@ -488,4 +488,4 @@ def test_orthanc_receives_outbox_items(index: Index, tmp_path: Path,
         assert orthanc.tags(orthanc_id)["Modality"] == "CT"
         assert orthanc.file(orthanc_id)[128:132] == b"DICM"
     assert outbox_report(index)["counts"] == {"pending": 3, "sending": 0, "sent": 3,
-                                              "failed": 0}
+                                              "failed": 0, "cancelled": 0}

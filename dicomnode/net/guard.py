@@ -544,8 +544,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         except Exception as exc:
             if conn.assoc is None or conn.assoc.ident is None:
                 self.guard.discard(conn)
-            LOG.warning("connection from %s closed before association: %s",
-                        conn.address, type(exc).__name__)
+            # a TLS failure says why (e.g. CERTIFICATE_VERIFY_FAILED): no peer value in it
+            reason = getattr(exc, "reason", None) if isinstance(exc, ssl.SSLError) else None
+            LOG.warning("connection from %s closed before association: %s%s",
+                        conn.address, type(exc).__name__,
+                        f" ({reason})" if isinstance(reason, str) else "")
             self.shutdown_request(request)
 
     # ---------------------------------------------------------------- stopping

@@ -16,14 +16,26 @@ from collections.abc import Callable
 from typing import cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.completion import AssociationActivity
 from dicomnode.config import NodeConfig
-from dicomnode.net.access import REFUSED_OTHER, REFUSED_TOO_MANY, AccessPolicy
+from dicomnode.net.access import (
+    CALLED_AE_NOT_RECOGNIZED,
+    CALLING_AE_NOT_RECOGNIZED,
+    REFUSED_CALLED_AE,
+    REFUSED_CALLING_AE,
+    REFUSED_OTHER,
+    REFUSED_TOO_MANY,
+    AccessPolicy,
+    EscapeControlCharacters,
+    printable,
+    raw_ae_title_problem,
+)
+from dicomnode.net.contexts import storage_sop_classes, transfer_syntaxes
 from dicomnode.net.guard import (
     LOCAL_LIMIT_EXCEEDED,
     ConnectionGuard,
@@ -31,9 +43,10 @@ from dicomnode.net.guard import (
     GuardLimits,
     start_guarded_server,
 )
+from dicomnode.net.receive import ReceiveFiles
 from dicomnode.net.sockets import set_nodelay
 from dicomnode.net.tls import server_context
-from dicomnode.store.ingest import InstanceStore, StoreFailure
+from dicomnode.store.ingest import STATUS_OUT_OF_RESOURCES, InstanceStore, StoreFailure
 
 __all__ = ["StorageSCP"]
 
@@ -43,6 +56,11 @@ STATUS_PROCESSING_FAILURE = 0x0110
 
 # A-ASSOCIATE-RJ source 3 (service provider, presentation), reason 2: local limit exceeded
 _LOCAL_LIMIT_EXCEEDED = (0x03, 0x02)
+
+
+def _any_ae_title(value: str) -> tuple[bool, str]:
+    """pynetdicom AE validator that lets every title through to the access policy."""
+    return True, ""
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -81,6 +99,10 @@ class StorageSCP:
         self.counters: dict[str, int] = {"stored": 0, "duplicate": 0, "replaced": 0,
                                          "failed": 0, "refused": 0}
         self._counter_lock = threading.Lock()
+        self.receive = ReceiveFiles(store.files.tmp, store.min_free_bytes)
+        # the AE title fields of each A-ASSOCIATE-RQ as received, before pynetdicom strips
+        # them (by association id; taken by _on_requested)
+        self._raw_titles: dict[int, tuple[bytes, bytes]] = {}
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -90,10 +112,12 @@ class StorageSCP:
         ae.network_timeout = self.node.network_timeout_seconds
         ae.acse_timeout = self.node.network_timeout_seconds
         ae.dimse_timeout = self.node.network_timeout_seconds
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax is not None:
-                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        # Explicit VR Little Endian first: pynetdicom accepts the first of *our* syntaxes
+        # that the requestor proposed (see dicomnode.net.contexts)
+        syntaxes = list(transfer_syntaxes())
+        ae.add_supported_context(Verification, syntaxes)
+        for uid in storage_sop_classes():
+            ae.add_supported_context(uid, syntaxes)
         return ae
 
     def _count(self, key: str) -> None:
@@ -113,23 +137,52 @@ class StorageSCP:
     def _on_conn_open(self, event: evt.Event) -> None:
         set_nodelay(event.assoc)
 
+    def _on_data(self, event: evt.Event) -> None:
+        data = event.data
+        if data[:1] == b"\x01" and len(data) >= 42:  # A-ASSOCIATE-RQ: keep the raw titles
+            with self._counter_lock:
+                self._raw_titles[id(event.assoc)] = (bytes(data[10:26]), bytes(data[26:42]))
+
+    def _raw_title_refusal(self, assoc_id: int) -> tuple[str, int, str] | None:
+        with self._counter_lock:
+            raw = self._raw_titles.pop(assoc_id, None)
+        if raw is None:
+            return None
+        for which, field, diagnostic, kind in (
+                ("called", raw[0], CALLED_AE_NOT_RECOGNIZED, REFUSED_CALLED_AE),
+                ("calling", raw[1], CALLING_AE_NOT_RECOGNIZED, REFUSED_CALLING_AE)):
+            problem = raw_ae_title_problem(field)
+            if problem is not None:
+                shown = printable(field.decode("latin-1").strip(" "))
+                return (f"{which} AE title {shown} is not a "
+                        f"valid AE title ({problem})", diagnostic, kind)
+        return None
+
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
         rq = assoc.requestor.primitive
         address = str(assoc.requestor.address)
+        raw_refusal = self._raw_title_refusal(id(assoc))
         if rq is None:
+            return
+        if raw_refusal is not None:
+            reason, diagnostic, kind = raw_refusal
+            self._refused(kind)
+            LOG.warning("association from %s refused: %s", printable(address), reason)
+            assoc.acse.send_reject(0x01, 0x01, diagnostic)
+            assoc.kill()
             return
         peer, refusal = self.policy.check(str(rq.calling_ae_title), str(rq.called_ae_title),
                                           address)
         if refusal is not None:
             self._refused(refusal.kind)
-            LOG.warning("association from %s refused: %s", address, refusal.reason)
+            LOG.warning("association from %s refused: %s", printable(address), refusal.reason)
             assoc.acse.send_reject(0x01, 0x01, refusal.diagnostic)
             assoc.kill()  # returns once the A-ASSOCIATE-RJ is out and the DUL is idle
             return
         if not self._admit(assoc, address):
             return
-        LOG.info("association from peer %s (%s) accepted", peer, address)
+        LOG.info("association from peer %s (%s) accepted", peer, printable(address))
 
     def _admit(self, assoc: Association, address: str) -> bool:
         """Count the association against the limits, or refuse it (local limit exceeded)."""
@@ -148,11 +201,12 @@ class StorageSCP:
         source_reason = (None, None) if rj is None else (rj.result_source, rj.diagnostic)
         if source_reason == _LOCAL_LIMIT_EXCEEDED:
             LOG.warning("association from %s refused: already %d association(s) open",
-                        event.assoc.requestor.address, self.node.maximum_associations)
+                        printable(event.assoc.requestor.address),
+                        self.node.maximum_associations)
             self._refused(REFUSED_TOO_MANY)
         else:
             LOG.warning("association from %s refused by the DICOM layer",
-                        event.assoc.requestor.address)
+                        printable(event.assoc.requestor.address))
             self._refused(REFUSED_OTHER)
 
     def _on_echo(self, event: evt.Event) -> int:
@@ -160,8 +214,15 @@ class StorageSCP:
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         assoc = event.assoc
+        calling = printable(assoc.requestor.ae_title)
+        path = event.dataset_path
+        received = self.receive.claim(path)
+        if received is not None and received.refused is not None:
+            self._count("failed")
+            LOG.warning("C-STORE from %s refused with 0x%04X: %s", calling,
+                        STATUS_OUT_OF_RESOURCES, received.refused)
+            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: disk reserve")
         try:
-            path = event.dataset_path
             result = self.store.ingest(
                 path,
                 calling_ae_title=str(assoc.requestor.ae_title),
@@ -170,24 +231,33 @@ class StorageSCP:
             )
         except StoreFailure as exc:
             self._count("failed")
-            LOG.warning("C-STORE from %s refused with 0x%04X: %s",
-                        assoc.requestor.ae_title, exc.status, exc)
+            LOG.warning("C-STORE from %s refused with 0x%04X: %s", calling, exc.status, exc)
             return _status(exc.status, str(exc))
         except Exception as exc:
             self._count("failed")
             LOG.exception("C-STORE failed unexpectedly: %s", type(exc).__name__)
             return _status(STATUS_PROCESSING_FAILURE, "internal error while storing")
+        finally:
+            if received is not None:
+                received.discard()  # gone already when stored (moved into the store)
         self.activity.touch(id(assoc), result.study_pk)
         self._count(result.outcome)
         return 0x0000
 
     def _on_closed(self, event: evt.Event) -> None:
+        with self._counter_lock:
+            self._raw_titles.pop(id(event.assoc), None)
+        # the temporary files of transfers this association left unfinished go at once
+        removed = self.receive.discard_unclaimed(event.assoc.dul)
+        if removed:
+            LOG.info("removed %d unfinished transfer(s) of a closed association", removed)
         self.activity.close(id(event.assoc))
 
     @property
     def handlers(self) -> list[evt.EventHandlerType]:
         return [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_DATA_RECV, self._on_data),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -204,6 +274,16 @@ class StorageSCP:
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False
         tempfile.tempdir = str(self.store.files.tmp)
+        self.receive.install()
+        # decode every AE title, so the access policy refuses a bad one with an
+        # A-ASSOCIATE-RJ (pynetdicom would abort, logging it raw); escape pynetdicom's logs
+        _config.VALIDATORS["AE"] = _any_ae_title
+        names = ["pynetdicom"] + [n for n in logging.Logger.manager.loggerDict
+                                  if n.startswith("pynetdicom.")]
+        for name in names:  # a logger's filters do not apply to its children's records
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, EscapeControlCharacters) for f in logger.filters):
+                logger.addFilter(EscapeControlCharacters())
         tls = None if self.node.tls is None else server_context(
             self.node.tls, handshake_timeout=self.node.network_timeout_seconds)
         self.server = start_guarded_server(

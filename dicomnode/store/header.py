@@ -8,6 +8,7 @@ Per-frame or Shared Functional Groups.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ _KEYWORDS = (
     "PixelSpacing", "SliceThickness", "ImagePositionPatient", "ImageOrientationPatient",
     "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
     *(keyword for keyword, _ in _SIZE_HINTS),
+    "GridFrameOffsetVector",
 )
 _TAGS = [Tag(k) for k in _KEYWORDS]
 
@@ -68,7 +70,9 @@ class InstanceHeader:
     instance: dict[str, Any] = field(default_factory=dict)
 
 
-def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
+def _text(ds: Dataset, keyword: str, limit: int | None = 64) -> str | None:
+    """A descriptive text value, stripped and cut to ``limit`` characters (None: whole);
+    identifiers go through :func:`_uid` or :func:`_identifier`, which never cut."""
     try:
         value = ds.get(keyword)
     except Exception:
@@ -76,7 +80,44 @@ def _text(ds: Dataset, keyword: str, limit: int = 64) -> str | None:
     if value is None or value == "":
         return None
     text = str(value).strip().rstrip("\x00")
-    return text[:limit] if text else None
+    if not text:
+        return None
+    return text if limit is None else text[:limit]
+
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+STATUS_MISSING_UID = 0xC002
+STATUS_INVALID_IDENTIFIER = 0xC003
+#: identifiers the index keeps: refused when longer than their VR allows (never truncated,
+#: which would merge different patients, studies or series)
+_IDENTIFIER_LIMITS = {"PatientID": 64, "IssuerOfPatientID": 64, "AccessionNumber": 16,
+                      "StudyID": 16, "FrameOfReferenceUID": 64}
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    """A UID the index keys on: whole, at most 64 characters of digits and dots.
+
+    Raises:
+        HeaderError: 0xC003 when it is longer than 64 characters or not a valid UID.
+    """
+    text = _text(ds, keyword, limit=None) or ""
+    if len(text) > 64:
+        raise HeaderError(f"{keyword} is longer than 64 characters",
+                          STATUS_INVALID_IDENTIFIER)
+    if not _UID.match(text):
+        raise HeaderError(f"{keyword} is not a valid UID (digits and dots)",
+                          STATUS_INVALID_IDENTIFIER)
+    return text
+
+
+def _identifier(ds: Dataset, keyword: str) -> str | None:
+    """An identifier the index keeps, refused (0xC003) rather than truncated."""
+    text = _text(ds, keyword, limit=None)
+    limit = _IDENTIFIER_LIMITS[keyword]
+    if text is not None and len(text) > limit:
+        raise HeaderError(f"{keyword} is longer than {limit} characters",
+                          STATUS_INVALID_IDENTIFIER)
+    return text
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
@@ -140,13 +181,16 @@ def _frame_geometry(ds: Dataset) -> tuple[list[list[float]] | None, dict[str, An
         extra["pixel_spacing"] = _floats(measures, "PixelSpacing", 2)
         extra["slice_thickness"] = _float(measures, "SliceThickness")
     positions: list[list[float]] = []
+    shared_orientation = orientation is not None
     if per_frame:
         for frame in per_frame:
             pos = _floats(first_item(frame, "PlanePositionSequence") or Dataset(),
                           "ImagePositionPatient", 3)
+            own = None if shared_orientation else _floats(
+                first_item(frame, "PlaneOrientationSequence") or Dataset(),
+                "ImageOrientationPatient", 6)
             if orientation is None:
-                orientation = _floats(first_item(frame, "PlaneOrientationSequence") or Dataset(),
-                                      "ImageOrientationPatient", 6)
+                orientation = own
             if measures is None and "pixel_spacing" not in extra:
                 pm = first_item(frame, "PixelMeasuresSequence")
                 if pm is not None:
@@ -154,7 +198,8 @@ def _frame_geometry(ds: Dataset) -> tuple[list[list[float]] | None, dict[str, An
                     extra["slice_thickness"] = _float(pm, "SliceThickness")
             if pos is None:
                 return None, extra
-            positions.append(pos)
+            # a frame with its own orientation keeps it: position + orientation (9 numbers)
+            positions.append(pos + own if own is not None and own != orientation else pos)
     extra["image_orientation_patient"] = orientation
     return (positions or None), extra
 
@@ -169,12 +214,40 @@ def _size_hints(ds: Dataset) -> dict[str, Any] | None:
     return hints or None
 
 
+def _grid_positions(ds: Dataset, frames: int) -> list[list[float]] | None:
+    """Frame positions of an RT Dose grid (PS3.3 C.8.8.3.2): GridFrameOffsetVector gives
+    each frame's offset along the normal of ImageOrientationPatient, relative to
+    ImagePositionPatient when its first value is 0, otherwise (axial grids only) the
+    frames' z coordinates. None when the vector does not give one offset per frame."""
+    offsets = _floats(ds, "GridFrameOffsetVector", frames)
+    origin = _floats(ds, "ImagePositionPatient", 3)
+    iop = _floats(ds, "ImageOrientationPatient", 6)
+    if offsets is None or origin is None or iop is None:
+        return None
+    row, col = iop[:3], iop[3:]
+    normal = [row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2],
+              row[0] * col[1] - row[1] * col[0]]
+    length = sum(c * c for c in normal) ** 0.5
+    if length < 1e-6:
+        return None
+    normal = [c / length for c in normal]
+    if offsets[0] != 0.0:
+        if [round(v, 6) for v in iop] != [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]:
+            return None
+        base = sum(o * n for o, n in zip(origin, normal, strict=True))
+        offsets = [z - base for z in offsets]
+    return [[o + d * n for o, n in zip(origin, normal, strict=True)] for d in offsets]
+
+
 def read_header(path: Path) -> InstanceHeader:
     """Parse the header of a stored DICOM file (pixel data is not read).
 
     Raises:
         HeaderError: status 0xC001 when the dataset cannot be parsed, 0xC002
-            when Study, Series or SOP Instance UID is missing.
+            when Study, Series or SOP Instance UID is missing, 0xC003 when one of them
+            (or SOPClassUID, FrameOfReferenceUID) is not a valid UID of at most 64
+            characters, or PatientID, IssuerOfPatientID, AccessionNumber or StudyID is
+            longer than its VR allows.
     """
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
@@ -188,7 +261,10 @@ def read_header(path: Path) -> InstanceHeader:
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                            "SOPClassUID") if not _text(ds, k)]
     if missing:
-        raise HeaderError(f"dataset lacks {', '.join(missing)}", 0xC002)
+        raise HeaderError(f"dataset lacks {', '.join(missing)}", STATUS_MISSING_UID)
+    uids = {k: _uid(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                     "SOPInstanceUID", "SOPClassUID")}
+    identifiers = {k: _identifier(ds, k) for k in _IDENTIFIER_LIMITS}
 
     number_of_frames = _int(ds, "NumberOfFrames") or 1
     instance: dict[str, Any] = {
@@ -200,7 +276,7 @@ def read_header(path: Path) -> InstanceHeader:
         "slice_thickness": _float(ds, "SliceThickness"),
         "image_position_patient": _floats(ds, "ImagePositionPatient", 3),
         "image_orientation_patient": _floats(ds, "ImageOrientationPatient", 6),
-        "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
+        "frame_of_reference_uid": identifiers["FrameOfReferenceUID"],
         "number_of_frames": number_of_frames,
         "frame_positions": None,
         "size_hints": _size_hints(ds),
@@ -211,15 +287,17 @@ def read_header(path: Path) -> InstanceHeader:
         for key, value in extra.items():
             if instance.get(key) is None:
                 instance[key] = value
+    elif number_of_frames > 1 and "GridFrameOffsetVector" in ds:
+        instance["frame_positions"] = _grid_positions(ds, number_of_frames)
     return InstanceHeader(
-        sop_class_uid=str(_text(ds, "SOPClassUID")),
-        sop_instance_uid=str(_text(ds, "SOPInstanceUID")),
-        study_instance_uid=str(_text(ds, "StudyInstanceUID")),
-        series_instance_uid=str(_text(ds, "SeriesInstanceUID")),
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
         transfer_syntax_uid=transfer_syntax,
         patient={
-            "patient_id": _text(ds, "PatientID") or "",
-            "issuer_of_patient_id": _text(ds, "IssuerOfPatientID") or "",
+            "patient_id": identifiers["PatientID"] or "",
+            "issuer_of_patient_id": identifiers["IssuerOfPatientID"] or "",
             "patient_name": _text(ds, "PatientName", 324),
             "patient_birth_date": _text(ds, "PatientBirthDate", 8),
             "patient_sex": _text(ds, "PatientSex", 16),
@@ -227,8 +305,8 @@ def read_header(path: Path) -> InstanceHeader:
         study={
             "study_date": _text(ds, "StudyDate", 8),
             "study_time": _text(ds, "StudyTime", 16),
-            "accession_number": _text(ds, "AccessionNumber", 16),
-            "study_id": _text(ds, "StudyID", 16),
+            "accession_number": identifiers["AccessionNumber"],
+            "study_id": identifiers["StudyID"],
             "study_description": _text(ds, "StudyDescription"),
         },
         series={
@@ -236,7 +314,7 @@ def read_header(path: Path) -> InstanceHeader:
             "series_description": _text(ds, "SeriesDescription"),
             "series_number": _int(ds, "SeriesNumber"),
             "body_part_examined": _text(ds, "BodyPartExamined", 16),
-            "frame_of_reference_uid": _text(ds, "FrameOfReferenceUID"),
+            "frame_of_reference_uid": identifiers["FrameOfReferenceUID"],
         },
         instance=instance,
     )

@@ -15,6 +15,7 @@ Re-sending an instance (same SOP Instance UID) is idempotent:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import filecmp
 import logging
@@ -30,8 +31,9 @@ from dicomnode.store.db import Index
 from dicomnode.store.files import InstanceFiles
 from dicomnode.store.header import HeaderError, InstanceHeader, read_header
 from dicomnode.store.tables import Instance, Patient, Series, Study, StudyState, utcnow
+from dicomnode.store.validate import DatasetError, check_dataset
 
-__all__ = ["IngestResult", "InstanceStore", "StoreFailure"]
+__all__ = ["DEFAULT_MAX_INFLATED_BYTES", "IngestResult", "InstanceStore", "StoreFailure"]
 
 LOG = logging.getLogger(__name__)
 
@@ -39,6 +41,10 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_INDEX_UNAVAILABLE = 0xA701
 STATUS_INVALID_UID = 0xC003
 STATUS_UID_MISMATCH = 0xC004
+STATUS_SOP_CLASS_MISMATCH = 0xA900  # PS3.4 B.2.3: Data Set does not match SOP Class
+
+DEFAULT_MAX_INFLATED_BYTES = 1 << 30
+"""Largest inflated size of a deflated dataset (1 GiB): ``storage.max_inflated_bytes``."""
 
 
 class StoreFailure(Exception):
@@ -66,14 +72,20 @@ class InstanceStore:
         files: the raw store.
         index: the index database.
         min_free_bytes: refuse (0xA700) when storing would leave less free disk.
+        max_inflated_bytes: refuse (0xC007) a deflated dataset that inflates to more
+            (it is inflated in chunks to a scratch file in ``tmp/`` to be checked).
     """
 
-    def __init__(self, files: InstanceFiles, index: Index, *, min_free_bytes: int) -> None:
+    def __init__(self, files: InstanceFiles, index: Index, *, min_free_bytes: int,
+                 max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> None:
         if min_free_bytes < 0:
             raise ValueError("min_free_bytes must be >= 0")
+        if max_inflated_bytes < 1:
+            raise ValueError("max_inflated_bytes must be >= 1")
         self.files = files
         self.index = index
         self.min_free_bytes = min_free_bytes
+        self.max_inflated_bytes = max_inflated_bytes
         self._lock = threading.Lock()
 
     def ingest(
@@ -88,15 +100,22 @@ class InstanceStore:
             StoreFailure: with the DICOM failure status to answer; nothing was stored.
         """
         size = tmp_file.stat().st_size
-        free = self.files.free_bytes()
-        if free - size < self.min_free_bytes:
-            raise StoreFailure(
-                f"out of resources: {free} bytes free, storage.min_free_bytes is "
-                f"{self.min_free_bytes}", STATUS_OUT_OF_RESOURCES)
+        self._reserve(0)  # the received file is already on disk
         try:
-            header = read_header(tmp_file)
+            checked = check_dataset(tmp_file, max_inflated_bytes=self.max_inflated_bytes,
+                                    scratch=self.files.tmp, on_write=self._reserve)
+        except DatasetError as exc:
+            raise StoreFailure(str(exc), exc.status) from None
+        try:
+            header = read_header(checked.readable)
         except HeaderError as exc:
             raise StoreFailure(str(exc), exc.status) from None
+        finally:
+            checked.discard()
+        header = dataclasses.replace(header, transfer_syntax_uid=checked.transfer_syntax_uid)
+        if checked.meta_sop_class_uid and header.sop_class_uid != checked.meta_sop_class_uid:
+            raise StoreFailure("SOP Class UID of the dataset differs from the request's",
+                               STATUS_SOP_CLASS_MISMATCH)
         if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid:
             raise StoreFailure("SOP Instance UID of the dataset differs from the request's",
                                STATUS_UID_MISMATCH)
@@ -112,6 +131,15 @@ class InstanceStore:
             except SQLAlchemyError as exc:
                 LOG.error("index write failed: %s", type(exc).__name__)
                 raise StoreFailure("index unavailable", STATUS_INDEX_UNAVAILABLE) from None
+
+    def _reserve(self, more: int) -> None:
+        """Refuse (0xA700) when writing ``more`` bytes would leave less free disk than
+        ``min_free_bytes``."""
+        free = self.files.free_bytes()
+        if free - more < self.min_free_bytes:
+            raise StoreFailure(
+                f"out of resources: {free} bytes free, storage.min_free_bytes is "
+                f"{self.min_free_bytes}", STATUS_OUT_OF_RESOURCES)
 
     def _store(self, tmp_file: Path, relative: Path, size: int, header: InstanceHeader,
                calling_ae_title: str) -> IngestResult:
