@@ -59,6 +59,10 @@ _META_REMOVED: Final[tuple[str, ...]] = (
 )
 
 
+#: UIDs under this root are defined by DICOM itself (PS3.6 Annex A), never by a site.
+_STANDARD_UID_ROOT = "1.2.840.10008."
+
+
 class PseudonymizationError(Exception):
     """A dataset that cannot be pseudonymized (no value of it is in the message)."""
 
@@ -265,7 +269,11 @@ class Pseudonymizer:
         new: list[Any] = []
         for uid in _values(elem.value):
             text = str(uid).strip()
-            if text:
+            if text.startswith(_STANDARD_UID_ROOT):
+                # a UID the standard defines (a SOP class in a reference, a transfer syntax,
+                # a coding scheme) identifies nothing; remapping it breaks the reference
+                new.append(text)
+            elif text:
                 mapped = run.uid_map.get(text)
                 if mapped is None:
                     mapped = run.uid_map[text] = self._mapper.pseudonymize(text)
