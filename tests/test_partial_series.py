@@ -246,10 +246,11 @@ def test_required_series_missing_waits_then_when_incomplete_acts(
     files = testdata.cranium_ct(tmp_path / "ct", slices=range(0, 40))
     with OrthancServer(tmp_path / "orthanc") as orthanc:
         node = _node(node_factory, tmp_path, orthanc,
-                     rules=REQUIRED.format(after=6, action=action),
+                     rules=REQUIRED.format(after=10, action=action),
                      completion={"quiet_seconds": 1, "series_quiet_seconds": 1})
         assert storescu(node.port, *files).returncode == 0
-        time.sleep(4)  # settled and quiet, but the "PET AC" series is missing
+        sent = time.monotonic()
+        time.sleep(3)  # settled and quiet, but the "PET AC" series is missing
         assert _jobs(node) == []
         assert "waiting for required series PET AC" in node.log()
         if action == "run":
@@ -261,7 +262,7 @@ def test_required_series_missing_waits_then_when_incomplete_acts(
                        "a discarded job")
             assert "PET AC did not arrive" in _jobs(node)[0]["error"]
         else:
-            time.sleep(6)
+            time.sleep(max(0.0, sent + 13 - time.monotonic()))
             assert _jobs(node) == []
 
 
