@@ -180,6 +180,20 @@ def small_ct(data_dir: Path) -> list[Path]:
     return testdata.synthetic_ct(data_dir / "small_ct", slices=24, rows=64, columns=64)
 
 
+def start_storage_scp(ae_title: str, on_store: Callable[[Any], Any]) -> tuple[int, Any]:
+    """A pynetdicom Storage SCP on a free loopback port calling ``on_store`` with each
+    C-STORE event (it returns the status); returns the port and the server (shut it down)."""
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    port = free_port()
+    ae = AE(ae_title=ae_title)
+    ae.supported_contexts = StoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert server is not None
+    return port, server
+
+
 def storescu(port: int, *paths: Path, aet: str = "STORESCU", aec: str = "DICOMNODE",
              extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     """Send with DCMTK's storescu (TCP_NODELAY=1: DCMTK leaves Nagle on otherwise)."""

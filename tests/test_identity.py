@@ -16,7 +16,7 @@ from typing import Any
 import pydicom
 import pytest
 import yaml
-from conftest import NodeFactory, free_port, storescu
+from conftest import NodeFactory, free_port, start_storage_scp, storescu
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import AE, StoragePresentationContexts, evt
@@ -68,14 +68,8 @@ class RecordingSCP:
 
     def __init__(self, ae_title: str = "RESEARCH") -> None:
         self.ae_title = ae_title
-        self.port = free_port()
         self.received: list[bytes] = []
-        ae = AE(ae_title=ae_title)
-        ae.supported_contexts = StoragePresentationContexts
-        server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                 evt_handlers=[(evt.EVT_C_STORE, self._store)])
-        assert server is not None
-        self.server = server
+        self.port, self.server = start_storage_scp(ae_title, self._store)
 
     def _store(self, event: evt.Event) -> int:
         self.received.append(bytes(event.encoded_dataset()))

@@ -17,10 +17,10 @@ from typing import Any
 import pydicom
 import pytest
 import yaml
-from conftest import ROOT, NodeFactory, free_port
+from conftest import ROOT, NodeFactory, free_port, start_storage_scp
 from orthanc import OrthancServer, requires_orthanc
 from pydicom.dataset import Dataset
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import update
 
@@ -86,14 +86,8 @@ class StatusSCP:
         self.statuses = statuses  # the last one repeats
         self.ae_title = ae_title
         self.delay = delay  # seconds each C-STORE takes
-        self.port = free_port()
         self.calls: list[str] = []
-        ae = AE(ae_title=ae_title)
-        ae.supported_contexts = StoragePresentationContexts
-        server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                 evt_handlers=[(evt.EVT_C_STORE, self._store)])
-        assert server is not None
-        self.server = server
+        self.port, self.server = start_storage_scp(ae_title, self._store)
 
     def _store(self, event: evt.Event) -> Dataset:
         self.calls.append(str(getattr(event.request, "AffectedSOPInstanceUID", "")))
