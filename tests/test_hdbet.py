@@ -5,8 +5,9 @@ Fast tests: the package's files and card against HD-BET's own constants, the con
 checks, and ``pad`` in the predictor. Slow tests (``-m slow``): the conversion reproduces the
 shipped ONNX file, and on Colin27 written as a DICOM series ``dicomnode models run hd-bet``
 matches ``ch2bet`` (Dice >= 0.94) and HD-BET's own predictor (fold 0, the same mirroring and
-largest-component post-processing; >= 99 % of voxels). The two Colin27 runs take about
-2.5 min each on 2 cores (eight 128 x 160 x 128 forward passes each).
+largest-component post-processing; >= 99 % of voxels). The two Colin27 runs take 2.5 to 5 min
+each on 2 shared cores (eight 128 x 160 x 128 forward passes each; the three slow tests took
+8.5 min together, peak RSS 5.3 GB in the command).
 """
 
 from __future__ import annotations
