@@ -39,6 +39,7 @@ __all__ = [
     "IntensitySpec",
     "LabelSpec",
     "OutputSpec",
+    "PadSpec",
     "PostprocessingSpec",
     "PreprocessingSpec",
     "load_card",
@@ -144,6 +145,35 @@ class IntensitySpec(_Spec):
         return self
 
 
+class PadSpec(_Spec):
+    """Padding of the model's input at the end of each spatial axis, removed from the output.
+
+    Each spatial axis (in the model's axis order) is padded after its last voxel up to the
+    next multiple of ``multiple`` and at least to ``min_size``, with the constant ``value``
+    (in normalised units: the padding follows the intensity normalisation), as HD-BET's
+    ``pad_patient_3D`` does for networks whose down-sampling needs sizes divisible by 16.
+    Test-time flips see the padded input; the scores are cropped back afterwards.
+    """
+
+    multiple: int = Field(1, ge=1, le=1024)
+    min_size: tuple[int, ...] | None = None
+    value: float = 0.0
+
+    @field_validator("min_size")
+    @classmethod
+    def _min_size(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and min(v) < 1:
+            raise ValueError(f"min_size must be positive voxel counts (got {list(v)})")
+        return v
+
+    def padded(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The spatial ``shape`` after padding."""
+        sizes = [-(-int(s) // self.multiple) * self.multiple for s in shape]
+        if self.min_size is not None:
+            sizes = [max(s, m) for s, m in zip(sizes, self.min_size, strict=True)]
+        return tuple(sizes)
+
+
 class PreprocessingSpec(_Spec):
     """How a series becomes the model's input tensor (see the module docstring for axes)."""
 
@@ -162,6 +192,7 @@ class PreprocessingSpec(_Spec):
     blending: Literal["constant", "gaussian"] = "gaussian"
     tta_flips: tuple[tuple[int, ...], ...] = ()
     batch_size: int = Field(1, ge=1, le=4096)
+    pad: PadSpec | None = None
 
     @field_validator("orientation")
     @classmethod
@@ -200,6 +231,13 @@ class PreprocessingSpec(_Spec):
                 )
             if min(self.patch_size) < 1:
                 raise ValueError(f"patch_size must be positive (got {list(self.patch_size)})")
+        if self.pad is not None and self.pad.min_size is not None and (
+            len(self.pad.min_size) != spatial
+        ):
+            raise ValueError(
+                f"pad.min_size needs {spatial} sizes for a {self.dimensionality} model "
+                f"(got {list(self.pad.min_size)})"
+            )
         if self.context_slices and self.dimensionality != "2.5d":
             raise ValueError("context_slices is only used with dimensionality 2.5d")
         if self.dimensionality == "2.5d" and not self.context_slices:

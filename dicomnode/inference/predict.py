@@ -6,7 +6,9 @@ axis 0 as ``(batch, channels, h, w)``, and a 2.5D model the same with
 ``context_slices`` neighbours on each side stacked as extra channels (edge
 slices repeated at the ends).  With a ``patch_size`` the model runs on
 overlapping windows whose outputs are blended (constant or Gaussian weights);
-test-time flips average the activated outputs of flipped inputs.
+test-time flips average the activated outputs of flipped inputs.  A ``pad`` pads
+what the model sees at the end of each spatial axis (after normalisation, before
+flips and windows) and crops the scores back.
 
 :func:`predict` yields finished slabs ``(start, stop, scores)`` along spatial
 axis 0, ``scores`` being float32 ``(output_channels, stop - start, ...)`` after
@@ -19,11 +21,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from dicomnode.inference.card import OutputSpec, PreprocessingSpec
+from dicomnode.inference.card import OutputSpec, PadSpec, PreprocessingSpec
 
 __all__ = ["InferenceError", "activate", "gaussian_weights", "predict", "window_starts"]
 
@@ -147,6 +150,24 @@ def _sliding(
     return np.ascontiguousarray(accumulated[_all_channels(crop)])
 
 
+def _pad_end(
+    array: FloatArray, pad: PadSpec | None, dims: int
+) -> tuple[FloatArray, tuple[Any, ...] | None]:
+    """``array`` padded at the end of its last ``dims`` axes as ``pad`` says, and the
+    index that crops a result of the same spatial layout back (None: nothing padded)."""
+    if pad is None:
+        return array, None
+    spatial = tuple(int(s) for s in array.shape[-dims:])
+    target = pad.padded(spatial)
+    if target == spatial:
+        return array, None
+    widths = [(0, 0)] * (array.ndim - dims) + [
+        (0, t - s) for t, s in zip(target, spatial, strict=True)
+    ]
+    padded: FloatArray = np.pad(array, widths, mode="constant", constant_values=pad.value)
+    return padded, (Ellipsis, *(slice(0, s) for s in spatial))
+
+
 def _check_fixed(shape: Sequence[int | str | None], got: Sequence[int], what: str) -> None:
     for declared, actual in zip(shape, got, strict=True):
         if isinstance(declared, int) and declared > 0 and declared != actual:
@@ -176,14 +197,17 @@ def predict(
     pre = pre.model_copy(update={"batch_size": batch_size})
     if pre.dimensionality == "3d":
         spatial = tensor.shape[1:]
+        fed, crop = _pad_end(tensor, pre.pad, 3)
         if pre.patch_size is None:
             if input_shape:
-                _check_fixed(input_shape[1:], [tensor.shape[0], *spatial], "input")
-            scores = scored(np.ascontiguousarray(tensor[None]))[0]
+                _check_fixed(input_shape[1:], fed.shape, "input")
+            scores = scored(np.ascontiguousarray(fed[None]))[0]
         else:
             if input_shape:
                 _check_fixed(input_shape[1:], [tensor.shape[0], *pre.patch_size], "patches")
-            scores = _sliding(tensor, pre.patch_size, pre, scored)
+            scores = _sliding(fed, pre.patch_size, pre, scored)
+        if crop is not None:
+            scores = np.ascontiguousarray(scores[crop])
         yield 0, spatial[0], scores
         return
     depth = tensor.shape[1]
@@ -199,7 +223,7 @@ def predict(
             else:
                 slab = tensor[:, z]
             slices.append(slab)
-        batch = np.stack(slices).astype(np.float32, copy=False)
+        batch, crop = _pad_end(np.stack(slices).astype(np.float32, copy=False), pre.pad, 2)
         if pre.patch_size is None:
             if input_shape:
                 _check_fixed(input_shape[1:], batch.shape[1:], "slices")
@@ -210,6 +234,8 @@ def predict(
             scores = np.stack(
                 [_sliding(sample, pre.patch_size, pre, scored) for sample in batch]
             )
+        if crop is not None:
+            scores = scores[crop]
         # (batch, channels, h, w) -> (channels, batch, h, w), a view: copying it would cost
         # as much as a light model's run (0.5 s for 300 x 3 x 512^2 scores)
         yield start, stop, np.moveaxis(scores, 0, 1)
