@@ -98,3 +98,9 @@ def test_precise_errors() -> None:
         [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
     with pytest.raises(ValueError, match="the rank of its input 'x' cannot be inferred"):
         precise_instance_norm(onnx.helper.make_model(graph))
+
+
+def test_no_unused_initializer_is_left(tmp_path: Path) -> None:
+    model = export_network(_network(3), torch.zeros(1, 1, 8, 8, 8), tmp_path / "net.onnx")
+    used = {name for node in model.graph.node for name in node.input}
+    assert {init.name for init in model.graph.initializer} <= used

@@ -115,6 +115,11 @@ def precise_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(added)
+    # the replaced nodes' scale and bias, now unused (ONNX Runtime warns about each)
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     return model
 
 
