@@ -95,12 +95,14 @@ def _train(kind: str, iterations: int) -> Any:
     parser = ConfigParser({"net": _network_def(kind)})
     net = parser.get_parsed_content("net")
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    from monai.losses import DiceCELoss
+
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)  # both small organs weigh
     net.train()
     for _ in range(iterations):
         pairs = [_training_pair(rng) for _ in range(2)]
         x = torch.from_numpy(np.stack([p[0] for p in pairs])[:, None])
-        y = torch.from_numpy(np.stack([p[1] for p in pairs]))
+        y = torch.from_numpy(np.stack([p[1] for p in pairs])[:, None])
         optimiser.zero_grad()
         loss = loss_fn(net(x), y)
         loss.backward()
@@ -354,6 +356,9 @@ def test_import_then_run_on_dicom_matches_monai(kind: str, trained: dict[str, An
     assert report["passed"] and report["monai"]
     assert {"card.yaml", "model.onnx", "LICENSE", "provenance.json"} <= {
         p.name for p in package.iterdir()}
+
+    proc = _cli("models", "check", f"tiny-{kind}", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr
 
     image = _volume()
     series = tmp_path / "series"
