@@ -394,33 +394,108 @@ def test_import_then_run_on_dicom_matches_monai(kind: str, trained: dict[str, An
     assert diff <= 1e-3
 
 
-@pytest.mark.slow
-def test_failing_check_leaves_no_package(trained: dict[str, Any], tmp_path: Path) -> None:
-    """A bundle whose weights do not match what MONAI would run (the ONNX file is made from
-    other weights than the check's MONAI run uses) fails its check and leaves nothing."""
+def test_failing_check_leaves_no_package(tmp_path: Path) -> None:
+    """A package whose ONNX network differs from what MONAI runs (here: one channel halved
+    before export) fails its check, and nothing is left in models_dir."""
     import torch
 
-    folder = _bundle(tmp_path, trained, "unet")
+    from dicomnode.inference.importers import monai as importer
+
+    folder = _scripted_bundle(tmp_path / "bundle", softmax=True)
     models = tmp_path / "models"
     models.mkdir()
-    from dicomnode.inference.importers import monai as importer
+
+    class Halve(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.tensor([1.0, 1.0, 0.5]).reshape(1, 3, 1, 1, 1)
 
     original = importer._network
     calls = {"n": 0}
 
     def perturbed(bundle: Any, parser: Any) -> Any:
-        net = original(bundle, parser)
         calls["n"] += 1
-        if calls["n"] == 1:  # the exported network: other weights than the bundle's
-            with torch.no_grad():
-                for p in net.parameters():
-                    p.add_(0.2 * torch.randn_like(p))
-        return net
+        net = original(bundle, parser)
+        return torch.jit.script(torch.nn.Sequential(net, Halve())) if calls["n"] == 1 else net
 
     importer._network = perturbed
     try:
-        with pytest.raises(BundleError, match="check failed"):
-            import_bundle(folder, "broken", models)
+        with pytest.raises(BundleError, match="check failed") as caught:
+            import_bundle(folder, "broken", models, check_image=_volume())
     finally:
         importer._network = original
+    print(caught.value)
+    assert calls["n"] == 2
     assert list(models.iterdir()) == []
+
+
+def _scripted_bundle(folder: Path, *, softmax: bool) -> Path:
+    """A TorchScript bundle (models/model.ts) whose 'network' is a fixed function of the
+    intensity (decisive by construction, no training), with NormalizeIntensity, SpatialPad
+    and Invertd with nearest interpolation."""
+    import torch
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, three: bool) -> None:
+            super().__init__()
+            self.three = three
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            smooth = torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1)
+            if self.three:
+                return torch.cat([-4 * smooth, 4 * smooth - 2, 8 * smooth - 9], dim=1)
+            return 6 * smooth - 3
+
+    config = _inference_config("unet", [
+        {"_target_": "NormalizeIntensityd", "keys": "@image_key", "nonzero": True,
+         "channel_wise": True},
+        {"_target_": "SpatialPadd", "keys": "@image_key", "spatial_size": [40, 44, 36],
+         "method": "end"}])
+    del config["network_def"], config["network"]
+    config["inferer"].update({"mode": "constant", "overlap": 0.25, "sw_batch_size": 3})
+    post = config["postprocessing"]["transforms"]
+    post[1]["nearest_interp"] = True
+    if not softmax:
+        post[0] = {"_target_": "Activationsd", "keys": "pred", "sigmoid": True}
+        post[2] = {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}
+        post[3] = {"_target_": "KeepLargestConnectedComponentd", "keys": "pred",
+                   "connectivity": 1}
+    folder = _write_bundle(folder, "scripted", _FakeNet(), config)
+    (folder / "models" / "model.pt").unlink()
+    torch.jit.script(Fixed(softmax)).save(str(folder / "models" / "model.ts"))
+    if not softmax:
+        metadata = json.loads((folder / "configs" / "metadata.json").read_text())
+        metadata["network_data_format"]["outputs"]["pred"]["channel_def"] = {
+            "0": "background", "1": "liver"}
+        (folder / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4))
+    return folder
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+def test_torchscript_bundle_with_nearest_invert(softmax: bool, tmp_path: Path) -> None:
+    folder = _scripted_bundle(tmp_path / "bundle", softmax=softmax)
+    models = tmp_path / "models"
+    models.mkdir()
+    structures = {"blob": {"name": "Blob", "color": [1, 2, 3],
+                           "category": {"scheme": "SCT", "value": "123037004",
+                                        "meaning": "Anatomical Structure"},
+                           "type": {"scheme": "SCT", "value": "91723000",
+                                    "meaning": "Anatomical structure"}}}
+    image = _volume((0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+    package, figures = import_bundle(folder, "scripted", models, structures=structures,
+                                     check_image=image)
+    print(f"softmax={softmax}: {figures.as_dict()}")
+    assert figures.passed
+    assert figures.voxel_agreement == 1.0
+    assert all(count > 50 for count in figures.counts.values())  # not agreement on nothing
+    from dicomnode.inference.card import load_card
+
+    card = load_card(package)
+    names = [label.name for label in card.outputs.labels]
+    assert card.profile is not None
+    if softmax:
+        assert names == ["spleen", "Blob"]
+        assert "needs_review" not in card.profile
+    else:
+        assert names == ["liver"] and card.outputs.labels[0].type.meaning == "Liver"
+    assert any(s["transform"] == "Invert" and s["nearest"]
+               for s in card.profile["postprocessing"])

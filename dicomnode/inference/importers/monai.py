@@ -464,6 +464,7 @@ class CheckFigures:
     dice: dict[str, float]
     max_probability_diff: float | None
     voxels: int
+    counts: dict[str, int]  # voxels of each structure in MONAI's labels
 
     @property
     def passed(self) -> bool:
@@ -475,6 +476,7 @@ class CheckFigures:
     def as_dict(self) -> dict[str, Any]:
         return {"voxel_agreement": self.voxel_agreement, "dice": self.dice,
                 "max_probability_diff": self.max_probability_diff, "voxels": self.voxels,
+                "structure_voxels": self.counts,
                 "thresholds": {"voxel_agreement": MIN_VOXEL_AGREEMENT, "dice": MIN_DICE,
                                "probability": MAX_PROBABILITY_DIFF},
                 "passed": self.passed}
@@ -488,8 +490,10 @@ def compare(ours: npt.NDArray[Any], theirs: npt.NDArray[Any], labels: Mapping[in
         raise BundleError(f"the package's labels have shape {list(ours.shape)}, MONAI's "
                           f"{list(theirs.shape)}")
     dice: dict[str, float] = {}
+    counts: dict[str, int] = {}
     for value, name in labels.items():
         a, b = ours == value, theirs == value
+        counts[name] = int(b.sum())
         total = int(a.sum()) + int(b.sum())
         dice[name] = 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
     diff = None
@@ -498,7 +502,7 @@ def compare(ours: npt.NDArray[Any], theirs: npt.NDArray[Any], labels: Mapping[in
             raise BundleError(f"model grids differ: {list(our_grid.shape)} here, "
                               f"{list(their_grid.shape)} in MONAI")
         diff = float(np.abs(our_grid - their_grid).max())
-    return CheckFigures(float((ours == theirs).mean()), dice, diff, int(ours.size))
+    return CheckFigures(float((ours == theirs).mean()), dice, diff, int(ours.size), counts)
 
 
 def synthetic_image(profile: Mapping[str, Any]) -> sitk.Image:
@@ -726,7 +730,8 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
     print(f"imported {package}")
     print(f"  check against MONAI: {figures.voxel_agreement:.5%} of {figures.voxels} voxels "
           "agree; Dice " + ", ".join(f"{k} {v:.5f}" for k, v in figures.dice.items())
-          + f"; max probability difference {figures.max_probability_diff}")
+          + f"; max probability difference {figures.max_probability_diff}; structure voxels "
+          + ", ".join(f"{k} {v}" for k, v in figures.counts.items()))
     from dicomnode.inference.card import load_card
 
     card = load_card(package)
