@@ -381,7 +381,8 @@ def test_import_then_run_on_dicom_matches_monai(kind: str, trained: dict[str, An
     session = open_card_session(card)
     assert card.profile is not None
     run = run_profile(card.profile, sitk.ReadImage(str(nifti)),
-                      lambda b: np.asarray(session.run(b), dtype=np.float32))
+                      lambda b: np.asarray(session.run(b), dtype=np.float32),
+                      keep_model_grid=True)
     assert run.model_grid is not None and their_grid is not None
     diff = float(np.abs(run.model_grid - their_grid).max())
     counts = {v: int((theirs == v).sum()) for v in (1, 2)}
@@ -405,17 +406,15 @@ def test_failing_check_leaves_no_package(tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
 
-    class Halve(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * torch.tensor([1.0, 1.0, 0.5]).reshape(1, 3, 1, 1, 1)
-
     original = importer._network
     calls = {"n": 0}
 
     def perturbed(bundle: Any, parser: Any) -> Any:
         calls["n"] += 1
         net = original(bundle, parser)
-        return torch.jit.script(torch.nn.Sequential(net, Halve())) if calls["n"] == 1 else net
+        if calls["n"] > 1:
+            return net
+        return torch.jit.script(torch.nn.Sequential(net, _halve_network()))
 
     importer._network = perturbed
     try:
@@ -428,22 +427,38 @@ def test_failing_check_leaves_no_package(tmp_path: Path) -> None:
     assert list(models.iterdir()) == []
 
 
+def _fixed_network(three: bool) -> Any:
+    """A 'network' that is a fixed function of the smoothed intensity (three softmax channels,
+    or one sigmoid channel): decisive by construction, no training."""
+    import torch
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            smooth = torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1)
+            return torch.cat([-4 * smooth, 4 * smooth - 2, 8 * smooth - 9], dim=1)
+
+    class FixedOne(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 6 * torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1) - 3
+
+    return Fixed() if three else FixedOne()
+
+
+def _halve_network() -> Any:
+    import torch
+
+    class Halve(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.tensor([1.0, 1.0, 0.5]).reshape(1, 3, 1, 1, 1)
+
+    return Halve()
+
+
 def _scripted_bundle(folder: Path, *, softmax: bool) -> Path:
     """A TorchScript bundle (models/model.ts) whose 'network' is a fixed function of the
     intensity (decisive by construction, no training), with NormalizeIntensity, SpatialPad
     and Invertd with nearest interpolation."""
     import torch
-
-    class Fixed(torch.nn.Module):
-        def __init__(self, three: bool) -> None:
-            super().__init__()
-            self.three = three
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            smooth = torch.nn.functional.avg_pool3d(x, 3, stride=1, padding=1)
-            if self.three:
-                return torch.cat([-4 * smooth, 4 * smooth - 2, 8 * smooth - 9], dim=1)
-            return 6 * smooth - 3
 
     config = _inference_config("unet", [
         {"_target_": "NormalizeIntensityd", "keys": "@image_key", "nonzero": True,
@@ -461,7 +476,7 @@ def _scripted_bundle(folder: Path, *, softmax: bool) -> Path:
                    "connectivity": 1}
     folder = _write_bundle(folder, "scripted", _FakeNet(), config)
     (folder / "models" / "model.pt").unlink()
-    torch.jit.script(Fixed(softmax)).save(str(folder / "models" / "model.ts"))
+    torch.jit.script(_fixed_network(softmax)).save(str(folder / "models" / "model.ts"))
     if not softmax:
         metadata = json.loads((folder / "configs" / "metadata.json").read_text())
         metadata["network_data_format"]["outputs"]["pred"]["channel_def"] = {

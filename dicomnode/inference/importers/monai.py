@@ -551,7 +551,7 @@ def check_bundle(bundle: ImportedBundle, package: Path, image: sitk.Image
     def run_model(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         return np.asarray(session.run(batch), dtype=np.float32)
 
-    ours = run_profile(card.profile, image, run_model)
+    ours = run_profile(card.profile, image, run_model, keep_model_grid=True)
     labels = {label.value: label.name for label in card.outputs.labels}
     return compare(ours.labels, theirs, labels, ours.model_grid, their_grid), labels
 

@@ -575,9 +575,38 @@ def _invert(data: Array, ops: Sequence[_Op], nearest: bool) -> Array:
     return out
 
 
+#: channels inverted at a time when Invert is followed by an argmax
+INVERT_CHANNELS = 4
+
+
+def _invert_argmax(data: Array, ops: Sequence[_Op], nearest: bool) -> Array:
+    """``argmax(invert(data))`` over the channels, a few channels at a time."""
+    best: Array | None = None
+    labels: Array | None = None
+    for first in range(0, data.shape[0], INVERT_CHANNELS):
+        chunk = _invert(data[first:first + INVERT_CHANNELS], ops, nearest)
+        for offset, channel in enumerate(chunk):
+            if best is None or labels is None:
+                best, labels = channel.copy(), np.zeros(channel.shape, dtype=np.float32)
+                continue
+            better = channel > best
+            best[better] = channel[better]
+            labels[better] = first + offset
+    assert labels is not None
+    return labels[None]
+
+
 def run_profile(profile: Mapping[str, Any], image: sitk.Image,
-                run: Callable[[FloatArray], FloatArray]) -> MonaiRun:
-    """The bundle's pipeline (``profile``) on ``image`` with ``run`` as the network."""
+                run: Callable[[FloatArray], FloatArray], *,
+                keep_model_grid: bool = False) -> MonaiRun:
+    """The bundle's pipeline (``profile``) on ``image`` with ``run`` as the network.
+
+    ``keep_model_grid`` keeps a copy of the model-grid data as ``Invert`` receives it (for
+    the import's check). ``Invert`` directly followed by ``AsDiscrete`` argmax is done
+    :data:`INVERT_CHANNELS` channels at a time with a running maximum, so that the source
+    grid never holds all channels' probabilities (the same labels: the first channel wins
+    ties, as in ``torch.argmax``).
+    """
     t0 = time.perf_counter()
     data, affine = source_array(image)
     ops: list[_Op] = []
@@ -618,21 +647,34 @@ def run_profile(profile: Mapping[str, Any], image: sitk.Image,
     t2 = time.perf_counter()
     model_grid: FloatArray | None = None
     inverted = False
-    for step in profile.get("postprocessing", []):
+    steps = list(profile.get("postprocessing", []))
+    skip_next = False
+    for index, step in enumerate(steps):
         name = step["transform"]
+        if skip_next:
+            skip_next = False
+            continue
         if name == "Activations":
             data = _activations(data, step)
         elif name == "Invert":
-            if not inverted:
+            if not inverted and keep_model_grid:
                 model_grid = data.astype(np.float32)
-            data = _invert(data, ops, bool(step.get("nearest", True)))
+            following = steps[index + 1] if index + 1 < len(steps) else {}
+            nearest = bool(step.get("nearest", True))
+            if (following.get("transform") == "AsDiscrete" and following.get("argmax")
+                    and data.shape[0] > 1):
+                data = _invert_argmax(data, ops, nearest)
+                skip_next = True
+            else:
+                data = _invert(data, ops, nearest)
             inverted = True
         elif name == "AsDiscrete":
             data = _as_discrete(data, step)
         elif name == "KeepLargestConnectedComponent":
             data = _keep_largest(data, step)
     if not inverted:  # the labels go back onto the source grid all the same
-        model_grid = data.astype(np.float32)
+        if keep_model_grid:
+            model_grid = data.astype(np.float32)
         data = _invert(data, ops, True)
     labels = np.rint(data[0]).astype(np.int64)
     t3 = time.perf_counter()
