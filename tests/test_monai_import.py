@@ -293,6 +293,31 @@ class _FakeNet:
         return {}
 
 
+def test_export_of_affine_free_instance_norm_on_air(tmp_path: Path) -> None:
+    """MONAI's instance norm has no affine: torch exports its scale and bias as Constant
+    nodes, which the precise (float64) rewrite must take; on a mostly-air input the ONNX
+    model then stays with torch."""
+    import onnxruntime as ort
+    import torch
+
+    from dicomnode.inference.export import export_network
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1),
+                              torch.nn.InstanceNorm3d(4, affine=False),
+                              torch.nn.LeakyReLU(), torch.nn.Conv3d(4, 2, 1)).eval()
+    x = torch.full((1, 1, 32, 32, 32), -1.0)
+    x[:, :, 12:16, 12:18, 10:14] = 0.6
+    model = export_network(net, x, tmp_path / "m.onnx")
+    assert not any(n.op_type == "InstanceNormalization" for n in model.graph.node)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    ours = session.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        theirs = net(x).numpy()
+    print(f"affine-free instance norm on air: {np.abs(ours - theirs).max():.2e}")
+    assert np.abs(ours - theirs).max() < 1e-4
+
+
 def test_unsupported_transform_is_refused_with_its_line(tmp_path: Path) -> None:
     config = _inference_config("unet", [{"_target_": "RandFlipd", "keys": "@image_key",
                                          "prob": 0.5}])
@@ -369,6 +394,7 @@ def test_import_then_run_on_dicom_matches_monai(kind: str, trained: dict[str, An
     proc = _cli("models", "run", f"tiny-{kind}", "--input", str(series), "--output", str(out),
                 "--config", str(config))
     assert proc.returncode == 0, proc.stderr
+    assert (out / "seg.dcm").is_file() and (out / "rtstruct.dcm").is_file()
     ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labels.nii.gz"))).transpose(2, 1, 0)
     theirs, their_grid = run_bundle_with_monai(read_bundle(folder), nifti)
     agreement, dice = _agreement(ours, theirs)

@@ -576,7 +576,7 @@ def _invert(data: Array, ops: Sequence[_Op], nearest: bool) -> Array:
 
 
 #: channels inverted at a time when Invert is followed by an argmax
-INVERT_CHANNELS = 4
+INVERT_CHANNELS = 2
 
 
 def _invert_argmax(data: Array, ops: Sequence[_Op], nearest: bool) -> Array:
