@@ -540,3 +540,9 @@ def test_torchscript_bundle_with_nearest_invert(softmax: bool, tmp_path: Path) -
         assert names == ["liver"] and card.outputs.labels[0].type.meaning == "Liver"
     assert any(s["transform"] == "Invert" and s["nearest"]
                for s in card.profile["postprocessing"])
+    from dicomnode.inference.profiles.monai import facts
+
+    lines = facts(card)
+    print("\n".join(lines))
+    assert lines[0].startswith("framework MONAI 1.")
+    assert "100.000 % voxels agree" in lines[1]

@@ -49,8 +49,8 @@ if TYPE_CHECKING:
     from dicomnode.inference.card import Card
     from dicomnode.inference.segment import Segmentation
 
-__all__ = ["POSTPROCESSING", "PREPROCESSING", "MonaiRun", "importance_map", "run_profile",
-           "segment", "source_array", "validate", "window_starts"]
+__all__ = ["POSTPROCESSING", "PREPROCESSING", "MonaiRun", "facts", "importance_map",
+           "run_profile", "segment", "source_array", "validate", "window_starts"]
 
 FloatArray = npt.NDArray[np.float32]
 Array = npt.NDArray[Any]
@@ -171,6 +171,32 @@ def validate(card: Card) -> None:
                          "(argmax or threshold)")
     if post.count("Invert") > 1:
         raise ValueError("profile.postprocessing: at most one Invert step")
+
+
+def facts(card: Card) -> list[str]:
+    """Lines for ``models check``: the MONAI version the package was checked against, the
+    agreement figures of ``check_report.json`` and the labels still needing review."""
+    import json
+
+    profile = card.profile or {}
+    lines = [f"framework MONAI {profile.get('monai_version', '?')}"]
+    report_path = card.package / "check_report.json"
+    if report_path.is_file():
+        try:
+            report = json.loads(report_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return [*lines, f"check_report.json unreadable: {exc}"]
+        dice = ", ".join(f"{k} {v:.4f}" for k, v in report.get("dice", {}).items())
+        lines.append(
+            f"checked against MONAI {report.get('monai')} / torch {report.get('torch')}: "
+            f"{100 * report.get('voxel_agreement', 0):.3f} % voxels agree, Dice {dice}, "
+            f"probabilities within {report.get('max_probability_diff')}")
+    else:
+        lines.append("no check_report.json: the package was not checked against MONAI")
+    review = profile.get("needs_review")
+    if review:
+        lines.append(f"needs review (no SNOMED CT code known): {', '.join(review)}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------
