@@ -348,8 +348,13 @@ def resample(data: Array, src_affine: Array, dst_affine: Array, shape: Sequence[
             i0, i1, w0, w1 = _axis_weights(coords, src_shape[axis], mode, padding)
             view = [1] * 4
             view[axis + 1] = -1
-            out = (np.take(out, i0, axis=axis + 1) * w0.reshape(view)
-                   + np.take(out, i1, axis=axis + 1) * w1.reshape(view))
+            first = np.take(out, i0, axis=axis + 1)
+            first *= w0.reshape(view)
+            second = np.take(out, i1, axis=axis + 1)
+            second *= w1.reshape(view)
+            first += second
+            del second
+            out = first
         return out.astype(np.float32)
     grid = np.indices(tuple(shape), dtype=np.float64).reshape(3, -1)
     coords = linear @ grid + xform[:3, 3:4]
@@ -601,8 +606,9 @@ def _invert(data: Array, ops: Sequence[_Op], nearest: bool) -> Array:
     return out
 
 
-#: channels inverted at a time when Invert is followed by an argmax
-INVERT_CHANNELS = 2
+#: channels inverted at a time when Invert is followed by an argmax (each is float64 on the
+#: source grid while it is resampled)
+INVERT_CHANNELS = 1
 
 
 def _invert_argmax(data: Array, ops: Sequence[_Op], nearest: bool) -> Array:
