@@ -330,6 +330,15 @@ def test_unsupported_transform_is_refused_with_its_line(tmp_path: Path) -> None:
     print(message)
     assert "RandFlipd" in message
     assert f"inference.json:{line}:" in message
+    # the command says the same and leaves nothing behind
+    models = tmp_path / "models"
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(f"models_dir: {models}\n")
+    proc = _cli("models", "import", "monai-bundle", str(folder), "--name", "refused",
+                "--config", str(config_file))
+    assert proc.returncode == 1
+    assert f"inference.json:{line}: transform RandFlipd is not supported" in proc.stderr
+    assert not models.exists() or list(models.iterdir()) == []
     # a supported transform with an unsupported parameter names that parameter's line
     config = _inference_config("unet")
     config["preprocessing"]["transforms"][3]["diagonal"] = True
@@ -338,6 +347,17 @@ def test_unsupported_transform_is_refused_with_its_line(tmp_path: Path) -> None:
     line = next(i + 1 for i, t in enumerate(text) if '"diagonal"' in t)
     with pytest.raises(BundleError, match=rf"inference.json:{line}: Spacingd: .*'diagonal'"):
         translate(read_bundle(folder))
+
+
+def test_bad_name_and_existing_package_are_refused_before_any_work(tmp_path: Path) -> None:
+    folder = _write_bundle(tmp_path / "b", "unet", _FakeNet(), _inference_config("unet"))
+    models = tmp_path / "models"
+    (models / "taken").mkdir(parents=True)
+    with pytest.raises(BundleError, match="is not a model name"):
+        import_bundle(folder, "Bad Name", models)
+    with pytest.raises(BundleError, match="exists"):
+        import_bundle(folder, "taken", models)
+    assert [p.name for p in models.iterdir()] == ["taken"]
 
 
 def test_yaml_config_lines(tmp_path: Path) -> None:

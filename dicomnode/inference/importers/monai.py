@@ -621,9 +621,12 @@ def import_bundle(folder: Path, name: str, models_dir: Path, *,
     import monai
     import torch
 
-    from dicomnode.inference.card import load_card
+    from dicomnode.inference.card import _NAME, load_card
     from dicomnode.inference.export import export_network
 
+    if not _NAME.match(name):
+        raise BundleError(f"--name {name!r} is not a model name: lower-case letters, digits, "
+                          "'.', '_' and '-', starting with a letter or digit, at most 64")
     bundle = read_bundle(folder)
     package = Path(models_dir) / name
     if package.exists():
@@ -713,6 +716,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, models_dir: Path) -> int:
     """Import ``args.folder`` as ``args.name``; print the check's figures."""
+    from dicomnode.inference.card import CardError
+
     structures = None
     try:
         if args.structures is not None:
@@ -724,7 +729,7 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
         Path(models_dir).mkdir(parents=True, exist_ok=True)
         package, figures = import_bundle(Path(args.folder), args.name, Path(models_dir),
                                          structures=structures, check_image=image)
-    except (BundleError, OSError, RuntimeError, ValueError) as exc:
+    except (BundleError, CardError, OSError, RuntimeError, ValueError) as exc:
         print(f"import failed: {exc}", file=sys.stderr)
         return 1
     print(f"imported {package}")
