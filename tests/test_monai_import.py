@@ -254,6 +254,10 @@ def test_window_starts_and_importance_map_are_monais() -> None:
     None,
     (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0),  # permuted axes
     (-1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0),  # flips and a swap
+    tuple(np.array([[np.cos(0.2), -np.sin(0.2), 0.0], [np.sin(0.2), np.cos(0.2), 0.0],
+                    [0.0, 0.0, 1.0]]).ravel().tolist()),  # oblique: 11.5 degrees about z
+    tuple(np.array([[np.cos(0.2), 0.0, -np.sin(0.2)], [0.0, 1.0, 0.0],
+                    [np.sin(0.2), 0.0, np.cos(0.2)]]).ravel().tolist()),  # about y
 ])
 def test_preprocessing_is_monais(direction: tuple[float, ...] | None, tmp_path: Path) -> None:
     """The model input built here equals the one MONAI's transforms build (identity network:
@@ -541,7 +545,9 @@ def test_torchscript_bundle_with_nearest_invert(softmax: bool, tmp_path: Path) -
                                         "meaning": "Anatomical Structure"},
                            "type": {"scheme": "SCT", "value": "91723000",
                                     "meaning": "Anatomical structure"}}}
-    image = _volume((0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+    # permuted axes; an oblique series is not covered yet (see docs/model-cards.md)
+    image = _volume((0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0) if softmax
+                    else (-1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0))
     package, figures = import_bundle(folder, "scripted", models, structures=structures,
                                      check_image=image)
     print(f"softmax={softmax}: {figures.as_dict()}")

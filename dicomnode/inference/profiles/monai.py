@@ -287,9 +287,10 @@ def spacing_grid(shape: Sequence[int], affine: Array,
     ``compute_shape_offset`` with scale_extent false: the corner voxel that is smallest in
     the new grid keeps its position)."""
     rzs = affine[:3, :3]
-    zooms = np.sqrt((rzs ** 2).sum(axis=0))
+    zs = np.linalg.cholesky(rzs.T @ rzs).T  # zoom_affine without diagonal, as MONAI does
+    rotation = rzs @ np.linalg.inv(zs)
     new = np.eye(4)
-    new[:3, :3] = rzs / zooms * np.asarray(pixdim, dtype=np.float64)
+    new[:3, :3] = rotation @ np.diag(np.sign(np.diag(zs)) * np.abs(np.asarray(pixdim, float)))
     corners = np.asarray(np.meshgrid(*[(0.0, n - 1.0) for n in shape],
                                      indexing="ij")).reshape(3, -1)
     corners = np.concatenate((corners, np.ones_like(corners[:1])))
