@@ -504,7 +504,7 @@ def _halve_network() -> Any:
     return Halve()
 
 
-def _scripted_bundle(folder: Path, *, softmax: bool) -> Path:
+def _scripted_bundle(folder: Path, *, softmax: bool, nearest: bool = True) -> Path:
     """A TorchScript bundle (models/model.ts) whose 'network' is a fixed function of the
     intensity (decisive by construction, no training), with NormalizeIntensity, SpatialPad
     and Invertd with nearest interpolation."""
@@ -518,7 +518,7 @@ def _scripted_bundle(folder: Path, *, softmax: bool) -> Path:
     del config["network_def"], config["network"]
     config["inferer"].update({"mode": "constant", "overlap": 0.25, "sw_batch_size": 3})
     post = config["postprocessing"]["transforms"]
-    post[1]["nearest_interp"] = True
+    post[1]["nearest_interp"] = nearest
     if not softmax:
         post[0] = {"_target_": "Activationsd", "keys": "pred", "sigmoid": True}
         post[2] = {"_target_": "AsDiscreted", "keys": "pred", "threshold": 0.5}
@@ -535,9 +535,18 @@ def _scripted_bundle(folder: Path, *, softmax: bool) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("softmax", [True, False])
-def test_torchscript_bundle_with_nearest_invert(softmax: bool, tmp_path: Path) -> None:
-    folder = _scripted_bundle(tmp_path / "bundle", softmax=softmax)
+_OBLIQUE_Y = tuple(np.array([[np.cos(0.2), 0.0, -np.sin(0.2)], [0.0, 1.0, 0.0],
+                             [np.sin(0.2), 0.0, np.cos(0.2)]]).ravel().tolist())
+
+
+@pytest.mark.parametrize(("softmax", "direction", "nearest"), [
+    (True, (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0), True),  # permuted axes
+    (False, (-1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0), True),  # flips and a swap
+    (True, _OBLIQUE_Y, False),  # oblique, resampled back bilinearly
+])
+def test_torchscript_bundle(softmax: bool, direction: tuple[float, ...], nearest: bool,
+                            tmp_path: Path) -> None:
+    folder = _scripted_bundle(tmp_path / "bundle", softmax=softmax, nearest=nearest)
     models = tmp_path / "models"
     models.mkdir()
     structures = {"blob": {"name": "Blob", "color": [1, 2, 3],
@@ -545,12 +554,10 @@ def test_torchscript_bundle_with_nearest_invert(softmax: bool, tmp_path: Path) -
                                         "meaning": "Anatomical Structure"},
                            "type": {"scheme": "SCT", "value": "91723000",
                                     "meaning": "Anatomical structure"}}}
-    # permuted axes; an oblique series is not covered yet (see docs/model-cards.md)
-    image = _volume((0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0) if softmax
-                    else (-1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 1.0, 0.0))
+    image = _volume(direction)
     package, figures = import_bundle(folder, "scripted", models, structures=structures,
                                      check_image=image)
-    print(f"softmax={softmax}: {figures.as_dict()}")
+    print(f"softmax={softmax} nearest={nearest}: {figures.as_dict()}")
     assert figures.passed
     assert figures.voxel_agreement == 1.0
     assert all(count > 50 for count in figures.counts.values())  # not agreement on nothing
@@ -564,7 +571,7 @@ def test_torchscript_bundle_with_nearest_invert(softmax: bool, tmp_path: Path) -
         assert "needs_review" not in card.profile
     else:
         assert names == ["liver"] and card.outputs.labels[0].type.meaning == "Liver"
-    assert any(s["transform"] == "Invert" and s["nearest"]
+    assert any(s["transform"] == "Invert" and s["nearest"] == nearest
                for s in card.profile["postprocessing"])
     from dicomnode.inference.profiles.monai import facts
 

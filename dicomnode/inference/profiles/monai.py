@@ -334,6 +334,39 @@ def _axis_weights(coords: Array, n: int, mode: str,
     return np.clip(i0, 0, n - 1), np.clip(i1, 0, n - 1), w0, w1
 
 
+def _torch_linspace(n: int) -> Array:
+    """``torch.linspace(-1, 1, n)`` as torch computes it (from both ends), times
+    ``(n - 1) / n`` as ``affine_grid`` does without align_corners."""
+    if n == 1:
+        values = np.zeros(1)
+    else:
+        step = 2.0 / (n - 1)
+        i = np.arange(n, dtype=np.float64)
+        values = np.where(i < n // 2, -1.0 + step * i, 1.0 - step * (n - 1 - i))
+    return np.asarray(values * (n - 1) / n)
+
+
+def _grid_sample_coordinates(xform: Array, src_shape: Sequence[int],
+                             dst_shape: Sequence[int]) -> Array:
+    """Source index coordinates ``(3, N)`` of each destination voxel, computed the way MONAI's
+    ``AffineTransform`` (normalised theta, ``affine_grid``, then ``grid_sample``'s
+    unnormalising) computes them, so that ties in nearest interpolation fall the same way."""
+    def normalise(size: Sequence[int]) -> Array:
+        shape = np.asarray(size, dtype=np.float64)
+        norm = np.diag(np.append(2.0 / shape, 1.0))
+        norm[:-1, -1] = 1.0 / shape - 1.0
+        return norm
+
+    theta = normalise(src_shape) @ xform @ np.linalg.inv(normalise(dst_shape))
+    bases = [_torch_linspace(int(n)) for n in dst_shape]
+    grid = np.meshgrid(*bases, indexing="ij")
+    coords = np.empty((3, int(np.prod(dst_shape))), dtype=np.float64)
+    for a in range(3):  # summed x (last axis) first, as affine_grid's (x, y, z, 1) @ theta.T
+        g = grid[2] * theta[a, 2] + grid[1] * theta[a, 1] + grid[0] * theta[a, 0] + theta[a, 3]
+        coords[a] = (((g + 1.0) * src_shape[a] - 1.0) / 2.0).reshape(-1)
+    return coords
+
+
 def resample(data: Array, src_affine: Array, dst_affine: Array, shape: Sequence[int],
              mode: str, padding: str) -> FloatArray:
     """``data`` ``[channel, *spatial]`` on ``src_affine`` resampled onto ``shape`` voxels of
@@ -357,8 +390,7 @@ def resample(data: Array, src_affine: Array, dst_affine: Array, shape: Sequence[
             del second
             out = first
         return out.astype(np.float32)
-    grid = np.indices(tuple(shape), dtype=np.float64).reshape(3, -1)
-    coords = linear @ grid + xform[:3, 3:4]
+    coords = _grid_sample_coordinates(xform, src_shape, shape)
     if padding == "border":
         coords = np.clip(coords, 0.0, (np.asarray(src_shape) - 1.0)[:, None])
     if mode == "nearest":
