@@ -134,7 +134,16 @@ def read_bundle(folder: Path) -> ImportedBundle:
 # translation of the config into the profile
 
 
+def _frameworks() -> None:
+    """Keep MONAI from importing torchvision: MONAI imports it optionally, and a torchvision
+    built for another torch (e.g. a CUDA build beside a CPU torch) fails half-way through
+    its import. The import command needs none of it."""
+    if "torchvision" not in sys.modules:
+        sys.modules["torchvision"] = None  # type: ignore[assignment]
+
+
 def _parser(bundle: ImportedBundle) -> Any:
+    _frameworks()
     from monai.bundle import ConfigParser  # type: ignore[attr-defined]
 
     parser = ConfigParser()
@@ -375,6 +384,7 @@ def translate(bundle: ImportedBundle, parser: Any | None = None) -> dict[str, An
     Raises:
         BundleError: a transform or parameter is not supported (file:line in the message).
     """
+    _frameworks()
     import monai
 
     parser = parser if parser is not None else _parser(bundle)
@@ -425,6 +435,7 @@ def run_bundle_with_monai(bundle: ImportedBundle, nifti: Path
                           ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32] | None]:
     """The bundle's own pipeline through MONAI on ``nifti``: the final labels (``[x, y, z]``,
     the file's array order) and the data just before ``Invertd`` (model grid) or None."""
+    _frameworks()
     import torch
     from monai.data import decollate_batch, list_data_collate  # type: ignore[attr-defined]
     from monai.transforms import (  # type: ignore[attr-defined]
@@ -618,6 +629,7 @@ def import_bundle(folder: Path, name: str, models_dir: Path, *,
     Raises:
         BundleError: the bundle cannot be imported or its check fails.
     """
+    _frameworks()
     import monai
     import torch
 
