@@ -67,7 +67,10 @@ def precise_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     opset = _opset(model)
     ranks = _ranks(model)
-    initializers = {init.name: init for init in model.graph.initializer}
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:  # scale/bias of an affine-free norm come as Constant nodes
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     nodes: list[onnx.NodeProto] = []
     added: list[onnx.TensorProto] = []
     for index, node in enumerate(model.graph.node):
@@ -84,15 +87,15 @@ def precise_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
         axes = list(range(2, rank))
         broadcast = [-1, *[1] * (rank - 2)]  # [C, 1, ..., 1]
         for name in (scale, bias):
-            if name not in initializers:
+            if name not in constants:
                 raise ValueError(f"InstanceNormalization node {node.name or index}: its "
                                  f"{name!r} is not a constant")
         added += [
             numpy_helper.from_array(
-                numpy_helper.to_array(initializers[scale]).reshape(broadcast).astype(np.float32),
+                constants[scale].reshape(broadcast).astype(np.float32),
                 p + "scale"),
             numpy_helper.from_array(
-                numpy_helper.to_array(initializers[bias]).reshape(broadcast).astype(np.float32),
+                constants[bias].reshape(broadcast).astype(np.float32),
                 p + "bias"),
             numpy_helper.from_array(np.array(epsilon, dtype=np.float32), p + "eps"),
         ]
