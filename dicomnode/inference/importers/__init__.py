@@ -20,7 +20,9 @@ from types import ModuleType
 __all__ = ["IMPORTERS", "importer_module"]
 
 #: ``models import`` sub-command -> module
-IMPORTERS: dict[str, str] = {}
+IMPORTERS: dict[str, str] = {
+    "nnunet": "dicomnode.inference.importers.nnunet",
+}
 
 
 def importer_module(kind: str) -> ModuleType:

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 __all__ = ["FRAMEWORKS", "profile_module", "segment_with_profile"]
 
 #: framework name -> module (imported when a card uses it)
-FRAMEWORKS: dict[str, str] = {}
+FRAMEWORKS: dict[str, str] = {
+    "nnunet": "dicomnode.inference.profiles.nnunet",
+}
 
 
 def profile_module(framework: str) -> ModuleType:
