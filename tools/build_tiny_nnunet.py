@@ -148,7 +148,7 @@ def _trainer_class() -> Any:
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    class nnUNetTrainerTiny(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming
+    class nnUNetTrainerTiny(nnUNetTrainer):
         """A few short epochs on the CPU."""
 
         def __init__(self, plans: dict[str, Any], configuration: str, fold: int,

@@ -129,7 +129,8 @@ def read_structures(path: str | Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key, entry in data.items():
         if not isinstance(entry, dict):
-            raise StructuresError(f"{path}: {key}: must be a mapping ({', '.join(sorted(allowed))})")
+            raise StructuresError(
+                f"{path}: {key}: must be a mapping ({', '.join(sorted(allowed))})")
         unknown = set(entry) - allowed
         if unknown:
             raise StructuresError(f"{path}: {key}: unknown key(s) {', '.join(sorted(unknown))}; "

@@ -231,7 +231,7 @@ def _input_specs(model: NnunetFolder) -> list[dict[str, str]]:
     for i, key in enumerate(sorted(channels, key=lambda k: int(k))):
         raw = str(channels[key])
         ct = raw.upper() == "CT" or (i < len(schemes) and schemes[i] == "CTNormalization")
-        name = re.sub(r"[^A-Za-z0-9_]", "_", raw) or f"channel{i}"
+        name = re.sub(r"[^A-Za-z0-9_]", "_", raw).lower() or f"channel{i}"
         if not re.match(r"^[A-Za-z_]", name):
             name = f"c_{name}"
         while name in used:
@@ -457,8 +457,7 @@ def reference_prediction(model_folder: Path, image: sitk.Image, folds: Sequence[
 def _probabilities(logits: npt.NDArray[Any], regions: bool) -> npt.NDArray[np.float32]:
     x = logits.astype(np.float32)
     if regions:
-        out: npt.NDArray[np.float32] = 1.0 / (1.0 + np.exp(-x))
-        return out
+        return np.asarray(1.0 / (1.0 + np.exp(-x)), dtype=np.float32)
     x = x - x.max(axis=0, keepdims=True)
     e = np.exp(x)
     return np.asarray(e / e.sum(axis=0, keepdims=True), dtype=np.float32)
@@ -590,7 +589,7 @@ def import_model(folder: Path, package: Path, *, name: str, version: str = "1",
         "nnunetv2": _version("nnunetv2"),
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
-        "imported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "imported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     (package / "PROVENANCE").write_text(json.dumps(provenance, indent=2) + "\n")
     loaded = load_card(package)

@@ -7,9 +7,9 @@ What :class:`nnunetv2.inference.predict_from_raw_data.nnUNetPredictor` does with
    spacing reversed), float32, channels first; ``transpose_forward``.
 2. Crop to the bounding box of the nonzero voxels of any channel (holes filled).
 3. Normalisation per channel *before* resampling: ``CTNormalization`` (clip to the dataset's
-   0.5 / 99.5 percentiles, subtract the foreground mean, divide by its std), ``ZScoreNormalization``
-   (inside the nonzero mask when ``use_mask_for_norm``, the outside kept as is), ``NoNormalization``,
-   ``RescaleTo01Normalization``, ``RGBTo01Normalization``.
+   0.5 / 99.5 percentiles, subtract the foreground mean, divide by its std),
+   ``ZScoreNormalization`` (inside the nonzero mask when ``use_mask_for_norm``, the outside
+   kept as is), ``NoNormalization``, ``RescaleTo01Normalization``, ``RGBTo01Normalization``.
 4. Resampling onto the plan's spacing, on nnU-Net's shape-based grid
    (``round(old_spacing / new_spacing * old_shape)``): ``skimage.transform.resize`` semantics
    (``scipy.ndimage.zoom`` with ``grid_mode``, edge mode, clipped to the input range), order 3;
@@ -298,7 +298,7 @@ def _resample_data(plan: NnunetPlan, data: Float32, new_shape: Sequence[int],
     for c in range(data.shape[0]):
         channel = data[c].astype(np.float64)
         if not separate:
-            out[c] = _resize(channel, target, res.order)
+            out[c] = _resize(channel, [int(v) for v in target], res.order)
             continue
         assert axis is not None
         plane = [int(v) for i, v in enumerate(target) if i != axis]
@@ -389,10 +389,10 @@ def prepare(plan: NnunetPlan, volumes: Sequence[sitk.Image]) -> Prepared:
     nonzero = _fill_holes(nonzero)
     box = _bbox(nonzero)
     slicer = tuple(slice(a, b) for a, b in box)
-    data = np.ascontiguousarray(data[(slice(None), *slicer)])
+    data = np.ascontiguousarray(data[:, slicer[0], slicer[1], slicer[2]])
     nonzero = nonzero[slicer]
     after = tuple(int(s) for s in data.shape[1:])
-    new_shape = [int(round(i / j * k)) for i, j, k in zip(spacing_t, plan.spacing, after,
+    new_shape = [round(i / j * k) for i, j, k in zip(spacing_t, plan.spacing, after,
                                                            strict=True)]
     for c, norm in enumerate(plan.normalization):
         data[c] = _normalize(data[c], norm, nonzero)
@@ -411,7 +411,7 @@ def compute_gaussian(tile: Sequence[int], sigma_scale: float = 1.0 / 8,
     gaussian = ndi.gaussian_filter(tmp, [i * sigma_scale for i in tile], 0, mode="constant",
                                    cval=0)
     gaussian /= np.max(gaussian) / value_scaling_factor
-    half = gaussian.astype(np.float16)
+    half: Float16 = gaussian.astype(np.float16)
     zero = half == 0
     if zero.any():
         half[zero] = half[~zero].min()
@@ -443,20 +443,34 @@ class _Counters:
     windows: int = 0
 
 
+#: mirrored copies of a window run as one batch while the batch's scores stay below this
+BATCH_BYTES = 256 * 1024 * 1024
+
+
 def _predict_window(sessions: Sequence[ModelSession], window: Float32,
-                    combos: list[tuple[int, ...]], counters: _Counters) -> list[Float32]:
-    """Each fold's mirrored-averaged logits for one window ``(1, C, *patch)``."""
-    batch = np.concatenate([window, *[np.flip(window, axes) for axes in combos]])
-    batch = np.ascontiguousarray(batch, dtype=np.float32)
+                    combos: list[tuple[int, ...]], heads: int,
+                    counters: _Counters) -> list[Float32]:
+    """Each fold's mirrored-averaged logits for one window ``(1, C, *patch)``, summed in
+    nnU-Net's order (the plain window, then each flip combination) in float32."""
+    variants = [window, *[np.flip(window, axes) for axes in combos]]
+    together = heads * window[0, 0].size * 4 * len(variants) <= BATCH_BYTES
     results = []
     for session in sessions:
-        t = time.perf_counter()
-        with session.lock:
-            out = np.asarray(session.run(batch), dtype=np.float32)
-        counters.session_run += time.perf_counter() - t
-        prediction = out[0].copy()
+
+        def run(batch: Float32, session: ModelSession = session) -> Float32:
+            t = time.perf_counter()
+            with session.lock:
+                out = np.asarray(session.run(np.ascontiguousarray(batch, dtype=np.float32)),
+                                 dtype=np.float32)
+            counters.session_run += time.perf_counter() - t
+            return out
+
+        outs: Sequence[Float32] = (run(np.concatenate(variants)) if together
+                                   else [run(v)[0] for v in variants])  # type: ignore[assignment]
+        prediction = np.array(outs[0], dtype=np.float32)
         for i, axes in enumerate(combos, start=1):
-            prediction += np.flip(out[i], [a - 1 for a in axes])
+            prediction += np.flip(outs[i], tuple(a - 1 for a in axes))
+        del outs
         if combos:
             prediction /= np.float32(len(combos) + 1)
         results.append(prediction)
@@ -508,7 +522,7 @@ def _bands(plan: NnunetPlan, sessions: Sequence[ModelSession], data: Float32,
             total = np.divide(total, np.float16(nfolds), dtype=np.float16)
         if np.isinf(total).any():
             raise RuntimeError("infinite logits (float16 overflow), as nnU-Net would refuse")
-        yield lo - z_lo, np.ascontiguousarray(total[(slice(None), slice(None), *keep)])
+        yield lo - z_lo, np.ascontiguousarray(total[:, :, keep[0], keep[1]])
 
     for i, sx in enumerate(steps[0]):
         if sx > origin:  # rows before sx are final: emit them, shift the accumulators
@@ -523,7 +537,7 @@ def _bands(plan: NnunetPlan, sessions: Sequence[ModelSession], data: Float32,
         for sy in steps[1]:
             for sz in steps[2]:
                 window = data[None, :, sx:sx + patch[0], sy:sy + patch[1], sz:sz + patch[2]]
-                predictions = _predict_window(sessions, window, combos, counters)
+                predictions = _predict_window(sessions, window, combos, heads, counters)
                 region = (slice(None), slice(sx - origin, sx - origin + patch[0]),
                           slice(sy, sy + patch[1]), slice(sz, sz + patch[2]))
                 for acc, prediction in zip(accs, predictions, strict=True):
