@@ -280,8 +280,8 @@ def test_models_check_lists_framework_and_figures(imported: tuple[Path, Path]) -
 @pytest.mark.slow
 def test_a_failing_check_leaves_no_package(tmp_path: Path, nnunet_env: None,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """The exported weights corrupted (one convolution scaled): the check against nnU-Net
-    fails and nothing is left in models_dir."""
+    """The exported weights corrupted (noise on the segmentation head): the check against
+    nnU-Net fails and nothing is left in models_dir."""
     import onnx
     from onnx import numpy_helper
 
@@ -292,11 +292,11 @@ def test_a_failing_check_leaves_no_package(tmp_path: Path, nnunet_env: None,
 
     def corrupting(module: Any, example: Any, path: Any, **kw: Any) -> Any:
         model = real(module, example, path, **kw)
-        for init in model.graph.initializer:
-            array = numpy_helper.to_array(init)
-            if array.ndim == 5:  # the first convolution's kernel
-                init.CopyFrom(numpy_helper.from_array(array * np.float32(1.5), init.name))
-                break
+        kernels = [i for i in model.graph.initializer if len(i.dims) == 5]
+        head = kernels[-1]  # the segmentation head's 1x1x1 convolution (no norm after it)
+        array = numpy_helper.to_array(head)
+        noise = np.random.default_rng(0).normal(0, 0.3 * array.std(), array.shape)
+        head.CopyFrom(numpy_helper.from_array((array + noise).astype(np.float32), head.name))
         onnx.save(model, str(path))
         return model
 
