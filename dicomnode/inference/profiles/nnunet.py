@@ -467,7 +467,9 @@ def _predict_window(sessions: Sequence[ModelSession], window: Float32,
 
         outs: Sequence[Float32] = (run(np.concatenate(variants)) if together
                                    else [run(v)[0] for v in variants])  # type: ignore[assignment]
-        prediction = np.array(outs[0], dtype=np.float32)
+        prediction = outs[0]  # ours to change (ONNX Runtime hands out a fresh array)
+        if not prediction.flags.writeable:
+            prediction = prediction.copy()
         for i, axes in enumerate(combos, start=1):
             prediction += np.flip(outs[i], tuple(a - 1 for a in axes))
         del outs
@@ -507,22 +509,20 @@ def _bands(plan: NnunetPlan, sessions: Sequence[ModelSession], data: Float32,
     counts = np.zeros((band_rows, *plane), dtype=np.float16)
 
     def emit(stop: int) -> Iterator[tuple[int, Float16]]:
-        """Rows [origin, stop) (padded) are final: divide, average the folds, unpad."""
-        rows = stop - origin
-        lo, hi = max(origin, z_lo), min(stop, z_hi)
-        if hi <= lo:
-            return
-        sel = slice(lo - origin, hi - origin)
-        total: Float16 | None = None
-        for acc in accs:
-            logits = np.divide(acc[:, sel], counts[sel], dtype=np.float16)
-            total = logits if total is None else np.add(total, logits, dtype=np.float16)
-        assert total is not None and rows >= hi - lo
-        if nfolds > 1:
-            total = np.divide(total, np.float16(nfolds), dtype=np.float16)
-        if np.isinf(total).any():
-            raise RuntimeError("infinite logits (float16 overflow), as nnU-Net would refuse")
-        yield lo - z_lo, np.ascontiguousarray(total[:, :, keep[0], keep[1]])
+        """Rows [origin, stop) (padded) are final: divide, average the folds, unpad; one
+        row at a time, so that no slab of all classes is held twice."""
+        for row in range(max(origin, z_lo), min(stop, z_hi)):
+            r = row - origin
+            total: Float16 | None = None
+            for acc in accs:
+                logits = np.divide(acc[:, r], counts[r], dtype=np.float16)
+                total = logits if total is None else np.add(total, logits, dtype=np.float16)
+            assert total is not None
+            if nfolds > 1:
+                total = np.divide(total, np.float16(nfolds), dtype=np.float16)
+            if np.isinf(total).any():
+                raise RuntimeError("infinite logits (float16 overflow), as nnU-Net would refuse")
+            yield row - z_lo, total[:, None, keep[0], keep[1]]
 
     for i, sx in enumerate(steps[0]):
         if sx > origin:  # rows before sx are final: emit them, shift the accumulators
@@ -610,8 +610,8 @@ class _BackResampler:
     def feed(self, first: int, rows: Float16) -> Iterator[tuple[int, Float16]]:
         """Take model rows ``first..``; yield ``(output row, logits [heads, y, x])`` for every
         output row that can now be computed."""
-        for i in range(rows.shape[1]):
-            self.rows[first + i] = rows[:, i]
+        for i in range(rows.shape[1]):  # copies: the band they come from can go
+            self.rows[first + i] = np.ascontiguousarray(rows[:, i])
         have = first + rows.shape[1]
         while self.next_out < self.source_shape[0]:
             k = self.next_out
