@@ -337,6 +337,51 @@ def test_no_mirroring_variant(tmp_path: Path, nnunet_env: None) -> None:
     assert mirrored.max_logit_difference > 1e-2
 
 
+def _variant(tmp_path: Path, change: str) -> Path:
+    """A copy of the tiny model with its plan changed (both nnU-Net and the package read the
+    changed plan: this tests the reproduction of nnU-Net's pipeline, not the model)."""
+    folder = tmp_path / TRAINED.name
+    shutil.copytree(TRAINED, folder)
+    plans = json.loads((folder / "plans.json").read_text())
+    config = plans["configurations"]["3d_fullres"]
+    if change == "transpose":
+        plans["transpose_forward"], plans["transpose_backward"] = [1, 0, 2], [1, 0, 2]
+        config["spacing"] = [config["spacing"][i] for i in (1, 0, 2)]
+        config["patch_size"] = [config["patch_size"][i] for i in (1, 0, 2)]
+    elif change == "zscore-mask":
+        config["normalization_schemes"] = ["ZScoreNormalization"]
+        config["use_mask_for_norm"] = [True]
+    elif change == "isotropic":
+        config["spacing"] = [1.6, 1.1, 1.1]
+    elif change == "postprocessing":
+        (folder / "postprocessing.json").write_text(json.dumps({
+            "postprocessing_fns": ["remove_all_but_largest_component_from_segmentation"] * 2,
+            "postprocessing_kwargs": [{"labels_or_regions": [1, 2, 3]},
+                                      {"labels_or_regions": 2}]}))
+    (folder / "plans.json").write_text(json.dumps(plans))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", ["transpose", "zscore-mask", "isotropic", "postprocessing"])
+def test_plan_variants_are_reproduced(tmp_path: Path, nnunet_env: None, change: str) -> None:
+    """transpose_forward, ZScore inside the nonzero mask (with a zero border cropped),
+    isotropic resampling (3d order 3 / order 1 back) and nnU-Net's postprocessing: the
+    package still gives nnU-Net's labels, and the preprocessed input is nnU-Net's bit for bit
+    where nnU-Net's own arithmetic is reused."""
+    from dicomnode.inference.importers.nnunet import import_model
+
+    folder = _variant(tmp_path, change)
+    image, _ = tiny.held_out_case()
+    figures, _ = import_model(folder, tmp_path / "pkg", name="pkg", folds=["0"],
+                              check_image=image)
+    print(f"\n{change}: agreement {figures.voxel_agreement:.6f}, Dice {figures.dice}, "
+          f"max |dp| {figures.max_probability_difference:.2e}, input difference "
+          f"{figures.input_difference:.1e}")
+    assert not figures.problems
+    assert figures.input_difference == 0.0
+
+
 # --------------------------------------------------------------------------- the node path
 
 

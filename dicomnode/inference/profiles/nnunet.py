@@ -30,8 +30,13 @@ What :class:`nnunetv2.inference.predict_from_raw_data.nnUNetPredictor` does with
 Memory is bounded for models with many classes: the windows are run in bands along the first
 (model) axis, every fold at once, and each band of rows that no later window touches is
 resampled back and decided before the next; the scores of a band are float16
-``(folds + 1) x classes x patch[0] x rows x columns`` and nothing the size of the whole model
-grid times the classes is ever held.
+``(folds + 1) x classes x patch[0] x rows x columns`` (plus one window's float32 scores and a
+row at a time on the way back), and nothing the size of the whole model grid times the classes
+is held. Resampling back is exact for separate-z (nnU-Net's own per-slice calls); for 3d order
+1 it is done separably (first axis, then the plane), which may round a float16 logit one unit
+in the last place differently. One case is not streamed: a series whose low-resolution axis is
+not the model's first axis (a sagittal acquisition for an axial model) is resampled back as a
+whole, as nnU-Net does, holding the float16 scores of the whole grid.
 """
 
 from __future__ import annotations
@@ -285,10 +290,12 @@ def _linear_weights(n_in: int, n_out: int) -> tuple[npt.NDArray[np.intp], npt.ND
     return i0, i1, weight
 
 
-def _resample_data(plan: NnunetPlan, data: Float32, new_shape: Sequence[int],
-                   current: Sequence[float], new: Sequence[float]) -> Float32:
-    """``resample_data_or_seg_to_shape`` of the image (float32 in and out)."""
-    res = plan.resampling_data
+def _resample_data(plan: NnunetPlan, data: Any, new_shape: Sequence[int],
+                   current: Sequence[float], new: Sequence[float],
+                   res: Resampling | None = None) -> Any:
+    """``resample_data_or_seg_to_shape`` of the image (float32 in and out), or with ``res``
+    the probabilities' settings of the logits (float16 in and out)."""
+    res = res or plan.resampling_data
     shape = np.array(data.shape[1:])
     target = np.array(new_shape)
     if np.all(shape == target):
@@ -566,9 +573,8 @@ class _BackResampler:
         self.identity = self.model_shape == self.source_shape
         separate, axis = _separate_z(plan, res, plan.spacing, source_spacing)
         if separate and axis != 0:
-            raise ValueError(
-                "this series' low-resolution axis is not nnU-Net's first array axis (e.g. a "
-                "sagittal or coronal acquisition): not supported by the nnunet profile yet")
+            raise ValueError(  # predict_label_map then resamples the whole grid at once
+                "the low-resolution axis is not the first: no streaming")
         self.separate = separate
         n_in, n_out = self.model_shape[0], self.source_shape[0]
         self.nearest: npt.NDArray[np.intp] | None = None
@@ -711,12 +717,24 @@ def predict_label_map(card: Card, volumes: Sequence[sitk.Image], *,
     prepared = prepare(plan, volumes)
     preprocess = time.perf_counter() - started
     counters = _Counters()
-    back = _BackResampler(plan, prepared.data.shape[1:], prepared.shape_after_cropping,
-                          prepared.spacing)
     cropped = np.zeros(prepared.shape_after_cropping, dtype=np.uint8)
-    for first, rows in _bands(plan, sessions, prepared.data, counters):
-        for k, logits in back.feed(first, rows):
-            cropped[k] = _decide(plan, logits)
+    try:
+        back: _BackResampler | None = _BackResampler(
+            plan, prepared.data.shape[1:], prepared.shape_after_cropping, prepared.spacing)
+    except ValueError:  # low-resolution axis not first: the whole grid at once, as nnU-Net
+        back = None
+    if back is not None:
+        for first, rows in _bands(plan, sessions, prepared.data, counters):
+            for k, logits in back.feed(first, rows):
+                cropped[k] = _decide(plan, logits)
+    else:
+        grid = np.concatenate([rows for _, rows in _bands(plan, sessions, prepared.data,
+                                                          counters)], axis=1)
+        grid = _resample_data(plan, grid, prepared.shape_after_cropping, plan.spacing,
+                              prepared.spacing, plan.resampling_probabilities)
+        for k in range(grid.shape[1]):
+            cropped[k] = _decide(plan, grid[:, k])
+        del grid
     del prepared.data
     labels = np.zeros(prepared.shape_before_cropping, dtype=np.uint8)
     labels[tuple(slice(a, b) for a, b in prepared.bbox)] = cropped
