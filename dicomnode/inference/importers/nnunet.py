@@ -649,6 +649,10 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
                 print(f"  {problem}", file=sys.stderr)
             return 1
         staging.rename(target)
+    except ImportError as exc:
+        print(f"models import nnunet needs torch, nnunetv2 and onnx (pip install "
+              f"'dicomnode[import]'): {exc}", file=sys.stderr)
+        return 2
     except (ImportFailed, StructuresError, ValueError, KeyError, OSError) as exc:
         print(f"cannot import {folder}: {exc}", file=sys.stderr)
         return 1
