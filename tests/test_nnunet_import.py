@@ -259,6 +259,7 @@ def test_models_run_gives_nnunets_labels(imported: tuple[Path, Path], tmp_path: 
     assert agreement >= 0.999
     assert min(dice.values()) >= 0.995
     assert np.quantile(dp, 0.999) <= 1e-3
+    assert dp.max() <= 2.5e-3  # at most one float16 rounding step of a logit apart
     report = json.loads((models / "tiny-ct" / "check_report.json").read_text())
     assert report["passed"] and report["framework_version"]
 
@@ -452,3 +453,21 @@ def test_committed_tiny_model_is_small() -> None:
         assert (folder / "dataset.json").is_file() and (folder / "plans.json").is_file()
         assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
     shutil.disk_usage(TINY)  # a real folder
+
+
+def test_import_refuses_what_is_not_an_nnunet_folder(tmp_path: Path, capsys: Any) -> None:
+    from dicomnode.cli import main
+
+    models = tmp_path / "models"
+    config = _config(tmp_path, models)
+    (tmp_path / "notamodel").mkdir()
+    code = main(["models", "import", "nnunet", str(tmp_path / "notamodel"), "--name", "x",
+                 "--config", str(config)])
+    assert code == 1
+    assert "no dataset.json" in capsys.readouterr().err
+    assert not (models / "x").exists() and list(models.iterdir()) == []
+    (models / "taken").mkdir()
+    code = main(["models", "import", "nnunet", str(TRAINED), "--name", "taken",
+                 "--config", str(config)])
+    assert code == 2
+    assert "exists" in capsys.readouterr().err

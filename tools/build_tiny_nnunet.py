@@ -5,7 +5,7 @@ air holding three ellipsoid "organs" named as TotalSegmentator names them: liver
 kidney_left) with anisotropic spacing that differs between cases (about 0.8 x 0.8 x 3 mm), so
 that nnU-Net resamples every case with separate-z (order 3 in-plane, order 0 along z), is
 planned and preprocessed with nnU-Net's own API, the 3d_fullres plan is shrunk (patch
-16 x 48 x 48, three stages of 8-32 features) and two folds are trained on the CPU for a few
+16 x 48 x 48, three stages of 8-32 features) and two folds are trained on the CPU for 25 short
 epochs with a :class:`nnUNetTrainer` subclass. A held-out case is then predicted with
 ``nnUNetPredictor`` and its Dice against the truth printed: the network must be decisive (a
 random-weights network is no judge of exactness).
@@ -17,11 +17,13 @@ Output, ``OUT/``::
         the same weights with the checkpoints' trainer_name and inference mirroring axes of
         nnU-Net's nnUNetTrainerNoMirroring variant (as if trained with it)
 
-Checkpoints keep only what inference reads (no optimizer state): about 0.5 MB in all.
-Takes 2-4 minutes on two CPU cores. The tests build it once per cache folder
-(``tests/test_nnunet_import.py``).
+Checkpoints keep only what inference reads (no optimizer state): 0.8 MB in all, committed as
+``tests/data/nnunet_tiny`` (built with the defaults: 25 epochs of 20 iterations per fold; about
+5 s an epoch on two idle CPU cores, 4-5 minutes in all; held-out Dice of nnUNetPredictor against
+the truth: liver 0.78, spleen 0.92, left kidney 0.87). ``tests/test_nnunet_import.py`` uses the
+committed folder; rebuild it with this tool when nnU-Net's checkpoint format changes.
 
-Usage: ``python tools/build_tiny_nnunet.py OUT [--epochs 12] [--cases 12]``
+Usage: ``python tools/build_tiny_nnunet.py OUT [--epochs 25] [--cases 12]``
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def _trainer_class() -> Any:
                      dataset_json: dict[str, Any],
                      device: torch.device = torch.device("cpu")) -> None:  # noqa: B008
             super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = int(os.environ.get("TINY_EPOCHS", "12"))
+            self.num_epochs = int(os.environ.get("TINY_EPOCHS", "25"))
             self.num_iterations_per_epoch = 20
             self.num_val_iterations_per_epoch = 2
             self.initial_lr = 2e-2
@@ -242,7 +244,7 @@ def predict_with_nnunet(model_folder: Path, image: sitk.Image, folds: Sequence[i
     return np.asarray(seg), logits.float().numpy(), np.asarray(probabilities)
 
 
-def build(out: Path, *, cases: int = 12, epochs: int = 12, folds: Sequence[int] = (0, 1)) -> Path:
+def build(out: Path, *, cases: int = 12, epochs: int = 25, folds: Sequence[int] = (0, 1)) -> Path:
     """Build the model folders under ``out``; returns the trained model's folder."""
     import torch
 
@@ -318,7 +320,7 @@ device=torch.device("cpu"))
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=25)
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args(argv)
