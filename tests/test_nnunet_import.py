@@ -364,10 +364,12 @@ def _variant(tmp_path: Path, change: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("change", ["transpose", "zscore-mask", "isotropic", "postprocessing"])
+@pytest.mark.parametrize("change", ["transpose", "zscore-mask", "isotropic", "postprocessing",
+                                    "orientation"])
 def test_plan_variants_are_reproduced(tmp_path: Path, nnunet_env: None, change: str) -> None:
     """transpose_forward, ZScore inside the nonzero mask (with a zero border cropped),
-    isotropic resampling (3d order 3 / order 1 back) and nnU-Net's postprocessing: the
+    isotropic resampling (3d order 3 / order 1 back), nnU-Net's postprocessing and a
+    reorientation (RAS, as TotalSegmentator feeds its networks): the
     package still gives nnU-Net's labels, and the preprocessed input is nnU-Net's bit for bit
     where nnU-Net's own arithmetic is reused."""
     from dicomnode.inference.importers.nnunet import import_model
@@ -375,7 +377,8 @@ def test_plan_variants_are_reproduced(tmp_path: Path, nnunet_env: None, change: 
     folder = _variant(tmp_path, change)
     image, _ = tiny.held_out_case()
     figures, _ = import_model(folder, tmp_path / "pkg", name="pkg", folds=["0"],
-                              check_image=image)
+                              check_image=image,
+                              orientation="RAS" if change == "orientation" else None)
     print(f"\n{change}: agreement {figures.voxel_agreement:.6f}, Dice {figures.dice}, "
           f"max |dp| {figures.max_probability_difference:.2e}, input difference "
           f"{figures.input_difference:.1e}")

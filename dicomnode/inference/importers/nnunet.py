@@ -62,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check-image", type=Path, default=None,
                         help="a volume (NIfTI or any SimpleITK format) for the check; default "
                              "a synthetic one")
+    parser.add_argument("--orientation", default=None,
+                        help="reorient series to this orientation (DICOM letters) before the "
+                             "network, as the model's training data were stored; RAS for "
+                             "TotalSegmentator's weights (default: as read)")
     parser.add_argument("--version", dest="model_version", default="1",
                         help="the package's version (default 1)")
 
@@ -243,7 +247,8 @@ def _input_specs(model: NnunetFolder) -> list[dict[str, str]]:
     return specs
 
 
-def profile_of(model: NnunetFolder, files: Sequence[str]) -> dict[str, Any]:
+def profile_of(model: NnunetFolder, files: Sequence[str],
+               orientation: str | None = None) -> dict[str, Any]:
     """The card's ``profile`` for ``model``: the plan's parameters the nnunet profile needs."""
     import nnunetv2
 
@@ -308,6 +313,7 @@ def profile_of(model: NnunetFolder, files: Sequence[str]) -> dict[str, Any]:
         "regions_class_order": regions,
         "num_segmentation_heads": heads,
         "postprocessing": model.postprocessing,
+        "orientation": orientation,
     }
 
 
@@ -472,10 +478,16 @@ def compare(card: Any, model_folder: Path, image: sitk.Image, *,
 
     assert card.profile is not None
     folds = [str(f) for f in card.profile["folds"]]
-    reference, ref_logits, ref_input = reference_prediction(
-        model_folder, image, folds, checkpoint=checkpoint,
-        configuration=card.profile["configuration"])
     plan = profile.plan_of(card.profile)
+    reference, ref_logits, ref_input = reference_prediction(
+        model_folder, profile.oriented(plan, [image])[0], folds, checkpoint=checkpoint,
+        configuration=card.profile["configuration"])
+    if plan.orientation is not None:  # nnU-Net's labels back onto the image's own grid
+        labels = sitk.GetImageFromArray(reference)
+        labels.CopyInformation(profile.oriented(plan, [image])[0])
+        code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+            image.GetDirection())
+        reference = sitk.GetArrayFromImage(sitk.DICOMOrient(labels, code))
     prepared = profile.prepare(plan, [image])
     input_difference = float(np.abs(prepared.data - ref_input).max()) if (
         prepared.data.shape == ref_input.shape) else float("inf")
@@ -543,7 +555,8 @@ def _write_licence(model: NnunetFolder, package: Path) -> None:
 def import_model(folder: Path, package: Path, *, name: str, version: str = "1",
                  configuration: str | None = None, folds: Sequence[str] | None = None,
                  checkpoint: str = "checkpoint_final.pth", structures: Path | None = None,
-                 check_image: sitk.Image | None = None) -> tuple[CheckFigures, list[str]]:
+                 check_image: sitk.Image | None = None,
+                 orientation: str | None = None) -> tuple[CheckFigures, list[str]]:
     """Write the package for ``folder`` into ``package`` (an empty folder) and check it.
 
     Returns the check's figures (``problems`` empty when it passed) and the label names that
@@ -559,7 +572,7 @@ def import_model(folder: Path, package: Path, *, name: str, version: str = "1",
     model = read_folder(folder, configuration=configuration, folds=folds, checkpoint=checkpoint)
     network = build_network(model)
     files = [f"fold_{f}.onnx" for f in model.folds]
-    profile = profile_of(model, files)
+    profile = profile_of(model, files, orientation)
     channels = len(model.dataset.get("channel_names") or model.dataset.get("modality") or {})
     example = torch.zeros((1, channels, *profile["patch_size"]), dtype=torch.float32)
     for weights, file in zip(model.weights, files, strict=True):
@@ -641,7 +654,7 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
         figures, review = import_model(
             folder, staging, name=name, version=args.model_version,
             configuration=args.configuration, folds=args.folds, checkpoint=args.checkpoint,
-            structures=args.structures, check_image=image)
+            structures=args.structures, check_image=image, orientation=args.orientation)
         if figures.problems:
             print(f"import of {folder.name} failed its check against nnU-Net; no package "
                   "written:", file=sys.stderr)

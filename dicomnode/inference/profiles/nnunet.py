@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ __all__ = ["NnunetPlan", "model_grid_logits", "plan_of", "predict_label_map", "s
            "validate"]
 
 ANISO_THRESHOLD = 3.0  # nnunetv2.configuration.ANISO_THRESHOLD
+_ORIENTATION = re.compile(r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")
 NORMALIZATIONS = ("CTNormalization", "ZScoreNormalization", "NoNormalization",
                   "RescaleTo01Normalization", "RGBTo01Normalization")
 Float32 = npt.NDArray[np.float32]
@@ -113,6 +115,7 @@ class NnunetPlan:
     num_heads: int
     postprocessing: tuple[tuple[Any, ...], ...]  # labels_or_regions per largest-component step
     anisotropy_threshold: float = ANISO_THRESHOLD
+    orientation: str | None = None  # reorient the series first (DICOM letters, e.g. RAS)
 
 
 def _ints(value: Any, key: str) -> tuple[int, ...]:
@@ -200,6 +203,11 @@ def plan_of(profile: Mapping[str, Any]) -> NnunetPlan:
         if target is None:
             raise ValueError(f"profile.postprocessing[{i}] needs labels_or_regions")
         post.append(tuple(target) if isinstance(target, list) else (target,))
+    orientation = profile.get("orientation")
+    if orientation is not None and not (isinstance(orientation, str)
+                                        and _ORIENTATION.match(orientation)):
+        raise ValueError(f"profile.orientation {orientation!r} is not an orientation code "
+                         "(three letters, one of L/R, A/P, S/I each, e.g. RAS)")
     return NnunetPlan(
         files=tuple(files), transpose_forward=forward, transpose_backward=backward,
         spacing=spacing, patch_size=patch, normalization=tuple(norms),
@@ -209,7 +217,8 @@ def plan_of(profile: Mapping[str, Any]) -> NnunetPlan:
         tile_step_size=step, use_gaussian=bool(profile.get("use_gaussian", True)),
         mirror_axes=mirror_axes, labels=labels, regions_class_order=regions, num_heads=heads,
         postprocessing=tuple(post),
-        anisotropy_threshold=float(profile.get("anisotropy_threshold", ANISO_THRESHOLD)))
+        anisotropy_threshold=float(profile.get("anisotropy_threshold", ANISO_THRESHOLD)),
+        orientation=orientation)
 
 
 def validate(card: Card) -> None:
@@ -382,8 +391,17 @@ class Prepared:
     spacing: tuple[float, ...]  # source spacing, transposed
 
 
+def oriented(plan: NnunetPlan, volumes: Sequence[sitk.Image]) -> list[sitk.Image]:
+    """The volumes as the network was trained to see them: reoriented to ``plan.orientation``
+    (e.g. RAS for TotalSegmentator, which feeds nnU-Net canonical NIfTI), else as they are."""
+    if plan.orientation is None:
+        return list(volumes)
+    return [sitk.DICOMOrient(v, plan.orientation) for v in volumes]
+
+
 def prepare(plan: NnunetPlan, volumes: Sequence[sitk.Image]) -> Prepared:
     """Steps 1-4 of the module docstring."""
+    volumes = oriented(plan, volumes)
     arrays = [sitk.GetArrayFromImage(v) for v in volumes]
     data = np.stack(arrays).astype(np.float32)
     spacing = [float(s) for s in volumes[0].GetSpacing()[::-1]]
@@ -739,6 +757,12 @@ def predict_label_map(card: Card, volumes: Sequence[sitk.Image], *,
     labels = np.zeros(prepared.shape_before_cropping, dtype=np.uint8)
     labels[tuple(slice(a, b) for a, b in prepared.bbox)] = cropped
     labels = np.ascontiguousarray(labels.transpose(plan.transpose_backward))
+    if plan.orientation is not None:  # back onto the series' own grid
+        image = sitk.GetImageFromArray(labels)
+        image.CopyInformation(oriented(plan, volumes[:1])[0])
+        code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+            volumes[0].GetDirection())
+        labels = sitk.GetArrayFromImage(sitk.DICOMOrient(image, code))
     for targets in plan.postprocessing:
         _largest_component(labels, plan, targets)
     timings = {"preprocess": preprocess, "session_run": counters.session_run,
