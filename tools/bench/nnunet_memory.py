@@ -8,7 +8,7 @@ CTNormalization, patch ``--patch``, no mirroring unless ``--mirror``), and run b
 :func:`dicomnode.inference.profiles.nnunet.predict_label_map` on a synthetic 300 x 512 x 512
 CT at 0.8 x 0.8 x 1.25 mm. Prints the peak RSS of this process (``ru_maxrss``) and the seconds
 (total, preprocessing, ``session.run``). Measured (2 shared CPU cores, 118 classes, patch
-64 x 128 x 128, no mirroring): about 3.6 GB peak for the label map. Turning it into a
+64 x 128 x 128, no mirroring): 3.66 GB peak for the label map, 365 s. Turning it into a
 ``Segmentation`` (one boolean mask per structure on the source grid) adds 118 x 79 MB = 9.3 GB:
 that representation, not the profile, is what a 118-class model needs changed.
 
