@@ -386,6 +386,44 @@ def test_plan_variants_are_reproduced(tmp_path: Path, nnunet_env: None, change: 
     assert figures.input_difference == 0.0
 
 
+@pytest.mark.slow
+def test_region_based_model(tmp_path: Path, nnunet_env: None) -> None:
+    """A region-based model (labels as lists of labels, regions_class_order, sigmoid per
+    region): made from the tiny model by keeping 3 of its 4 output channels as the regions
+    "abdominal organs" [1, 2, 3], "spleen" [2] and "kidney_left" [3]. The card thresholds
+    each region's channel; the labels are nnU-Net's."""
+    import torch
+
+    from dicomnode.inference.card import load_card
+    from dicomnode.inference.importers.nnunet import import_model
+
+    folder = tmp_path / TRAINED.name
+    shutil.copytree(TRAINED, folder)
+    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset["labels"] = {"background": 0, "abdominal_organs": [1, 2, 3], "spleen": [2],
+                         "kidney_left": [3]}
+    dataset["regions_class_order"] = [1, 2, 3]
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    path = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, weights_only=False)
+    for key, value in list(checkpoint["network_weights"].items()):
+        if "seg_layers" in key:
+            checkpoint["network_weights"][key] = value[1:].clone()
+    torch.save(checkpoint, path)
+    image, _ = tiny.held_out_case()
+    figures, review = import_model(folder, tmp_path / "regions", name="regions", folds=["0"],
+                                   check_image=image)
+    print(f"\nregions: agreement {figures.voxel_agreement:.6f}, Dice {figures.dice}, "
+          f"max |dp| {figures.max_probability_difference:.2e}")
+    assert not figures.problems
+    assert review == ["abdominal_organs"]
+    card = load_card(tmp_path / "regions")
+    assert card.outputs.decision == "threshold" and card.outputs.activation == "sigmoid"
+    assert [(label.value, label.channel) for label in card.outputs.labels] == [
+        (1, 0), (2, 1), (3, 2)]
+    assert len(figures.dice) >= 2  # regions found, not an empty agreement
+
+
 # --------------------------------------------------------------------------- the node path
 
 

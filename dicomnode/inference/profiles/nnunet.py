@@ -778,9 +778,14 @@ def segment(card: Card, volumes: Sequence[sitk.Image], *,
     from dicomnode.inference.postprocess import clean_mask
     from dicomnode.inference.segment import Geometry, Segmentation, Structure, Timings
 
+    from dicomnode.inference.predict import InferenceError
+
     t0 = time.perf_counter()
-    labels, seconds, provider = predict_label_map(
-        card, volumes, providers=providers, intra_op_threads=intra_op_threads)
+    try:
+        labels, seconds, provider = predict_label_map(
+            card, volumes, providers=providers, intra_op_threads=intra_op_threads)
+    except (ValueError, RuntimeError) as exc:  # onnxruntime's errors are RuntimeErrors
+        raise InferenceError(f"model {card.name} (nnU-Net profile): {exc}") from exc
     t = time.perf_counter()
     geometry = Geometry.of(volumes[0])
     voxel_ml = math.prod(geometry.spacing) / 1000.0
