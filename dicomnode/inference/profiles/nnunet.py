@@ -776,9 +776,8 @@ def segment(card: Card, volumes: Sequence[sitk.Image], *,
     """Run ``card``'s imported nnU-Net model as nnU-Net does (see the module docstring); one
     structure per card label: the voxels nnU-Net labels with its value."""
     from dicomnode.inference.postprocess import clean_mask
-    from dicomnode.inference.segment import Geometry, Segmentation, Structure, Timings
-
     from dicomnode.inference.predict import InferenceError
+    from dicomnode.inference.segment import Geometry, Segmentation, Structure, Timings
 
     t0 = time.perf_counter()
     try:
