@@ -521,6 +521,7 @@ def _bands(plan: NnunetPlan, sessions: Sequence[ModelSession], data: Float32,
     steps = compute_steps([int(v) for v in padded_shape], patch, plan.tile_step_size)
     gaussian = (compute_gaussian(patch) if plan.use_gaussian
                 else np.ones(patch, dtype=np.float16))
+    weights32 = gaussian.astype(np.float32)  # the same values, without a cast per window
     combos = _mirror_combinations(plan.mirror_axes)
     heads = plan.num_heads
     plane = [int(v) for v in padded_shape[1:]]
@@ -567,7 +568,7 @@ def _bands(plan: NnunetPlan, sessions: Sequence[ModelSession], data: Float32,
                           slice(sy, sy + patch[1]), slice(sz, sz + patch[2]))
                 for acc, prediction in zip(accs, predictions, strict=True):
                     if plan.use_gaussian:
-                        prediction *= gaussian
+                        prediction *= weights32
                     np.add(acc[region], prediction, out=acc[region], casting="unsafe")
                 counts[region[1:]] += gaussian
         if i == len(steps[0]) - 1:
