@@ -104,3 +104,18 @@ def test_no_unused_initializer_is_left(tmp_path: Path) -> None:
     model = export_network(_network(3), torch.zeros(1, 1, 8, 8, 8), tmp_path / "net.onnx")
     used = {name for node in model.graph.node for name in node.input}
     assert {init.name for init in model.graph.initializer} <= used
+
+
+def test_a_freshly_initialised_network_exports(tmp_path: Path) -> None:
+    # every norm has scale 1 and bias 0: the exporter shares them through Identity nodes
+    net = _network(3)
+    with torch.no_grad():
+        for module in net:
+            if isinstance(module, torch.nn.InstanceNorm3d):
+                module.weight.fill_(1.0)
+                module.bias.fill_(0.0)
+    export_network(net, torch.zeros(1, 1, 8, 8, 8), tmp_path / "net.onnx")
+    x = _mostly_air((1, 1, 16, 16, 16))
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_run(tmp_path / "net.onnx", x), expected, atol=2e-5)

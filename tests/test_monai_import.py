@@ -567,10 +567,10 @@ def test_torchscript_bundle(softmax: bool, direction: tuple[float, ...], nearest
     names = [label.name for label in card.outputs.labels]
     assert card.profile is not None
     if softmax:
-        assert names == ["spleen", "Blob"]
+        assert names == ["Spleen", "Blob"]  # the shared table's display name, the file's
         assert "needs_review" not in card.profile
     else:
-        assert names == ["liver"] and card.outputs.labels[0].type.meaning == "Liver"
+        assert names == ["Liver"] and card.outputs.labels[0].type.meaning == "Liver"
     assert any(s["transform"] == "Invert" and s["nearest"] == nearest
                for s in card.profile["postprocessing"])
     from dicomnode.inference.profiles.monai import facts

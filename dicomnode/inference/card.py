@@ -286,6 +286,8 @@ class LabelSpec(_Spec):
     category: Code
     type: Code
     postprocessing: PostprocessingSpec = PostprocessingSpec()
+    # set by an importer when it could not map the label to a code (``models check`` lists it)
+    needs_review: bool = False
 
     @field_validator("color")
     @classmethod

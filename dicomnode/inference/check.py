@@ -9,6 +9,7 @@ an output of the expected shape.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,7 +18,10 @@ import numpy as np
 from dicomnode.inference.card import Card
 from dicomnode.inference.runtime import ModelSession, open_card_session
 
-__all__ = ["PackageReport", "check_package"]
+__all__ = ["CHECK_REPORT", "PackageReport", "check_package", "imported_facts"]
+
+#: written by ``dicomnode models import``: the package against the framework's own output
+CHECK_REPORT = "check_report.json"
 
 
 @dataclass
@@ -94,6 +98,39 @@ def _check_shapes(card: Card, session: ModelSession, report: PackageReport) -> l
                                                                       strict=True)]]
 
 
+def imported_facts(card: Card) -> list[str]:
+    """For an imported package: the framework version it was checked against and the
+    agreement figures (from ``check_report.json``), and the labels whose codes need review.
+    A profile module with its own ``facts(card)`` says them itself."""
+    if card.profile is not None:
+        from dicomnode.inference.profiles import profile_module
+
+        own = getattr(profile_module(str(card.profile["framework"])), "facts", None)
+        if own is not None:
+            lines: list[str] = own(card)
+            return lines
+    facts = []
+    path = card.package / CHECK_REPORT
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            dice = data.get("dice") or {}
+            facts.append(
+                f"checked against {data['framework']} {data['framework_version']} on a "
+                f"{data.get('input', 'volume')}: voxel agreement "
+                f"{100 * float(data['voxel_agreement']):.3f} %, min Dice "
+                f"{float(data.get('min_dice', 1.0)):.4f} over {len(dice)} structure(s), "
+                f"probabilities max |diff| {float(data['max_probability_difference']):.1e} "
+                f"on the model grid"
+                + ("" if data.get("passed", False) else " - FAILED"))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            facts.append(f"{CHECK_REPORT} unreadable: {exc}")
+    review = [label.name for label in card.outputs.labels if label.needs_review]
+    if review:
+        facts.append(f"labels needing review (no SNOMED CT code mapped): {', '.join(review)}")
+    return facts
+
+
 def check_package(
     card: Card, *, providers: Sequence[str] = ("CPUExecutionProvider",)
 ) -> PackageReport:
@@ -105,6 +142,7 @@ def check_package(
         report.problems.append(f"the model does not load: {exc}")
         return report
     report.facts.append(f"runs on {session.provider}")
+    report.facts.extend(imported_facts(card))
     shape = _check_shapes(card, session, report)
     if shape is None or report.problems:
         return report

@@ -71,6 +71,10 @@ def precise_instance_norm(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in model.graph.node:  # scale/bias of an affine-free norm come as Constant nodes
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        # parameters with equal values (a freshly initialised network's norms) are shared by
+        # the exporter through Identity nodes
+        elif node.op_type == "Identity" and node.input[0] in constants:
+            constants[node.output[0]] = constants[node.input[0]]
     nodes: list[onnx.NodeProto] = []
     added: list[onnx.TensorProto] = []
     for index, node in enumerate(model.graph.node):

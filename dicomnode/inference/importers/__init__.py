@@ -20,7 +20,10 @@ from types import ModuleType
 __all__ = ["IMPORTERS", "importer_module"]
 
 #: ``models import`` sub-command -> module
-IMPORTERS: dict[str, str] = {"monai-bundle": "dicomnode.inference.importers.monai"}
+IMPORTERS: dict[str, str] = {
+    "nnunet": "dicomnode.inference.importers.nnunet",
+    "monai-bundle": "dicomnode.inference.importers.monai",
+}
 
 
 def importer_module(kind: str) -> ModuleType:

@@ -43,26 +43,6 @@ MIN_VOXEL_AGREEMENT = 0.999
 MIN_DICE = 0.995
 MAX_PROBABILITY_DIFF = 1e-3
 
-# a few label names -> (category, type, colour); the rest is marked "needs review"
-_ANATOMY = ("SCT", "123037004", "Anatomical Structure")
-_MORPH = ("SCT", "49755003", "Morphologically Altered Structure")
-_KNOWN: dict[str, tuple[tuple[str, str, str], tuple[str, str, str], tuple[int, int, int]]] = {
-    "spleen": (_ANATOMY, ("SCT", "78961009", "Spleen"), (157, 108, 162)),
-    "liver": (_ANATOMY, ("SCT", "10200004", "Liver"), (221, 130, 101)),
-    "pancreas": (_ANATOMY, ("SCT", "15776009", "Pancreas"), (249, 180, 111)),
-    "kidney": (_ANATOMY, ("SCT", "64033007", "Kidney"), (185, 102, 83)),
-    "left kidney": (_ANATOMY, ("SCT", "18639004", "Left kidney"), (185, 102, 83)),
-    "right kidney": (_ANATOMY, ("SCT", "9846003", "Right kidney"), (185, 102, 83)),
-    "brain": (_ANATOMY, ("SCT", "12738006", "Brain"), (250, 250, 225)),
-    "heart": (_ANATOMY, ("SCT", "80891009", "Heart"), (206, 110, 84)),
-    "lung": (_ANATOMY, ("SCT", "39607008", "Lung"), (197, 165, 145)),
-    "bladder": (_ANATOMY, ("SCT", "89837001", "Urinary bladder"), (222, 154, 132)),
-    "prostate": (_ANATOMY, ("SCT", "41216001", "Prostate"), (230, 158, 140)),
-    "tumor": (_MORPH, ("SCT", "108369006", "Neoplasm"), (255, 0, 0)),
-    "tumour": (_MORPH, ("SCT", "108369006", "Neoplasm"), (255, 0, 0)),
-}
-_PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 _NO_OP = {"LoadImage", "EnsureChannelFirst", "EnsureType", "ToTensor", "SaveImage"}
 _SELECT = re.compile(r"^\$?\s*lambda\s+(\w+)\s*:\s*\1\s*>\s*(-?\d+(?:\.\d*)?(?:[eE]-?\d+)?)\s*$")
 
@@ -573,31 +553,16 @@ def check_bundle(bundle: ImportedBundle, package: Path, image: sitk.Image
 
 def _labels(bundle: ImportedBundle, structures: Mapping[str, Any] | None
             ) -> tuple[list[dict[str, Any]], list[str]]:
+    """The card's labels from the bundle's ``channel_def``, coded by the structures given or
+    the shared table (:mod:`dicomnode.inference.structures`); names left uncoded need review."""
+    from dicomnode.inference.structures import labels_for
+
     channels = _channel_def(bundle)
     if not channels:
         raise BundleError(f"{bundle.metadata_path}: network_data_format.outputs.pred."
                           "channel_def (label value -> name) is needed")
-    labels, review = [], []
-    for value, name in sorted(channels.items()):
-        if value == 0:
-            continue
-        given = (structures or {}).get(name)
-        if given is not None:
-            label = {"value": value, "name": name, **dict(given)}
-        else:
-            known = _KNOWN.get(name.lower().replace("_", " "))
-            if known is None:
-                review.append(name)
-                category, kind = _ANATOMY, ("SCT", "91723000", "Anatomical structure")
-                color = _PALETTE[(value - 1) % len(_PALETTE)]
-            else:
-                category, kind, color = known
-            label = {"value": value, "name": name, "color": list(color),
-                     "category": dict(zip(("scheme", "value", "meaning"), category,
-                                          strict=True)),
-                     "type": dict(zip(("scheme", "value", "meaning"), kind, strict=True))}
-        labels.append(label)
-    return labels, review
+    return labels_for({name: value for value, name in sorted(channels.items()) if value},
+                      structures)
 
 
 def _licence(bundle: ImportedBundle) -> str:

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 __all__ = ["FRAMEWORKS", "profile_module", "segment_with_profile"]
 
 #: framework name -> module (imported when a card uses it)
-FRAMEWORKS: dict[str, str] = {"monai": "dicomnode.inference.profiles.monai"}
+FRAMEWORKS: dict[str, str] = {
+    "nnunet": "dicomnode.inference.profiles.nnunet",
+    "monai": "dicomnode.inference.profiles.monai",
+}
 
 
 def profile_module(framework: str) -> ModuleType:
