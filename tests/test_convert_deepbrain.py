@@ -7,35 +7,21 @@ numpy interpreter of deepbrain's own ``graph.pb`` is marked slow and runs only w
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "brain-mr"
 MODEL = MODEL_DIR / "model.onnx"
 
 
-def _load_converter() -> ModuleType:
-    name = "convert_deepbrain"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "convert_deepbrain.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-conv = _load_converter()
+conv = load_tool("convert_deepbrain")
 
 
 @pytest.fixture(scope="module")

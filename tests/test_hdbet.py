@@ -13,12 +13,10 @@ each on 2 shared cores (eight 128 x 160 x 128 forward passes each; the three slo
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -26,6 +24,7 @@ import pytest
 import SimpleITK as sitk
 import testdata
 import yaml
+from conftest import load_tool
 
 from dicomnode.inference.card import CardError, OutputSpec, PadSpec, PreprocessingSpec, load_card
 from dicomnode.inference.predict import predict
@@ -36,19 +35,7 @@ PACKAGE = ROOT / "models" / "hd-bet"
 CH2BET = Path("/usr/share/mricron/templates/ch2bet.nii.gz")
 
 
-def _load_converter() -> ModuleType:
-    name = "convert_hdbet"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "convert_hdbet.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-conv = _load_converter()
+conv = load_tool("convert_hdbet")
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -433,7 +433,7 @@ def package_dir(models_dir: Path, name_or_path: str | Path) -> Path:
     return (Path(models_dir) / str(name_or_path)).resolve()
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     """The SHA-256 hex digest of ``path``, hashed once per process while unchanged.
 
     The digest is cached on the resolved path, size, modification time and inode, so
@@ -488,7 +488,7 @@ def _package_problems(card: Card, folder: Path) -> Sequence[str]:
     model = folder / card.file
     if not model.is_file():
         problems.append(f"file: {card.file!r} not found in {folder}")
-    elif card.sha256 is not None and _file_sha256(model) != card.sha256:
+    elif card.sha256 is not None and file_sha256(model) != card.sha256:
         problems.append(f"sha256: {card.file} does not match the card's checksum")
     if not any((folder / name).is_file() for name in LICENCE_FILES):
         problems.append(f"the package holds no licence file (one of: {', '.join(LICENCE_FILES)})")

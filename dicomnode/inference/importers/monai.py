@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import re
 import shutil
@@ -34,6 +33,8 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 import yaml
+
+from dicomnode.inference.card import file_sha256
 
 __all__ = ["BundleError", "CheckFigures", "ImportedBundle", "add_arguments", "check_bundle",
            "import_bundle", "read_bundle", "run", "run_bundle_with_monai", "translate"]
@@ -577,14 +578,6 @@ def _licence(bundle: ImportedBundle) -> str:
                       "license/copyright in configs/metadata.json)")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def import_bundle(folder: Path, name: str, models_dir: Path, *,
                   structures: Mapping[str, Any] | None = None,
                   check_image: sitk.Image | None = None) -> tuple[Path, CheckFigures]:
@@ -644,11 +637,11 @@ def import_bundle(folder: Path, name: str, models_dir: Path, *,
         example = torch.zeros((1, _in_channels(bundle), *roi), dtype=torch.float32)
         export_network(network, example, staging / "model.onnx", input_name="input",
                        output_name="logits")
-        card["sha256"] = _sha256(staging / "model.onnx")
+        card["sha256"] = file_sha256(staging / "model.onnx")
         (staging / "LICENSE").write_text(_licence(bundle), encoding="utf-8")
         provenance = {
             "bundle": bundle.folder.name, "bundle_version": meta.get("version"),
-            "weights": bundle.weights.name, "weights_sha256": _sha256(bundle.weights),
+            "weights": bundle.weights.name, "weights_sha256": file_sha256(bundle.weights),
             "config": bundle.config_path.name, "monai": monai.__version__,
             "torch": torch.__version__,
             "imported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import re
 import shutil
@@ -34,6 +33,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
+
+from dicomnode.inference.card import file_sha256
 
 __all__ = ["THRESHOLDS", "CheckFigures", "add_arguments", "compare", "import_model",
            "reference_prediction", "run"]
@@ -531,14 +532,6 @@ def compare(card: Any, model_folder: Path, image: sitk.Image, *,
 # --------------------------------------------------------------------------- the import
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_licence(model: NnunetFolder, package: Path) -> None:
     for name in LICENCE_NAMES:
         if (model.folder / name).is_file():
@@ -595,7 +588,7 @@ def import_model(folder: Path, package: Path, *, name: str, version: str = "1",
         "configuration": model.configuration,
         "trainer": model.trainer_name,
         "folds": model.folds,
-        "checkpoints": {str(p.relative_to(folder)): _sha256(p) for p in model.checkpoints},
+        "checkpoints": {str(p.relative_to(folder)): file_sha256(p) for p in model.checkpoints},
         "dataset_json": {k: model.dataset.get(k) for k in ("name", "description", "reference",
                                                              "licence", "release")
                          if k in model.dataset},
