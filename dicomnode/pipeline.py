@@ -47,7 +47,7 @@ from dicomnode.outbox import Outbox
 from dicomnode.outputs.overlay import OverlayStructure, render_overlay
 from dicomnode.outputs.rejection import build_rejection_note, write_rejection_note
 from dicomnode.outputs.source import OutputError
-from dicomnode.outputs.write import write_results
+from dicomnode.outputs.write import ResultObject, write_results
 from dicomnode.rules.loader import load_rules
 from dicomnode.store.db import Index
 from dicomnode.store.files import write_atomic
@@ -207,12 +207,12 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
     newer = _newer_version(index, job_id)
     superseded = _superseded(index, config, job_id) if version > 1 and newer is None else {}
     if superseded and config.outputs.reject_superseded:
-        note = _write_rejection_note(config, superseded, work / "results", seed=seed,
-                                     card=card, version=version)
+        note = _write_rejection_note(superseded, work / "results", seed=seed, card=card,
+                                     version=version)
         if note is not None:
-            objects.append((note, None))
-            summary.results.append({"kind": "KO", "sop_instance_uid": _uid(note),
-                                    "file": str(note.relative_to(config.storage.path))})
+            objects.append((note.path, None))
+            summary.results.append({"kind": note.kind, "sop_instance_uid": note.sop_instance_uid,
+                                    "file": str(note.path.relative_to(config.storage.path))})
     clock.lap("write")
     outbox = Outbox.from_config(config, index)
     if newer is not None:  # created while this one ran: its results are the ones to send
@@ -274,8 +274,8 @@ def _superseded(index: Index, config: Config, job_id: int) -> dict[int, list[Pat
     return found
 
 
-def _write_rejection_note(config: Config, superseded: dict[int, list[Path]], out_dir: Path, *,
-                          seed: str, card: Card, version: int) -> Path | None:
+def _write_rejection_note(superseded: dict[int, list[Path]], out_dir: Path, *, seed: str,
+                          card: Card, version: int) -> ResultObject | None:
     """The IOCM rejection note withdrawing the earlier versions' objects, written next to
     this version's results (pseudonymous, like them); None when nothing is left to reject."""
     rejected = [pydicom.dcmread(path, stop_before_pixels=True)
@@ -286,12 +286,7 @@ def _write_rejection_note(config: Config, superseded: dict[int, list[Path]], out
         rejected, seed=f"{seed}/rejection", card=card,
         series_description=f"Rejected: {card.name} v{card.version} results before "
                            f"result {version}")
-    return write_rejection_note(note, out_dir / "rejection.dcm").path
-
-
-def _uid(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True,
-                               specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+    return write_rejection_note(note, out_dir / "rejection.dcm")
 
 
 def _mark_withdrawn(index: Index, job_ids: Sequence[int], by: int) -> None:
