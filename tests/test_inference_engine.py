@@ -400,6 +400,7 @@ def test_pip_installed_cuda_libraries_are_preloaded_before_the_probe(
 
     events: list[str] = []
     monkeypatch.setattr(runtime, "_PRELOADED", [])
+    monkeypatch.setattr(runtime, "_pip_cuda_installed", lambda: True)
     monkeypatch.setattr(runtime.ort, "preload_dlls", lambda: events.append("preload"),
                         raising=False)
     real_cdll = ctypes.CDLL

@@ -73,12 +73,19 @@ def _preload_pip_libraries() -> None:
         return
     _PRELOADED.append(True)
     preload = getattr(ort, "preload_dlls", None)  # onnxruntime 1.21+
-    if preload is None:
-        return
+    if preload is None or not _pip_cuda_installed():
+        return  # (it prints a line per library it misses: only where there are some)
     try:
         preload()
     except Exception as exc:  # a broken wheel must not stop the CPU fallback
         log.debug("onnxruntime.preload_dlls failed: %s", type(exc).__name__)
+
+
+def _pip_cuda_installed() -> bool:
+    """Whether CUDA or cuDNN wheels (the ``nvidia`` namespace package) are installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("nvidia") is not None
 
 
 def _missing_library(provider: str) -> str | None:
