@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,35 @@ def start_storage_scp(ae_title: str, on_store: Callable[[Any], Any]) -> tuple[in
                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
     assert server is not None
     return port, server
+
+
+class DcmtkStoreSCP:
+    """DCMTK storescp (AE title DEST) on a free loopback port, writing every received
+    instance to its own file (+uf) in ``folder``; ``close()`` stops it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [str(DCMTK / "storescp"), "-aet", "DEST", "+uf", "-od", str(folder), str(self.port)],
+            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+
+    def counts(self, keyword: str) -> Counter[str]:
+        """How many received instances have each value of ``keyword``."""
+        import pydicom
+
+        return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).get(keyword))
+                       for p in self.folder.iterdir() if p.is_file())
+
+    def received(self) -> Counter[str]:
+        """Instances received per SOP Instance UID."""
+        return self.counts("SOPInstanceUID")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def storescu(port: int, *paths: Path, aet: str = "STORESCU", aec: str = "DICOMNODE",

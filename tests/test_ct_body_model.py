@@ -8,15 +8,13 @@ The Cranium test needs the Debian package ``invesalius-examples`` and is skipped
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "ct-body" / "model.onnx"
@@ -25,19 +23,7 @@ BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float32]
 
 
-def _load_tool(name: str) -> ModuleType:
-    """Import ``tools/<name>.py`` (tools/ is not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-builder = _load_tool("build_ct_body")
+builder = load_tool("build_ct_body")
 ort = pytest.importorskip("onnxruntime")
 
 
@@ -207,7 +193,7 @@ def test_dynamic_batch_and_size(session: Any, shape: tuple[int, int, int, int]) 
 
 
 def test_cranium_head_ct(session: Any) -> None:
-    testdata = _load_tool("testdata")
+    testdata = load_tool("testdata")
     if not testdata.CRANIUM_PATH.is_file():
         pytest.skip(f"{testdata.CRANIUM_PATH} missing: install Debian package invesalius-examples")
     hu, bone_mask, spacing = testdata.cranium_arrays()

@@ -34,7 +34,7 @@ pytest.importorskip("nnunetv2")
 pytest.importorskip("torch")
 
 import testdata
-from conftest import DCMTK, NodeFactory, free_port, storescu, wait_until
+from conftest import DcmtkStoreSCP, NodeFactory, storescu, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "data" / "nnunet_tiny"
@@ -427,34 +427,13 @@ def test_region_based_model(tmp_path: Path, nnunet_env: None) -> None:
 # --------------------------------------------------------------------------- the node path
 
 
-class _StoreSCP:
-    """DCMTK storescp writing every received instance to a file."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [str(DCMTK / "storescp"), "-aet", "DEST", "+uf", "-od", str(folder), str(self.port)],
-            env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-
-    def modalities(self) -> Counter[str]:
-        return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).Modality)
-                       for p in self.folder.iterdir() if p.is_file())
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 @pytest.mark.slow
 def test_node_runs_the_imported_model(imported: tuple[Path, Path], tmp_path: Path,
                                       node_factory: NodeFactory) -> None:
     """A CT series in by C-STORE (storescu) to a running node whose rule uses the imported
     package; SEG and RTSTRUCT come out to the peer, with the model's structures."""
     _, models = imported
-    scp = _StoreSCP(tmp_path / "received")
+    scp = DcmtkStoreSCP(tmp_path / "received")
     try:
         rules = tmp_path / "rules"
         rules.mkdir()
@@ -474,7 +453,7 @@ def test_node_runs_the_imported_model(imported: tuple[Path, Path], tmp_path: Pat
         image, _ = tiny.held_out_case()
         files = _ct_series(image, tmp_path / "ct")
         assert storescu(node.port, *files).returncode == 0
-        wait_until(lambda: scp.modalities() == Counter({"SEG": 1, "RTSTRUCT": 1}), 240,
+        wait_until(lambda: scp.counts("Modality") == Counter({"SEG": 1, "RTSTRUCT": 1}), 240,
                    f"SEG and RTSTRUCT at the peer; node log:\n{node.log()[-3000:]}")
         seg = next(pydicom.dcmread(p) for p in scp.folder.iterdir()
                    if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections import Counter
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 import testdata
-from conftest import DCMTK, NodeFactory, RunningNode, free_port, storescu, wait_until
+from conftest import DcmtkStoreSCP, NodeFactory, RunningNode, free_port, storescu, wait_until
 from orthanc import OrthancServer, requires_orthanc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,39 +138,15 @@ def test_orthanc_gets_seg_and_rtstruct_back_in_the_original_studies(
         assert "PAT-CT-1" not in node.log() and "Cranium^Carl" not in node.log()
 
 
-class _StoreSCP:
-    """DCMTK storescp writing every received instance to its own file (+uf)."""
-
-    def __init__(self, folder: Path) -> None:
-        import os
-        import subprocess
-
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [str(DCMTK / "storescp"), "-aet", "DEST", "+uf", "-od", str(folder),
-             str(self.port)], env={**os.environ, "TCP_NODELAY": "1"},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def received(self) -> Counter[str]:
-        return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                       for p in self.folder.iterdir() if p.is_file())
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
 @pytest.fixture
 def storescp(tmp_path: Path) -> Any:
-    scp = _StoreSCP(tmp_path / "received")
+    scp = DcmtkStoreSCP(tmp_path / "received")
     yield scp
     scp.close()
 
 
 def test_a_node_killed_while_a_model_runs_finishes_the_job_exactly_once(
-        node_factory: NodeFactory, tmp_path: Path, storescp: _StoreSCP) -> None:
+        node_factory: NodeFactory, tmp_path: Path, storescp: DcmtkStoreSCP) -> None:
     if not CH2.is_file():
         pytest.skip(f"{CH2} missing: install the Debian package mricron-data")
     node = _node(node_factory, tmp_path, {"ae_title": "DEST", "host": "127.0.0.1",
@@ -197,7 +172,7 @@ def test_a_node_killed_while_a_model_runs_finishes_the_job_exactly_once(
 
 
 def test_workers_load_the_rules_models_when_the_node_starts(
-        node_factory: NodeFactory, tmp_path: Path, storescp: _StoreSCP) -> None:
+        node_factory: NodeFactory, tmp_path: Path, storescp: DcmtkStoreSCP) -> None:
     node = _node(node_factory, tmp_path, {"ae_title": "DEST", "host": "127.0.0.1",
                                           "port": storescp.port})
     # before any study arrives, each rule's model has its session in the worker
@@ -208,7 +183,7 @@ def test_workers_load_the_rules_models_when_the_node_starts(
 
 
 def test_receiving_stays_responsive_while_a_model_runs(
-        node_factory: NodeFactory, tmp_path: Path, storescp: _StoreSCP,
+        node_factory: NodeFactory, tmp_path: Path, storescp: DcmtkStoreSCP,
         small_ct: list[Path]) -> None:
     if not CH2.is_file():
         pytest.skip(f"{CH2} missing: install the Debian package mricron-data")
@@ -225,7 +200,7 @@ def test_receiving_stays_responsive_while_a_model_runs(
 
 
 def test_failing_jobs_stop_with_their_error(node_factory: NodeFactory, tmp_path: Path,
-                                            storescp: _StoreSCP, small_ct: list[Path]) -> None:
+                                            storescp: DcmtkStoreSCP, small_ct: list[Path]) -> None:
     models = tmp_path / "models"
     shutil.copytree(ROOT / "models", models)
     (models / "ct-body" / "model.onnx").write_bytes(b"not an onnx model")  # broken
@@ -248,7 +223,7 @@ def test_failing_jobs_stop_with_their_error(node_factory: NodeFactory, tmp_path:
 
 
 def test_a_manual_run_of_a_rule_on_a_study(node_factory: NodeFactory, tmp_path: Path,
-                                          storescp: _StoreSCP, small_ct: list[Path]) -> None:
+                                          storescp: DcmtkStoreSCP, small_ct: list[Path]) -> None:
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "rules.yaml").write_text("""rules:
