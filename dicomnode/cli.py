@@ -458,7 +458,9 @@ def cmd_models_check(args: argparse.Namespace) -> int:
         return 1
     folder = card.package
     from dicomnode.inference.check import check_package
+    from dicomnode.inference.runtime import configure_from
 
+    configure_from(config)
     report = check_package(card, providers=config.inference.providers)
     for fact in report.facts:
         print(f"  {fact}")
@@ -482,6 +484,7 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 def cmd_models_run(args: argparse.Namespace) -> int:
     from dicomnode.inference.predict import InferenceError
     from dicomnode.inference.preprocess import PreprocessingError
+    from dicomnode.inference.runtime import configure_from
     from dicomnode.inference.segment import load_inputs, segment
     from dicomnode.inference.volume import VolumeError, write_nifti
     from dicomnode.net.scu import collect_files
@@ -510,6 +513,7 @@ def cmd_models_run(args: argparse.Namespace) -> int:
         except FileNotFoundError as exc:
             print(str(exc), file=sys.stderr)
             return 2
+    configure_from(config)
     try:
         volumes = load_inputs(card, inputs)
         result = segment(card, [v.image for v in volumes], providers=config.inference.providers,

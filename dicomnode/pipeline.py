@@ -41,6 +41,7 @@ from dicomnode.deid import DeidKeyError
 from dicomnode.inference.card import Card, CardError, load_card
 from dicomnode.inference.predict import InferenceError
 from dicomnode.inference.preprocess import PreprocessingError
+from dicomnode.inference.runtime import configure_from
 from dicomnode.inference.segment import Segmentation, load_inputs, segment
 from dicomnode.inference.volume import VolumeError
 from dicomnode.outbox import Outbox
@@ -186,6 +187,7 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         for ds in series:
             ds.pop(_PIXEL_DATA, None)
     clock.lap("read")
+    configure_from(config)
     result = segment(card, [v.image for v in volumes], providers=config.inference.providers,
                      intra_op_threads=config.inference.intra_op_threads)
     summary.provider = result.provider
@@ -299,7 +301,7 @@ def _draw_overlay(result: Segmentation, image: sitk.Image, path: Path, title: st
     """The console's picture of the result (no identity in it); a failure only logs."""
     try:
         png = render_overlay(image, [
-            OverlayStructure(s.label.name, s.label.color, s.volume_ml, s.mask, s.voxel_count)
+            OverlayStructure(s.label.name, s.label.color, s.volume_ml, s.voxels, s.voxel_count)
             for s in result.structures], title=f"{title}: {result.card.name} "
                                                f"{result.card.version}")
         write_atomic(path, lambda fp: fp.write(png), fsync=False)

@@ -32,7 +32,7 @@ from sqlalchemy import CursorResult, select, update
 from dicomnode import parentwatch
 from dicomnode.config import Config
 from dicomnode.inference.card import load_card
-from dicomnode.inference.runtime import open_card_session
+from dicomnode.inference.runtime import configure_from, open_card_session
 from dicomnode.logs import setup_logging
 from dicomnode.pipeline import JobFailure, run_job, summary_json
 from dicomnode.rules.loader import load_rules
@@ -123,6 +123,7 @@ def _warm_up() -> int:
     """Open the ONNX Runtime session of every model a rule names, so that a worker's first
     job does not wait for it (sessions are cached per process); returns how many."""
     config: Config = _WORKER["config"]
+    configure_from(config)
     rules = load_rules(config.rules_dir, peers=config.peers, models_dir=config.models_dir)
     opened = 0
     for model in sorted({rule.model for rule in rules.enabled}):

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 from dicomnode.inference.card import (
     CropSpec,
     IntensitySpec,
+    LabelSpec,
     OutputSpec,
     PostprocessingSpec,
     PreprocessingSpec,
@@ -27,7 +28,7 @@ from dicomnode.inference.postprocess import clean_mask
 from dicomnode.inference.predict import InferenceError, predict, window_starts
 from dicomnode.inference.preprocess import normalise, prepare
 from dicomnode.inference.runtime import choose_providers, clear_cache, open_session
-from dicomnode.inference.segment import segment
+from dicomnode.inference.segment import LabelMask, segment, structures_of_label_map
 
 LABEL = {
     "value": 1, "channel": 0, "name": "Thing", "color": [255, 0, 0],
@@ -264,6 +265,67 @@ def test_slice_fill_leaves_open_channels() -> None:
     assert not clean_mask(mask, spacing, PostprocessingSpec(fill_holes="volume"))[:, 4, 4].any()
 
 
+def _label(value: int, **postprocessing: object) -> LabelSpec:
+    return LabelSpec.model_validate({**LABEL, "value": value, "channel": None,
+                                     "name": f"L{value}", "postprocessing": postprocessing})
+
+
+def test_label_map_structures_are_cleaned_like_separate_masks() -> None:
+    """Structures of one label map (an argmax, a framework's labels) are views of it, cleaned
+    exactly as their separate masks would be; a fill over another label gets its own mask."""
+    labels = np.zeros((6, 30, 30), np.uint8)
+    labels[:, 2:12, 2:12] = 1
+    labels[:, 5:8, 5:8] = 0            # a hole of background in every slice of label 1
+    labels[2:4, 20:22, 2:4] = 1        # a small second region of label 1
+    labels[1:5, 15:27, 15:27] = 2
+    labels[2:4, 19:23, 19:23] = 3      # label 3 inside label 2 (a hole of label 2)
+    labels[0, 28:30, 0:2] = 3          # a 4-voxel region of label 3
+    specs = [_label(1, largest_components=1, fill_holes="slice"),
+             _label(2, fill_holes="volume"), _label(3, min_volume_ml=0.01), _label(4)]
+    spacing = (1.0, 1.0, 1.0)
+    original = labels.copy()
+    structures = structures_of_label_map(specs, labels, spacing)
+    for spec, structure in zip(specs, structures, strict=True):
+        expected = clean_mask(original == spec.value, spacing, spec.postprocessing)
+        np.testing.assert_array_equal(structure.mask, expected, err_msg=spec.name)
+        assert structure.voxel_count == int(expected.sum())
+        assert structure.volume_ml == pytest.approx(expected.sum() / 1000.0)
+        for z in range(labels.shape[0]):
+            np.testing.assert_array_equal(structure.plane(z), expected[z])
+    # label 2's filled hole covers label 3: its own mask; the others stay views of the map
+    assert [isinstance(s.voxels, LabelMask) for s in structures] == [True, False, True, True]
+    assert structures[0].mask[:, 5:8, 5:8].all() and not structures[0].mask[2, 20, 2]
+    assert structures[1].mask[2:4, 19:23, 19:23].all()
+    assert structures[2].voxel_count == 2 * 4 * 4 and structures[3].voxel_count == 0
+    np.testing.assert_array_equal(np.unique(labels), [0, 1, 2, 3])
+
+
+def test_argmax_on_the_identity_grid_shares_one_label_map(tmp_path: Path) -> None:
+    """An argmax on the source grid, slab by slab: each structure a view of one uint8 label
+    map. Channels [0.6, x, 1 - x]: label 1 where x > 0.6, 2 where x < 0.4, else none."""
+    inits = [helper.make_tensor("k", TensorProto.FLOAT, [], [0.6]),
+             helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])]
+    nodes = [helper.make_node("Sub", ["x", "x"], ["zero"]),
+             helper.make_node("Add", ["zero", "k"], ["c0"]),
+             helper.make_node("Sub", ["one", "x"], ["c2"]),
+             helper.make_node("Concat", ["c0", "x", "c2"], ["y"], axis=1)]
+    path = _model(nodes, 4, tmp_path / "three.onnx", inits, out_channels=3)
+    labels = [{**LABEL, "value": v, "channel": None, "name": f"L{v}"} for v in (1, 2)]
+    folder = _package(tmp_path / "argmax2d", path,
+                      preprocessing={"dimensionality": "2d", "batch_size": 3},
+                      outputs={"activation": "none", "decision": "argmax", "labels": labels})
+    array = np.random.default_rng(5).uniform(0, 1, size=(7, 9, 11)).astype(np.float32)
+    result = segment(load_card(folder), [_image(array)])
+    expected = np.where(array > 0.6, 1, np.where(array < 0.4, 2, 0))
+    shared = result.shared_label_map()
+    assert shared is not None and shared.dtype == np.uint8
+    assert all(isinstance(s.voxels, LabelMask) for s in result.structures)
+    for structure in result.structures:
+        np.testing.assert_array_equal(structure.mask, expected == structure.label.value)
+        assert structure.voxel_count == int(np.count_nonzero(expected == structure.label.value))
+    np.testing.assert_array_equal(result.label_map(), expected)
+
+
 # ------------------------------------------------------------------ whole runs
 
 
@@ -416,3 +478,44 @@ def test_pip_installed_cuda_libraries_are_preloaded_before_the_probe(
         pytest.skip("this onnxruntime build has no CUDA provider to probe")
     assert events[0] == "preload" and events.count("preload") == 1
     assert any(e.startswith("load libcudart") for e in events[1:])
+
+
+def test_io_binding_gives_the_outputs_of_a_plain_run(tmp_path: Path) -> None:
+    """The GPU path's IO binding, exercised on the CPU device: same numbers as session.run."""
+    session = open_session(_cumsum_last(tmp_path / "cumsum.onnx", 5))
+    batch = np.random.default_rng(2).normal(size=(2, 1, 5, 6, 7)).astype(np.float32)
+    np.testing.assert_array_equal(session.run_bound(batch), session.run(batch))
+    assert not session.io_binding  # on the CPU a plain run is as good
+
+
+def test_gpu_provider_options_follow_the_card_and_the_settings(tmp_path: Path) -> None:
+    """TensorRT: fp16 only where both the card and the node allow it, the engine cache, and an
+    optimisation profile for a sliding-window model's one window shape."""
+    from dicomnode.inference.runtime import GpuSettings, provider_options, window_shape
+
+    folder = _package(tmp_path / "patched", _identity(tmp_path / "id.onnx", 5),
+                      preprocessing={"patch_size": [32, 64, 48], "batch_size": 2},
+                      runtime={"fp16": True})
+    card = load_card(folder)
+    window = window_shape(card)
+    assert window is not None and window.spatial == (32, 64, 48) and window.max_batch == 2
+    cache = tmp_path / "trt"
+    trt = provider_options("TensorrtExecutionProvider", GpuSettings(device_id=1,
+                           engine_cache=cache), input_name="x", window=window,
+                           fp16=card.runtime.fp16)
+    assert trt["trt_fp16_enable"] == "1" and trt["device_id"] == "1"
+    assert trt["trt_engine_cache_enable"] == "1" and trt["trt_engine_cache_path"] == str(cache)
+    assert trt["trt_profile_min_shapes"] == "x:1x1x32x64x48"
+    assert trt["trt_profile_max_shapes"] == trt["trt_profile_opt_shapes"] == "x:2x1x32x64x48"
+    no_fp16 = provider_options("TensorrtExecutionProvider", GpuSettings(fp16=False),
+                               input_name="x", window=window, fp16=True)
+    assert no_fp16["trt_fp16_enable"] == "0" and "trt_engine_cache_path" not in no_fp16
+    whole = load_card(_package(tmp_path / "whole", _identity(tmp_path / "id2.onnx", 5)))
+    assert window_shape(whole) is None and whole.runtime.fp16 is False
+    assert "trt_profile_min_shapes" not in provider_options(
+        "TensorrtExecutionProvider", GpuSettings(), input_name="x", window=None, fp16=False)
+    cuda = provider_options("CUDAExecutionProvider", GpuSettings(device_id=3), input_name="x",
+                            window=window, fp16=True)
+    assert cuda["device_id"] == "3" and cuda["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    assert provider_options("CPUExecutionProvider", GpuSettings(), input_name="x",
+                            window=window, fp16=True) == {}

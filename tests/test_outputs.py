@@ -26,7 +26,14 @@ from skimage.draw import polygon2mask
 from dicomnode.boundary import for_peer
 from dicomnode.config import ConfigError, OutputsConfig, PeerConfig, load_config
 from dicomnode.inference.card import load_card
-from dicomnode.inference.segment import Segmentation, load_inputs, segment
+from dicomnode.inference.segment import (
+    LabelMask,
+    Segmentation,
+    Structure,
+    load_inputs,
+    segment,
+    structures_of_label_map,
+)
 from dicomnode.inference.volume import SeriesVolume
 from dicomnode.net.scu import send_files
 from dicomnode.outputs.rtstruct import ds_bytes, slice_contours
@@ -184,6 +191,34 @@ def test_the_labelmap_seg_holds_one_segment_number_per_pixel(cranium: Case,
     for number, structure in enumerate(cranium.segmentation.structures, start=1):
         expected[structure.mask] = number  # later structures win where they overlap
     np.testing.assert_array_equal(pixels, expected)
+
+
+@pytest.mark.parametrize("seg_type", ["binary", "labelmap"])
+def test_a_shared_label_map_writes_the_same_objects_as_separate_masks(
+        cranium: Case, tmp_path: Path, seg_type: str) -> None:
+    """Disjoint structures held as views of one label map (how many-class models are kept)
+    give the same SEG pixels and RTSTRUCT contours as the same structures held as masks."""
+    segmentation = cranium.segmentation
+    views = structures_of_label_map(segmentation.card.outputs.labels,
+                                    segmentation.label_map(), segmentation.geometry.spacing)
+    assert all(isinstance(s.voxels, LabelMask) for s in views)
+    assert sum(s.voxel_count for s in views) > 0
+    masks = tuple(Structure(s.label, s.mask, s.voxel_count, s.volume_ml) for s in views)
+    options = OutputsConfig(seg_type=seg_type)  # type: ignore[arg-type]
+    written = {}
+    for name, structures in (("views", views), ("masks", masks)):
+        shaped = dataclasses.replace(segmentation, structures=structures)
+        written[name] = write_results(shaped, cranium.volume, cranium.files, tmp_path / name,
+                                      options, seed="same")
+    seg_a, seg_b = (pydicom.dcmread(written[n].by_kind("SEG").path) for n in ("views", "masks"))
+    assert seg_a.NumberOfFrames == seg_b.NumberOfFrames
+    assert seg_a.PixelData == seg_b.PixelData
+    assert seg_a.SegmentsOverlap == seg_b.SegmentsOverlap == "NO"
+    rt_a, rt_b = (pydicom.dcmread(written[n].by_kind("RTSTRUCT").path)
+                  for n in ("views", "masks"))
+    contours = [[[list(c.ContourData) for c in getattr(roi, "ContourSequence", [])]
+                 for roi in rt.ROIContourSequence] for rt in (rt_a, rt_b)]
+    assert contours[0] == contours[1] and any(contours[0])
 
 
 def test_empty_frames_are_left_out_only_when_asked(cranium: Case, tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ __all__ = [
     "PadSpec",
     "PostprocessingSpec",
     "PreprocessingSpec",
+    "RuntimeSpec",
     "load_card",
     "package_dir",
 ]
@@ -360,6 +361,16 @@ class OutputSpec(_Spec):
         return max(self.channel_of(label) for label in self.labels) + 1
 
 
+class RuntimeSpec(_Spec):
+    """How the model may be run.
+
+    ``fp16``: its outputs were checked in half precision, so TensorRT may build it in fp16
+    where the node's ``inference.tensorrt_fp16`` lets it (float32 otherwise).
+    """
+
+    fp16: bool = False
+
+
 class Card(_Spec):
     """A validated model card (``models/NAME/card.yaml``)."""
 
@@ -379,6 +390,7 @@ class Card(_Spec):
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     outputs: OutputSpec
     measurements: tuple[Literal["volume_ml", "voxel_count"], ...] = ("volume_ml", "voxel_count")
+    runtime: RuntimeSpec = RuntimeSpec()
     # a framework profile (dicomnode.inference.profiles): the framework's own pre-processing,
     # sliding windows and way back, with its parameters; validated by the profile's module
     profile: dict[str, Any] | None = None

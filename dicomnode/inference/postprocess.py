@@ -1,4 +1,5 @@
-"""Post-processing: scores -> one binary mask per structure on the source grid.
+"""Post-processing: scores -> decided labels on the source grid (one label map for an
+argmax decision, one binary mask per structure for thresholds).
 
 Scores on the model grid are brought back onto the source grid (same size,
 origin, spacing and direction as the source series) by linear interpolation of
@@ -17,7 +18,8 @@ import SimpleITK as sitk
 from dicomnode.inference.card import OutputSpec, PostprocessingSpec
 from dicomnode.inference.preprocess import nonzero_bounds
 
-__all__ = ["clean_mask", "scores_to_image", "to_source"]
+__all__ = ["argmax_slab", "argmax_to_source", "clean_mask", "decide_slab", "scores_to_image",
+           "to_source"]
 
 FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
@@ -103,7 +105,6 @@ def to_source(
     threshold is interpolated.
     """
     shape = tuple(int(v) for v in source.GetSize())[::-1]
-    full_box = ([0, 0, 0], [int(v) for v in source.GetSize()])
     if outputs.decision == "threshold":
         masks = {}
         for label in outputs.labels:
@@ -116,10 +117,28 @@ def to_source(
                 mask[z0:z1, y0:y1, x0:x1] = values > outputs.threshold
             masks[label.value] = mask
         return masks
-    # argmax, one channel at a time: keep the running best score and its channel.
+    winner = argmax_to_source(scores, grid, axes, source, outputs)
+    return {label.value: winner == label.value for label in outputs.labels}
+
+
+def argmax_to_source(
+    scores: FloatArray,
+    grid: sitk.Image,
+    axes: str,
+    source: sitk.Image,
+    outputs: OutputSpec,
+) -> npt.NDArray[np.uint8]:
+    """The argmax channel of model-grid ``scores`` ``(channels, *spatial)`` on ``source``
+    ([z, y, x]), each channel interpolated linearly; channels the card's labels do not
+    name are background (0). Outside the model grid every voxel is background.
+    """
+    if outputs.decision != "argmax":
+        raise ValueError(f"an argmax of scores needs decision argmax, not {outputs.decision}")
+    full_box = ([0, 0, 0], [int(v) for v in source.GetSize()])
+    # one channel at a time: keep the running best score and its channel.
     best = _resample_box(scores[0], grid, axes, source, full_box,
                          float(np.finfo(np.float32).max))
-    winner = np.zeros(best.shape, dtype=np.uint8)
+    winner = np.zeros(best.shape, dtype=np.uint8 if scores.shape[0] <= 256 else np.uint16)
     for channel in range(1, scores.shape[0]):
         candidate = _resample_box(scores[channel], grid, axes, source, full_box,
                                   float(np.finfo(np.float32).min))
@@ -127,7 +146,21 @@ def to_source(
         best[better] = candidate[better]
         winner[better] = channel
         del candidate, better
-    return {label.value: winner == label.value for label in outputs.labels}
+    return _labelled(winner, outputs)
+
+
+def _labelled(winner: npt.NDArray[np.integer], outputs: OutputSpec) -> npt.NDArray[np.uint8]:
+    """Winning channels as card label values (a label's value is its channel), others 0."""
+    lut = np.zeros(max(int(winner.max(initial=0)) + 1, 256), dtype=np.uint8)
+    for label in outputs.labels:
+        lut[label.value] = label.value
+    labelled: npt.NDArray[np.uint8] = lut[winner]
+    return labelled
+
+
+def argmax_slab(scores: FloatArray, outputs: OutputSpec) -> npt.NDArray[np.uint8]:
+    """The argmax label map of scores ``(channels, ...)`` already on the source grid."""
+    return _labelled(np.argmax(scores, axis=0), outputs)
 
 
 def decide_slab(scores: FloatArray, outputs: OutputSpec) -> dict[int, BoolArray]:

@@ -7,6 +7,14 @@ libraries it needs (CUDA 13 and cuDNN 9 for the CUDA provider of onnxruntime
 1.31, plus TensorRT 10 for TensorRT); a provider whose libraries are missing is
 skipped without being tried, and one line says which provider runs and why the
 others were skipped.
+
+On a GPU the providers get their options from :class:`GpuSettings` (set once per process
+from the configuration with :func:`configure`): the device, TensorRT's engine and timing
+caches (an engine is built once per model and shape, then loaded), half precision where
+the model card allows it (``runtime.fp16``), and TensorRT optimisation profiles for the
+dynamic axes when the window shape is known (a sliding-window model runs one shape).
+Batches then go through IO binding: the output is allocated on the device by ONNX Runtime
+and copied back once.
 """
 
 from __future__ import annotations
@@ -28,10 +36,12 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort
 
 if TYPE_CHECKING:
+    from dicomnode.config import Config
     from dicomnode.inference.card import Card
 
-__all__ = ["ModelSession", "ProviderChoice", "choose_providers", "clear_cache",
-           "open_card_session", "open_session"]
+__all__ = ["GpuSettings", "ModelSession", "ProviderChoice", "WindowShape", "choose_providers",
+           "clear_cache", "configure", "configure_from", "open_card_session", "open_session",
+           "provider_options", "window_shape"]
 
 log = logging.getLogger("dicomnode.inference")
 
@@ -127,6 +137,103 @@ def choose_providers(configured: Sequence[str]) -> ProviderChoice:
     return ProviderChoice(tuple(chosen), tuple(skipped))
 
 
+@dataclass(frozen=True)
+class GpuSettings:
+    """How the GPU providers run (the ``inference`` section of the configuration).
+
+    Attributes:
+        device_id: the CUDA device (``nvidia-smi`` numbering).
+        engine_cache: folder for TensorRT's engines and timing cache (None: no cache, every
+            process builds its engines again: minutes for a large network).
+        fp16: let TensorRT run in half precision the models whose card allows it
+            (``runtime.fp16: true``); False keeps every model in float32.
+        io_binding: run GPU batches through IO binding (output allocated on the device).
+    """
+
+    device_id: int = 0
+    engine_cache: Path | None = None
+    fp16: bool = True
+    io_binding: bool = True
+
+
+@dataclass(frozen=True)
+class WindowShape:
+    """The input shapes a model is run with: ``channels`` x ``spatial`` windows in batches
+    of 1 to ``max_batch`` (a sliding-window model sees no other shape)."""
+
+    max_batch: int
+    channels: int
+    spatial: tuple[int, ...]
+
+
+_settings: list[GpuSettings] = [GpuSettings()]
+
+
+def configure(settings: GpuSettings) -> None:
+    """Set this process's GPU settings (sessions opened later use them)."""
+    _settings[0] = settings
+
+
+def configure_from(config: Config) -> GpuSettings:
+    """:func:`configure` from a node configuration's ``inference`` section (the TensorRT
+    cache defaults to ``tensorrt-cache`` under the storage folder); returns the settings."""
+    inference = config.inference
+    settings = GpuSettings(
+        device_id=inference.device_id,
+        engine_cache=inference.tensorrt_cache or config.storage.path / "tensorrt-cache",
+        fp16=inference.tensorrt_fp16, io_binding=inference.io_binding)
+    configure(settings)
+    return settings
+
+
+def window_shape(card: Card) -> WindowShape | None:
+    """The fixed window shape of ``card``'s model, or None when its input size varies
+    (whole volumes, slices of the source's size)."""
+    profile = card.profile or {}
+    channels = card.input_channels
+    if profile.get("framework") == "nnunet" and profile.get("patch_size"):
+        return WindowShape(1, channels, tuple(int(v) for v in profile["patch_size"]))
+    inferer = profile.get("inferer") if isinstance(profile.get("inferer"), dict) else None
+    if profile.get("framework") == "monai" and inferer and inferer.get("roi_size"):
+        return WindowShape(int(inferer.get("sw_batch_size", 1)), channels,
+                           tuple(int(v) for v in inferer["roi_size"]))
+    patch = card.preprocessing.patch_size
+    if card.profile is None and patch is not None:
+        return WindowShape(card.preprocessing.batch_size, channels, tuple(int(v) for v in patch))
+    return None
+
+
+def provider_options(provider: str, settings: GpuSettings, *, input_name: str | None,
+                     window: WindowShape | None, fp16: bool) -> dict[str, str]:
+    """ONNX Runtime options for ``provider`` (empty for the CPU).
+
+    ``fp16``: the card allows half precision. TensorRT gets an optimisation profile
+    (batch 1 to ``window.max_batch``) when the window shape and the input name are known.
+    """
+    device = str(settings.device_id)
+    if provider == "CUDAExecutionProvider":
+        return {"device_id": device, "cudnn_conv_algo_search": "EXHAUSTIVE",
+                "cudnn_conv_use_max_workspace": "1", "do_copy_in_default_stream": "1",
+                "arena_extend_strategy": "kSameAsRequested"}
+    if provider != "TensorrtExecutionProvider":
+        return {}
+    options = {"device_id": device, "trt_fp16_enable": "1" if fp16 and settings.fp16 else "0",
+               "trt_max_workspace_size": str(4 << 30)}
+    if settings.engine_cache is not None:
+        cache = str(settings.engine_cache)
+        options.update({"trt_engine_cache_enable": "1", "trt_engine_cache_path": cache,
+                        "trt_timing_cache_enable": "1", "trt_timing_cache_path": cache})
+    if window is not None and input_name is not None:
+        def shape(batch: int) -> str:
+            dims = "x".join(str(v) for v in (batch, window.channels, *window.spatial))
+            return f"{input_name}:{dims}"
+
+        options.update({"trt_profile_min_shapes": shape(1),
+                        "trt_profile_opt_shapes": shape(window.max_batch),
+                        "trt_profile_max_shapes": shape(window.max_batch)})
+    return options
+
+
 @dataclass
 class ModelSession:
     """An ONNX Runtime session with the provider it actually runs on.
@@ -142,13 +249,27 @@ class ModelSession:
     input_shape: tuple[int | str | None, ...]
     output_shape: tuple[int | str | None, ...]
     lock: threading.Lock
+    io_binding: bool = False
+    device_id: int = 0
 
     def run(self, batch: Any) -> Any:
         """Run one batch (numpy float32) and return the chosen output (numpy)."""
+        if self.io_binding:
+            return self.run_bound(batch)
         return self.session.run([self.output_name], {self.input_name: batch})[0]
 
+    def run_bound(self, batch: Any) -> Any:
+        """:meth:`run` through IO binding: the input copied to the provider's device once,
+        the output allocated there by ONNX Runtime and copied back once."""
+        device = "cpu" if self.provider == "CPUExecutionProvider" else "cuda"
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, batch)
+        binding.bind_output(self.output_name, device, self.device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
-_cache: dict[tuple[str, int, int, tuple[str, ...], int], ModelSession] = {}
+
+_cache: dict[tuple[Any, ...], ModelSession] = {}
 _cache_lock = threading.Lock()
 
 
@@ -170,8 +291,13 @@ def open_session(
     output_name: str | None = None,
     intra_op_threads: int = 0,
     label: str | None = None,
+    window: WindowShape | None = None,
+    fp16: bool = False,
 ) -> ModelSession:
     """Open (or reuse) a session for ``model_path``; cached per process.
+
+    ``window`` (the model's fixed input shape) and ``fp16`` (the card allows half
+    precision) shape the GPU providers' options (:func:`provider_options`).
 
     The cache key includes the file's size and modification time, so a replaced
     model file is loaded again.  One INFO line names the provider that runs and
@@ -185,7 +311,9 @@ def open_session(
     path = Path(model_path).resolve()
     stat = path.stat()
     choice = choose_providers(providers)
-    key = (str(path), stat.st_size, stat.st_mtime_ns, choice.providers, intra_op_threads)
+    settings = _settings[0]
+    key = (str(path), stat.st_size, stat.st_mtime_ns, choice.providers, intra_op_threads,
+           settings, window, fp16, input_name, output_name)
     with _cache_lock:
         cached = _cache.get(key)
         if cached is not None:
@@ -194,7 +322,13 @@ def open_session(
         options.log_severity_level = 3
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
-        session = ort.InferenceSession(str(path), options, providers=list(choice.providers))
+        if settings.engine_cache is not None and "TensorrtExecutionProvider" in choice.providers:
+            settings.engine_cache.mkdir(parents=True, exist_ok=True)
+        session = ort.InferenceSession(
+            str(path), options, providers=[
+                (name, provider_options(name, settings, input_name=input_name, window=window,
+                                        fp16=fp16))
+                for name in choice.providers])
         running = session.get_providers()
         provider = running[0] if running else "CPUExecutionProvider"
         skipped = list(choice.skipped)
@@ -237,6 +371,8 @@ def open_session(
             input_shape=_shape(inputs[input_name].shape),
             output_shape=_shape(outputs[output_name].shape),
             lock=threading.Lock(),
+            io_binding=settings.io_binding and provider != "CPUExecutionProvider",
+            device_id=settings.device_id,
         )
         _cache[key] = result
         return result
@@ -254,4 +390,6 @@ def open_card_session(card: Card, *, providers: Sequence[str] = ("CPUExecutionPr
         output_name=card.onnx_output,
         intra_op_threads=intra_op_threads,
         label=f"{card.name} {card.version}",
+        window=window_shape(card),
+        fp16=card.runtime.fp16,
     )

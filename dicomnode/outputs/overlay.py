@@ -64,7 +64,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -77,6 +77,7 @@ __all__ = [
     "Box",
     "OverlayLayout",
     "OverlayStructure",
+    "VoxelMask",
     "overlay_layout",
     "render_overlay",
 ]
@@ -134,6 +135,19 @@ _VIEW_LETTERS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+class VoxelMask(Protocol):
+    """A 3D ``[z, y, x]`` mask read where it is indexed: a numpy array, or a view such as
+    :class:`dicomnode.inference.segment.LabelMask` that makes only the planes asked for."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def ndim(self) -> int: ...
+
+    def __getitem__(self, index: Any, /) -> Any: ...
+
+
 @dataclass(frozen=True)
 class OverlayStructure:
     """One structure to draw.
@@ -143,7 +157,8 @@ class OverlayStructure:
         color: (red, green, blue), each 0..255.
         volume_ml: shown in the legend with one decimal ("n/a" when not finite).
         mask: indexed ``[z, y, x]`` on the source image's grid; nonzero = inside.
-            Usually boolean; any numeric dtype is read as ``!= 0``. Not copied.
+            Usually boolean; any numeric dtype is read as ``!= 0``. Not copied; only the
+            planes drawn are read (and the largest structure whole, for its centroid).
         voxel_count: the number of nonzero voxels of ``mask`` when the caller already
             knows it (it picks the largest structure); None has :func:`render_overlay`
             count them.
@@ -152,15 +167,15 @@ class OverlayStructure:
     name: str
     color: Color
     volume_ml: float
-    mask: npt.NDArray[Any]
+    mask: VoxelMask
     voxel_count: int | None = None
 
     def __post_init__(self) -> None:
         if len(self.color) != 3 or not all(
                 isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in self.color):
             raise ValueError(f"color is (red, green, blue), each 0..255; got {self.color!r}")
-        if np.ndim(self.mask) != 3:
-            raise ValueError(f"mask must be 3D [z, y, x], got {np.ndim(self.mask)}D")
+        if self.mask.ndim != 3:
+            raise ValueError(f"mask must be 3D [z, y, x], got {self.mask.ndim}D")
         red, green, blue = (int(c) for c in self.color)
         object.__setattr__(self, "color", (red, green, blue))
 
@@ -489,10 +504,11 @@ def render_overlay(
                 f"{volume.shape}")
 
     # The planes' common point: the centroid of the largest structure, else the middle.
-    counts = [int(np.count_nonzero(s.mask)) if s.voxel_count is None else s.voxel_count
+    counts = [int(np.count_nonzero(np.asarray(s.mask))) if s.voxel_count is None else s.voxel_count
               for s in structures]
     middle = (np.array(grid.shape_xyz, dtype=np.float64) - 1.0) / 2
-    found = _centroid(structures[counts.index(max(counts))].mask) if any(counts) else None
+    found = (_centroid(np.asarray(structures[counts.index(max(counts))].mask)) if any(counts)
+             else None)
     centre = grid.point(middle if found is None else found)
     low, high = _window(volume)
 

@@ -194,7 +194,7 @@ def _to_patient(geometry: Geometry, frame: SourceFrame,
 def _contours(structure: Structure, geometry: Geometry, source: SourceSeries) -> Iterator[Dataset]:
     number = 0
     for frame in source.frames:
-        plane = structure.mask[frame.z]
+        plane = structure.plane(frame.z)
         if not plane.any():
             continue
         origin, axes = _to_patient(geometry, frame, source)

@@ -7,10 +7,9 @@ exporter, given a card whose profile is a TotalSegmentator-like plan (1.5 mm iso
 CTNormalization, patch ``--patch``, no mirroring unless ``--mirror``), and run by
 :func:`dicomnode.inference.profiles.nnunet.predict_label_map` on a synthetic 300 x 512 x 512
 CT at 0.8 x 0.8 x 1.25 mm. Prints the peak RSS of this process (``ru_maxrss``) and the seconds
-(total, preprocessing, ``session.run``). Measured (2 shared CPU cores, 118 classes, patch
-64 x 128 x 128, no mirroring): 3.66 GB peak for the label map, 365 s. Turning it into a
-``Segmentation`` (one boolean mask per structure on the source grid) adds 118 x 79 MB = 9.3 GB:
-that representation, not the profile, is what a 118-class model needs changed.
+(total, preprocessing, ``session.run``), then goes on as the node does in the same process:
+structures of the label map and a SEG and an RTSTRUCT written on a DICOM CT series of the same
+grid, and prints the peak RSS of the whole run (``--label-map-only`` stops before).
 
 The profile holds float16 scores for one band of windows along the first axis
 (``(folds + 1) x classes x patch[0] x rows x columns``) and one window's float32 scores, never
@@ -30,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -42,6 +42,8 @@ def main() -> int:
     parser.add_argument("--patch", type=int, nargs=3, default=[64, 128, 128])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--mirror", action="store_true")
+    parser.add_argument("--label-map-only", action="store_true",
+                        help="stop after the profile's label map (no structures, no objects)")
     args = parser.parse_args()
 
     import torch
@@ -103,14 +105,58 @@ def main() -> int:
         t = time.perf_counter()
         labels, timings, _ = profile.predict_label_map(loaded, [image])
         seconds = time.perf_counter() - t
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"{args.classes} classes, patch {args.patch}, CT {args.slices}x512x512: the "
-          f"profile's label map with a peak RSS of {peak_mb:.0f} MB; {seconds:.1f} s "
-          f"({timings['preprocess']:.1f} s preprocessing, {timings['session_run']:.1f} s in "
-          f"session.run), {len(np.unique(labels))} labels")
-    print(f"(a Segmentation's boolean mask per structure adds {args.classes} x "
-          f"{labels.size / 1e6:.0f} MB = {args.classes * labels.size / 1e9:.1f} GB)")
+        peak_mb = _peak_mb()
+        print(f"{args.classes} classes, patch {args.patch}, CT {args.slices}x512x512: the "
+              f"profile's label map with a peak RSS of {peak_mb:.0f} MB; {seconds:.1f} s "
+              f"({timings['preprocess']:.1f} s preprocessing, {timings['session_run']:.1f} s "
+              f"in session.run), {len(np.unique(labels))} labels", flush=True)
+        if not args.label_map_only:
+            del labels, image
+            _write_objects(loaded, args.slices, Path(tmp))
     return 0
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _write_objects(card: Any, slices: int, tmp: Path) -> None:
+    """The rest of the node's run, in the same process: structures from a label map and the
+    SEG (binary, every frame kept) and RTSTRUCT written from them, on a DICOM CT series.
+
+    A random-weights network labels noise, so the label map written here is a synthetic one
+    on the same grid in which every class is present: a partition of the body ellipse into
+    ``classes`` slabs and sectors (the worst case for the writers: every segment has frames
+    and contours)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import testdata
+
+    from dicomnode.config import OutputsConfig
+    from dicomnode.inference.segment import Geometry, Segmentation, structures_of_label_map
+    from dicomnode.inference.volume import read_series
+    from dicomnode.outputs.write import write_results
+
+    files = testdata.synthetic_ct(tmp / "ct", slices=slices)
+    volume = read_series(files)
+    classes = len(card.outputs.labels)
+    z, y, x = np.ogrid[:slices, :512, :512]
+    inside = (x - 256) ** 2 / 230**2 + (y - 256) ** 2 / 180**2 <= 1
+    bands = max(1, int(np.ceil(classes / 8)))
+    sector = (np.floor((np.arctan2(y - 256, x - 256) + np.pi) / (2 * np.pi) * 8) % 8)
+    band = np.minimum(z * bands // slices, bands - 1)
+    label_map = np.where(inside, (band * 8 + sector) % classes + 1, 0).astype(np.uint8)
+    del inside, sector, band
+    t = time.perf_counter()
+    structures = structures_of_label_map(card.outputs.labels, label_map,
+                                         tuple(volume.image.GetSpacing()))
+    segmentation = Segmentation(card, Geometry.of(volume.image), structures, "bench")
+    written = write_results(segmentation, volume, files, tmp / "out",
+                            OutputsConfig(seg=True, rtstruct=True))
+    seconds = time.perf_counter() - t
+    sizes = ", ".join(f"{o.kind} {o.path.stat().st_size / 1e6:.0f} MB" for o in written.objects)
+    present = sum(1 for s in structures if s.voxel_count)
+    print(f"whole run: {present} structures present, SEG and RTSTRUCT written in "
+          f"{seconds:.1f} s ({sizes}); peak RSS of the whole run {_peak_mb():.0f} MB")
 
 
 if __name__ == "__main__":

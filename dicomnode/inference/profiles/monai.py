@@ -777,9 +777,13 @@ def _foreground_box(data: Array, p: Mapping[str, Any]) -> tuple[list[int], list[
 def segment(card: Card, volumes: Sequence[sitk.Image], *, providers: Sequence[str],
             intra_op_threads: int) -> Segmentation:
     """Run ``card``'s MONAI pipeline on ``volumes`` (one image); structures on its grid."""
-    from dicomnode.inference.postprocess import clean_mask
     from dicomnode.inference.runtime import open_card_session
-    from dicomnode.inference.segment import Geometry, Segmentation, Structure, Timings
+    from dicomnode.inference.segment import (
+        Geometry,
+        Segmentation,
+        Timings,
+        structures_of_label_map,
+    )
 
     started = time.perf_counter()
     session = open_card_session(card, providers=providers, intra_op_threads=intra_op_threads)
@@ -791,15 +795,11 @@ def segment(card: Card, volumes: Sequence[sitk.Image], *, providers: Sequence[st
     assert card.profile is not None
     result = run_profile(card.profile, volumes[0], run)
     geometry = Geometry.of(volumes[0])
-    label_zyx = result.labels.transpose(2, 1, 0)
+    raw = result.labels.transpose(2, 1, 0)  # values a card cannot name are background
+    label_zyx = np.ascontiguousarray(np.where((raw > 0) & (raw <= 255), raw, 0), dtype=np.uint8)
     t = time.perf_counter()
-    voxel_ml = float(np.prod(geometry.spacing)) / 1000.0
-    structures = []
-    for label in card.outputs.labels:
-        mask = clean_mask(label_zyx == label.value, geometry.spacing, label.postprocessing)
-        count = int(np.count_nonzero(mask))
-        structures.append(Structure(label, mask, count, count * voxel_ml))
+    structures = structures_of_label_map(card.outputs.labels, label_zyx, geometry.spacing)
     timings = Timings(preprocess=result.preprocess_s, session_run=result.session_s,
                       postprocess=result.postprocess_s + time.perf_counter() - t,
                       total=time.perf_counter() - started)
-    return Segmentation(card, geometry, tuple(structures), session.provider, timings)
+    return Segmentation(card, geometry, structures, session.provider, timings)

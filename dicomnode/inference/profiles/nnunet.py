@@ -42,7 +42,6 @@ whole, as nnU-Net does, holding the float16 scores of the whole grid.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -701,11 +700,12 @@ def _largest_component(labels: npt.NDArray[np.uint8], plan: NnunetPlan,
 
 def _sessions(card: Card, plan: NnunetPlan, providers: Sequence[str],
               intra_op_threads: int) -> list[ModelSession]:
-    from dicomnode.inference.runtime import open_session
+    from dicomnode.inference.runtime import open_session, window_shape
 
     return [open_session(card.package / name, providers=providers, input_name=card.onnx_input,
                          output_name=card.onnx_output, intra_op_threads=intra_op_threads,
-                         label=f"{card.name} {card.version} {name}")
+                         label=f"{card.name} {card.version} {name}",
+                         window=window_shape(card), fp16=card.runtime.fp16)
             for name in plan.files]
 
 
@@ -776,9 +776,13 @@ def segment(card: Card, volumes: Sequence[sitk.Image], *,
             intra_op_threads: int = 0) -> Segmentation:
     """Run ``card``'s imported nnU-Net model as nnU-Net does (see the module docstring); one
     structure per card label: the voxels nnU-Net labels with its value."""
-    from dicomnode.inference.postprocess import clean_mask
     from dicomnode.inference.predict import InferenceError
-    from dicomnode.inference.segment import Geometry, Segmentation, Structure, Timings
+    from dicomnode.inference.segment import (
+        Geometry,
+        Segmentation,
+        Timings,
+        structures_of_label_map,
+    )
 
     t0 = time.perf_counter()
     try:
@@ -788,12 +792,7 @@ def segment(card: Card, volumes: Sequence[sitk.Image], *,
         raise InferenceError(f"model {card.name} (nnU-Net profile): {exc}") from exc
     t = time.perf_counter()
     geometry = Geometry.of(volumes[0])
-    voxel_ml = math.prod(geometry.spacing) / 1000.0
-    structures = []
-    for label in card.outputs.labels:
-        mask = clean_mask(labels == label.value, geometry.spacing, label.postprocessing)
-        count = int(np.count_nonzero(mask))
-        structures.append(Structure(label, mask, count, count * voxel_ml))
+    structures = structures_of_label_map(card.outputs.labels, labels, geometry.spacing)
     timings = Timings(preprocess=seconds["preprocess"], session_run=seconds["session_run"],
                       postprocess=time.perf_counter() - t, total=time.perf_counter() - t0)
-    return Segmentation(card, geometry, tuple(structures), provider, timings)
+    return Segmentation(card, geometry, structures, provider, timings)
