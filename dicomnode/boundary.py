@@ -6,7 +6,7 @@ for each destination.
   index, so that results made from them can be re-identified.
   :func:`pseudonymize_datasets` does the same in memory, for a job's inputs.
 * :func:`for_peer` gives the file to send to one peer, as a :class:`PeerCopy`: the only
-  thing the SCU (:func:`dicomnode.net.scu.send_files`) sends, so every path that hands a
+  thing the SCU (:func:`dicomnode.send.scu.send_files`) sends, so every path that hands a
   file to a peer (the outbox, ``dicomnode send``, ``outbox resend``) crosses this
   boundary. :class:`PeerBoundary` binds it to a node. For a clinical peer
   (``pseudonymize: false``) a result made from pseudonymized inputs is re-identified

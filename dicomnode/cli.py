@@ -15,7 +15,7 @@ from dicomnode.logs import setup_logging
 from dicomnode.rules.loader import RuleFileError, RuleSet
 
 if TYPE_CHECKING:
-    from dicomnode.inference.card import Card
+    from dicomnode.models.card import Card
     from dicomnode.store.db import Index
 
 __all__ = ["main"]
@@ -81,7 +81,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicomnode.net.scu import SendError, echo
+    from dicomnode.send.scu import SendError, echo
 
     config = _config(args)
     setup_logging("WARNING")
@@ -100,7 +100,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     from dicomnode.boundary import BoundaryError, PeerBoundary, PeerCopy
     from dicomnode.deid import DeidKeyError
-    from dicomnode.net.scu import SendError, SendResult, collect_files, send_files
+    from dicomnode.send.scu import SendError, SendResult, collect_files, send_files
     from dicomnode.store.db import open_index
     from dicomnode.store.pseudonyms import PseudonymMap
 
@@ -150,7 +150,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_pseudonymize(args: argparse.Namespace) -> int:
     from dicomnode.boundary import pseudonymize_files, pseudonymizer
     from dicomnode.deid import DeidKeyError
-    from dicomnode.net.scu import collect_files
+    from dicomnode.send.scu import collect_files
     from dicomnode.store.db import open_index
     from dicomnode.store.pseudonyms import PseudonymMap
 
@@ -182,8 +182,8 @@ def cmd_pseudonymize(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
+    from dicomnode.jobs.queue import jobs_report
     from dicomnode.store.queries import format_timings
-    from dicomnode.worker import jobs_report
 
     report = _index_report(args, lambda index: jobs_report(index, state=args.state))
     if args.json:
@@ -213,9 +213,10 @@ def _run_now(config: Config, job_id: int, *, wait_seconds: float = 3600.0) -> in
     workers took it first) wait for it to end. Prints the outcome."""
     import time
 
+    from dicomnode.jobs.child import run_claimed
+    from dicomnode.jobs.queue import claim, finish, reset
     from dicomnode.store.db import open_index
     from dicomnode.store.tables import Job, JobState
-    from dicomnode.worker import claim, finish, reset, run_claimed
 
     index = open_index(config.db_url)
     try:
@@ -291,7 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
-    from dicomnode.outbox import outbox_report
+    from dicomnode.send.outbox import outbox_report
 
     report = _index_report(args, lambda index: outbox_report(
         index, state=args.state, destination=args.destination))
@@ -314,7 +315,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox_send(args: argparse.Namespace) -> int:
-    from dicomnode.outbox import Outbox
+    from dicomnode.send.outbox import Outbox
     from dicomnode.store.db import open_index
 
     config = _config(args)
@@ -333,7 +334,7 @@ def cmd_outbox_send(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox_resend(args: argparse.Namespace) -> int:
-    from dicomnode.outbox import Outbox, OutboxError
+    from dicomnode.send.outbox import Outbox, OutboxError
     from dicomnode.store.db import open_index
 
     config = _config(args)
@@ -375,7 +376,8 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
 def cmd_rules_test(args: argparse.Namespace) -> int:
     import tempfile
 
-    from dicomnode.rules.explain import explain_study, index_folder
+    from dicomnode.receive.folder import index_folder
+    from dicomnode.rules.explain import explain_study
 
     config = _config(args)
     rules = _load_rules(config)
@@ -415,7 +417,7 @@ def _packages(config: Config) -> list[Path]:
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
-    from dicomnode.inference.card import CardError, load_card
+    from dicomnode.models.card import CardError, load_card
 
     config = _config(args)
     packages = _packages(config)
@@ -441,7 +443,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 def _card(config: Config, model: str) -> Card | None:
     """The validated card of a package name or folder, or None after printing why not."""
-    from dicomnode.inference.card import CardError, load_card, package_dir
+    from dicomnode.models.card import CardError, load_card, package_dir
 
     try:
         return load_card(package_dir(config.models_dir, model))
@@ -487,9 +489,9 @@ def cmd_models_run(args: argparse.Namespace) -> int:
     from dicomnode.inference.runtime import configure_from
     from dicomnode.inference.segment import load_inputs, segment
     from dicomnode.inference.volume import VolumeError, write_nifti
-    from dicomnode.net.scu import collect_files
     from dicomnode.outputs.source import OutputError
     from dicomnode.outputs.write import write_results
+    from dicomnode.send.scu import collect_files
 
     config = _config(args)
     setup_logging(config.logging.level)
@@ -547,7 +549,9 @@ def cmd_models_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
+    """The command line; ``importers=False`` leaves the options of ``models import``'s
+    importers out (they import numpy and SimpleITK: not for ``serve``)."""
     parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -649,13 +653,15 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("folder", type=Path, help="the trained model's folder")
         q.add_argument("--name", required=True, help="the package name in models_dir")
         q.add_argument("--config", "-c", type=Path, default=None)
-        importer_module(kind).add_arguments(q)
+        if importers:
+            importer_module(kind).add_arguments(q)
         q.set_defaults(func=cmd_models_import)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(importers="import" in words).parse_args(words)
     try:
         code: int = args.func(args)
     except ConfigError as exc:

@@ -19,19 +19,20 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicomnode.completion import AssociationActivity, CompletionMonitor
 from dicomnode.config import Config
+from dicomnode.jobs.queue import reset
+from dicomnode.jobs.runner import JobRunner
 from dicomnode.net.access import AccessPolicy
-from dicomnode.net.scp import StorageSCP
-from dicomnode.outbox import Outbox
+from dicomnode.receive.ingest import InstanceStore
+from dicomnode.receive.recovery import recover_orphans
+from dicomnode.receive.scp import StorageSCP
 from dicomnode.rules.loader import load_rules
 from dicomnode.rules.trigger import Firing, RuleTrigger
 from dicomnode.scheduler import install_scheduled_jobs
+from dicomnode.send.outbox import Outbox
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.files import InstanceFiles
-from dicomnode.store.ingest import InstanceStore
-from dicomnode.store.recovery import recover_orphans
 from dicomnode.web.metrics import RefusalCounter, metrics_text
 from dicomnode.web.server import ConsoleServer
-from dicomnode.worker import JobRunner, reset
 
 __all__ = ["Node"]
 

@@ -36,7 +36,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import ColumnElement, and_, delete, exists, or_, select
@@ -60,12 +60,29 @@ from dicomnode.store.tables import (
 )
 
 if TYPE_CHECKING:
-    from dicomnode.node import Node
+    from apscheduler.schedulers.base import BaseScheduler
+
+    from dicomnode.config import Config
+    from dicomnode.rules.loader import RuleSet
+
+
+class ScheduledNode(Protocol):
+    """What :func:`install_scheduled_jobs` needs of the node (:class:`dicomnode.node.Node`)."""
+
+    config: Config
+    index: Index
+    files: InstanceFiles
+    trigger: RuleTrigger
+    scheduler: BaseScheduler
+
+    @property
+    def rules(self) -> RuleSet | None: ...
 
 __all__ = [
     "RETENTION_SETTLE",
     "SCHEDULE_MISFIRE_GRACE",
     "SCHEDULE_OVERLAP",
+    "ScheduledNode",
     "ScheduledRun",
     "apply_retention",
     "install_scheduled_jobs",
@@ -316,7 +333,7 @@ def _retention_job(index: Index, files: InstanceFiles, raw_days: float,
 # --------------------------------------------------------------------------- installation
 
 
-def install_scheduled_jobs(node: Node) -> None:
+def install_scheduled_jobs(node: ScheduledNode) -> None:
     """Add the node's scheduled work to its scheduler (before the scheduler starts).
 
     One cron job per enabled scheduled rule (id ``rule:<name>``), and, when

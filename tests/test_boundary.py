@@ -29,8 +29,8 @@ from dicomnode.boundary import (
     pseudonymizer,
 )
 from dicomnode.config import PeerConfig, load_config
-from dicomnode.inference.card import load_card
 from dicomnode.inference.segment import load_inputs, segment
+from dicomnode.models.card import load_card
 from dicomnode.outputs.write import write_results
 from dicomnode.store.db import open_index
 from dicomnode.store.pseudonyms import PseudonymMap

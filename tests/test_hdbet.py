@@ -26,9 +26,9 @@ import testdata
 import yaml
 from conftest import load_tool
 
-from dicomnode.inference.card import CardError, OutputSpec, PadSpec, PreprocessingSpec, load_card
 from dicomnode.inference.predict import predict
 from dicomnode.inference.volume import read_series
+from dicomnode.models.card import CardError, OutputSpec, PadSpec, PreprocessingSpec, load_card
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "models" / "hd-bet"

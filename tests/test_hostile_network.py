@@ -27,7 +27,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicomnode.net.guard import ConnectionGuard, GuardLimits, start_guarded_server
+from dicomnode.receive.guard import ConnectionGuard, GuardLimits, start_guarded_server
 
 # an A-ASSOCIATE-RQ header (type 0x01) declaring a 200-byte body; bytes trickle after it
 _RQ_HEADER = b"\x01\x00" + (200).to_bytes(4, "big")

@@ -24,8 +24,8 @@ from test_deid_data import KEY, PHI, REF_SOP_UID, make_source
 
 from dicomnode.boundary import PeerBoundary, PeerCopy, for_peer
 from dicomnode.config import PeerConfig, load_config
-from dicomnode.net.scu import send_files
-from dicomnode.outbox import Outbox
+from dicomnode.send.outbox import Outbox
+from dicomnode.send.scu import send_files
 from dicomnode.store.db import open_index
 from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.tables import OutboxState

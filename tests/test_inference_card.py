@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicomnode.inference.card import CardError, load_card
+from dicomnode.models.card import CardError, load_card
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

@@ -15,7 +15,12 @@ import SimpleITK as sitk
 import yaml
 from onnx import TensorProto, helper
 
-from dicomnode.inference.card import (
+from dicomnode.inference.postprocess import clean_mask
+from dicomnode.inference.predict import InferenceError, predict, window_starts
+from dicomnode.inference.preprocess import normalise, prepare
+from dicomnode.inference.runtime import choose_providers, clear_cache, open_session
+from dicomnode.inference.segment import LabelMask, segment, structures_of_label_map
+from dicomnode.models.card import (
     CropSpec,
     IntensitySpec,
     LabelSpec,
@@ -24,11 +29,6 @@ from dicomnode.inference.card import (
     PreprocessingSpec,
     load_card,
 )
-from dicomnode.inference.postprocess import clean_mask
-from dicomnode.inference.predict import InferenceError, predict, window_starts
-from dicomnode.inference.preprocess import normalise, prepare
-from dicomnode.inference.runtime import choose_providers, clear_cache, open_session
-from dicomnode.inference.segment import LabelMask, segment, structures_of_label_map
 
 LABEL = {
     "value": 1, "channel": 0, "name": "Thing", "color": [255, 0, 0],

@@ -15,9 +15,9 @@ import SimpleITK as sitk
 import testdata
 import yaml
 
-from dicomnode.inference.card import load_card
 from dicomnode.inference.segment import segment
 from dicomnode.inference.volume import read_series
+from dicomnode.models.card import load_card
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

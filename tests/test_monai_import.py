@@ -424,8 +424,8 @@ def test_import_then_run_on_dicom_matches_monai(kind: str, trained: dict[str, An
     agreement, dice = _agreement(ours, theirs)
 
     # probabilities on the model grid, from the package run on the same file
-    from dicomnode.inference.card import load_card
     from dicomnode.inference.runtime import open_card_session
+    from dicomnode.models.card import load_card
 
     card = load_card(package)
     session = open_card_session(card)
@@ -561,7 +561,7 @@ def test_torchscript_bundle(softmax: bool, direction: tuple[float, ...], nearest
     assert figures.passed
     assert figures.voxel_agreement == 1.0
     assert all(count > 50 for count in figures.counts.values())  # not agreement on nothing
-    from dicomnode.inference.card import load_card
+    from dicomnode.models.card import load_card
 
     card = load_card(package)
     names = [label.name for label in card.outputs.labels]

@@ -188,8 +188,8 @@ def test_profile_errors_name_the_key() -> None:
 
 
 def test_structures_map_totalsegmentator_names(tmp_path: Path) -> None:
-    from dicomnode.inference.card import LabelSpec
     from dicomnode.inference.structures import StructuresError, labels_for
+    from dicomnode.models.card import LabelSpec
 
     labels, review = labels_for(["liver", "kidney_left", "lung_upper_lobe_right", "thing_x"])
     assert [label["type"]["value"] for label in labels[:3]] == ["10200004", "18639004",
@@ -226,10 +226,10 @@ def imported(tmp_path_factory: pytest.TempPathFactory, nnunet_env: None) -> tupl
 def test_models_run_gives_nnunets_labels(imported: tuple[Path, Path], tmp_path: Path) -> None:
     """``models run`` on a DICOM series of the held-out case vs nnUNetPredictor on the same
     image (as NIfTI): labels, Dice and model-grid probabilities."""
-    from dicomnode.inference.card import load_card
     from dicomnode.inference.importers.nnunet import _probabilities, reference_prediction
     from dicomnode.inference.profiles import nnunet as profile
     from dicomnode.inference.volume import read_series
+    from dicomnode.models.card import load_card
 
     config, models = imported
     image, truth = tiny.held_out_case()
@@ -315,8 +315,8 @@ def test_a_failing_check_leaves_no_package(tmp_path: Path, nnunet_env: None,
 def test_no_mirroring_variant(tmp_path: Path, nnunet_env: None) -> None:
     """nnUNetTrainerNoMirroring's checkpoints: no mirroring in the card, and still nnU-Net's
     output (which differs from the mirrored one)."""
-    from dicomnode.inference.card import load_card
     from dicomnode.inference.importers.nnunet import compare
+    from dicomnode.models.card import load_card
 
     models = tmp_path / "models"
     config = _config(tmp_path, models)
@@ -394,8 +394,8 @@ def test_region_based_model(tmp_path: Path, nnunet_env: None) -> None:
     each region's channel; the labels are nnU-Net's."""
     import torch
 
-    from dicomnode.inference.card import load_card
     from dicomnode.inference.importers.nnunet import import_model
+    from dicomnode.models.card import load_card
 
     folder = tmp_path / TRAINED.name
     shutil.copytree(TRAINED, folder)

@@ -25,7 +25,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import update
 
 from dicomnode.config import ConfigError, OutboxConfig, PeerConfig, load_config
-from dicomnode.outbox import Outbox, OutboxError, outbox_report, retry_delay
+from dicomnode.send.outbox import Outbox, OutboxError, outbox_report, retry_delay
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.tables import OutboxItem, OutboxState, utcnow
 

@@ -25,7 +25,6 @@ from skimage.draw import polygon2mask
 
 from dicomnode.boundary import for_peer
 from dicomnode.config import ConfigError, OutputsConfig, PeerConfig, load_config
-from dicomnode.inference.card import load_card
 from dicomnode.inference.segment import (
     LabelMask,
     Segmentation,
@@ -35,11 +34,12 @@ from dicomnode.inference.segment import (
     structures_of_label_map,
 )
 from dicomnode.inference.volume import SeriesVolume
-from dicomnode.net.scu import send_files
+from dicomnode.models.card import load_card
 from dicomnode.outputs.rtstruct import ds_bytes, slice_contours
 from dicomnode.outputs.source import OutputError
 from dicomnode.outputs.write import Results, write_results
-from dicomnode.rules.explain import index_folder
+from dicomnode.receive.folder import index_folder
+from dicomnode.send.scu import send_files
 from dicomnode.store.db import open_index
 from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.queries import studies_report

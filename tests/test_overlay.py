@@ -23,9 +23,9 @@ import SimpleITK as sitk
 import testdata
 from PIL import Image
 
-from dicomnode.inference.card import load_card
 from dicomnode.inference.segment import segment
 from dicomnode.inference.volume import read_series
+from dicomnode.models.card import load_card
 from dicomnode.outputs.overlay import (
     VIEWS,
     OverlayLayout,

@@ -25,9 +25,8 @@ from test_deid_data import KEY
 from dicomnode.boundary import PeerCopy, for_peer, profile_options, pseudonymize_files
 from dicomnode.config import DeidConfig, OutputsConfig, PeerConfig
 from dicomnode.deid import Pseudonymizer
-from dicomnode.inference.card import load_card
 from dicomnode.inference.segment import load_inputs, segment
-from dicomnode.net.scu import send_files
+from dicomnode.models.card import load_card
 from dicomnode.outputs.rejection import (
     REJECTION_SERIES_NUMBER,
     KeyObjectSelectionDocumentStorage,
@@ -36,6 +35,7 @@ from dicomnode.outputs.rejection import (
     write_rejection_note,
 )
 from dicomnode.outputs.write import Results, write_results
+from dicomnode.send.scu import send_files
 from dicomnode.store.db import open_index
 from dicomnode.store.pseudonyms import PseudonymMap
 

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.config import load_config
 from dicomnode.net.tls import TlsError, server_context
-from dicomnode.outbox import Outbox
+from dicomnode.send.outbox import Outbox
 from dicomnode.store.db import open_index
 
 pytestmark = pytest.mark.skipif(not (DCMTK / "storescu").exists(),

@@ -19,10 +19,10 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from dicomnode.completion import AssociationActivity
 from dicomnode.config import NodeConfig, PeerConfig
 from dicomnode.net.access import REFUSAL_KINDS, AccessPolicy
-from dicomnode.net.scp import StorageSCP
+from dicomnode.receive.ingest import InstanceStore
+from dicomnode.receive.scp import StorageSCP
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.files import InstanceFiles
-from dicomnode.store.ingest import InstanceStore
 from dicomnode.store.tables import Job, JobState, OutboxItem, OutboxState, Study
 from dicomnode.web.metrics import (
     CONTENT_TYPE,

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dicomnode.inference.card import Card
 from dicomnode.inference.runtime import ModelSession, open_card_session
+from dicomnode.models.card import Card
 
 __all__ = ["CHECK_REPORT", "PackageReport", "check_package", "imported_facts"]
 

@@ -15,8 +15,8 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
-from dicomnode.inference.card import OutputSpec, PostprocessingSpec
 from dicomnode.inference.preprocess import nonzero_bounds
+from dicomnode.models.card import OutputSpec, PostprocessingSpec
 
 __all__ = ["argmax_slab", "argmax_to_source", "clean_mask", "decide_slab", "scores_to_image",
            "to_source"]

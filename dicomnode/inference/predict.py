@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from dicomnode.inference.card import OutputSpec, PadSpec, PreprocessingSpec
+from dicomnode.models.card import OutputSpec, PadSpec, PreprocessingSpec
 
 __all__ = ["InferenceError", "activate", "gaussian_weights", "predict", "window_starts"]
 

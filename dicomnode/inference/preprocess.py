@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
-from dicomnode.inference.card import CropSpec, IntensitySpec, PreprocessingSpec
+from dicomnode.models.card import CropSpec, IntensitySpec, PreprocessingSpec
 
 __all__ = ["ModelInput", "PreprocessingError", "nonzero_bounds", "prepare", "same_grid"]
 

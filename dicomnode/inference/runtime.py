@@ -37,7 +37,7 @@ import onnxruntime as ort
 
 if TYPE_CHECKING:
     from dicomnode.config import Config
-    from dicomnode.inference.card import Card
+    from dicomnode.models.card import Card
 
 __all__ = ["GpuSettings", "ModelSession", "ProviderChoice", "WindowShape", "choose_providers",
            "clear_cache", "configure", "configure_from", "open_card_session", "open_session",

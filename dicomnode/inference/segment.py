@@ -28,7 +28,6 @@ import numpy.typing as npt
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from dicomnode.inference.card import Card, LabelSpec, PostprocessingSpec
 from dicomnode.inference.postprocess import (
     argmax_slab,
     argmax_to_source,
@@ -40,6 +39,7 @@ from dicomnode.inference.predict import InferenceError, predict
 from dicomnode.inference.preprocess import prepare
 from dicomnode.inference.runtime import open_card_session
 from dicomnode.inference.volume import SeriesVolume, read_series
+from dicomnode.models.card import Card, LabelSpec, PostprocessingSpec
 
 __all__ = ["Geometry", "LabelMask", "Segmentation", "Structure", "Timings", "load_inputs",
            "segment", "structures_of_label_map"]

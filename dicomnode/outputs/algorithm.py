@@ -7,8 +7,8 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicomnode import __version__
-from dicomnode.inference.card import Card
-from dicomnode.inference.card import Code as CardCode
+from dicomnode.models.card import Card
+from dicomnode.models.card import Code as CardCode
 
 __all__ = ["algorithm_identification", "content_label", "description", "software_versions",
            "sr_code"]

@@ -33,7 +33,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import __version__
-from dicomnode.inference.card import Card
+from dicomnode.models.card import Card
 from dicomnode.outputs.algorithm import software_versions
 from dicomnode.outputs.source import object_identity, result_uid
 from dicomnode.outputs.write import ResultObject

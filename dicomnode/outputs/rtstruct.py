@@ -33,8 +33,8 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 
-from dicomnode.inference.card import Code as CardCode
 from dicomnode.inference.segment import Geometry, Segmentation, Structure
+from dicomnode.models.card import Code as CardCode
 from dicomnode.outputs.algorithm import (
     content_label,
     description,

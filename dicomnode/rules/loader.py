@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from dicomnode.inference.card import CardError, load_card
+from dicomnode.models.card import CardError, load_card
 
 from .errors import RuleSyntaxError
 from .nodes import SelectStatement

@@ -218,7 +218,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     # seconds per step of the last run ({"read": .., "inference": .., ...}) and the objects
-    # it wrote ([{"kind", "sop_instance_uid", "file"}]), see dicomnode.pipeline
+    # it wrote ([{"kind", "sop_instance_uid", "file"}]), see dicomnode.jobs.pipeline
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     results: Mapped[list[Any] | None] = mapped_column(JSON)
 
@@ -230,7 +230,7 @@ class Job(Base):
 
 
 class OutboxState(str, enum.Enum):
-    """Where an outbox item stands (see :mod:`dicomnode.outbox`)."""
+    """Where an outbox item stands (see :mod:`dicomnode.send.outbox`)."""
 
     PENDING = "pending"  # waiting for its next attempt (``next_attempt_at``)
     SENDING = "sending"  # claimed by a delivery until ``next_attempt_at`` (a lease)

@@ -46,17 +46,17 @@ from urllib.parse import parse_qs, urlsplit
 from sqlalchemy import select, text
 
 from dicomnode.config import Config, ConfigError
-from dicomnode.outbox import Outbox, OutboxError, outbox_report
-from dicomnode.pipeline import job_overlay
+from dicomnode.jobs.files import job_overlay
+from dicomnode.jobs.queue import jobs_report, reset
 from dicomnode.rules.explain import explain_study
 from dicomnode.rules.loader import RuleSet
 from dicomnode.rules.trigger import Firing
+from dicomnode.send.outbox import Outbox, OutboxError, outbox_report
 from dicomnode.store.db import Index
 from dicomnode.store.queries import studies_report
 from dicomnode.store.tables import Patient, Study
 from dicomnode.web import pages
 from dicomnode.web.httpd import BoundedHTTPServer
-from dicomnode.worker import jobs_report, reset
 
 __all__ = ["ConsoleServer", "console_token", "is_loopback"]
 

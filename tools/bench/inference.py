@@ -58,9 +58,9 @@ def _write_series(kind: str, folder: Path) -> list[Path]:
 
 
 def _child(case: str, folder: Path, repeat: int, providers: list[str]) -> dict[str, Any]:
-    from dicomnode.inference.card import load_card
     from dicomnode.inference.segment import segment
     from dicomnode.inference.volume import read_series
+    from dicomnode.models.card import load_card
 
     model, _ = CASES[case]
     card = load_card(ROOT / "models" / model)

@@ -49,9 +49,9 @@ def main() -> int:
     import torch
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-    from dicomnode.inference.card import load_card
     from dicomnode.inference.export import export_network
     from dicomnode.inference.profiles import nnunet as profile
+    from dicomnode.models.card import load_card
 
     torch.manual_seed(0)
     net = PlainConvUNet(1, 3, (4, 8, 16), torch.nn.Conv3d, 3, (1, 2, 2), (1, 1, 1),

@@ -105,9 +105,9 @@ def main() -> int:
 
     import torch
 
-    from dicomnode.inference.card import load_card
     from dicomnode.inference.export import export_network
     from dicomnode.inference.profiles import nnunet as profile
+    from dicomnode.models.card import load_card
 
     print(f"machine: {os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}, "
           f"onnxruntime {__import__('onnxruntime').__version__}; CT {args.slices}x512x512 at "

@@ -34,7 +34,7 @@ import numpy.typing as npt
 import SimpleITK as sitk
 import yaml
 
-from dicomnode.inference.card import file_sha256
+from dicomnode.models.card import file_sha256
 
 __all__ = ["BundleError", "CheckFigures", "ImportedBundle", "add_arguments", "check_bundle",
            "import_bundle", "read_bundle", "run", "run_bundle_with_monai", "translate"]
@@ -526,9 +526,9 @@ def synthetic_image(profile: Mapping[str, Any]) -> sitk.Image:
 def check_bundle(bundle: ImportedBundle, package: Path, image: sitk.Image
                  ) -> tuple[CheckFigures, dict[int, str]]:
     """Run the package (profile + ONNX Runtime) and the bundle (MONAI) on ``image``."""
-    from dicomnode.inference.card import load_card
     from dicomnode.inference.profiles.monai import run_profile
     from dicomnode.inference.runtime import open_card_session
+    from dicomnode.models.card import load_card
 
     card = load_card(package)
     assert card.profile is not None
@@ -591,8 +591,8 @@ def import_bundle(folder: Path, name: str, models_dir: Path, *,
     import monai
     import torch
 
-    from dicomnode.inference.card import _NAME, load_card
     from dicomnode.inference.export import export_network
+    from dicomnode.models.card import _NAME, load_card
 
     if not _NAME.match(name):
         raise BundleError(f"--name {name!r} is not a model name: lower-case letters, digits, "
@@ -686,7 +686,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, models_dir: Path) -> int:
     """Import ``args.folder`` as ``args.name``; print the check's figures."""
-    from dicomnode.inference.card import CardError
+    from dicomnode.models.card import CardError
 
     structures = None
     try:
@@ -707,7 +707,7 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
           "agree; Dice " + ", ".join(f"{k} {v:.5f}" for k, v in figures.dice.items())
           + f"; max probability difference {figures.max_probability_diff}; structure voxels "
           + ", ".join(f"{k} {v}" for k, v in figures.counts.items()))
-    from dicomnode.inference.card import load_card
+    from dicomnode.models.card import load_card
 
     card = load_card(package)
     review = (card.profile or {}).get("needs_review")

@@ -34,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
-from dicomnode.inference.card import file_sha256
+from dicomnode.models.card import file_sha256
 
 __all__ = ["THRESHOLDS", "CheckFigures", "add_arguments", "compare", "import_model",
            "reference_prediction", "run"]
@@ -559,8 +559,8 @@ def import_model(folder: Path, package: Path, *, name: str, version: str = "1",
     import torch
     import yaml
 
-    from dicomnode.inference.card import load_card
     from dicomnode.inference.export import export_network
+    from dicomnode.models.card import load_card
 
     model = read_folder(folder, configuration=configuration, folds=folds, checkpoint=checkpoint)
     network = build_network(model)

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
-    from dicomnode.inference.card import Card
     from dicomnode.inference.segment import Segmentation
+    from dicomnode.models.card import Card
 
 __all__ = ["FRAMEWORKS", "profile_module", "segment_with_profile"]
 

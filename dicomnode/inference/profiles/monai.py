@@ -45,9 +45,12 @@ import numpy.typing as npt
 import SimpleITK as sitk
 from scipy import ndimage
 
+from dicomnode.models.plans import _AXCODES, POSTPROCESSING, PREPROCESSING
+from dicomnode.models.plans import validate_monai as validate
+
 if TYPE_CHECKING:
-    from dicomnode.inference.card import Card
     from dicomnode.inference.segment import Segmentation
+    from dicomnode.models.card import Card
 
 __all__ = ["POSTPROCESSING", "PREPROCESSING", "MonaiRun", "facts", "importance_map",
            "run_profile", "segment", "source_array", "validate", "window_starts"]
@@ -55,122 +58,7 @@ __all__ = ["POSTPROCESSING", "PREPROCESSING", "MonaiRun", "facts", "importance_m
 FloatArray = npt.NDArray[np.float32]
 Array = npt.NDArray[Any]
 
-#: pre-processing steps and the parameters each takes (with their defaults)
-PREPROCESSING: dict[str, dict[str, Any]] = {
-    "Orientation": {"axcodes": None},
-    "Spacing": {"pixdim": None, "mode": "bilinear", "padding_mode": "border"},
-    "ScaleIntensityRange": {"a_min": None, "a_max": None, "b_min": None, "b_max": None,
-                            "clip": False},
-    "NormalizeIntensity": {"nonzero": False, "channel_wise": False},
-    "CropForeground": {"threshold": 0.0, "margin": 0, "allow_smaller": False,
-                       "k_divisible": 1},
-    "SpatialPad": {"spatial_size": None, "method": "symmetric", "value": 0.0},
-}
-#: post-processing steps and their parameters
-POSTPROCESSING: dict[str, dict[str, Any]] = {
-    "Activations": {"softmax": False, "sigmoid": False},
-    "Invert": {"nearest": True},
-    "AsDiscrete": {"argmax": False, "threshold": None},
-    "KeepLargestConnectedComponent": {"applied_labels": None, "is_onehot": None,
-                                      "independent": True, "connectivity": None,
-                                      "num_components": 1},
-}
-INFERER = {"roi_size": None, "overlap": 0.25, "mode": "constant", "sigma_scale": 0.125,
-           "sw_batch_size": 1, "padding_mode": "constant", "cval": 0.0}
-_AXCODES = {"L": (0, -1), "R": (0, 1), "P": (1, -1), "A": (1, 1), "I": (2, -1), "S": (2, 1)}
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-# ---------------------------------------------------------------------------------------
-# validation
-
-
-def _check_step(where: str, step: Any, table: Mapping[str, Mapping[str, Any]]) -> None:
-    if not isinstance(step, Mapping) or not isinstance(step.get("transform"), str):
-        raise ValueError(f"profile.{where}: each step is a mapping with 'transform'")
-    name = step["transform"]
-    if name not in table:
-        raise ValueError(f"profile.{where}: transform {name!r} is not supported; supported: "
-                         + ", ".join(table))
-    unknown = sorted(set(step) - {"transform"} - set(table[name]))
-    if unknown:
-        raise ValueError(f"profile.{where}: {name} takes no {', '.join(unknown)}; it takes "
-                         + (", ".join(table[name]) or "nothing"))
-
-
-def _check_values(where: str, name: str, p: Mapping[str, Any]) -> None:
-    if name == "Orientation":
-        codes = p.get("axcodes")
-        if (not isinstance(codes, str) or len(codes) != 3
-                or sorted(_AXCODES[c][0] for c in codes if c in _AXCODES) != [0, 1, 2]):
-            raise ValueError(f"profile.{where}: Orientation axcodes must name each of L/R, "
-                             f"A/P, S/I once (got {codes!r})")
-    elif name == "Spacing":
-        pixdim = p.get("pixdim")
-        if (not isinstance(pixdim, list) or len(pixdim) != 3
-                or not all(isinstance(v, int | float) and v > 0 for v in pixdim)):
-            raise ValueError(f"profile.{where}: Spacing pixdim must be three positive mm "
-                             f"(got {pixdim!r})")
-        if p.get("mode", "bilinear") not in ("bilinear", "nearest"):
-            raise ValueError(f"profile.{where}: Spacing mode must be bilinear or nearest")
-        if p.get("padding_mode", "border") not in ("border", "zeros"):
-            raise ValueError(f"profile.{where}: Spacing padding_mode must be border or zeros")
-    elif name == "ScaleIntensityRange":
-        if p.get("a_min") is None or p.get("a_max") is None:
-            raise ValueError(f"profile.{where}: ScaleIntensityRange needs a_min and a_max")
-        if (p.get("b_min") is None) != (p.get("b_max") is None):
-            raise ValueError(f"profile.{where}: give both b_min and b_max, or neither")
-    elif name == "SpatialPad":
-        size = p.get("spatial_size")
-        if not isinstance(size, list) or len(size) != 3:
-            raise ValueError(f"profile.{where}: SpatialPad spatial_size must be three sizes")
-        if p.get("method", "symmetric") not in ("symmetric", "end"):
-            raise ValueError(f"profile.{where}: SpatialPad method must be symmetric or end")
-    elif name == "Activations" and bool(p.get("softmax")) == bool(p.get("sigmoid")):
-        raise ValueError(f"profile.{where}: Activations needs exactly one of softmax, sigmoid")
-    elif name == "AsDiscrete" and (bool(p.get("argmax")) == (p.get("threshold") is not None)):
-        raise ValueError(f"profile.{where}: AsDiscrete needs exactly one of argmax, threshold")
-
-
-def validate(card: Card) -> None:
-    """Check ``card.profile`` for the MONAI profile (raises ValueError, one problem)."""
-    profile = card.profile or {}
-    unknown = sorted(set(profile) - {"framework", "monai_version", "preprocessing", "inferer",
-                                      "postprocessing", "needs_review"})
-    if unknown:
-        raise ValueError(f"profile: unknown key(s) {', '.join(unknown)} for framework monai")
-    if len(card.inputs) != 1:
-        raise ValueError("profile monai: the bundle takes one input image")
-    for section, table in (("preprocessing", PREPROCESSING), ("postprocessing", POSTPROCESSING)):
-        steps = profile.get(section, [])
-        if not isinstance(steps, list):
-            raise ValueError(f"profile.{section} must be a list of steps")
-        for i, step in enumerate(steps):
-            _check_step(f"{section}[{i}]", step, table)
-            _check_values(f"{section}[{i}]", step["transform"], step)
-    inferer = profile.get("inferer")
-    if not isinstance(inferer, Mapping):
-        raise ValueError("profile.inferer: the sliding-window inferer's parameters are needed")
-    unknown = sorted(set(inferer) - set(INFERER))
-    if unknown:
-        raise ValueError(f"profile.inferer: unknown key(s) {', '.join(unknown)}")
-    roi = inferer.get("roi_size")
-    if not isinstance(roi, list) or len(roi) != 3 or not all(isinstance(v, int) for v in roi):
-        raise ValueError(f"profile.inferer: roi_size must be three sizes (got {roi!r})")
-    overlap = inferer.get("overlap", 0.25)
-    overlaps = overlap if isinstance(overlap, list) else [overlap]
-    if not all(isinstance(o, int | float) and 0 <= o < 1 for o in overlaps):
-        raise ValueError(f"profile.inferer: overlap must be in [0, 1) (got {overlap!r})")
-    if inferer.get("mode", "constant") not in ("constant", "gaussian"):
-        raise ValueError("profile.inferer: mode must be constant or gaussian")
-    if inferer.get("padding_mode", "constant") != "constant":
-        raise ValueError("profile.inferer: only padding_mode constant is supported")
-    post = [s["transform"] for s in profile.get("postprocessing", [])]
-    if "AsDiscrete" not in post:
-        raise ValueError("profile.postprocessing: the labels need an AsDiscrete step "
-                         "(argmax or threshold)")
-    if post.count("Invert") > 1:
-        raise ValueError("profile.postprocessing: at most one Invert step")
 
 
 def facts(card: Card) -> list[str]:

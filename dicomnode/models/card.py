@@ -414,11 +414,9 @@ class Card(_Spec):
         if "volume_ml" not in self.measurements:
             raise ValueError("measurements must include volume_ml")
         if self.profile is not None:
-            from dicomnode.inference.profiles import profile_module
+            from dicomnode.models.plans import validate
 
-            if not isinstance(self.profile.get("framework"), str):
-                raise ValueError("profile needs framework: the name of a framework profile")
-            profile_module(self.profile["framework"]).validate(self)
+            validate(self)
         return self
 
     @property

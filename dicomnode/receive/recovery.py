@@ -14,8 +14,8 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from dicomnode.receive.ingest import InstanceStore, StoreFailure
 from dicomnode.store.files import InstanceFiles
-from dicomnode.store.ingest import InstanceStore, StoreFailure
 from dicomnode.store.tables import Instance
 
 __all__ = ["recover_orphans"]

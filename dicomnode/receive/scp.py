@@ -36,17 +36,17 @@ from dicomnode.net.access import (
     raw_ae_title_problem,
 )
 from dicomnode.net.contexts import storage_sop_classes, transfer_syntaxes
-from dicomnode.net.guard import (
+from dicomnode.net.sockets import set_nodelay
+from dicomnode.net.tls import server_context
+from dicomnode.receive.guard import (
     LOCAL_LIMIT_EXCEEDED,
     ConnectionGuard,
     GuardedAssociationServer,
     GuardLimits,
     start_guarded_server,
 )
-from dicomnode.net.receive import ReceiveFiles
-from dicomnode.net.sockets import set_nodelay
-from dicomnode.net.tls import server_context
-from dicomnode.store.ingest import STATUS_OUT_OF_RESOURCES, InstanceStore, StoreFailure
+from dicomnode.receive.ingest import STATUS_OUT_OF_RESOURCES, InstanceStore, StoreFailure
+from dicomnode.receive.spool import ReceiveFiles
 
 __all__ = ["StorageSCP"]
 

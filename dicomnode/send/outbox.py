@@ -14,7 +14,7 @@ still to be sent survives restarts and crashes. Items move through these states:
   destination is served by its own thread, over one association per round (more only
   past 128 presentation contexts), so a destination that is down or slow never delays
   the others. Presentation contexts and the C-STORE itself are those of
-  :func:`dicomnode.net.scu.send_files`. Each item's file crosses the boundary
+  :func:`dicomnode.send.scu.send_files`. Each item's file crosses the boundary
   (:class:`dicomnode.boundary.PeerBoundary`) at delivery: pseudonymized for a research
   peer, re-identified for a clinical one, or refused (``failed``), whoever queued it.
   Each response is committed as soon as it arrives, before the next C-STORE.
@@ -58,7 +58,7 @@ from sqlalchemy.exc import IntegrityError
 from dicomnode.boundary import BoundaryError, PeerBoundary, PeerCopy
 from dicomnode.config import Config, OutboxConfig, PeerConfig
 from dicomnode.deid import DeidKeyError
-from dicomnode.net.scu import SendError, SendResult, send_files
+from dicomnode.send.scu import SendError, SendResult, send_files
 from dicomnode.store.db import Index
 from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.queries import count_by_state, iso_utc

@@ -27,11 +27,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from dicomnode.receive.validate import DatasetError, check_dataset
 from dicomnode.store.db import Index
 from dicomnode.store.files import InstanceFiles
 from dicomnode.store.header import HeaderError, InstanceHeader, read_header
 from dicomnode.store.tables import Instance, Patient, Series, Study, StudyState, utcnow
-from dicomnode.store.validate import DatasetError, check_dataset
 
 __all__ = ["DEFAULT_MAX_INFLATED_BYTES", "IngestResult", "InstanceStore", "StoreFailure"]
 

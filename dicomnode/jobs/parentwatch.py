@@ -45,8 +45,8 @@ def watch_parent(parent: int) -> None:
 
 def init_worker(parent: int, config_data: dict[str, Any]) -> None:
     """The worker pool's initializer: watch the node (process id ``parent``), then load
-    the worker (:func:`dicomnode.worker.init_worker_process`)."""
+    the worker (:func:`dicomnode.jobs.child.init_worker_process`)."""
     watch_parent(parent)
-    from dicomnode.worker import init_worker_process
+    from dicomnode.jobs.child import init_worker_process
 
     init_worker_process(config_data)

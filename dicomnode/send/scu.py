@@ -12,7 +12,7 @@ Every failure says whether it is *transient*: whether the same file may go
 through on a later association (peer down, association rejected, aborted or
 timed out, status 0xA7xx out of resources) or not (unreadable file, SOP class
 or transfer syntax not accepted, any other failure status). The outbox
-(:mod:`dicomnode.outbox`) retries the transient ones only.
+(:mod:`dicomnode.send.outbox`) retries the transient ones only.
 """
 
 from __future__ import annotations

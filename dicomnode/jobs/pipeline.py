@@ -2,7 +2,7 @@
 one copy fit for each destination -> outbox.
 
 :func:`run_job` runs a job that the caller has claimed (state ``running``); it is what a
-worker process executes (:mod:`dicomnode.worker`), and what ``dicomnode run`` and
+worker process executes (:mod:`dicomnode.jobs.runner`), and what ``dicomnode run`` and
 ``dicomnode jobs retry`` execute in their own process. Everything it writes is
 deterministic for a job: the pseudonymized headers (keyed), the result objects' UIDs (seeded
 by the job's inputs key, its version, the model and the model's version) and the outbox
@@ -38,24 +38,25 @@ from sqlalchemy import select, update
 from dicomnode.boundary import BoundaryError, for_peer, pseudonymize_datasets, pseudonymizer
 from dicomnode.config import Config
 from dicomnode.deid import DeidKeyError
-from dicomnode.inference.card import Card, CardError, load_card
 from dicomnode.inference.predict import InferenceError
 from dicomnode.inference.preprocess import PreprocessingError
 from dicomnode.inference.runtime import configure_from
 from dicomnode.inference.segment import Segmentation, load_inputs, segment
 from dicomnode.inference.volume import VolumeError
-from dicomnode.outbox import Outbox
+from dicomnode.jobs.files import job_dir, job_overlay
+from dicomnode.models.card import Card, CardError, load_card
 from dicomnode.outputs.overlay import OverlayStructure, render_overlay
 from dicomnode.outputs.rejection import build_rejection_note, write_rejection_note
 from dicomnode.outputs.source import OutputError
 from dicomnode.outputs.write import ResultObject, write_results
 from dicomnode.rules.loader import load_rules
+from dicomnode.send.outbox import Outbox
 from dicomnode.store.db import Index
 from dicomnode.store.files import write_atomic
 from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.tables import Instance, Job, JobState, Series
 
-__all__ = ["JobFailure", "JobSummary", "job_dir", "job_overlay", "run_job"]
+__all__ = ["JobFailure", "JobSummary", "run_job"]
 
 LOG = logging.getLogger(__name__)
 _PIXEL_DATA = 0x7FE00010
@@ -84,16 +85,6 @@ class JobSummary:
     results: list[dict[str, str]] = field(default_factory=list)
     enqueued: int = 0
     provider: str = ""
-
-
-def job_dir(config: Config, job_id: int) -> Path:
-    """The working folder of a job (no identity in its name)."""
-    return config.storage.path / "jobs" / str(job_id)
-
-
-def job_overlay(config: Config, job_id: int) -> Path:
-    """The console's picture of a job's result."""
-    return job_dir(config, job_id) / "overlay.png"
 
 
 class _Clock:

@@ -1,0 +1,129 @@
+"""The job runner in the node's process: hands claimed jobs to worker processes and records
+how they end; never in the SCP's threads.
+
+The :class:`JobRunner` keeps a pool of spawned worker processes (``pipeline.workers``); each
+keeps its ONNX Runtime sessions cached between jobs (:mod:`dicomnode.jobs.child`). A worker
+that dies (a crashing model) fails its job's attempt, not the node. This module imports
+nothing of the models: the node's process stays small.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from functools import partial
+
+from dicomnode.config import Config
+from dicomnode.jobs import child, parentwatch
+from dicomnode.jobs.queue import Outcome, claim, finish, pending, recover, requeue
+from dicomnode.store.db import Index
+from dicomnode.store.tables import JobState
+
+__all__ = ["JobRunner"]
+
+LOG = logging.getLogger("dicomnode.jobs")
+
+
+class JobRunner:
+    """Hands pending jobs to worker processes and records how they end."""
+
+    def __init__(self, config: Config, index: Index, *,
+                 on_done: Callable[[], object] | None = None) -> None:
+        self.config = config
+        self.index = index
+        self.on_done = on_done  # called after a job finished successfully
+        self._pool: ProcessPoolExecutor | None = None
+        self._running: dict[int, Future[Outcome]] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+
+    def recover(self) -> int:
+        """Return jobs a crash left ``running`` to ``pending`` (their attempt is counted)."""
+        return recover(self.index)
+
+    def start(self) -> None:
+        """Start the worker processes now and load the rules' models in them, so that the
+        first job does not wait for a process to spawn and a model to load."""
+        with self._lock:
+            if self._stopping:
+                return
+            pool = self._pool_now()
+            for _ in range(self.config.pipeline.workers):
+                pool.submit(child.warm_up)
+
+    def _pool_now(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.config.pipeline.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                # a module that imports nothing heavy: the worker checks its parent first
+                initializer=parentwatch.init_worker,
+                initargs=(os.getpid(), self.config.model_dump(mode="json")))
+        return self._pool
+
+    def dispatch(self) -> list[int]:
+        """Claim pending jobs up to the free workers and start them; returns their ids."""
+        with self._lock:
+            if self._stopping:
+                return []
+            free = self.config.pipeline.workers - len(self._running)
+            if free <= 0:
+                return []
+            started = []
+            for job_id in pending(self.index, free):
+                if not claim(self.index, job_id):
+                    continue
+                future = self._pool_now().submit(child.work, job_id)
+                self._running[job_id] = future
+                started.append(job_id)
+                LOG.info("job %d started", job_id)
+        for job_id in started:
+            self._running[job_id].add_done_callback(partial(self._done, job_id))
+        return started
+
+    def _done(self, job_id: int, future: Future[Outcome]) -> None:
+        with self._lock:
+            self._running.pop(job_id, None)
+            if self._stopping:
+                return  # left running: recover() makes it pending at the next start
+        try:
+            outcome = future.result()
+        except Exception as exc:  # the worker process died (BrokenProcessPool) or similar
+            outcome = {"ok": False, "permanent": False,
+                       "error": f"the worker process running it ended: {type(exc).__name__}"}
+            with self._lock:
+                pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        state = finish(self.index, job_id, outcome, self.config.pipeline.max_attempts)
+        if state is JobState.DONE and self.on_done is not None:
+            try:
+                self.on_done()
+            except Exception as exc:  # the scheduler's next tick does it anyway
+                LOG.warning("after job %d: %s", job_id, type(exc).__name__)
+
+    def busy(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def stop(self) -> None:
+        """Stop the workers; jobs still running go back to pending for the next start."""
+        with self._lock:
+            self._stopping = True
+            pool, self._pool = self._pool, None
+            running = list(self._running)
+        if pool is not None:
+            processes = list(getattr(pool, "_processes", {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in processes:  # a model may run for minutes: do not wait for it
+                process.terminate()
+            for process in processes:
+                process.join(10)
+        if running:
+            requeue(self.index, running)
+            LOG.info("%d running job(s) stopped; they run again at the next start",
+                     len(running))
