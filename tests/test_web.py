@@ -182,6 +182,17 @@ def test_identity_only_with_the_token(node_factory: NodeFactory, tmp_path: Path,
     request = urllib.request.Request(f"{base}/", headers={"Cookie": cookie.split(";")[0]})
     with urllib.request.urlopen(request, timeout=30) as reply:
         assert "DN-TEST-0001" in reply.read().decode()
+    # the JSON API: identity only with the token, from the same allow-listed views
+    for route in ("/api/v1/studies", "/api/v1/studies/1", "/api/v1/outbox", "/api/v1/jobs"):
+        status, body, _ = _get(f"{base}{route}")
+        assert status == 200 and not any(t in body.decode() for t in IDENTITY), route
+    (study,) = json.loads(_get(f"{base}/api/v1/studies", token=TOKEN)[1])["studies"]
+    assert study["patient"]["name"] == "Test^Patient" and study["patient"]["id"] == "DN-TEST-0001"
+    assert study["study_description"] and study["study_instance_uid"]
+    assert study["series"][0]["series_instance_uid"]
+    detail = json.loads(_get(f"{base}/api/v1/studies/1", token=TOKEN)[1])
+    assert detail["patient"]["id"] == "DN-TEST-0001"
+    assert _get(f"{base}/api/v1/studies", token="wrong-token-0123456789")[0] == 401
     # POST needs the token when one is configured
     assert _post(f"{base}/api/v1/jobs/1/retry")[0] == 401
 
@@ -306,14 +317,148 @@ def test_a_job_error_quoting_a_value_is_hidden_without_the_token(
 
 
 def test_job_errors_quote_no_value_without_the_token() -> None:
-    from dicomnode.web.pages import redact_jobs, redact_outbox
+    from dicomnode.web.api import jobs_view, outbox_view
 
-    report = {"jobs": [{"id": 1, "error": "ValueError: Invalid value for VR DA: '1980-01-02' "
-                                          "in 1.2.826.0.1.3680043.8.498.1001"}]}
-    (job,) = redact_jobs(report)["jobs"]
+    report = {"schema": 1, "jobs": [{
+        "id": 1, "error": "ValueError: Invalid value for VR DA: '1980-01-02' "
+                          "in 1.2.826.0.1.3680043.8.498.1001", "results": []}]}
+    (job,) = jobs_view(report, authenticated=False, overlays=set())["jobs"]
     assert "1980-01-02" not in job["error"] and "3680043" not in job["error"]
     assert job["error"].startswith("ValueError: Invalid value for VR DA")
-    outbox = {"items": [{"id": 1, "last_error": "status 0xC000: 'Doe^John' refused",
-                         "sop_instance_uid": "1.2.3", "file_path": "/x"}]}
-    (item,) = redact_outbox(outbox)["items"]
+    outbox = {"schema": 1, "counts": {}, "items": [{
+        "id": 1, "last_error": "status 0xC000: 'Doe^John' refused",
+        "sop_instance_uid": "1.2.3", "file_path": "/x"}]}
+    (item,) = outbox_view(outbox, authenticated=False)["items"]
     assert "Doe" not in item["last_error"] and "sop_instance_uid" not in item
+
+
+def test_fields_a_report_gains_never_reach_the_console() -> None:
+    """Allow-listed views: a key the reports add later is not passed on, with or without
+    the token, at any depth."""
+    from dicomnode.web.api import (
+        JobList,
+        OutboxList,
+        StudyList,
+        jobs_view,
+        outbox_view,
+        studies_view,
+    )
+
+    geometry = {"state": "whole", "whole": True, "reason": None, "frames": 3,
+                "slice_spacing_mm": 1.0, "orientation": "axial", "stated_size": None,
+                "settled_by_size": None, "leak": "Doe^John"}
+    studies = {"schema": 1, "studies": [{
+        "id": 1, "state": "complete", "instance_count": 3, "reopened_count": 0,
+        "study_instance_uid": "1.2.3", "leak": "Doe^John",
+        "series": [{"id": 2, "modality": "CT", "instance_count": 3, "frame_count": 3,
+                    "series_instance_uid": "1.2.3.4", "leak": "Doe^John",
+                    "geometry": geometry}]}]}
+    jobs = {"schema": 1, "jobs": [{
+        "id": 1, "rule": "r", "model": "m", "study": 1, "inputs": ["ct"], "trigger": "manual",
+        "version": 1, "state": "done", "attempts": 1, "leak": "Doe^John",
+        "results": [{"kind": "seg", "sop_instance_uid": "1.2", "file": "x", "leak": "Doe"}]}]}
+    outbox = {"schema": 1, "counts": {"sent": 1}, "items": [{
+        "id": 1, "state": "sent", "destination": "pacs", "sop_class_uid": "1.2",
+        "attempts": 1, "sop_instance_uid": "1.2.5", "file_path": "x", "leak": "Doe^John"}]}
+    identity = {1: {"accession_number": "A1", "patient": {"name": "Doe^John", "id": "P1",
+                                                          "leak": "Doe"}}}
+    for auth in (False, True):
+        views = [
+            StudyList.model_validate(studies_view(
+                studies, identity=identity if auth else None)).model_dump(exclude_unset=True),
+            JobList.model_validate(jobs_view(jobs, authenticated=auth, overlays={1}))
+            .model_dump(exclude_unset=True),
+            OutboxList.model_validate(outbox_view(outbox, authenticated=auth))
+            .model_dump(exclude_unset=True)]
+        text = json.dumps(views)
+        assert "leak" not in text
+        assert ("Doe^John" in text) is auth and ("1.2.3.4" in text) is auth
+        assert ("1.2.5" in text) is auth
+
+
+def test_the_api_lists_rules_and_models_and_describes_itself(
+        node_with_job: RunningNode) -> None:
+    base = node_with_job.console_url()
+    status, body, kind = _get(f"{base}/api/v1/openapi.json")
+    assert status == 200 and kind.startswith("application/json")
+    schema = json.loads(body)
+    paths = set(schema["paths"])
+    assert {"/api/v1/studies", "/api/v1/studies/{study_id}", "/api/v1/jobs",
+            "/api/v1/outbox", "/api/v1/models", "/api/v1/rules",
+            "/api/v1/jobs/{job_id}/retry", "/api/v1/outbox/{item_id}/resend",
+            "/api/v1/studies/{study_id}/rules/{rule}/run", "/healthz"} <= paths
+    assert not paths & {"/", "/login", "/metrics", "/studies/{study_id}"}
+    (rule,) = json.loads(_get(f"{base}/api/v1/rules")[1])["rules"]
+    assert rule["name"] == "ct-external" and rule["model"] == "ct-body"
+    assert rule["inputs"] == ["ct"] and rule["source"] == "rules.yaml"
+    models = {m["name"]: m for m in json.loads(_get(f"{base}/api/v1/models")[1])["models"]}
+    assert models["ct-body"]["used_by"] == ["ct-external"]
+    assert models["ct-body"]["inputs"][0]["modality"] == "CT" and models["ct-body"]["version"]
+    study = json.loads(_get(f"{base}/api/v1/studies/1")[1])
+    assert "rule ct-external: MATCH" in study["explanation"]
+    assert study["runnable_rules"] == ["ct-external"] and "patient" not in study
+    assert _get(f"{base}/api/v1/studies/99")[0] == 404
+    (job,) = json.loads(_get(f"{base}/api/v1/jobs")[1])["jobs"]
+    assert job["overlay"] == "/jobs/1/overlay.png"
+    assert [set(r) for r in job["results"]] == [{"kind"}] * len(job["results"])
+    assert job["results"]
+
+
+def test_importing_the_console_leaves_the_model_stack_out() -> None:
+    """The console runs in the receiving process: it never imports the pipeline, ONNX
+    Runtime, SimpleITK, OpenCV or highdicom."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, dicomnode.web.server, dicomnode.web.app; "
+            "heavy = ('onnxruntime', 'SimpleITK', 'highdicom', 'cv2', 'dicomnode.pipeline', "
+            "'dicomnode.inference.runtime', 'dicomnode.outputs'); "
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_console_stops_within_its_request_timeout(tmp_path: Path) -> None:
+    """In-process: uvicorn in the thread "console", a keep-alive connection left open and a
+    peer that never finishes its request; stop() returns within the bound, the port closed."""
+    import socket
+    import threading
+    import time
+
+    from dicomnode.config import Config
+    from dicomnode.outbox import Outbox
+    from dicomnode.store.db import open_index
+    from dicomnode.web.metrics import RefusalCounter, metrics_text
+    from dicomnode.web.server import ConsoleServer
+
+    config = Config.model_validate({"storage": {"path": str(tmp_path / "store")},
+                                    "web": {"port": 0, "request_timeout_seconds": 2.0}})
+    index = open_index(f"sqlite:///{tmp_path}/index.sqlite")
+    console = ConsoleServer(config, index, Outbox.from_config(config, index), None,
+                            lambda: metrics_text(index, refused=RefusalCounter(),
+                                                 storage_path=tmp_path / "store"))
+    console.start()
+    try:
+        assert any(t.name == "console" for t in threading.enumerate())
+        base = f"http://127.0.0.1:{console.port}"
+        assert json.loads(_get(f"{base}/api/v1/studies")[1])["studies"] == []
+        assert _get(f"{base}/metrics")[0] == 200
+        kept = http.client.HTTPConnection("127.0.0.1", console.port, timeout=10)
+        kept.request("GET", "/healthz")
+        assert kept.getresponse().read() == b'{"status":"ok"}'
+        stalled = socket.create_connection(("127.0.0.1", console.port), timeout=10)
+        stalled.sendall(b"GET /api/v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # no end
+    finally:
+        started = time.monotonic()
+        console.stop()
+        seconds = time.monotonic() - started
+    assert seconds < 2.0 + 5, seconds
+    assert not any(t.name == "console" for t in threading.enumerate())
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", console.port), timeout=2).close()
+    kept.close()
+    stalled.close()
+    index.dispose()
