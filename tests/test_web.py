@@ -462,3 +462,21 @@ def test_the_console_stops_within_its_request_timeout(tmp_path: Path) -> None:
     kept.close()
     stalled.close()
     index.dispose()
+
+
+def test_a_node_without_its_console_imports_no_web_stack(tmp_path: Path) -> None:
+    """``web.enabled: false``: neither FastAPI nor uvicorn is imported (a lighter serve)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from dicomnode.config import Config; from dicomnode.node import Node; "
+            f"node = Node(Config.model_validate({{'storage': {{'path': {str(tmp_path)!r}}}, "
+            "'web': {'enabled': False}})); node.index.dispose(); "
+            "print(node.console, sorted(m for m in ('fastapi', 'starlette', 'uvicorn') "
+            "if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "None []"
