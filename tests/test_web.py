@@ -480,3 +480,51 @@ def test_a_node_without_its_console_imports_no_web_stack(tmp_path: Path) -> None
                           timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "None []"
+
+
+def test_a_peer_trickling_its_request_is_cut_off(tmp_path: Path) -> None:
+    """A request must arrive whole within web.request_timeout_seconds: a byte every 0.2 s
+    (each read well within the timeout) does not hold a connection open, neither as the
+    first request nor after an answer on a kept-alive connection."""
+    import socket
+    import time
+
+    from dicomnode.config import Config
+    from dicomnode.outbox import Outbox
+    from dicomnode.store.db import open_index
+    from dicomnode.web.server import ConsoleServer
+
+    config = Config.model_validate({"storage": {"path": str(tmp_path / "store")},
+                                    "web": {"port": 0, "request_timeout_seconds": 1.0}})
+    index = open_index(f"sqlite:///{tmp_path}/index.sqlite")
+    console = ConsoleServer(config, index, Outbox.from_config(config, index), None,
+                            lambda: (b"", "text/plain"))
+    console.start()
+    try:
+        for answered_first in (False, True):
+            peer = socket.create_connection(("127.0.0.1", console.port), timeout=5)
+            if answered_first:
+                peer.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert peer.recv(4096).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            closed = False
+            for byte in b"GET /api/v1/studies HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: 1":
+                try:
+                    peer.sendall(bytes([byte]))
+                    time.sleep(0.2)
+                except OSError:
+                    closed = True
+                    break
+                if time.monotonic() - started > 4:
+                    break
+            if not closed:
+                peer.settimeout(0.5)
+                try:
+                    closed = peer.recv(1) == b""
+                except OSError:
+                    closed = True
+            peer.close()
+            assert closed and time.monotonic() - started < 4, answered_first
+    finally:
+        console.stop()
+        index.dispose()

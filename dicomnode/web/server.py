@@ -9,8 +9,9 @@ access log (a request line could carry anything), the node's logging left as it 
 Bounds: at most ``web.maximum_connections`` connections are open at a time; one beyond is
 answered ``503 Service Unavailable`` and closed at once (:class:`_BoundedH11`), and
 uvicorn's ``limit_concurrency`` stays above that as a second bound. A connection that has
-not sent a whole request within ``web.request_timeout_seconds`` is closed, as is one idle
-that long between requests (uvicorn's keep-alive timeout). ``stop()`` closes the listener
+not sent a whole request within ``web.request_timeout_seconds`` (of being made, or of its
+last answer) is closed, however slowly it trickles bytes; uvicorn's keep-alive timeout,
+the same number of seconds rounded up, closes idle ones too. ``stop()`` closes the listener
 and the idle connections, waits at most ``web.request_timeout_seconds`` for requests in
 progress, then ends them.
 
@@ -113,11 +114,14 @@ class _Refusals:
 class _BoundedH11(H11Protocol):
     """uvicorn's h11 protocol, with the connection limit applied when a connection is made
     (uvicorn's own limit answers 503 only once a request has arrived, keeping idle
-    connections beyond it open) and a deadline for the first request."""
+    connections beyond it open) and a deadline for each request's arrival: a connection
+    whose next request has not arrived whole within ``request_seconds`` (of the connection
+    being made, or of the last answer) is closed, however slowly it trickles bytes."""
 
     refusals: _Refusals
-    first_request_seconds: float
+    request_seconds: float
     _deadline: asyncio.TimerHandle | None = None
+    _answered: object = None  # the request cycle last answered (None: none yet)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.refusals.maximum:
@@ -128,11 +132,21 @@ class _BoundedH11(H11Protocol):
             self.refusals.refused()
             return
         super().connection_made(transport)
-        self._deadline = self.loop.call_later(self.first_request_seconds, self._no_request)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._answered = self.cycle
+        self._deadline = self.loop.call_later(self.request_seconds, self._no_request)
 
     def _no_request(self) -> None:
-        if self.cycle is None and not self.transport.is_closing():
-            self.transport.close()  # a whole request never came: a stalled or idle peer
+        if self.cycle is self._answered and not self.transport.is_closing():
+            self.transport.close()  # no whole request since: a stalled or idle peer
+
+    def on_response_complete(self) -> None:
+        self._arm()  # before uvicorn starts a pipelined request's cycle
+        super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None:  # refused in connection_made
@@ -221,7 +235,7 @@ class ConsoleServer:
         self._port = int(sock.getsockname()[1])
         seconds = web.request_timeout_seconds
         protocol = type("BoundedH11", (_BoundedH11,), {
-            "refusals": _Refusals(web.maximum_connections), "first_request_seconds": seconds})
+            "refusals": _Refusals(web.maximum_connections), "request_seconds": seconds})
         server = uvicorn.Server(uvicorn.Config(
             create_app(self), http=protocol, ws="none", lifespan="off", interface="asgi3",
             log_config=None, access_log=False, server_header=False, proxy_headers=False,
