@@ -315,7 +315,8 @@ class WebConfig(_Section):
     maximum_connections: int = Field(
         32, ge=1, le=1000, description="open console connections; more are answered 503")
     request_timeout_seconds: float = Field(
-        10.0, gt=0, le=600, description="seconds a console connection may wait for the peer")
+        10.0, gt=0, le=600, description="seconds a console connection may wait for a whole "
+        "request, or stay idle between requests; the longest a stop waits for requests")
 
 
 class DeidConfig(_Section):

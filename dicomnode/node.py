@@ -12,6 +12,7 @@ import signal
 import threading
 from functools import partial
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers import SchedulerNotRunningError
@@ -32,7 +33,9 @@ from dicomnode.send.outbox import Outbox
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.files import InstanceFiles
 from dicomnode.web.metrics import RefusalCounter, metrics_text
-from dicomnode.web.server import ConsoleServer
+
+if TYPE_CHECKING:
+    from dicomnode.web.server import ConsoleServer
 
 __all__ = ["Node"]
 
@@ -75,11 +78,14 @@ class Node:
         self.outbox = Outbox.from_config(config, self.index)
         # results go out as soon as a job has queued them, not at the outbox's next tick
         self.jobs = JobRunner(config, self.index, on_done=self.outbox.start_due)
-        self.console = (ConsoleServer(
-            config, self.index, self.outbox, self.rules,
-            partial(metrics_text, self.index, refused=self.refused,
-                    storage_path=config.storage.path), run_now=self.run_now)
-            if config.web.enabled else None)
+        self.console: ConsoleServer | None = None
+        if config.web.enabled:  # the web stack (uvicorn, FastAPI) only when it is on
+            from dicomnode.web.server import ConsoleServer
+
+            self.console = ConsoleServer(
+                config, self.index, self.outbox, self.rules,
+                partial(metrics_text, self.index, refused=self.refused,
+                        storage_path=config.storage.path), run_now=self.run_now)
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()

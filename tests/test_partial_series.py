@@ -333,12 +333,12 @@ def test_run_now_from_the_console_forces_completion(node_factory: NodeFactory,
             return exc.code, exc.read().decode()
 
     page = urllib.request.urlopen(node.console_url() + "/studies/1", timeout=10).read().decode()
-    assert "/api/studies/1/rules/ct-any/run" in page
-    assert post("/api/studies/1/rules/nosuchrule/run")[0] == 404
-    status, text = post("/api/studies/1/rules/ct-any/run")
+    assert "/api/v1/studies/1/rules/ct-any/run" in page
+    assert post("/api/v1/studies/1/rules/nosuchrule/run")[0] == 404
+    status, text = post("/api/v1/studies/1/rules/ct-any/run")
     assert status == 200, text
     (job,) = _jobs(node)
     assert job["trigger"] == "manual" and job["instances"] == 10
     # asked again on the same input: the same version runs again
-    assert post("/api/studies/1/rules/ct-any/run")[0] == 200
+    assert post("/api/v1/studies/1/rules/ct-any/run")[0] == 200
     assert [j["version"] for j in _jobs(node)] == [1]

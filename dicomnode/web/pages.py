@@ -1,28 +1,22 @@
 """HTML of the operator console: one dashboard and one page per study.
 
-Pages are built from the same reports as the command line (``studies --json``,
-``jobs --json``, ``outbox --json``, ``rules test``). Without authentication they carry
-no patient identity: no names, identifiers, UIDs, dates or descriptions (descriptions can
-hold names), and the rule explanation is reduced to each rule's verdict.
+Pages are built from the same allow-listed views as the JSON API (:mod:`dicomnode.web.api`,
+``/api/v1/...``), and their buttons call its actions: without the token a view carries no
+patient identity (no names, identifiers, UIDs, dates or descriptions; the rule explanation
+reduced to each rule's verdict), so neither does the page.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
 from html import escape
 from typing import Any
 from urllib.parse import quote
 
 from dicomnode.store.queries import format_timings
+from dicomnode.web.api import API_PREFIX
 
-__all__ = ["CONTENT_SECURITY_POLICY", "IDENTITY_STUDY_KEYS", "SCRIPT", "STYLE", "dashboard",
-           "login_page", "redact_jobs", "redact_outbox", "redact_studies", "study_page"]
-
-#: Study and series keys of ``studies --json`` that may carry identity.
-IDENTITY_STUDY_KEYS = ("study_instance_uid", "study_date", "study_description")
-_IDENTITY_SERIES_KEYS = ("series_instance_uid", "series_description", "frame_of_reference_uid")
-_IDENTITY_OUTBOX_KEYS = ("sop_instance_uid", "file_path")
+__all__ = ["CONTENT_SECURITY_POLICY", "SCRIPT", "STYLE", "dashboard", "login_page",
+           "study_page"]
 
 #: Pages load their script and style from the console itself (/static/...): no inline
 #: script or style, no other origin, no framing.
@@ -50,7 +44,8 @@ SCRIPT = """
 async function act(url) {
   const reply = await fetch(url, {method: 'POST', headers: {'X-Dicomnode': '1'},
                                   credentials: 'same-origin'});
-  const text = await reply.text();
+  let text = await reply.text();
+  try { text = JSON.parse(text).detail; } catch (error) { /* a plain-text answer */ }
   document.getElementById('action-result').textContent = text;
   if (reply.ok) { setTimeout(() => location.reload(), 800); }
 }
@@ -59,46 +54,6 @@ document.addEventListener('click', (event) => {
   if (button) { act(button.dataset.action); }
 });
 """
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
-_NUMBERS = re.compile(r"\d[\d.\-/:]{5,}")  # UIDs, dates, identifiers made of digits
-_PERSON_NAMES = re.compile(r"[^\s()\[\]{},;]*\^[^\s()\[\]{},;]*")  # DICOM PN: Doe^John
-
-
-def redact_studies(report: dict[str, Any]) -> dict[str, Any]:
-    """``studies --json`` without identity."""
-    studies = []
-    for study in report["studies"]:
-        kept = {k: v for k, v in study.items() if k not in IDENTITY_STUDY_KEYS}
-        kept["series"] = [{k: v for k, v in s.items() if k not in _IDENTITY_SERIES_KEYS}
-                          for s in study["series"]]
-        studies.append(kept)
-    return {**report, "studies": studies}
-
-
-def redact_outbox(report: dict[str, Any]) -> dict[str, Any]:
-    """``outbox --json`` without the (re-identified) instance UIDs and file paths."""
-    items = [{**{k: v for k, v in item.items() if k not in _IDENTITY_OUTBOX_KEYS},
-              "last_error": _hide_values(item.get("last_error"))}
-             for item in report["items"]]
-    return {**report, "items": items}
-
-
-def _hide_values(text: str | None) -> str | None:
-    """An error message without quoted values, person names (``Doe^John``) or long runs of
-    digits (UIDs, dates, IDs)."""
-    if text is None:
-        return None
-    for pattern in (_QUOTED, _PERSON_NAMES, _NUMBERS):
-        text = pattern.sub("<value hidden>", text)
-    return text
-
-
-def redact_jobs(report: dict[str, Any]) -> dict[str, Any]:
-    """``jobs --json`` with errors that quote no value (an error from a library may)."""
-    jobs = [{**job, "error": _hide_values(job.get("error"))} for job in report["jobs"]]
-    return {**report, "jobs": jobs}
-
-
 def _state(value: str) -> str:
     return f'<span class="state-{escape(value)}">{escape(value)}</span>'
 
@@ -118,32 +73,40 @@ def _page(title: str, body: str, *, authenticated: bool) -> bytes:
             f"{body}</body></html>").encode()
 
 
-def _studies_table(studies: list[dict[str, Any]], patients: dict[int, str] | None) -> str:
+def _patient(study: dict[str, Any]) -> str | None:
+    """"name (ID)" of a study's patient, when the view carries it (token holders)."""
+    patient = study.get("patient")
+    if not patient:
+        return None
+    return f"{patient.get('name') or ''} ({patient.get('id') or ''})"
+
+
+def _studies_table(studies: list[dict[str, Any]], authenticated: bool) -> str:
     rows = []
     for study in studies:
         who = ""
-        if patients is not None:
-            who = (f"<td>{_cell(patients.get(study['id']))}</td>"
+        if authenticated:
+            who = (f"<td>{_cell(_patient(study))}</td>"
                    f"<td>{_cell(study.get('study_description'))}</td>")
         rows.append(
             f'<tr id="study-{study["id"]}"><td><a href="/studies/{study["id"]}">study '
             f'{study["id"]}</a></td>{who}<td>{_state(study["state"])}</td>'
             f'<td>{len(study["series"])}</td><td>{study["instance_count"]}</td>'
             f'<td>{_cell(study["last_received_at"])}</td></tr>')
-    head = "<th>patient</th><th>description</th>" if patients is not None else ""
+    head = "<th>patient</th><th>description</th>" if authenticated else ""
     return (f"<table><tr><th>study</th>{head}<th>state</th><th>series</th><th>instances</th>"
             f"<th>last received</th></tr>{''.join(rows)}</table>") if rows else \
         '<p class="muted">no studies yet</p>'
 
 
-def _jobs_table(jobs: list[dict[str, Any]], overlays: set[int]) -> str:
+def _jobs_table(jobs: list[dict[str, Any]]) -> str:
     rows = []
     for job in jobs:
         steps = format_timings(job["timings"])
         picture = (f'<img class="overlay" alt="job {job["id"]} overlay" '
-                   f'src="/jobs/{job["id"]}/overlay.png">' if job["id"] in overlays else "")
+                   f'src="{escape(job["overlay"])}">' if job.get("overlay") else "")
         retry = ("" if job["state"] == "running" else
-                 f'<button data-action="/api/jobs/{job["id"]}/retry">retry</button>')
+                 f'<button data-action="{API_PREFIX}/jobs/{job["id"]}/retry">retry</button>')
         error = f'<div class="error">{_cell(job["error"])}</div>' if job["error"] else ""
         rows.append(
             f'<tr id="job-{job["id"]}" class="job"><td>job {job["id"]}</td>'
@@ -162,7 +125,7 @@ def _outbox_table(items: list[dict[str, Any]]) -> str:
     rows = []
     for item in items:
         resend = ("" if item["state"] in ("pending", "sending") else
-                  f'<button data-action="/api/outbox/{item["id"]}/resend">resend</button>')
+                  f'<button data-action="{API_PREFIX}/outbox/{item["id"]}/resend">resend</button>')
         status = "" if item["last_status"] is None else f"0x{item['last_status']:04X} "
         rows.append(
             f'<tr id="item-{item["id"]}"><td>item {item["id"]}</td>'
@@ -176,21 +139,24 @@ def _outbox_table(items: list[dict[str, Any]]) -> str:
 
 
 def dashboard(studies: dict[str, Any], jobs: dict[str, Any], outbox: dict[str, Any], *,
-              overlays: set[int], patients: dict[int, str] | None,
               authenticated: bool) -> bytes:
-    """The console's front page: studies, jobs (with overlays) and the outbox."""
+    """The console's front page: studies, jobs (with overlays) and the outbox, from the
+    views of ``/api/v1/studies``, ``/api/v1/jobs`` and ``/api/v1/outbox``."""
     counts = outbox.get("counts", {})
     summary = ", ".join(f"{n} {state}" for state, n in counts.items())
-    body = (f"<h2>Studies</h2>{_studies_table(studies['studies'], patients)}"
-            f"<h2>Jobs</h2>{_jobs_table(jobs['jobs'], overlays)}"
+    body = (f"<h2>Studies</h2>{_studies_table(studies['studies'], authenticated)}"
+            f"<h2>Jobs</h2>{_jobs_table(jobs['jobs'])}"
             f"<h2>Outbox</h2><p class=muted>{escape(summary)}</p>"
             f"{_outbox_table(outbox['items'])}")
     return _page("dicomnode", body, authenticated=authenticated)
 
 
-def study_page(study: dict[str, Any], explanation: str, *, patient: str | None,
-               authenticated: bool, rules: Sequence[str] = ()) -> bytes:
-    """One study: its series with geometry verdicts and how each rule evaluates on it."""
+def study_page(study: dict[str, Any], *, authenticated: bool) -> bytes:
+    """One study (the view of ``/api/v1/studies/ID``): its series with geometry verdicts,
+    how each rule evaluates on it, and a "run now" button per runnable rule."""
+    explanation: str = study["explanation"]
+    rules: list[str] = study["runnable_rules"]
+    patient = _patient(study)
     rows = []
     for s in study["series"]:
         geo = s["geometry"]
@@ -209,7 +175,7 @@ def study_page(study: dict[str, Any], explanation: str, *, patient: str | None,
             f"{''.join(rows)}</table><h2>Rules</h2><pre>{escape(explanation)}</pre>")
     if rules:  # force completion: settle the series now and fire without waiting
         buttons = "".join(
-            f'<button data-action="/api/studies/{study["id"]}/rules/{quote(r)}/run">'
+            f'<button data-action="{API_PREFIX}/studies/{study["id"]}/rules/{quote(r)}/run">'
             f"run {escape(r)} now</button> " for r in rules)
         body += f'<p id="run-now">{buttons}</p>'
     return _page(f"study {study['id']}", body, authenticated=authenticated)
