@@ -154,9 +154,11 @@ class Node:
                                id="outbox", max_instances=1, coalesce=True)
         install_scheduled_jobs(self)  # scheduled rules (cron) and retention
         if self.console is not None:
-            self.console.start()  # first: a port in use stops the start before any listening
+            self.console.bind()  # first: a port in use stops the start before any listening
         self.scheduler.start()
         self.scp.start()
+        if self.console is not None:
+            self.console.serve()  # after the SCP listens: building it delays no C-STORE
         if self.rules.enabled:
             self.jobs.start()  # worker processes spawn and load the rules' models meanwhile
 

@@ -327,3 +327,30 @@ def test_bad_configuration_is_reported_with_file_line_and_key(tmp_path: Path) ->
     assert result.returncode == 2
     assert f"{bad}:2: node.port: Input should be less than or equal to 65535" in result.stderr
     assert f"{bad}:3: node.ae_titel: unknown key; allowed here: ae_title" in result.stderr
+
+
+def test_storage_contexts_copied_from_verification_equal_pynetdicoms_own() -> None:
+    """The SCP's storage contexts (copied from its checked Verification context, to start
+    fast) are exactly those ``add_supported_context`` builds for each SOP class, and each
+    has its own list of transfer syntaxes."""
+    from dicomnode.net.contexts import storage_sop_classes, transfer_syntaxes
+    from dicomnode.receive.scp import add_storage_contexts
+
+    syntaxes = list(transfer_syntaxes())
+    expected, copied = AE(), AE()
+    for ae in (expected, copied):
+        ae.add_supported_context(Verification, syntaxes)
+    for uid in storage_sop_classes():
+        expected.add_supported_context(uid, syntaxes)
+    add_storage_contexts(copied, storage_sop_classes())
+
+    def facts(ae: AE) -> list[tuple[object, ...]]:
+        return [(c.abstract_syntax, tuple(c.transfer_syntax), c.scu_role, c.scp_role)
+                for c in ae.supported_contexts]
+
+    assert facts(copied) == facts(expected) and len(facts(copied)) > 200
+    ct = next(c for c in copied.supported_contexts if c.abstract_syntax == CTImageStorage)
+    ct.transfer_syntax = ["1.2.840.10008.1.2"]
+    verification = next(c for c in copied.supported_contexts
+                        if c.abstract_syntax == Verification)
+    assert len(verification.transfer_syntax) == len(syntaxes)

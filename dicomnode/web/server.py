@@ -192,6 +192,7 @@ class ConsoleServer:
         self._failures_lock = threading.Lock()
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self._socket: socket.socket | None = None  # bound, not yet served
         self._port = 0
 
     @property
@@ -222,7 +223,24 @@ class ConsoleServer:
         return sock
 
     def start(self) -> None:
-        """Bind the port (a port in use raises ConfigError here), then serve in a thread.
+        """:meth:`bind`, then :meth:`serve`."""
+        self.bind()
+        self.serve()
+
+    def bind(self) -> None:
+        """Bind and listen on the console's port (a port in use raises ConfigError here);
+        connections wait in the backlog until :meth:`serve`.
+
+        Raises:
+            ConfigError: the address cannot be bound.
+        """
+        if self._socket is None:
+            self._socket = self._listen()
+            self._port = int(self._socket.getsockname()[1])
+
+    def serve(self) -> None:
+        """Build the application and serve the bound port in the thread ``console`` (the node
+        calls it once its SCP listens: FastAPI's import then delays no C-STORE).
 
         Raises:
             ConfigError: the address cannot be bound.
@@ -230,9 +248,10 @@ class ConsoleServer:
         """
         from dicomnode.web.app import create_app  # FastAPI: only when the console is on
 
+        self.bind()
+        sock, self._socket = self._socket, None
+        assert sock is not None
         web = self.config.web
-        sock = self._listen()
-        self._port = int(sock.getsockname()[1])
         seconds = web.request_timeout_seconds
         protocol = type("BoundedH11", (_BoundedH11,), {
             "refusals": _Refusals(web.maximum_connections), "request_seconds": seconds})
@@ -259,6 +278,9 @@ class ConsoleServer:
         """Stop serving: at most ``web.request_timeout_seconds`` for requests in progress."""
         server, thread = self._server, self._thread
         self._server = self._thread = None
+        if self._socket is not None:  # bound, never served
+            self._socket.close()
+            self._socket = None
         if server is None or thread is None:
             return
         server.should_exit = True
