@@ -87,7 +87,7 @@ def _normal(iop: Sequence[float]) -> tuple[float, float, float] | None:
     normal = (row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2],
               row[0] * col[1] - row[1] * col[0])
     length = math.sqrt(sum(c * c for c in normal))
-    if length < 1e-6:
+    if not math.isfinite(length) or length < 1e-6:
         return None
     return (normal[0] / length, normal[1] / length, normal[2] / length)
 
@@ -110,8 +110,11 @@ def grid_positions(origin: Sequence[float], iop: Sequence[float],
             return None
         base = sum(o * n for o, n in zip(origin, normal, strict=True))
         values = [z - base for z in values]
-    return [(origin[0] + d * normal[0], origin[1] + d * normal[1], origin[2] + d * normal[2])
-            for d in values]
+    positions = [(origin[0] + d * normal[0], origin[1] + d * normal[1],
+                  origin[2] + d * normal[2]) for d in values]
+    if not all(math.isfinite(c) for p in positions for c in p):
+        return None
+    return positions
 
 
 # --------------------------------------------------------------------------- index form

@@ -16,9 +16,11 @@ Coordinates and units:
   (RescaleSlope/RescaleIntercept, or the Pixel Value Transformation functional group of
   multi-frame images). No VOI LUT, windowing or MONOCHROME1 inversion is applied.
 
-The geometry rules are those of :mod:`dicomnode.geometry`. Headers are read first
-(without pixel data); pixel data are then decoded one file at a time into an image
-allocated once, so the memory used is about the float32 volume plus one file.
+The frames are those of the header model (:class:`dicomnode.dicom.header.ImageHeader`, the
+same frames the index judged at ingest) and the geometry rules those of
+:mod:`dicomnode.geometry`. Headers are read first (without pixel data); pixel data are
+then decoded one file at a time into an image allocated once, so the memory used is about
+the float32 volume plus one file.
 """
 
 from __future__ import annotations

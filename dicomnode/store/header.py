@@ -186,7 +186,10 @@ def read_header(path: Path) -> InstanceHeader:
                                      "SOPInstanceUID", "SOPClassUID")}
     identifiers = {k: _identifier(ds, k) for k in _IDENTIFIER_LIMITS}
 
-    image = ImageHeader.from_dataset(ds)
+    try:
+        image = ImageHeader.from_dataset(ds)
+    except Exception as exc:  # pragma: no cover - the model keeps unreadable values as None
+        raise HeaderError(f"dataset cannot be parsed: {type(exc).__name__}", 0xC001) from None
     frame_positions, frame_geometry = image.index_frames()
     instance: dict[str, Any] = {
         "instance_number": _int(ds, "InstanceNumber"),
