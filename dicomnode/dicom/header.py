@@ -29,7 +29,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicomnode.dicom.frames import FrameGeometry, FrameSource, grid_positions
+from dicomnode.dicom.frames import FrameGeometry, FrameSource, frames_to_index, grid_positions
 
 __all__ = ["HeaderProblem", "ImageHeader", "Rescale", "first_item", "text"]
 
@@ -221,8 +221,6 @@ class ImageHeader:
     def index_frames(self) -> tuple[list[list[float] | None] | None, dict[str, Any] | None]:
         """The index columns ``frame_positions`` and ``frame_geometry`` (see
         :func:`dicomnode.dicom.frames.frames_to_index`)."""
-        from dicomnode.dicom.frames import frames_to_index
-
         return frames_to_index(self.frames, self.frame_source, orientation=self.orientation,
                                pixel_spacing=self.spacing)
 
