@@ -34,7 +34,8 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from dicomnode.geometry import Frame, GeometryVerdict, assess
+from dicomnode.dicom.frames import frames_from_index
+from dicomnode.geometry import Frame, GeometryVerdict, assess, planes
 from dicomnode.store.db import Index
 from dicomnode.store.tables import Instance, Series, Study, StudyState, utcnow
 
@@ -158,7 +159,7 @@ def stated_size(instances: Iterable[Instance]) -> StatedSize | None:
         hints = inst.size_hints or {}
         if "concatenation_uid" in hints:
             concatenations[str(hints["concatenation_uid"])].append(hints)
-        elif (inst.number_of_frames or 1) > 1 or inst.frame_positions:
+        elif (inst.number_of_frames or 1) > 1 or inst.frame_positions or inst.frame_geometry:
             expected += 1
             received += 1
         else:
@@ -179,25 +180,25 @@ def stated_size(instances: Iterable[Instance]) -> StatedSize | None:
 
 
 def series_verdict(instances: list[Instance]) -> GeometryVerdict | None:
-    """The geometry verdict of a series from its index rows; None for non-image series."""
+    """The geometry verdict of a series from its index rows; None for non-image series.
+
+    Every frame is judged with its own position, orientation and pixel spacing, as the
+    header model placed it at ingest (:func:`dicomnode.dicom.frames.frames_from_index`);
+    multi-frame images without per-frame positions (cine) are no stack of slices.
+    """
     frames: list[Frame] = []
     for inst in instances:
         if not _is_image(inst):
             continue
-        if inst.frame_positions:
-            # a frame with its own orientation is stored as 9 numbers: position, orientation
-            frames.extend(
-                Frame(pos[:3], pos[3:] if len(pos) == 9 else inst.image_orientation_patient,
-                      inst.rows, inst.columns, inst.pixel_spacing)
-                for pos in inst.frame_positions)
-        elif (inst.number_of_frames or 1) > 1:
-            # frames without a position each (cine, or positions that could not be read)
-            # are no stack of slices: never "whole, single slice"
-            frames.extend(Frame(None, inst.image_orientation_patient, inst.rows, inst.columns,
-                                inst.pixel_spacing) for _ in range(inst.number_of_frames))
-        else:
-            frames.append(Frame(inst.image_position_patient, inst.image_orientation_patient,
-                                inst.rows, inst.columns, inst.pixel_spacing))
+        try:
+            geometry = frames_from_index(
+                number_of_frames=inst.number_of_frames, position=inst.image_position_patient,
+                orientation=inst.image_orientation_patient, pixel_spacing=inst.pixel_spacing,
+                frame_positions=inst.frame_positions, frame_geometry=inst.frame_geometry)
+        except ValueError as exc:
+            return GeometryVerdict(False, f"indexed frame geometry is unusable: {exc}",
+                                   len(frames) + max(inst.number_of_frames or 1, 1))
+        frames.extend(planes(geometry, inst.rows, inst.columns))
     if not frames:
         return None
     return assess(frames)

@@ -11,10 +11,12 @@ along the normal lie on one regular grid with no gaps and no duplicates.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from dicomnode.dicom.frames import FrameGeometry
 
 __all__ = [
     "ORIENTATION_COSINE_THRESHOLD",
@@ -22,6 +24,7 @@ __all__ = [
     "GeometryVerdict",
     "assess",
     "orientation_label",
+    "planes",
 ]
 
 ORIENTATION_TOLERANCE = 1e-3
@@ -44,6 +47,13 @@ class Frame:
     rows: int | None
     columns: int | None
     pixel_spacing: Sequence[float] | None = None
+
+
+def planes(frames: Iterable[FrameGeometry], rows: int | None,
+           columns: int | None) -> list[Frame]:
+    """The :class:`Frame` of each frame of one instance (its matrix is ``rows`` x
+    ``columns``), as the header model (:mod:`dicomnode.dicom`) placed it."""
+    return [Frame(f.position, f.orientation, rows, columns, f.pixel_spacing) for f in frames]
 
 
 @dataclass(frozen=True)

@@ -110,19 +110,28 @@ def test_rt_dose_grid_frames_are_positioned_by_grid_frame_offset_vector() -> Non
 
 
 def test_grid_offsets_as_z_coordinates_and_a_short_vector() -> None:
-    from dicomnode.store.header import _grid_positions
+    from dicomnode.dicom.frames import FrameSource
+    from dicomnode.dicom.header import ImageHeader
 
     ds = Dataset()
     ds.ImagePositionPatient = [1.0, 2.0, -20.0]
     ds.ImageOrientationPatient = list(AXIAL)
     ds.GridFrameOffsetVector = [-20.0, -17.5, -15.0]  # absolute z, first value not 0
-    positions = _grid_positions(ds, 3)
-    assert positions is not None
-    assert [p[2] for p in positions] == pytest.approx([-20.0, -17.5, -15.0])
-    assert all(p[:2] == pytest.approx([1.0, 2.0]) for p in positions)
-    assert _grid_positions(ds, 4) is None  # one offset per frame, or no positions
+    ds.NumberOfFrames = 3
+    header = ImageHeader.from_dataset(ds)
+    assert header.frame_source is FrameSource.DOSE_GRID
+    positions = [f.position for f in header.frames]
+    assert all(p is not None for p in positions)
+    assert [p[2] for p in positions if p] == pytest.approx([-20.0, -17.5, -15.0])
+    assert all(p[:2] == pytest.approx([1.0, 2.0]) for p in positions if p)
+    ds.NumberOfFrames = 4  # one offset per frame, or no positions
+    short = ImageHeader.from_dataset(ds)
+    assert short.frame_source is FrameSource.UNPOSITIONED
+    assert all(f.position is None for f in short.frames)
+    assert str(short.problems[0]) == "GridFrameOffsetVector has 3 values, expected 4"
+    ds.NumberOfFrames = 3
     ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]  # z values need axial
-    assert _grid_positions(ds, 3) is None
+    assert ImageHeader.from_dataset(ds).frame_source is FrameSource.UNPOSITIONED
 
 
 def test_multiframe_without_per_frame_positions_is_not_a_whole_single_slice() -> None:

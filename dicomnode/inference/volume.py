@@ -16,14 +16,15 @@ Coordinates and units:
   (RescaleSlope/RescaleIntercept, or the Pixel Value Transformation functional group of
   multi-frame images). No VOI LUT, windowing or MONOCHROME1 inversion is applied.
 
-The geometry rules are those of :mod:`dicomnode.geometry`. Headers are read first
-(without pixel data); pixel data are then decoded one file at a time into an image
-allocated once, so the memory used is about the float32 volume plus one file.
+The frames are those of the header model (:class:`dicomnode.dicom.header.ImageHeader`, the
+same frames the index judged at ingest) and the geometry rules those of
+:mod:`dicomnode.geometry`. Headers are read first (without pixel data); pixel data are
+then decoded one file at a time into an image allocated once, so the memory used is about
+the float32 volume plus one file.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -39,8 +40,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import iter_pixels
 from pydicom.uid import UID
 
-from dicomnode.geometry import POSITION_TOLERANCE_MM, Frame, GeometryVerdict, assess
-from dicomnode.store.header import first_item
+from dicomnode.dicom.frames import FrameGeometry, FrameSource
+from dicomnode.dicom.header import ImageHeader, Rescale
+from dicomnode.geometry import POSITION_TOLERANCE_MM, Frame, GeometryVerdict, assess, planes
 
 __all__ = ["SeriesVolume", "VolumeError", "read_series", "write_nifti"]
 
@@ -140,16 +142,6 @@ class _ImageBuffer:
 
 
 @dataclass(frozen=True)
-class _FrameHeader:
-    position: tuple[float, float, float] | None
-    orientation: tuple[float, ...] | None
-    pixel_spacing: tuple[float, float] | None
-    thickness: float | None
-    slope: float
-    intercept: float
-
-
-@dataclass(frozen=True)
 class _FileHeader:
     path: Path
     label: str  # "file 3 of 108"
@@ -162,75 +154,9 @@ class _FileHeader:
     frame_of_reference_uid: str | None
     rows: int
     columns: int
-    frames: tuple[_FrameHeader, ...]
+    frames: tuple[FrameGeometry, ...]
+    rescales: tuple[Rescale, ...]
     dataset: Dataset | None = None  # read by the caller, pixel data decoded from it if held
-
-
-def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None:
-        return None
-    text = str(value).strip().rstrip("\x00")
-    return text or None
-
-
-def _numbers(ds: Dataset | None, keyword: str, count: int, label: str) -> tuple[float, ...] | None:
-    """``count`` finite numbers from ``ds.keyword``; None when absent or empty."""
-    if ds is None:
-        return None
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-    try:
-        numbers = tuple(float(v) for v in items)
-    except (TypeError, ValueError):
-        raise VolumeError(f"{label}: {keyword} must hold numbers") from None
-    if len(numbers) != count:
-        raise VolumeError(f"{label}: {keyword} has {len(numbers)} values, expected {count}")
-    if not all(math.isfinite(v) for v in numbers):
-        raise VolumeError(f"{label}: {keyword} values must be finite")
-    return numbers
-
-
-def _count(ds: Dataset, keyword: str, default: int, label: str) -> int:
-    """A non-negative integer attribute; ``default`` when absent or empty."""
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return default
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise VolumeError(f"{label}: {keyword} must be an integer") from None
-    if number < 0:
-        raise VolumeError(f"{label}: {keyword} must not be negative, got {number}")
-    return number
-
-
-def _group(per_frame: Dataset | None, shared: Dataset | None, keyword: str) -> Dataset | None:
-    """A functional group macro item: the per-frame one when present, else the shared one."""
-    return first_item(per_frame, keyword) or first_item(shared, keyword)
-
-
-def _frame_header(label: str, *, position: Dataset, orientation: Dataset, measures: Dataset,
-                  transform: Dataset) -> _FrameHeader:
-    """One frame's geometry and rescale, each read from the dataset or macro item given."""
-    pos = _numbers(position, "ImagePositionPatient", 3, label)
-    iop = _numbers(orientation, "ImageOrientationPatient", 6, label)
-    spacing = _numbers(measures, "PixelSpacing", 2, label)
-    if spacing is not None and min(spacing) <= 0:
-        raise VolumeError(f"{label}: PixelSpacing must be positive, got {list(spacing)}")
-    thickness = _numbers(measures, "SliceThickness", 1, label)
-    slope = _numbers(transform, "RescaleSlope", 1, label)
-    intercept = _numbers(transform, "RescaleIntercept", 1, label)
-    return _FrameHeader(
-        position=(pos[0], pos[1], pos[2]) if pos is not None else None,
-        orientation=iop,
-        pixel_spacing=(spacing[0], spacing[1]) if spacing is not None else None,
-        thickness=thickness[0] if thickness is not None and thickness[0] > 0 else None,
-        slope=slope[0] if slope is not None else 1.0,
-        intercept=intercept[0] if intercept is not None else 0.0,
-    )
 
 
 def _read_header(path: Path, label: str, given: Dataset | None = None) -> _FileHeader:
@@ -258,24 +184,29 @@ def _read_header(path: Path, label: str, given: Dataset | None = None) -> _FileH
 
 
 def _header_from(ds: Dataset, path: Path, label: str) -> _FileHeader:
-    series_uid = _text(ds, "SeriesInstanceUID")
-    sop_uid = _text(ds, "SOPInstanceUID")
+    """The volume reader's view of the header model (:class:`ImageHeader`): refuses what
+    it cannot stack, with the model's precise message."""
+    image = ImageHeader.from_dataset(ds)
+    series_uid, sop_uid = image.series_instance_uid, image.sop_instance_uid
     if series_uid is None or sop_uid is None:
         missing = "SeriesInstanceUID" if series_uid is None else "SOPInstanceUID"
         raise VolumeError(f"{label} lacks {missing}")
-    rows, columns = _count(ds, "Rows", 0, label), _count(ds, "Columns", 0, label)
+    if image.problems:
+        problem = image.problems[0]
+        where = label if problem.frame is None else f"{label}, frame {problem.frame}"
+        raise VolumeError(f"{where}: {problem.message}")
+    rows, columns = image.rows, image.columns
     if not rows or not columns:
         raise VolumeError(f"{label} is not an image (no Rows/Columns)")
-    samples = _count(ds, "SamplesPerPixel", 1, label)
-    if samples != 1:
-        raise VolumeError(
-            f"{label} has SamplesPerPixel {samples}: colour images are not supported")
-    photometric = _text(ds, "PhotometricInterpretation") or ""
+    if image.samples_per_pixel != 1:
+        raise VolumeError(f"{label} has SamplesPerPixel {image.samples_per_pixel}: colour "
+                          "images are not supported")
+    photometric = image.photometric_interpretation or ""
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise VolumeError(
             f"{label} has PhotometricInterpretation {photometric or '(none)'!r}: "
             "only MONOCHROME1/MONOCHROME2 are supported")
-    if "ModalityLUTSequence" in ds:
+    if image.has_modality_lut_sequence:
         raise VolumeError(
             f"{label} has a Modality LUT Sequence: only RescaleSlope/RescaleIntercept "
             "are supported")
@@ -283,49 +214,24 @@ def _header_from(ds: Dataset, path: Path, label: str) -> _FileHeader:
     transfer_syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if not transfer_syntax:
         raise VolumeError(f"{label} has no TransferSyntaxUID in its file meta information")
-
-    number_of_frames = _count(ds, "NumberOfFrames", 1, label)
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    shared = first_item(ds, "SharedFunctionalGroupsSequence")
-    frames: list[_FrameHeader]
-    if per_frame is not None or shared is not None:
-        # Without Per-frame Functional Groups every macro is shared by all frames.
-        items = list(per_frame) if per_frame is not None else [
-            Dataset() for _ in range(number_of_frames)]
-        if len(items) != number_of_frames:
-            raise VolumeError(
-                f"{label} has {len(items)} Per-frame Functional Groups items for "
-                f"NumberOfFrames {number_of_frames}")
-        frames = []
-        for k, item in enumerate(items):
-            where = f"{label}, frame {k + 1}"
-            frames.append(_frame_header(
-                where,
-                position=_group(item, shared, "PlanePositionSequence") or ds,
-                orientation=_group(item, shared, "PlaneOrientationSequence") or ds,
-                measures=_group(item, shared, "PixelMeasuresSequence") or ds,
-                transform=_group(item, shared, "PixelValueTransformationSequence") or ds,
-            ))
-    elif number_of_frames > 1:
+    if image.frame_source not in (FrameSource.SINGLE_FRAME, FrameSource.FUNCTIONAL_GROUPS):
         raise VolumeError(
-            f"{label} is a multi-frame image of {number_of_frames} frames without "
+            f"{label} is a multi-frame image of {image.number_of_frames} frames without "
             "functional groups: the frame positions are unknown")
-    else:
-        frames = [_frame_header(label, position=ds, orientation=ds, measures=ds,
-                                transform=ds)]
     return _FileHeader(
         path=path,
         label=label,
         transfer_syntax=UID(str(transfer_syntax)),
         sop_instance_uid=sop_uid,
-        sop_class_uid=_text(ds, "SOPClassUID") or "",
+        sop_class_uid=image.sop_class_uid or "",
         series_instance_uid=series_uid,
-        study_instance_uid=_text(ds, "StudyInstanceUID") or "",
-        modality=_text(ds, "Modality") or "",
-        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
+        study_instance_uid=image.study_instance_uid or "",
+        modality=image.modality or "",
+        frame_of_reference_uid=image.frame_of_reference_uid,
         rows=rows,
         columns=columns,
-        frames=tuple(frames),
+        frames=image.frames,
+        rescales=image.rescales,
     )
 
 
@@ -370,7 +276,7 @@ def _unit(v: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return result
 
 
-def _plan(frames: Sequence[_FrameHeader], geometry: Sequence[Frame], verdict: GeometryVerdict,
+def _plan(frames: Sequence[FrameGeometry], geometry: Sequence[Frame], verdict: GeometryVerdict,
           *, resample_irregular: bool) -> _Plan:
     n = len(frames)
     first = frames[0]
@@ -424,7 +330,7 @@ def _plan(frames: Sequence[_FrameHeader], geometry: Sequence[Frame], verdict: Ge
 
     if verdict.whole:
         if n == 1:
-            dz = first.thickness or 1.0
+            dz = first.slice_thickness or 1.0
         else:
             dz = float(along_sorted[-1] - along_sorted[0]) / (n - 1)
         targets: list[tuple[tuple[int, float], ...]] = [()] * n
@@ -475,7 +381,7 @@ def _decoded_frames(header: _FileHeader) -> Iterator[npt.NDArray[Any]]:
         yield from iter_pixels(header.path)
 
 
-def _fill(image: Any, headers: Sequence[_FileHeader], frames: Sequence[_FrameHeader],
+def _fill(image: Any, headers: Sequence[_FileHeader], rescales: Sequence[Rescale],
           plan: _Plan) -> None:
     """Decode file by file and paste each z slice into ``image`` once it is complete."""
     first_frame: list[int] = []
@@ -508,12 +414,12 @@ def _fill(image: Any, headers: Sequence[_FileHeader], frames: Sequence[_FrameHea
                     raise VolumeError(
                         f"{header.label}, frame {k + 1}: pixel data shape {stored.shape} "
                         f"does not match Rows x Columns {shape}")
-                frame = frames[first_frame[f] + k]
+                rescale = rescales[first_frame[f] + k]
                 values = stored.astype(np.float64)
-                if frame.slope != 1.0:
-                    values *= frame.slope
-                if frame.intercept != 0.0:
-                    values += frame.intercept
+                if rescale.slope != 1.0:
+                    values *= rescale.slope
+                if rescale.intercept != 0.0:
+                    values += rescale.intercept
                 for z, w in plan.targets[first_frame[f] + k]:
                     part = values if w == 1.0 else values * w
                     total = pending.pop(z, None)
@@ -602,8 +508,7 @@ def read_series(
 
     frames = [frame for h in files for frame in h.frames]
     owners = [(h, k + 1) for h in files for k in range(len(h.frames))]
-    geometry = [Frame(f.position, f.orientation, h.rows, h.columns, f.pixel_spacing)
-                for f, (h, _k) in zip(frames, owners, strict=True)]
+    geometry = [plane for h in files for plane in planes(h.frames, h.rows, h.columns)]
     verdict = assess(geometry)
     plan = _plan(frames, geometry, verdict, resample_irregular=resample_irregular)
 
@@ -612,7 +517,7 @@ def read_series(
     image.SetOrigin(plan.origin)
     image.SetSpacing(plan.spacing)
     image.SetDirection(plan.direction)
-    _fill(image, files, frames, plan)
+    _fill(image, files, [r for h in files for r in h.rescales], plan)
 
     first = files[0]
     return SeriesVolume(

@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
+from dicomnode.dicom.frames import FrameGeometry
+from dicomnode.dicom.header import ImageHeader
 from dicomnode.geometry import ORIENTATION_COSINE_THRESHOLD, orientation_label
 
 from .fields import ORIENTATIONS, canonical_field
@@ -215,10 +217,11 @@ class DictSeries:
 
         Attributes come from the first dataset (in InstanceNumber order); sequences
         and binary elements are skipped. ``num_images`` is the number of datasets,
-        ``orientation`` the label of the first ImageOrientationPatient, and
-        ``slice_spacing`` the median distance between distinct slice positions along
-        the normal. ``is_volume`` is left ``None``: the geometry verdict belongs to
-        the index.
+        ``orientation`` the label of the first frame's ImageOrientationPatient, and
+        ``slice_spacing`` the median distance between distinct frame positions along
+        its normal (frames as :class:`dicomnode.dicom.header.ImageHeader` places them,
+        per frame for enhanced multi-frame images). ``is_volume`` is left ``None``: the
+        geometry verdict belongs to the index.
 
         Raises:
             ValueError: If ``datasets`` is empty, or no ``key`` is given and the first
@@ -246,11 +249,13 @@ class DictSeries:
             if not uid:
                 raise ValueError("the first dataset has no SeriesInstanceUID; pass key=")
             key = str(uid)
+        frames = _frames(ordered)
         return cls(
             key=key,
             attributes=attributes,
             num_images=len(ordered),
-            slice_spacing=_slice_spacing(ordered),
+            orientation=_orientation(frames),
+            slice_spacing=_slice_spacing(frames),
         )
 
 
@@ -261,16 +266,35 @@ def _instance_number(dataset: Any) -> int:
         return 0
 
 
-def _slice_spacing(datasets: Sequence[Any]) -> float | None:
+def _frames(datasets: Sequence[Any]) -> list[FrameGeometry]:
+    """Every frame of ``datasets`` (single- and multi-frame), as the header model places
+    them; none when a dataset is not a pydicom dataset or cannot be parsed."""
     try:
-        rx, ry, rz, cx, cy, cz = (float(v) for v in datasets[0].ImageOrientationPatient)
-        normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
-        distances = set()
-        for ds in datasets:
-            x, y, z = (float(v) for v in ds.ImagePositionPatient)
-            distances.add(round(x * normal[0] + y * normal[1] + z * normal[2], 4))
-    except (AttributeError, TypeError, ValueError):
+        return [f for ds in datasets for f in ImageHeader.from_dataset(ds).frames]
+    except Exception:  # a header the model cannot read gives no derived geometry
+        return []
+
+
+def _orientation(frames: Sequence[FrameGeometry]) -> str | None:
+    if not frames or frames[0].orientation is None:
         return None
+    try:
+        return orientation_label(frames[0].orientation)
+    except ValueError:
+        return None
+
+
+def _slice_spacing(frames: Sequence[FrameGeometry]) -> float | None:
+    """The median distance (mm) between distinct frame positions along the first frame's
+    normal."""
+    if not frames or frames[0].orientation is None:
+        return None
+    rx, ry, rz, cx, cy, cz = frames[0].orientation
+    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
+    if any(f.position is None for f in frames):
+        return None
+    distances = {round(sum(p * n for p, n in zip(f.position or (), normal, strict=True)), 4)
+                 for f in frames}
     positions = sorted(distances)
     if len(positions) < 2:
         return None

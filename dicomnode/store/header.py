@@ -1,9 +1,12 @@
 """Read what the index needs from a received instance, without its pixel data.
 
-Positions (ImagePositionPatient) and orientations (ImageOrientationPatient)
-are in the DICOM patient coordinate system (LPS, mm). Multi-frame images
-(enhanced CT/MR/PET and similar) give one position per frame, read from the
-Per-frame or Shared Functional Groups.
+The image attributes and the geometry of every frame come from the one header model,
+:class:`dicomnode.dicom.header.ImageHeader`; this module validates the identifiers the
+index keys on (refusing with a C-STORE status) and turns the model into index rows.
+Positions (ImagePositionPatient) and orientations (ImageOrientationPatient) are in the
+DICOM patient coordinate system (LPS, mm). Multi-frame images keep one position per frame
+(``frame_positions``) and, where frames differ in orientation or pixel spacing, those per
+frame (``frame_geometry``; see :func:`dicomnode.dicom.frames.frames_to_index`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
+
+from dicomnode.dicom.header import ImageHeader
 
 __all__ = ["HeaderError", "InstanceHeader", "read_header"]
 
@@ -128,25 +133,6 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _float(ds: Dataset, keyword: str) -> float | None:
-    try:
-        value = ds.get(keyword)
-        return None if value is None or value == "" else float(value)
-    except Exception:
-        return None
-
-
-def _floats(ds: Dataset, keyword: str, count: int) -> list[float] | None:
-    try:
-        value = ds.get(keyword)
-        if value is None or value == "":
-            return None
-        values = [float(v) for v in (value if isinstance(value, Sequence) else [value])]
-    except Exception:
-        return None
-    return values if len(values) == count else None
-
-
 def _strings(ds: Dataset, keyword: str) -> list[str] | None:
     try:
         value = ds.get(keyword)
@@ -159,49 +145,8 @@ def _strings(ds: Dataset, keyword: str) -> list[str] | None:
     return [str(v).strip() for v in value]
 
 
-def first_item(ds: Dataset | None, keyword: str) -> Dataset | None:
-    if ds is None:
-        return None
-    seq = ds.get(keyword)
-    if not seq:
-        return None
-    item: Dataset = seq[0]
-    return item
-
-
-def _frame_geometry(ds: Dataset) -> tuple[list[list[float]] | None, dict[str, Any]]:
-    """Per-frame positions and the shared orientation/spacing of a multi-frame image."""
-    shared = first_item(ds, "SharedFunctionalGroupsSequence")
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    extra: dict[str, Any] = {}
-    orientation = _floats(first_item(shared, "PlaneOrientationSequence") or Dataset(),
-                          "ImageOrientationPatient", 6)
-    measures = first_item(shared, "PixelMeasuresSequence")
-    if measures is not None:
-        extra["pixel_spacing"] = _floats(measures, "PixelSpacing", 2)
-        extra["slice_thickness"] = _float(measures, "SliceThickness")
-    positions: list[list[float]] = []
-    shared_orientation = orientation is not None
-    if per_frame:
-        for frame in per_frame:
-            pos = _floats(first_item(frame, "PlanePositionSequence") or Dataset(),
-                          "ImagePositionPatient", 3)
-            own = None if shared_orientation else _floats(
-                first_item(frame, "PlaneOrientationSequence") or Dataset(),
-                "ImageOrientationPatient", 6)
-            if orientation is None:
-                orientation = own
-            if measures is None and "pixel_spacing" not in extra:
-                pm = first_item(frame, "PixelMeasuresSequence")
-                if pm is not None:
-                    extra["pixel_spacing"] = _floats(pm, "PixelSpacing", 2)
-                    extra["slice_thickness"] = _float(pm, "SliceThickness")
-            if pos is None:
-                return None, extra
-            # a frame with its own orientation keeps it: position + orientation (9 numbers)
-            positions.append(pos + own if own is not None and own != orientation else pos)
-    extra["image_orientation_patient"] = orientation
-    return (positions or None), extra
+def _listed(values: Sequence[float] | None) -> list[float] | None:
+    return None if values is None else [float(v) for v in values]
 
 
 def _size_hints(ds: Dataset) -> dict[str, Any] | None:
@@ -212,31 +157,6 @@ def _size_hints(ds: Dataset) -> dict[str, Any] | None:
         if value is not None:
             hints[key] = value
     return hints or None
-
-
-def _grid_positions(ds: Dataset, frames: int) -> list[list[float]] | None:
-    """Frame positions of an RT Dose grid (PS3.3 C.8.8.3.2): GridFrameOffsetVector gives
-    each frame's offset along the normal of ImageOrientationPatient, relative to
-    ImagePositionPatient when its first value is 0, otherwise (axial grids only) the
-    frames' z coordinates. None when the vector does not give one offset per frame."""
-    offsets = _floats(ds, "GridFrameOffsetVector", frames)
-    origin = _floats(ds, "ImagePositionPatient", 3)
-    iop = _floats(ds, "ImageOrientationPatient", 6)
-    if offsets is None or origin is None or iop is None:
-        return None
-    row, col = iop[:3], iop[3:]
-    normal = [row[1] * col[2] - row[2] * col[1], row[2] * col[0] - row[0] * col[2],
-              row[0] * col[1] - row[1] * col[0]]
-    length = sum(c * c for c in normal) ** 0.5
-    if length < 1e-6:
-        return None
-    normal = [c / length for c in normal]
-    if offsets[0] != 0.0:
-        if [round(v, 6) for v in iop] != [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]:
-            return None
-        base = sum(o * n for o, n in zip(origin, normal, strict=True))
-        offsets = [z - base for z in offsets]
-    return [[o + d * n for o, n in zip(origin, normal, strict=True)] for d in offsets]
 
 
 def read_header(path: Path) -> InstanceHeader:
@@ -266,29 +186,26 @@ def read_header(path: Path) -> InstanceHeader:
                                      "SOPInstanceUID", "SOPClassUID")}
     identifiers = {k: _identifier(ds, k) for k in _IDENTIFIER_LIMITS}
 
-    number_of_frames = _int(ds, "NumberOfFrames") or 1
+    try:
+        image = ImageHeader.from_dataset(ds)
+    except Exception as exc:  # pragma: no cover - the model keeps unreadable values as None
+        raise HeaderError(f"dataset cannot be parsed: {type(exc).__name__}", 0xC001) from None
+    frame_positions, frame_geometry = image.index_frames()
     instance: dict[str, Any] = {
         "instance_number": _int(ds, "InstanceNumber"),
         "image_type": _strings(ds, "ImageType"),
-        "rows": _int(ds, "Rows"),
-        "columns": _int(ds, "Columns"),
-        "pixel_spacing": _floats(ds, "PixelSpacing", 2),
-        "slice_thickness": _float(ds, "SliceThickness"),
-        "image_position_patient": _floats(ds, "ImagePositionPatient", 3),
-        "image_orientation_patient": _floats(ds, "ImageOrientationPatient", 6),
+        "rows": image.rows,
+        "columns": image.columns,
+        "pixel_spacing": _listed(image.spacing),
+        "slice_thickness": image.thickness,
+        "image_position_patient": _listed(image.image_position_patient),
+        "image_orientation_patient": _listed(image.orientation),
         "frame_of_reference_uid": identifiers["FrameOfReferenceUID"],
-        "number_of_frames": number_of_frames,
-        "frame_positions": None,
+        "number_of_frames": image.number_of_frames,
+        "frame_positions": frame_positions,
+        "frame_geometry": frame_geometry,
         "size_hints": _size_hints(ds),
     }
-    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
-        positions, extra = _frame_geometry(ds)
-        instance["frame_positions"] = positions
-        for key, value in extra.items():
-            if instance.get(key) is None:
-                instance[key] = value
-    elif number_of_frames > 1 and "GridFrameOffsetVector" in ds:
-        instance["frame_positions"] = _grid_positions(ds, number_of_frames)
     return InstanceHeader(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],

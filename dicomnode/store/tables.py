@@ -156,8 +156,13 @@ class Instance(Base):
     image_orientation_patient: Mapped[list[Any] | None] = mapped_column(JSON)
     frame_of_reference_uid: Mapped[str | None] = mapped_column(String(64))
     number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
-    # per-frame geometry of multi-frame images: [[x, y, z], ...] (mm) and one orientation
+    # per-frame positions of multi-frame images: [[x, y, z] or null, ...] (mm, LPS); rows of
+    # earlier releases may hold [x, y, z, 6 orientation numbers] for a frame of its own
     frame_positions: Mapped[list[Any] | None] = mapped_column(JSON)
+    # per-frame orientation/pixel spacing of a multi-frame image whose frames differ from
+    # the instance's columns: {"orientations": [...], "pixel_spacings": [...]}, else null
+    # (see dicomnode.dicom.frames.frames_to_index)
+    frame_geometry: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # what the instance states about the size of its series (see dicomnode.completion
     # stated_size): {"acquisition": AcquisitionNumber, "images_in_acquisition": ...}
     size_hints: Mapped[dict[str, Any] | None] = mapped_column(JSON)
