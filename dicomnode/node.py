@@ -44,7 +44,7 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.files = InstanceFiles(config.storage.path, fsync=config.storage.fsync)
-        self.index: Index = open_index(config.db_url)
+        self.index: Index = open_index(config.db_url, upgrade=config.storage.upgrade_index)
         self.store = InstanceStore(self.files, self.index,
                                    min_free_bytes=config.storage.min_free_bytes,
                                    max_inflated_bytes=config.storage.max_inflated_bytes)
