@@ -18,7 +18,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, inspect, select
+from sqlalchemy import create_engine, inspect, select, text
 
 from dicomnode.cli import main
 from dicomnode.config import load_config
@@ -217,16 +217,18 @@ def test_serve_refuses_an_older_index_without_the_upgrade_option(tmp_path: Path)
     assert "alembic_version" not in _tables(path)
 
 
-def test_an_index_of_the_release_without_migrations_is_stamped(tmp_path: Path) -> None:
-    """The release before this one added today's columns at open (no alembic_version):
-    such an index is recognised by its columns and stamped, not altered."""
+def test_an_index_of_the_release_without_migrations_is_recognised(tmp_path: Path) -> None:
+    """The release before this one added revision 0002's columns at open, with no
+    alembic_version: such an index is recognised as 0002 by its columns and stamped."""
     path = tmp_path / "index.sqlite"
     engine = create_engine(f"sqlite:///{path}")
-    Base.metadata.create_all(engine)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0002")
+        connection.execute(text("DROP TABLE alembic_version"))
+    status = schema_status(engine)
     engine.dispose()
-    status = schema_status(create_engine(f"sqlite:///{path}"))
     assert status.state is SchemaState.UNVERSIONED and status.revision == "0002"
-    open_index(f"sqlite:///{path}").dispose()
+    open_index(f"sqlite:///{path}", upgrade=True).dispose()
     assert _revision(path) == [head_revision()]
 
 
@@ -263,3 +265,11 @@ def test_revisions_are_one_line_named_by_their_ids() -> None:
     assert [f"{r.revision}_" for r in revisions] == [name[:5] for name in files]
     for earlier, later in itertools.pairwise(revisions):
         assert later.down_revision == earlier.revision
+
+
+def test_the_developer_tool_finds_no_missing_revision() -> None:
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" /
+                                                 "new_migration.py"), "--check"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"0 difference(s) between the models and revision {head_revision()}" in result.stdout
