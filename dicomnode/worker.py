@@ -31,11 +31,11 @@ from sqlalchemy import CursorResult, select, update
 
 from dicomnode import parentwatch
 from dicomnode.config import Config
-from dicomnode.inference.card import load_card
+from dicomnode.inference.card import cached_card
 from dicomnode.inference.runtime import configure_from, open_card_session
 from dicomnode.logs import setup_logging
 from dicomnode.pipeline import JobFailure, run_job, summary_json
-from dicomnode.rules.loader import load_rules
+from dicomnode.rules.loader import rule_source
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.queries import format_timings, iso_utc
 from dicomnode.store.tables import Job, JobState, utcnow
@@ -124,11 +124,11 @@ def _warm_up() -> int:
     job does not wait for it (sessions are cached per process); returns how many."""
     config: Config = _WORKER["config"]
     configure_from(config)
-    rules = load_rules(config.rules_dir, peers=config.peers, models_dir=config.models_dir)
+    rules = rule_source(config.rules_dir, peers=config.peers, models_dir=config.models_dir).load()
     opened = 0
     for model in sorted({rule.model for rule in rules.enabled}):
         try:
-            open_card_session(load_card(config.models_dir / model),
+            open_card_session(cached_card(config.models_dir / model),
                               providers=config.inference.providers,
                               intra_op_threads=config.inference.intra_op_threads)
             opened += 1
