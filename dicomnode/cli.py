@@ -358,16 +358,23 @@ def cmd_outbox_resend(args: argparse.Namespace) -> int:
 
 
 def cmd_db_current(args: argparse.Namespace) -> int:
+    from sqlalchemy.engine import make_url
+
     from dicomnode.store.db import create_index_engine
-    from dicomnode.store.schema import SchemaState, schema_status
+    from dicomnode.store.schema import SchemaState, SchemaStatus, head_revision, schema_status
 
     config = _config(args)
-    engine = create_index_engine(config.db_url)
-    try:
-        status = schema_status(engine)
-    finally:
-        engine.dispose()
-    where = engine.url.render_as_string(hide_password=True)
+    url = make_url(config.db_url)
+    where = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(str(url.database)).exists():  # not made by looking at it
+        status = SchemaStatus(None, head_revision(), SchemaState.EMPTY)
+    else:
+        engine = create_index_engine(config.db_url)
+        try:
+            status = schema_status(engine)
+        finally:
+            engine.dispose()
     said = {
         SchemaState.EMPTY: "no index yet (created at the newest revision when first opened)",
         SchemaState.CURRENT: "up to date",
@@ -663,8 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="the index's schema revision: show it, upgrade it")
     db_sub = db.add_subparsers(dest="db_command", required=True)
-    p = db_sub.add_parser("current", help="print the index's schema revision and the newest "
-                          "this dicomnode knows (exit status 1 when they differ)")
+    p = db_sub.add_parser("current", aliases=["status"],
+                          help="print the index's schema revision and the newest this "
+                          "dicomnode knows (exit status 1 when they differ)")
     p.add_argument("--config", "-c", type=Path, default=None)
     p.set_defaults(func=cmd_db_current)
     p = db_sub.add_parser("upgrade", help="upgrade the index to the newest schema revision "

@@ -273,3 +273,11 @@ def test_the_developer_tool_finds_no_missing_revision() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"0 difference(s) between the models and revision {head_revision()}" in result.stdout
+
+
+def test_looking_at_a_missing_index_makes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config_file(tmp_path)
+    assert main(["db", "status", "-c", str(config)]) == 0
+    assert "no index yet" in capsys.readouterr().out
+    assert not (tmp_path / "store").exists()

@@ -70,8 +70,8 @@ def open_index(url: str, *, create: bool = True, upgrade: bool = False) -> Index
 
 
 def create_index_engine(url: str) -> Engine:
-    """The engine for the index at ``url`` (SQLite: WAL, ``synchronous=FULL``), schema
-    unchecked."""
+    """The engine for the index at ``url`` (SQLite: WAL, ``synchronous=FULL``, the file's
+    folder made), schema unchecked."""
     parsed = make_url(url)
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
