@@ -120,8 +120,9 @@ def _status(connection: Connection) -> SchemaStatus:
     inspector = inspect(connection)
     tables = set(inspector.get_table_names())
     if VERSION_TABLE in tables:
-        rows = [str(r[0]) for r in connection.execute(
-            text(f"SELECT version_num FROM {VERSION_TABLE}"))]
+        # (the same revision twice: two processes created the index at once)
+        rows = sorted({str(r[0]) for r in connection.execute(
+            text(f"SELECT version_num FROM {VERSION_TABLE}"))})
         if len(rows) > 1:
             raise IndexSchemaError(
                 f"the index records {len(rows)} schema revisions ({', '.join(sorted(rows))}); "
@@ -223,8 +224,9 @@ def ensure_schema(engine: Engine, *, upgrade: bool = False) -> SchemaStatus:
     with engine.connect() as connection:
         # the common case first: one SELECT, no Alembic
         if inspect(connection).has_table(VERSION_TABLE):
-            rows = list(connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")))
-            if len(rows) == 1 and str(rows[0][0]) == head_revision():
+            rows = {str(r[0]) for r in connection.execute(
+                text(f"SELECT version_num FROM {VERSION_TABLE}"))}
+            if rows == {head_revision()}:
                 return SchemaStatus(head_revision(), head_revision(), SchemaState.CURRENT)
         status = _status(connection)
     if status.state is SchemaState.CURRENT:
