@@ -13,6 +13,7 @@ from dicomnode import __version__
 from dicomnode.config import Config, ConfigError, PeerConfig, load_config
 from dicomnode.logs import setup_logging
 from dicomnode.rules.loader import RuleFileError, RuleSet
+from dicomnode.store.schema import IndexSchemaError
 
 if TYPE_CHECKING:
     from dicomnode.models.card import Card
@@ -36,18 +37,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dicomnode.node import Node
 
     config = _config(args)
+    if args.upgrade_index:
+        config = config.model_copy(update={
+            "storage": config.storage.model_copy(update={"upgrade_index": True})})
     setup_logging(config.logging.level)
     node = Node(config)
     node.serve_forever()
     return 0
 
 
+def _open_index(config: Config) -> Index:
+    """The configured index; an older one is upgraded only with ``storage.upgrade_index``."""
+    from dicomnode.store.db import open_index
+
+    return open_index(config.db_url, upgrade=config.storage.upgrade_index)
+
+
 def _index_report(args: argparse.Namespace, build: Callable[[Index], dict[str, Any]],
                   ) -> dict[str, Any]:
     """A report built from the configured index (opened and closed here)."""
-    from dicomnode.store.db import open_index
-
-    index = open_index(_config(args).db_url)
+    index = _open_index(_config(args))
     try:
         return build(index)
     finally:
@@ -101,7 +110,6 @@ def cmd_send(args: argparse.Namespace) -> int:
     from dicomnode.boundary import BoundaryError, PeerBoundary, PeerCopy
     from dicomnode.deid import DeidKeyError
     from dicomnode.send.scu import SendError, SendResult, collect_files, send_files
-    from dicomnode.store.db import open_index
     from dicomnode.store.pseudonyms import PseudonymMap
 
     config = _config(args)
@@ -122,7 +130,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"send: {exc}", file=sys.stderr)
         return 1
-    index = open_index(config.db_url)
+    index = _open_index(config)
     try:
         with tempfile.TemporaryDirectory(prefix="dicomnode-send-") as scratch:
             # every file crosses the boundary: pseudonymized for a research peer,
@@ -151,7 +159,6 @@ def cmd_pseudonymize(args: argparse.Namespace) -> int:
     from dicomnode.boundary import pseudonymize_files, pseudonymizer
     from dicomnode.deid import DeidKeyError
     from dicomnode.send.scu import collect_files
-    from dicomnode.store.db import open_index
     from dicomnode.store.pseudonyms import PseudonymMap
 
     config = _config(args)
@@ -168,7 +175,7 @@ def cmd_pseudonymize(args: argparse.Namespace) -> int:
     except DeidKeyError as exc:
         print(f"pseudonymize: {exc}", file=sys.stderr)
         return 2
-    index = open_index(config.db_url)
+    index = _open_index(config)
     try:
         files = list(collect_files([source], skip_hidden=True))
         report = pseudonymize_files(files, target, engine, PseudonymMap(index))
@@ -215,10 +222,9 @@ def _run_now(config: Config, job_id: int, *, wait_seconds: float = 3600.0) -> in
 
     from dicomnode.jobs.child import run_claimed
     from dicomnode.jobs.queue import claim, finish, reset
-    from dicomnode.store.db import open_index
     from dicomnode.store.tables import Job, JobState
 
-    index = open_index(config.db_url)
+    index = _open_index(config)
     try:
         with index.session() as session:
             if session.get(Job, job_id) is None:
@@ -260,7 +266,6 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dicomnode.rules.trigger import RuleTrigger
-    from dicomnode.store.db import open_index
     from dicomnode.store.queries import study_pk
 
     config = _config(args)
@@ -271,7 +276,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyError as exc:
         print(str(exc.args[0]), file=sys.stderr)
         return 2
-    index = open_index(config.db_url)
+    index = _open_index(config)
     try:
         found = study_pk(index, args.study)
         if found is None:
@@ -316,11 +321,10 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 def cmd_outbox_send(args: argparse.Namespace) -> int:
     from dicomnode.send.outbox import Outbox
-    from dicomnode.store.db import open_index
 
     config = _config(args)
     setup_logging(config.logging.level)
-    index = open_index(config.db_url)
+    index = _open_index(config)
     try:
         report = Outbox.from_config(config, index).deliver_due()
     finally:
@@ -335,10 +339,9 @@ def cmd_outbox_send(args: argparse.Namespace) -> int:
 
 def cmd_outbox_resend(args: argparse.Namespace) -> int:
     from dicomnode.send.outbox import Outbox, OutboxError
-    from dicomnode.store.db import open_index
 
     config = _config(args)
-    index = open_index(config.db_url)
+    index = _open_index(config)
     code = 0
     try:
         outbox = Outbox.from_config(config, index)
@@ -353,6 +356,61 @@ def cmd_outbox_resend(args: argparse.Namespace) -> int:
     finally:
         index.dispose()
     return code
+
+
+def cmd_db_current(args: argparse.Namespace) -> int:
+    from sqlalchemy.engine import make_url
+
+    from dicomnode.store.db import create_index_engine
+    from dicomnode.store.schema import SchemaState, SchemaStatus, head_revision, schema_status
+
+    config = _config(args)
+    url = make_url(config.db_url)
+    where = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:") \
+            and not Path(str(url.database)).exists():  # not made by looking at it
+        status = SchemaStatus(None, head_revision(), SchemaState.EMPTY)
+    else:
+        engine = create_index_engine(config.db_url)
+        try:
+            status = schema_status(engine)
+        finally:
+            engine.dispose()
+    said = {
+        SchemaState.EMPTY: "no index yet (created at the newest revision when first opened)",
+        SchemaState.CURRENT: "up to date",
+        SchemaState.OLDER: "older: run `dicomnode db upgrade`",
+        SchemaState.NEWER: "newer than this dicomnode: refused",
+        SchemaState.UNVERSIONED: ("made before schema migrations" + (
+            "; stamped when next opened" if status.revision == status.head
+            else ": run `dicomnode db upgrade`")),
+    }[status.state]
+    print(f"index:  {where}")
+    print(f"revision: {status.revision or '-'}  (newest known: {status.head})  {said}")
+    return 1 if status.state in (SchemaState.OLDER, SchemaState.NEWER) or status.needs_upgrade \
+        else 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from dicomnode.store.db import create_index_engine
+    from dicomnode.store.schema import SchemaState, upgrade_schema
+
+    config = _config(args)
+    setup_logging("WARNING")
+    engine = create_index_engine(config.db_url)
+    try:
+        before, after = upgrade_schema(engine)
+    finally:
+        engine.dispose()
+    if before.state is SchemaState.EMPTY:
+        print(f"index created at revision {after.revision}")
+    elif before.revision == after.revision and before.state is SchemaState.CURRENT:
+        print(f"index already at the newest revision {after.revision}")
+    else:
+        made = " (made before schema migrations)" if before.state is SchemaState.UNVERSIONED \
+            else ""
+        print(f"index upgraded from revision {before.revision}{made} to {after.revision}")
+    return 0
 
 
 def _load_rules(config: Config) -> RuleSet:
@@ -394,10 +452,9 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
             finally:
                 index.dispose()
         return 0
-    from dicomnode.store.db import open_index
     from dicomnode.store.queries import study_pk
 
-    index = open_index(config.db_url)
+    index = _open_index(config)
     try:
         found = study_pk(index, args.study)
         if found is None:
@@ -563,6 +620,9 @@ def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
         return p
 
     p = add("serve", "receive DICOM instances and process them")
+    p.add_argument("--upgrade-index", action="store_true",
+                   help="upgrade an index made by an earlier release at start "
+                   "(storage.upgrade_index); back it up first")
     p.set_defaults(func=cmd_serve)
     p = add("studies", "list studies with their state and series")
     p.add_argument("--json", action="store_true", help="stable JSON (docs/studies-json.md)")
@@ -611,6 +671,18 @@ def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
     q.add_argument("ids", nargs="+", type=int, metavar="ID", help="outbox item id")
     q.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS)
     q.set_defaults(func=cmd_outbox_resend)
+
+    db = sub.add_parser("db", help="the index's schema revision: show it, upgrade it")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    p = db_sub.add_parser("current", aliases=["status"],
+                          help="print the index's schema revision and the newest this "
+                          "dicomnode knows (exit status 1 when they differ)")
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.set_defaults(func=cmd_db_current)
+    p = db_sub.add_parser("upgrade", help="upgrade the index to the newest schema revision "
+                          "(back it up first; stop the node meanwhile)")
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.set_defaults(func=cmd_db_upgrade)
 
     rules = sub.add_parser("rules", help="check and test routing rules")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True)
@@ -669,6 +741,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except RuleFileError as exc:
         print(f"rule error:\n{exc}", file=sys.stderr)
+        return 2
+    except IndexSchemaError as exc:
+        print(f"index error: {exc}", file=sys.stderr)
         return 2
     return code
 

@@ -190,6 +190,9 @@ class StorageConfig(_Section):
         1_073_741_824, ge=1,
         description="bytes; a deflated dataset inflating to more is refused (0xC007)")
     fsync: bool = True
+    upgrade_index: bool = Field(
+        False, description="upgrade an index made by an earlier release to this release's "
+        "schema revision when it is opened (else it is refused: `dicomnode db upgrade`)")
 
 
 class CompletionConfig(_Section):

@@ -26,7 +26,7 @@ from dicomnode.net.access import AccessPolicy
 from dicomnode.receive.ingest import InstanceStore
 from dicomnode.receive.recovery import recover_orphans
 from dicomnode.receive.scp import StorageSCP
-from dicomnode.rules.loader import load_rules
+from dicomnode.rules.loader import RuleSet, rule_source
 from dicomnode.rules.trigger import Firing, RuleTrigger
 from dicomnode.scheduler import install_scheduled_jobs
 from dicomnode.send.outbox import Outbox
@@ -41,6 +41,17 @@ __all__ = ["Node"]
 
 LOG = logging.getLogger(__name__)
 
+#: How often (s) the node looks for changed rule files and model cards between uses.
+RULES_CHECK_SECONDS = 2.0
+
+
+def _waits(rules: RuleSet) -> list[float]:
+    """The rules' own quiet times, and when they act on incomplete studies (s)."""
+    return [w for r in rules.enabled if r.schedule is None for w in (
+        r.wait_seconds,
+        r.when_incomplete.after_seconds if r.when_incomplete is not None else None)
+        if w is not None]
+
 
 class Node:
     """One dicomnode process. ``start()`` returns once the SCP listens; ``stop()`` is graceful."""
@@ -48,17 +59,19 @@ class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.files = InstanceFiles(config.storage.path, fsync=config.storage.fsync)
-        self.index: Index = open_index(config.db_url)
+        self.index: Index = open_index(config.db_url, upgrade=config.storage.upgrade_index)
         self.store = InstanceStore(self.files, self.index,
                                    min_free_bytes=config.storage.min_free_bytes,
                                    max_inflated_bytes=config.storage.max_inflated_bytes)
-        self.rules = load_rules(config.rules_dir, peers=config.peers,
-                                models_dir=config.models_dir)
+        # parsed once, again when a rule file or card changes; invalid at start: not started
+        self.rule_source = rule_source(config.rules_dir, peers=config.peers,
+                                       models_dir=config.models_dir)
+        self.rules = self.rule_source.load()
+        self._rules_lock = threading.Lock()
         self.trigger = RuleTrigger(self.index, self.rules, config.storage.path,
                                    quiet_seconds=config.completion.quiet_seconds)
         # an association that delivered and closed may have completed a series: check now
         self.activity = AssociationActivity(on_closed=[self._check_completion_now])
-        arriving = [r for r in self.rules.enabled if r.schedule is None]
         self.completion = CompletionMonitor(
             self.index, self.activity,
             quiet_seconds=config.completion.quiet_seconds,
@@ -66,10 +79,7 @@ class Node:
             listeners=[self._on_study_complete],
             settled_listeners=[self._on_series_settled],
             # rules' own quiet times, and when they act on incomplete studies
-            waits=[w for r in arriving for w in (
-                r.wait_seconds,
-                r.when_incomplete.after_seconds if r.when_incomplete is not None else None)
-                if w is not None],
+            waits=_waits(self.rules),
             wait_listeners=[self._on_study_waited])
         self.refused = RefusalCounter()
         self.scp = StorageSCP(config.node, self.store,
@@ -97,15 +107,46 @@ class Node:
         except (JobLookupError, SchedulerNotRunningError):  # stopping: nothing to check
             pass
 
+    def fresh_rules(self) -> RuleSet:
+        """The rules now: reloaded when a rule file or model card changed; when an edit made
+        them invalid, the rules loaded last (the error is logged once)."""
+        rules = self.rule_source.current()
+        with self._rules_lock:
+            if rules is not self.rules:
+                self._use_rules(rules)
+        return rules
+
+    def _check_rules(self) -> None:
+        try:
+            self.fresh_rules()
+        except Exception as exc:  # logged; the rules in use stay
+            LOG.error("rules not checked: %s", type(exc).__name__)
+
+    def _use_rules(self, rules: RuleSet) -> None:
+        old, self.rules = self.rules, rules
+        self.trigger.rules = rules
+        self.completion.waits = [dt.timedelta(seconds=w) for w in sorted(set(_waits(rules)))]
+        if self.console is not None:
+            self.console.rules = rules
+        scheduled = {r.name: r for r in rules.enabled if r.schedule is not None}
+        if scheduled != {r.name: r for r in old.enabled if r.schedule is not None} \
+                and self.scheduler.running:
+            for job in self.scheduler.get_jobs():
+                if job.id.startswith("rule:") and job.id.removeprefix("rule:") not in scheduled:
+                    job.remove()
+            install_scheduled_jobs(self)
+
     def _on_study_complete(self, study_pk: int) -> None:
+        self.fresh_rules()
         self._dispatch_new(self.trigger.on_study(study_pk, trigger="complete"))
 
     def _on_series_settled(self, study_pk: int) -> None:
+        self.fresh_rules()
         self._dispatch_new(self.trigger.on_study(study_pk, trigger="settled"))
 
     def _on_study_waited(self, study_pk: int, seconds: float) -> None:
         """The study has been quiet for ``seconds``: some rule's wait or incomplete time."""
-        arriving = [r for r in self.rules.enabled if r.schedule is None]
+        arriving = [r for r in self.fresh_rules().enabled if r.schedule is None]
         firings = self.trigger.on_study(
             study_pk, trigger="quiet", quiet_for=seconds,
             rules=[r for r in arriving if r.wait_seconds == seconds])
@@ -118,7 +159,7 @@ class Node:
         """An operator's "run now" (force completion): settle the study's series and fire the
         rule without waiting for quiet times; a job that already ran on the same input runs
         again as the same version (same UIDs)."""
-        rule = self.rules.get(rule_name)
+        rule = self.fresh_rules().get(rule_name)
         self.completion.settle_study(study_pk)
         firings = self.trigger.on_study(study_pk, trigger="manual", rules=[rule])
         for f in firings:
@@ -152,6 +193,9 @@ class Node:
         self.scheduler.add_job(self.outbox.start_due, "interval",
                                seconds=self.config.outbox.check_interval_seconds,
                                id="outbox", max_instances=1, coalesce=True)
+        # a changed rule file or card is picked up at its next use, or by this check
+        self.scheduler.add_job(self._check_rules, "interval", seconds=RULES_CHECK_SECONDS,
+                               id="rules", max_instances=1, coalesce=True)
         install_scheduled_jobs(self)  # scheduled rules (cron) and retention
         if self.console is not None:
             self.console.bind()  # first: a port in use stops the start before any listening

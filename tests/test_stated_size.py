@@ -12,7 +12,7 @@ import pytest
 import testdata
 
 from dicomnode.completion import StatedSize, stated_size
-from dicomnode.store.db import open_index
+from dicomnode.store.db import IndexSchemaError, open_index
 from dicomnode.store.header import read_header
 from dicomnode.store.tables import Instance, Job, Patient, Study
 
@@ -102,7 +102,9 @@ def test_an_index_made_before_job_versions_is_upgraded(tmp_path: Path) -> None:
     path = tmp_path / "index.sqlite"
     with sqlite3.connect(path) as connection:
         connection.executescript(OLD_JOB_TABLE)
-    index = open_index(f"sqlite:///{path}")
+    with pytest.raises(IndexSchemaError, match="dicomnode db upgrade"):
+        open_index(f"sqlite:///{path}")  # older: refused unless told to upgrade
+    index = open_index(f"sqlite:///{path}", upgrade=True)
     try:
         with index.session() as session:
             old = session.get(Job, 1)

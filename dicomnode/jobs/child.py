@@ -53,16 +53,16 @@ def warm_up() -> int:
     """Open the ONNX Runtime session of every model a rule names, so that a worker's first
     job does not wait for it (sessions are cached per process); returns how many."""
     from dicomnode.inference.runtime import configure_from, open_card_session
-    from dicomnode.models.card import load_card
-    from dicomnode.rules.loader import load_rules
+    from dicomnode.models.card import cached_card
+    from dicomnode.rules.loader import rule_source
 
     config: Config = _WORKER["config"]
     configure_from(config)
-    rules = load_rules(config.rules_dir, peers=config.peers, models_dir=config.models_dir)
+    rules = rule_source(config.rules_dir, peers=config.peers, models_dir=config.models_dir).load()
     opened = 0
     for model in sorted({rule.model for rule in rules.enabled}):
         try:
-            open_card_session(load_card(config.models_dir / model),
+            open_card_session(cached_card(config.models_dir / model),
                               providers=config.inference.providers,
                               intra_op_threads=config.inference.intra_op_threads)
             opened += 1

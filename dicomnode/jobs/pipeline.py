@@ -44,12 +44,12 @@ from dicomnode.inference.runtime import configure_from
 from dicomnode.inference.segment import Segmentation, load_inputs, segment
 from dicomnode.inference.volume import VolumeError
 from dicomnode.jobs.files import job_dir, job_overlay
-from dicomnode.models.card import Card, CardError, load_card
+from dicomnode.models.card import Card, CardError, cached_card
 from dicomnode.outputs.overlay import OverlayStructure, render_overlay
 from dicomnode.outputs.rejection import build_rejection_note, write_rejection_note
 from dicomnode.outputs.source import OutputError
 from dicomnode.outputs.write import ResultObject, write_results
-from dicomnode.rules.loader import load_rules
+from dicomnode.rules.loader import rule_source
 from dicomnode.send.outbox import Outbox
 from dicomnode.store.db import Index
 from dicomnode.store.files import write_atomic
@@ -146,14 +146,15 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         bindings = [(str(n), str(uid)) for n, uid in job.bindings]
         send_to = job.send_to
     if send_to is None:  # a job created before jobs recorded their rule's decisions
-        rules = load_rules(config.rules_dir, peers=config.peers, models_dir=config.models_dir)
+        rules = rule_source(config.rules_dir, peers=config.peers,
+                            models_dir=config.models_dir).load()
         send_to = list(rules.get(rule_name).send_to)
     destinations = [str(name) for name in send_to]
     unknown = [name for name in destinations if name not in config.peers]
     if unknown:
         raise JobFailure(f"job {job_id} sends to {', '.join(unknown)}, which is no longer a "
                          "configured peer", permanent=True)
-    card = load_card(config.models_dir / model)
+    card = cached_card(config.models_dir / model)
     names = [name for name, _ in bindings]
     if names != list(card.input_names):
         raise JobFailure(f"rule {rule_name} binds {', '.join(names)} but model {model} takes "

@@ -3,7 +3,9 @@
 A package is a folder holding ``card.yaml``, the ONNX file the card names and a
 licence file.  :func:`load_card` reads and validates the card and raises
 :class:`CardError` with one line per problem, naming the file, the line, the key,
-what is wrong and what is allowed, like the node's configuration.
+what is wrong and what is allowed, like the node's configuration.  The node and its
+workers read cards through :func:`cached_card`: parsed once per process, again only when
+``card.yaml``, the ONNX file or the licence files change (size, mtime, inode).
 
 Axes and units used throughout:
 
@@ -19,8 +21,11 @@ Axes and units used throughout:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -30,11 +35,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dicomnode.config import format_validation_errors, read_yaml_mapping
 
 __all__ = [
+    "CARDS",
     "CARD_FILE",
     "Card",
+    "CardCache",
     "CardError",
     "Code",
     "CropSpec",
+    "FileStat",
     "InputSpec",
     "IntensitySpec",
     "LabelSpec",
@@ -43,6 +51,8 @@ __all__ = [
     "PostprocessingSpec",
     "PreprocessingSpec",
     "RuntimeSpec",
+    "cached_card",
+    "file_stat",
     "load_card",
     "package_dir",
 ]
@@ -503,3 +513,105 @@ def _package_problems(card: Card, folder: Path) -> Sequence[str]:
     if not any((folder / name).is_file() for name in LICENCE_FILES):
         problems.append(f"the package holds no licence file (one of: {', '.join(LICENCE_FILES)})")
     return problems
+
+
+FileStat = tuple[int, int, int] | None
+"""(st_mtime_ns, st_size, st_ino) of a file, None when it is missing."""
+
+
+def file_stat(path: Path) -> FileStat:
+    """What says a file changed: (st_mtime_ns, st_size, st_ino); None when missing."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+@dataclass(frozen=True)
+class _CachedCard:
+    fingerprint: tuple[FileStat, ...]
+    model_file: str | None  # the card's ``file`` (None: the card did not parse)
+    card: Card | None
+    error: CardError | None
+
+
+class CardCache:
+    """Cards parsed once per process and again only when their files change.
+
+    A card is re-read when ``card.yaml`` changes and, with ``verify_files``, when the ONNX
+    file it names or a licence file appears, disappears or changes (size, mtime, inode). A
+    card that is not valid raises the same :class:`CardError` as :func:`load_card` each
+    time it is asked for, without being parsed again while unchanged. Thread-safe.
+    ``parses`` counts the cards read.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, bool], _CachedCard] = {}
+        self._lock = threading.Lock()
+        self.parses = 0
+
+    @staticmethod
+    def _fingerprint(folder: Path, model_file: str | None,
+                     verify_files: bool) -> tuple[FileStat, ...]:
+        stats = [file_stat(folder / CARD_FILE)]
+        if verify_files:
+            stats.append(None if model_file is None else file_stat(folder / model_file))
+            stats.extend(file_stat(folder / name) for name in LICENCE_FILES)
+        return tuple(stats)
+
+    def get(self, package: str | Path, *, verify_files: bool = True) -> Card:
+        """The validated card of ``package`` (see :func:`load_card`).
+
+        Raises:
+            CardError: as :func:`load_card`.
+        """
+        folder = Path(package)
+        key = (str(folder.resolve()), verify_files)
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is None or entry.fingerprint != self._fingerprint(
+                folder, entry.model_file, verify_files):
+            entry = self._parse(folder, key, verify_files)
+        if entry.error is not None:
+            raise CardError(str(entry.error))
+        assert entry.card is not None
+        return entry.card
+
+    def _parse(self, folder: Path, key: tuple[str, bool], verify_files: bool) -> _CachedCard:
+        before = file_stat(folder / CARD_FILE)
+        try:
+            card: Card | None = load_card(folder, verify_files=verify_files)
+            error = None
+        except CardError as exc:
+            card, error = None, exc
+            if not verify_files or before is None:
+                model_file = None
+            else:  # a card that parses names its file even when the package is incomplete
+                try:
+                    model_file = load_card(folder, verify_files=False).file
+                except CardError:
+                    model_file = None
+        if card is not None:
+            model_file = card.file
+        fingerprint = self._fingerprint(folder, model_file, verify_files)
+        if fingerprint[0] != before:  # written while being read: read again next time
+            fingerprint = (None, *fingerprint[1:])
+        entry = _CachedCard(fingerprint, model_file, card, error)
+        with self._lock:
+            self.parses += 1
+            self._entries[key] = entry
+        return entry
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+#: The process's card cache (the node, its workers).
+CARDS = CardCache()
+
+
+def cached_card(package: str | Path, *, verify_files: bool = True) -> Card:
+    """:func:`load_card` through the process's :class:`CardCache` (:data:`CARDS`)."""
+    return CARDS.get(package, verify_files=verify_files)

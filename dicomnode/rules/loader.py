@@ -24,12 +24,19 @@ SeriesDescription of some settled series of the study must contain (case-insensi
 Problems are reported as :class:`RuleFileError` naming the file, the line and the
 column; select-statement errors are positioned in the YAML file itself, with the
 offending line and a caret under the token.
+
+The node and its workers read the rules through a :class:`RuleSource`: the files are parsed
+once per process and again only when a rule file or a model card changes, appears or
+disappears (its size, mtime or inode). An edit that makes the rules invalid leaves a running
+node with the rules it loaded last, and the error is logged once (:meth:`RuleSource.current`).
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,14 +44,16 @@ from typing import Any
 
 import yaml
 
-from dicomnode.models.card import CardError, load_card
+from dicomnode.models.card import CARD_FILE, CardError, FileStat, cached_card, file_stat
 
 from .errors import RuleSyntaxError
 from .nodes import SelectStatement
 from .parser import parse
 
 __all__ = ["OUTPUT_KINDS", "IncompleteAction", "Rule", "RuleFileError", "RuleSet",
-           "WhenIncomplete", "load_rules"]
+           "RuleSource", "WhenIncomplete", "load_rules", "rule_source"]
+
+LOG = logging.getLogger(__name__)
 
 OUTPUT_KINDS = ("seg", "rtstruct", "measurements")
 
@@ -271,7 +280,7 @@ def _when_incomplete(file: Path, node: yaml.Node | None, value: Any,
 def _card_inputs(models_dir: Path, model: str) -> tuple[str, ...] | str:
     """The input names the model's card declares, or why the card cannot be used."""
     try:
-        card = load_card(models_dir / model, verify_files=False)
+        card = cached_card(models_dir / model, verify_files=False)
     except CardError as exc:
         return str(exc)
     return card.input_names
@@ -292,9 +301,7 @@ def load_rules(rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
     """
     problems: list[str] = []
     rules: list[Rule] = []
-    files = sorted([*rules_dir.glob("*.yaml"), *rules_dir.glob("*.yml")]) \
-        if rules_dir.is_dir() else []
-    for file in files:
+    for file in _rule_files(rules_dir):
         text = file.read_text(encoding="utf-8")
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -344,3 +351,122 @@ def load_rules(rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
         raise RuleFileError(problems)
     ordered = sorted(rules, key=lambda r: (-r.priority, r.name))
     return RuleSet(tuple(ordered))
+
+
+def _rule_files(rules_dir: Path) -> list[Path]:
+    """The rule files of ``rules_dir``, sorted by name (none when it is missing)."""
+    return sorted([*rules_dir.glob("*.yaml"), *rules_dir.glob("*.yml")]) \
+        if rules_dir.is_dir() else []
+
+
+Fingerprint = tuple[tuple[str, FileStat], ...]
+
+
+class RuleSource:
+    """The rules of a folder, parsed once and again only when their files change.
+
+    What the rules depend on is fingerprinted at each use: every rule file (name, size,
+    mtime, inode) and, with ``models_dir``, every package folder's ``card.yaml``. Unchanged,
+    the last result is returned without reading a file; changed, the files are parsed and
+    validated again by :func:`load_rules`. Thread-safe; ``parses`` counts the loads.
+
+    Args:
+        rules_dir: the folder of rule files.
+        peers: configured peers (``send_to`` is checked against their names).
+        models_dir: model packages (each rule's model and inputs are checked).
+    """
+
+    def __init__(self, rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
+                 models_dir: Path | None = None) -> None:
+        self.rules_dir = Path(rules_dir)
+        self.peers = None if peers is None else dict.fromkeys(peers)
+        self.models_dir = None if models_dir is None else Path(models_dir)
+        self.parses = 0
+        self._lock = threading.Lock()
+        self._fingerprint: Fingerprint | None = None
+        self._result: RuleSet | RuleFileError | None = None
+        self._valid: RuleSet | None = None  # the last rules that loaded
+        self._reported: Fingerprint | None = None  # the error logged last, by its files
+
+    def _files(self) -> Fingerprint:
+        stats = [(f"rules/{f.name}", file_stat(f)) for f in _rule_files(self.rules_dir)]
+        if self.models_dir is not None and self.models_dir.is_dir():
+            stats += [(f"models/{p.name}", file_stat(p / CARD_FILE))
+                      for p in sorted(self.models_dir.iterdir()) if p.is_dir()]
+        return tuple(stats)
+
+    def _now(self) -> tuple[RuleSet | RuleFileError, Fingerprint, bool]:
+        """The rules (or their error) for the files as they are now; whether they were
+        parsed now."""
+        with self._lock:
+            fingerprint = self._files()
+            if fingerprint == self._fingerprint and self._result is not None:
+                return self._result, fingerprint, False
+            result: RuleSet | RuleFileError
+            try:
+                result = load_rules(self.rules_dir, peers=self.peers,
+                                    models_dir=self.models_dir)
+            except RuleFileError as exc:
+                result = exc
+            self.parses += 1
+            # a file written while it was read is read again at the next use
+            self._fingerprint = fingerprint if self._files() == fingerprint else None
+            self._result = result
+            if isinstance(result, RuleSet):
+                self._valid = result
+            return result, fingerprint, True
+
+    def load(self) -> RuleSet:
+        """The rules as the files say now.
+
+        Raises:
+            RuleFileError: the files have problems (the same message :func:`load_rules`
+                gives), each time this is called until they are fixed.
+        """
+        result, _fingerprint, _parsed = self._now()
+        if isinstance(result, RuleFileError):
+            raise RuleFileError(list(result.problems))
+        return result
+
+    def current(self) -> RuleSet:
+        """The rules as the files say now or, when an edit made them invalid, the rules
+        that loaded last (the error is logged once per change of the files).
+
+        Raises:
+            RuleFileError: the files have problems and no rules ever loaded.
+        """
+        result, fingerprint, parsed = self._now()
+        if isinstance(result, RuleSet):
+            if parsed and self._reported is not None:
+                LOG.info("rule files fixed: %d rule(s) loaded from %s", len(result.rules),
+                         self.rules_dir)
+                self._reported = None
+            elif parsed and self.parses > 1:
+                LOG.info("rule files changed: %d rule(s) loaded from %s", len(result.rules),
+                         self.rules_dir)
+            return result
+        if self._valid is None:
+            raise RuleFileError(list(result.problems))
+        if fingerprint != self._reported:
+            self._reported = fingerprint
+            LOG.error("rule files in %s have errors; the node keeps the %d rule(s) it loaded "
+                      "last until they are fixed:\n%s", self.rules_dir,
+                      len(self._valid.rules), result)
+        return self._valid
+
+
+_SOURCES: dict[tuple[str, str | None, tuple[str, ...] | None], RuleSource] = {}
+_SOURCES_LOCK = threading.Lock()
+
+
+def rule_source(rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
+                models_dir: Path | None = None) -> RuleSource:
+    """The process's :class:`RuleSource` for these folders and peers (one per process)."""
+    key = (str(Path(rules_dir).resolve()),
+           None if models_dir is None else str(Path(models_dir).resolve()),
+           None if peers is None else tuple(sorted(peers)))
+    with _SOURCES_LOCK:
+        source = _SOURCES.get(key)
+        if source is None:
+            source = _SOURCES[key] = RuleSource(rules_dir, peers=peers, models_dir=models_dir)
+        return source

@@ -2,7 +2,8 @@
 
 SQLite (the default) runs in WAL mode with ``synchronous=FULL``: a committed
 row survives a crash of the process and of the machine. Any other SQLAlchemy
-URL (e.g. ``postgresql+psycopg://...``) is used unchanged.
+URL (e.g. ``postgresql+psycopg://...``) is used unchanged. The schema is versioned by
+Alembic revisions (:mod:`dicomnode.store.schema`).
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.store.tables import Base
+from dicomnode.store.schema import IndexSchemaError, ensure_schema
 
-__all__ = ["Index", "open_index"]
+__all__ = ["Index", "IndexSchemaError", "create_index_engine", "open_index"]
 
 
 class Index:
@@ -46,11 +47,31 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def open_index(url: str, *, create: bool = True) -> Index:
-    """Open (and by default create) the index at a SQLAlchemy URL.
+def open_index(url: str, *, create: bool = True, upgrade: bool = False) -> Index:
+    """Open the index at a SQLAlchemy URL, checking its schema revision.
 
-    For SQLite the parent folder of the database file is created.
+    For SQLite the parent folder of the database file is created. With ``create`` (the
+    default) an empty database gets today's tables (stamped with the newest revision), and
+    an index at another revision is refused, or upgraded when ``upgrade`` is set (see
+    :mod:`dicomnode.store.schema`); ``create=False`` opens the database as it is.
+
+    Raises:
+        IndexSchemaError: the index is newer than this release, or older and ``upgrade``
+            is not set.
     """
+    engine = create_index_engine(url)
+    if create:
+        try:
+            ensure_schema(engine, upgrade=upgrade)
+        except BaseException:
+            engine.dispose()
+            raise
+    return Index(engine)
+
+
+def create_index_engine(url: str) -> Engine:
+    """The engine for the index at ``url`` (SQLite: WAL, ``synchronous=FULL``, the file's
+    folder made), schema unchecked."""
     parsed = make_url(url)
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
@@ -60,36 +81,4 @@ def open_index(url: str, *, create: bool = True) -> Index:
     engine = create_engine(url, **kwargs)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    if create:
-        Base.metadata.create_all(engine)
-        _add_new_columns(engine)
-    return Index(engine)
-
-
-#: Indexes of earlier releases that a newer one replaced.
-_DROPPED_INDEXES = {"job": ("ux_job_rule_inputs",)}
-
-
-def _add_new_columns(engine: Engine) -> None:
-    """Bring an index made by an earlier release up to the current tables: add the columns
-    it lacks (nullable, or with their scalar default) and drop replaced indexes."""
-    inspector = inspect(engine)
-    with engine.begin() as connection:
-        for table in Base.metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in present:
-                    continue
-                kind = column.type.compile(dialect=engine.dialect)
-                default = getattr(column.default, "arg", None)
-                clause = (f" DEFAULT {int(default)}" if isinstance(default, (bool, int))
-                          else "")
-                connection.execute(text(
-                    f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}{clause}'))
-            existing = {ix["name"] for ix in inspector.get_indexes(table.name)}
-            for name in _DROPPED_INDEXES.get(table.name, ()):
-                if name in existing:
-                    connection.execute(text(f'DROP INDEX "{name}"'))
-            for index in table.indexes:
-                if index.name not in existing:
-                    index.create(connection)
+    return engine

@@ -1,0 +1,1 @@
+"""The index's schema revisions (Alembic ignores this file)."""
