@@ -33,4 +33,5 @@ python3 -m pip install -q "torch==2.13.0"
 python3 -m pip install -q -e ".[test,import]"
 python3 -m ruff check dicomnode tests tools
 python3 -m mypy
+lint-imports --config pyproject.toml --no-cache
 python3 -m pytest "$@"
