@@ -260,6 +260,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dicomnode.rules.trigger import RuleTrigger
+    from dicomnode.states import JobTrigger
     from dicomnode.store.db import open_index
     from dicomnode.store.queries import study_pk
 
@@ -278,7 +279,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("no such study in the index", file=sys.stderr)
             return 2
         firings = RuleTrigger(index, rules, config.storage.path).on_study(
-            found, trigger="manual", rules=[rule])
+            found, trigger=JobTrigger.MANUAL, rules=[rule])
     finally:
         index.dispose()
     job_ids = [f.job_id for f in firings if f.job_id is not None]
