@@ -69,7 +69,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
     if not report["studies"]:
         print("no studies")
     for study in report["studies"]:
-        print(f"study {study['id']}  {study['state']:<9}  {study['instance_count']:>5} instances"
+        print(f"study {study['id']}  {study['status']:<18}  {study['instance_count']:>5} instances"
               f"  {study['study_instance_uid']}  {study['study_description'] or ''}")
         for s in study["series"]:
             geo = s["geometry"]
