@@ -33,7 +33,8 @@ td, th { border-bottom: 1px solid #d9dde5; padding: .25rem .6rem; text-align: le
 th { background: #f2f4f8; }
 .state-done, .state-sent, .state-complete, .state-whole, .state-results-sent { color: #146c2e; }
 .state-failed, .state-not-whole { color: #b3261e; font-weight: 600; }
-.state-running, .state-sending, .state-receiving, .state-pending, .state-processing { color: #8a5a00; }
+.state-running, .state-sending, .state-receiving, .state-pending,
+.state-processing { color: #8a5a00; }
 .muted { color: #6b7385; } .error { color: #b3261e; }
 img.overlay { max-width: 420px; border: 1px solid #d9dde5; display: block; }
 button { font-size: .8rem; }
