@@ -1,9 +1,11 @@
 """The node's states and enumerated outcomes, in one place.
 
-Every class is a ``str`` enum whose values are the strings the index stores and the
-JSON reports and the console show (``receiving``, ``pending``, ...), so rows written by
-earlier releases read back unchanged. DIMSE status codes are in
-:mod:`dicomnode.dicom.status`.
+Every class is a ``str`` enum whose values are the words the JSON reports, the console
+and the metrics show (``receiving``, ``pending``, ...). In the index the state columns
+(``study.state``, ``job.state``, ``outbox_item.state``) hold the member *names*
+(``RECEIVING``) and ``job.trigger`` the *value* (``complete``), exactly as earlier releases
+wrote them, so existing rows read back unchanged (SQLAlchemy ``Enum`` columns,
+``native_enum=False``: VARCHAR). DIMSE status codes are in :mod:`dicomnode.dicom.status`.
 
 Who writes each stored state (one owner per table):
 
