@@ -78,7 +78,7 @@ def cmd_studies(args: argparse.Namespace) -> int:
     if not report["studies"]:
         print("no studies")
     for study in report["studies"]:
-        print(f"study {study['id']}  {study['state']:<9}  {study['instance_count']:>5} instances"
+        print(f"study {study['id']}  {study['status']:<18}  {study['instance_count']:>5} instances"
               f"  {study['study_instance_uid']}  {study['study_description'] or ''}")
         for s in study["series"]:
             geo = s["geometry"]
@@ -266,6 +266,7 @@ def cmd_jobs_retry(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dicomnode.rules.trigger import RuleTrigger
+    from dicomnode.states import JobTrigger
     from dicomnode.store.queries import study_pk
 
     config = _config(args)
@@ -283,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("no such study in the index", file=sys.stderr)
             return 2
         firings = RuleTrigger(index, rules, config.storage.path).on_study(
-            found, trigger="manual", rules=[rule])
+            found, trigger=JobTrigger.MANUAL, rules=[rule])
     finally:
         index.dispose()
     job_ids = [f.job_id for f in firings if f.job_id is not None]

@@ -30,6 +30,7 @@ from dicomnode.rules.loader import RuleSet, rule_source
 from dicomnode.rules.trigger import Firing, RuleTrigger
 from dicomnode.scheduler import install_scheduled_jobs
 from dicomnode.send.outbox import Outbox
+from dicomnode.states import JobTrigger
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.files import InstanceFiles
 from dicomnode.web.metrics import RefusalCounter, metrics_text
@@ -138,17 +139,17 @@ class Node:
 
     def _on_study_complete(self, study_pk: int) -> None:
         self.fresh_rules()
-        self._dispatch_new(self.trigger.on_study(study_pk, trigger="complete"))
+        self._dispatch_new(self.trigger.on_study(study_pk, trigger=JobTrigger.COMPLETE))
 
     def _on_series_settled(self, study_pk: int) -> None:
         self.fresh_rules()
-        self._dispatch_new(self.trigger.on_study(study_pk, trigger="settled"))
+        self._dispatch_new(self.trigger.on_study(study_pk, trigger=JobTrigger.SETTLED))
 
     def _on_study_waited(self, study_pk: int, seconds: float) -> None:
         """The study has been quiet for ``seconds``: some rule's wait or incomplete time."""
         arriving = [r for r in self.fresh_rules().enabled if r.schedule is None]
         firings = self.trigger.on_study(
-            study_pk, trigger="quiet", quiet_for=seconds,
+            study_pk, trigger=JobTrigger.QUIET, quiet_for=seconds,
             rules=[r for r in arriving if r.wait_seconds == seconds])
         firings += self.trigger.on_incomplete(study_pk, [
             r for r in arriving
@@ -161,7 +162,7 @@ class Node:
         again as the same version (same UIDs)."""
         rule = self.fresh_rules().get(rule_name)
         self.completion.settle_study(study_pk)
-        firings = self.trigger.on_study(study_pk, trigger="manual", rules=[rule])
+        firings = self.trigger.on_study(study_pk, trigger=JobTrigger.MANUAL, rules=[rule])
         for f in firings:
             if f.existing_job is not None:
                 reset(self.index, f.existing_job)

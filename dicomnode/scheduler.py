@@ -39,17 +39,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from apscheduler.triggers.cron import CronTrigger
-from sqlalchemy import ColumnElement, and_, delete, exists, or_, select
+from sqlalchemy import ColumnElement, delete, exists, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from dicomnode.rules.loader import Rule
 from dicomnode.rules.trigger import RuleTrigger
+from dicomnode.states import JobTrigger, StudyStatus
 from dicomnode.store.db import Index
 from dicomnode.store.files import InstanceFiles, fsync_dir
+from dicomnode.store.studystatus import study_status
 from dicomnode.store.tables import (
     Instance,
     Job,
-    JobState,
     OutboxItem,
     OutboxState,
     RuleSchedule,
@@ -198,7 +199,7 @@ def run_scheduled_rule(index: Index, trigger: RuleTrigger, rule: Rule,
     studies = studies_completed_since(index, since)
     for study_pk in studies:
         try:
-            firings = trigger.on_study(study_pk, trigger="schedule", rules=[rule])
+            firings = trigger.on_study(study_pk, trigger=JobTrigger.SCHEDULE, rules=[rule])
         except Exception:
             failed += 1
             LOG.exception("scheduled rule %s could not be evaluated on study %d",
@@ -237,22 +238,19 @@ def _scheduled_rule_job(index: Index, trigger: RuleTrigger, rule: Rule) -> None:
 
 
 def _eligible(cutoff: dt.datetime, completed_before: dt.datetime) -> list[ColumnElement[bool]]:
-    """Conditions on :class:`Study` under which its received instances may be deleted."""
-    jobs = select(Job.id).where(Job.study_pk == Study.id).correlate(Study)
+    """Conditions on :class:`Study` under which its received instances may be deleted: its
+    results were sent (:func:`dicomnode.store.studystatus.study_status`), there was at
+    least one to send, each before ``cutoff``, and it completed before ``completed_before``."""
     items = (select(OutboxItem.id).join(Job, OutboxItem.job_pk == Job.id)
              .where(Job.study_pk == Study.id).correlate(Study))
     return [
-        Study.state == StudyState.COMPLETE,
+        study_status() == StudyStatus.RESULTS_SENT.value,
         Study.completed_at.is_not(None),
         Study.completed_at < completed_before,
-        exists(jobs),
-        ~exists(jobs.where(Job.state.not_in((JobState.DONE, JobState.DISCARDED)))),
         exists(items),
-        # every item sent before the cutoff, or cancelled (superseded by a newer version)
-        ~exists(items.where(or_(
-            OutboxItem.state.not_in((OutboxState.SENT, OutboxState.CANCELLED)),
-            and_(OutboxItem.state == OutboxState.SENT,
-                 or_(OutboxItem.sent_at.is_(None), OutboxItem.sent_at >= cutoff))))),
+        # every item sent before the cutoff (cancelled ones were superseded)
+        ~exists(items.where(OutboxItem.state == OutboxState.SENT,
+                            or_(OutboxItem.sent_at.is_(None), OutboxItem.sent_at >= cutoff))),
     ]
 
 

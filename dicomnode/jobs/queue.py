@@ -22,6 +22,7 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, select, update
 
+from dicomnode.states import JobTrigger
 from dicomnode.store.db import Index
 from dicomnode.store.queries import format_timings, iso_utc
 from dicomnode.store.tables import Job, JobState, utcnow
@@ -126,7 +127,7 @@ def jobs_report(index: Index, *, state: str | None = None) -> dict[str, Any]:
             "model": job.model,
             "study": job.study_pk,
             "inputs": [name for name, _ in job.bindings],
-            "trigger": job.trigger,
+            "trigger": JobTrigger(job.trigger).value,
             "version": job.version or 1,
             "changes": job.changes,
             "instances": job.instance_count,

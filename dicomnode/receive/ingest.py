@@ -27,32 +27,39 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from dicomnode.dicom.status import Status
 from dicomnode.receive.validate import DatasetError, check_dataset
+from dicomnode.states import IngestOutcome, StudyState
 from dicomnode.store.db import Index
 from dicomnode.store.files import InstanceFiles
 from dicomnode.store.header import HeaderError, InstanceHeader, read_header
-from dicomnode.store.tables import Instance, Patient, Series, Study, StudyState, utcnow
+from dicomnode.store.tables import Instance, Patient, Series, Study, utcnow
 
 __all__ = ["DEFAULT_MAX_INFLATED_BYTES", "IngestResult", "InstanceStore", "StoreFailure"]
 
 LOG = logging.getLogger(__name__)
 
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_INDEX_UNAVAILABLE = 0xA701
-STATUS_INVALID_UID = 0xC003
-STATUS_UID_MISMATCH = 0xC004
-STATUS_SOP_CLASS_MISMATCH = 0xA900  # PS3.4 B.2.3: Data Set does not match SOP Class
+# the node's C-STORE refusals by name (see dicomnode.dicom.status)
+STATUS_OUT_OF_RESOURCES = Status.OUT_OF_RESOURCES
+STATUS_INDEX_UNAVAILABLE = Status.OUT_OF_RESOURCES_INDEX_UNAVAILABLE
+STATUS_INVALID_UID = Status.CANNOT_UNDERSTAND_INVALID_UID
+STATUS_UID_MISMATCH = Status.CANNOT_UNDERSTAND_UID_MISMATCH
+STATUS_SOP_CLASS_MISMATCH = Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
 
 DEFAULT_MAX_INFLATED_BYTES = 1 << 30
 """Largest inflated size of a deflated dataset (1 GiB): ``storage.max_inflated_bytes``."""
 
 
 class StoreFailure(Exception):
-    """The instance was not stored; ``status`` is the C-STORE failure status to answer."""
+    """The instance was not stored; ``status`` is the C-STORE failure status to answer.
+
+    Raises:
+        ValueError: ``status`` is not one of :class:`dicomnode.dicom.status.Status`.
+    """
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
-        self.status = status
+        self.status = Status(status)
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ class IngestResult:
     study_pk: int
     series_pk: int
     instance_pk: int
-    outcome: str  # "stored", "duplicate" (identical re-send) or "replaced"
+    outcome: IngestOutcome  # stored, duplicate (identical re-send) or replaced
 
 
 class InstanceStore:
@@ -155,7 +162,8 @@ class InstanceStore:
                     series = existing.series
                     series.study.last_received_at = now
                     session.commit()
-                    return IngestResult(series.study_pk, series.id, existing.id, "duplicate")
+                    return IngestResult(series.study_pk, series.id, existing.id,
+                                        IngestOutcome.DUPLICATE)
 
             series = self._series(session, header, now)
             created = existing is None
@@ -186,7 +194,7 @@ class InstanceStore:
                     self.files.remove(relative)
                 raise
             return IngestResult(series.study_pk, series.id, existing.id,
-                                "stored" if created else "replaced")
+                                IngestOutcome.STORED if created else IngestOutcome.REPLACED)
 
     def _series(self, session: Session, header: InstanceHeader, now: dt.datetime) -> Series:
         series = session.scalars(

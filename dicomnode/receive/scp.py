@@ -24,6 +24,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.completion import AssociationActivity
 from dicomnode.config import NodeConfig
+from dicomnode.dicom.status import Status
 from dicomnode.net.access import (
     CALLED_AE_NOT_RECOGNIZED,
     CALLING_AE_NOT_RECOGNIZED,
@@ -46,14 +47,15 @@ from dicomnode.receive.guard import (
     GuardLimits,
     start_guarded_server,
 )
-from dicomnode.receive.ingest import STATUS_OUT_OF_RESOURCES, InstanceStore, StoreFailure
+from dicomnode.receive.ingest import InstanceStore, StoreFailure
 from dicomnode.receive.spool import ReceiveFiles
+from dicomnode.states import IngestOutcome
 
 __all__ = ["StorageSCP"]
 
 LOG = logging.getLogger(__name__)
 
-STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_PROCESSING_FAILURE = Status.PROCESSING_FAILURE
 
 # A-ASSOCIATE-RJ source 3 (service provider, presentation), reason 2: local limit exceeded
 _LOCAL_LIMIT_EXCEEDED = (0x03, 0x02)
@@ -64,9 +66,9 @@ def _any_ae_title(value: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _status(code: int, comment: str) -> Dataset:
+def _status(code: Status, comment: str) -> Dataset:
     ds = Dataset()
-    ds.Status = code
+    ds.Status = int(code)
     ds.ErrorComment = comment[:64]
     return ds
 
@@ -115,8 +117,8 @@ class StorageSCP:
         self.server: GuardedAssociationServer | None = None
         # connections not yet associated, associations per address, PDU lengths, timeouts
         self.guard = ConnectionGuard(GuardLimits.from_config(node))
-        self.counters: dict[str, int] = {"stored": 0, "duplicate": 0, "replaced": 0,
-                                         "failed": 0, "refused": 0}
+        # by IngestOutcome value, and "refused" associations
+        self.counters: dict[str, int] = {**{o.value: 0 for o in IngestOutcome}, "refused": 0}
         self._counter_lock = threading.Lock()
         self.receive = ReceiveFiles(store.files.tmp, store.min_free_bytes)
         # the AE title fields of each A-ASSOCIATE-RQ as received, before pynetdicom strips
@@ -137,9 +139,9 @@ class StorageSCP:
         add_storage_contexts(ae, storage_sop_classes())
         return ae
 
-    def _count(self, key: str) -> None:
+    def _count(self, key: IngestOutcome | str) -> None:
         with self._counter_lock:
-            self.counters[key] += 1
+            self.counters[key.value if isinstance(key, IngestOutcome) else key] += 1
 
     def _refused(self, kind: str) -> None:
         self._count("refused")
@@ -227,7 +229,7 @@ class StorageSCP:
             self._refused(REFUSED_OTHER)
 
     def _on_echo(self, event: evt.Event) -> int:
-        return 0x0000
+        return int(Status.SUCCESS)
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         assoc = event.assoc
@@ -235,10 +237,10 @@ class StorageSCP:
         path = event.dataset_path
         received = self.receive.claim(path)
         if received is not None and received.refused is not None:
-            self._count("failed")
+            self._count(IngestOutcome.FAILED)
             LOG.warning("C-STORE from %s refused with 0x%04X: %s", calling,
-                        STATUS_OUT_OF_RESOURCES, received.refused)
-            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: disk reserve")
+                        Status.OUT_OF_RESOURCES, received.refused)
+            return _status(Status.OUT_OF_RESOURCES, "out of resources: disk reserve")
         try:
             result = self.store.ingest(
                 path,
@@ -247,11 +249,11 @@ class StorageSCP:
                     cast(C_STORE, event.request).AffectedSOPInstanceUID or ""),
             )
         except StoreFailure as exc:
-            self._count("failed")
+            self._count(IngestOutcome.FAILED)
             LOG.warning("C-STORE from %s refused with 0x%04X: %s", calling, exc.status, exc)
             return _status(exc.status, str(exc))
         except Exception as exc:
-            self._count("failed")
+            self._count(IngestOutcome.FAILED)
             LOG.exception("C-STORE failed unexpectedly: %s", type(exc).__name__)
             return _status(STATUS_PROCESSING_FAILURE, "internal error while storing")
         finally:
@@ -259,7 +261,7 @@ class StorageSCP:
                 received.discard()  # gone already when stored (moved into the store)
         self.activity.touch(id(assoc), result.study_pk)
         self._count(result.outcome)
-        return 0x0000
+        return int(Status.SUCCESS)
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._counter_lock:

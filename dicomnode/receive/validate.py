@@ -47,6 +47,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from pydicom.valuerep import VR
 
+from dicomnode.dicom.status import Status
+
 __all__ = [
     "MAX_DEPTH",
     "STATUS_BAD_CHARSET",
@@ -60,10 +62,10 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-STATUS_CANNOT_PARSE = 0xC001
-STATUS_BAD_PIXEL_DATA = 0xC005
-STATUS_BAD_CHARSET = 0xC006
-STATUS_TOO_LARGE_INFLATED = 0xC007
+STATUS_CANNOT_PARSE = Status.CANNOT_UNDERSTAND_PARSE
+STATUS_BAD_PIXEL_DATA = Status.CANNOT_UNDERSTAND_PIXEL_DATA
+STATUS_BAD_CHARSET = Status.CANNOT_UNDERSTAND_CHARACTER_SET
+STATUS_TOO_LARGE_INFLATED = Status.CANNOT_UNDERSTAND_INFLATED_SIZE
 
 MAX_DEPTH = 32
 """Deepest sequence nesting accepted (real objects nest a few levels)."""

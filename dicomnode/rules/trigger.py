@@ -35,8 +35,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from dicomnode.states import JobState, JobTrigger
 from dicomnode.store.db import Index
-from dicomnode.store.tables import Instance, Job, JobState, Series, Study
+from dicomnode.store.tables import Instance, Job, Series, Study
 from dicomnode.store.tables import utcnow as _utcnow
 
 from .engine import Match, evaluate, evaluate_series_level
@@ -49,8 +50,8 @@ __all__ = ["Firing", "RuleTrigger", "content_key", "inputs_key"]
 LOG = logging.getLogger(__name__)
 
 #: Triggers that do not wait for the study's quiet time: an operator's word, a schedule,
-#: ``when_incomplete``'s ``run``.
-FORCED_TRIGGERS = frozenset({"manual", "schedule", "incomplete"})
+#: ``when_incomplete``'s ``run`` (see :attr:`dicomnode.states.JobTrigger.forced`).
+FORCED_TRIGGERS = frozenset(t for t in JobTrigger if t.forced)
 
 
 def inputs_key(rule_name: str, series_uids: Sequence[str]) -> str:
@@ -106,13 +107,18 @@ class RuleTrigger:
             return [r for r in self.rules.enabled if r.schedule is None]
         return []
 
-    def on_study(self, study_pk: int, *, trigger: str, rules: Sequence[Rule] | None = None,
-                 quiet_for: float = 0.0) -> list[Firing]:
+    def on_study(self, study_pk: int, *, trigger: JobTrigger | str,
+                 rules: Sequence[Rule] | None = None, quiet_for: float = 0.0) -> list[Firing]:
         """Evaluate rules on a study (all enabled unscheduled ones by default). ``trigger``
         says why: ``complete`` (the study has been quiet for ``completion.quiet_seconds``),
         ``settled``, ``quiet`` (it has been quiet for ``quiet_for`` seconds, a rule's wait)
-        fire only the rules the study is ready for; ``manual``, ``schedule`` do not wait."""
-        if trigger == "complete":
+        fire only the rules the study is ready for; ``manual``, ``schedule`` do not wait.
+
+        Raises:
+            ValueError: ``trigger`` is not a :class:`dicomnode.states.JobTrigger` value.
+        """
+        trigger = JobTrigger(trigger)
+        if trigger is JobTrigger.COMPLETE:
             quiet_for = max(quiet_for, self.quiet_seconds)
         firings: list[Firing] = []
         with self.index.session() as session:
@@ -120,11 +126,11 @@ class RuleTrigger:
                                        .where(Study.id == study_pk)).one()
             quiet_for = max(quiet_for, (_utcnow() - received).total_seconds())
             for rule in self._chosen(rules):
-                early = trigger not in FORCED_TRIGGERS and quiet_for < self.wait(rule)
+                early = not trigger.forced and quiet_for < self.wait(rule)
                 for match in self.matches(session, rule, study_pk):
                     firings.append(self._fire(session, rule, study_pk, match,
-                                              "early" if early else trigger, early))
-        self._log(study_pk, trigger, firings, quiet_misses=trigger == "settled")
+                                              JobTrigger.EARLY if early else trigger, early))
+        self._log(study_pk, trigger, firings, quiet_misses=trigger is JobTrigger.SETTLED)
         return firings
 
     def wait(self, rule: Rule) -> float:
@@ -140,15 +146,16 @@ class RuleTrigger:
                     continue
                 matches = self.matches(session, rule, study_pk)
                 firings.extend(self._incomplete(session, rule, study_pk, m) for m in matches)
-        self._log(study_pk, "incomplete", firings, quiet_misses=False)
+        self._log(study_pk, JobTrigger.INCOMPLETE, firings, quiet_misses=False)
         return firings
 
     @staticmethod
-    def _log(study_pk: int, trigger: str, firings: list[Firing], *, quiet_misses: bool) -> None:
+    def _log(study_pk: int, trigger: JobTrigger, firings: list[Firing], *,
+             quiet_misses: bool) -> None:
         for f in firings:
             if f.job_id is not None:
                 LOG.info("rule %s fired on study %d (%s): job %d version %s", f.rule, study_pk,
-                         trigger, f.job_id, f.version)
+                         trigger.value, f.job_id, f.version)
             elif f.matched and not quiet_misses and f.existing_job is None:
                 LOG.info("rule %s matched study %d but did not fire: %s", f.rule, study_pk,
                          f.reason)
@@ -170,8 +177,8 @@ class RuleTrigger:
                         if not any(t.casefold() in d for d in descriptions)]
         return missing
 
-    def _fire(self, session: Session, rule: Rule, study_pk: int, match: Match, trigger: str,
-              early: bool, *, force_incomplete: bool = False) -> Firing:
+    def _fire(self, session: Session, rule: Rule, study_pk: int, match: Match,
+              trigger: JobTrigger, early: bool, *, force_incomplete: bool = False) -> Firing:
         if not match.matched:
             return Firing(rule.name, False, None, "no match")
         uids = [view.key for _, view in match.bindings]
@@ -196,7 +203,7 @@ class RuleTrigger:
         return self._record(session, rule, study_pk, match, uids, trigger)
 
     def _record(self, session: Session, rule: Rule, study_pk: int, match: Match,
-                uids: list[str], trigger: str) -> Firing:
+                uids: list[str], trigger: JobTrigger) -> Firing:
         key = inputs_key(rule.name, uids)
         content, count = content_key(session, uids)
         latest = session.scalars(
@@ -236,7 +243,7 @@ class RuleTrigger:
         assert rule.when_incomplete is not None
         missing = self._missing_required(session, rule, study_pk, match)
         if not missing:  # nothing is missing: the normal path decides
-            return self._fire(session, rule, study_pk, match, "quiet", False)
+            return self._fire(session, rule, study_pk, match, JobTrigger.QUIET, False)
         action = rule.when_incomplete.action
         what = f"required series {', '.join(missing)} did not arrive"
         if action is IncompleteAction.WAIT:
@@ -244,7 +251,7 @@ class RuleTrigger:
         if action is IncompleteAction.RUN and match.matched:
             LOG.warning("rule %s runs on study %d without its required series %s", rule.name,
                         study_pk, ", ".join(missing))
-            return self._fire(session, rule, study_pk, match, "incomplete", False,
+            return self._fire(session, rule, study_pk, match, JobTrigger.INCOMPLETE, False,
                               force_incomplete=True)
         return self._discard(session, rule, study_pk, what)
 
@@ -258,7 +265,7 @@ class RuleTrigger:
         if existing is not None:
             return Firing(rule.name, False, None, reason, existing_job=existing)
         job = Job(rule_name=rule.name, model=rule.model, study_pk=study_pk, inputs_key=key,
-                  bindings=[], trigger="incomplete", state=JobState.DISCARDED,
+                  bindings=[], trigger=JobTrigger.INCOMPLETE, state=JobState.DISCARDED,
                   error=f"discarded: {reason}", finished_at=_utcnow(),
                   send_to=list(rule.send_to))
         session.add(job)

@@ -58,6 +58,7 @@ from sqlalchemy.exc import IntegrityError
 from dicomnode.boundary import BoundaryError, PeerBoundary, PeerCopy
 from dicomnode.config import Config, OutboxConfig, PeerConfig
 from dicomnode.deid import DeidKeyError
+from dicomnode.dicom.status import Status
 from dicomnode.send.scu import SendError, SendResult, send_files
 from dicomnode.store.db import Index
 from dicomnode.store.pseudonyms import PseudonymMap
@@ -510,10 +511,11 @@ class Outbox:
         attempts = claim.attempts + 1
         values: dict[str, Any] = {"last_status": result.status, "attempts": attempts}
         if result.ok:
+            success = result.status == Status.SUCCESS
             values.update(state=OutboxState.SENT, sent_at=at,
-                          last_error=None if result.status == 0 else result.message)
+                          last_error=None if success else result.message)
             report.sent += 1
-            note = "" if result.status == 0 else f" with warning {result.message}"
+            note = "" if success else f" with warning {result.message}"
             LOG.info("%s: sent%s (attempt %d)", what, note, attempts)
         elif result.cancelled:
             values = {"state": OutboxState.PENDING, "next_attempt_at": at}

@@ -37,6 +37,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.config import PeerConfig
+from dicomnode.dicom.status import is_stored, is_transient
 from dicomnode.net.sockets import set_nodelay
 from dicomnode.net.tls import TlsError, client_tls_args
 
@@ -71,13 +72,10 @@ class SendError(Exception):
 
 
 def is_transient_status(status: int) -> bool:
-    """Whether a C-STORE failure status may change on a later try.
-
-    Out of resources (0xA7xx) and Cancel (0xFE00) are transient; every other
-    failure (0xA9xx data set does not match SOP class, 0xCxxx cannot understand,
-    0x01xx/0x02xx general failures such as 0x0122 SOP class not supported) is final.
-    """
-    return status >> 8 == 0xA7 or status == 0xFE00
+    """Whether a C-STORE failure status may change on a later try
+    (:func:`dicomnode.dicom.status.is_transient`: ``A7xx`` out of resources and ``FE00``
+    cancel are, every other failure is final)."""
+    return is_transient(status)
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ class SendResult:
     @property
     def ok(self) -> bool:
         """Success (0x0000) or a warning (0xBxxx): the peer stored the instance."""
-        return self.status is not None and (self.status == 0 or self.status >> 12 == 0xB)
+        return self.status is not None and is_stored(self.status)
 
 
 def _peer_address(peer: PeerConfig, name: str) -> tuple[str, int]:

@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from dicomnode.dicom.header import ImageHeader
+from dicomnode.dicom.status import Status
 
 __all__ = ["HeaderError", "InstanceHeader", "read_header"]
 
@@ -91,8 +92,8 @@ def _text(ds: Dataset, keyword: str, limit: int | None = 64) -> str | None:
 
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-STATUS_MISSING_UID = 0xC002
-STATUS_INVALID_IDENTIFIER = 0xC003
+STATUS_MISSING_UID = Status.CANNOT_UNDERSTAND_MISSING_UID
+STATUS_INVALID_IDENTIFIER = Status.CANNOT_UNDERSTAND_INVALID_UID
 #: identifiers the index keeps: refused when longer than their VR allows (never truncated,
 #: which would merge different patients, studies or series)
 _IDENTIFIER_LIMITS = {"PatientID": 64, "IssuerOfPatientID": 64, "AccessionNumber": 16,
@@ -176,7 +177,8 @@ def read_header(path: Path) -> InstanceHeader:
             _ = elem.value
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
     except Exception as exc:
-        raise HeaderError(f"dataset cannot be parsed: {type(exc).__name__}", 0xC001) from None
+        raise HeaderError(f"dataset cannot be parsed: {type(exc).__name__}",
+                          Status.CANNOT_UNDERSTAND_PARSE) from None
 
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                            "SOPClassUID") if not _text(ds, k)]
@@ -189,7 +191,8 @@ def read_header(path: Path) -> InstanceHeader:
     try:
         image = ImageHeader.from_dataset(ds)
     except Exception as exc:  # pragma: no cover - the model keeps unreadable values as None
-        raise HeaderError(f"dataset cannot be parsed: {type(exc).__name__}", 0xC001) from None
+        raise HeaderError(f"dataset cannot be parsed: {type(exc).__name__}",
+                          Status.CANNOT_UNDERSTAND_PARSE) from None
     frame_positions, frame_geometry = image.index_frames()
     instance: dict[str, Any] = {
         "instance_number": _int(ds, "InstanceNumber"),

@@ -15,7 +15,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
+from dicomnode.states import SeriesGeometry, StudyStatus
 from dicomnode.store.db import Index
+from dicomnode.store.studystatus import study_status
 from dicomnode.store.tables import Instance, Series, Study
 
 __all__ = ["STUDIES_SCHEMA_VERSION", "count_by_state", "format_timings", "iso_utc",
@@ -55,19 +57,21 @@ def study_pk(index: Index, study_uid: str) -> int | None:
 
 
 def studies_report(index: Index, *, study_uid: str | None = None) -> dict[str, Any]:
-    """Studies with their state and their series with geometry verdicts."""
+    """Studies with their state, the operator's status (``status``, see
+    :mod:`dicomnode.store.studystatus`) and their series with geometry verdicts."""
     with index.session() as session:
         counts = {pk: n for pk, n in session.execute(
             select(Instance.series_pk, func.count(Instance.id)).group_by(Instance.series_pk))}
         frames = {pk: n for pk, n in session.execute(
             select(Instance.series_pk, func.sum(Instance.number_of_frames))
             .group_by(Instance.series_pk))}
-        query = select(Study).options(selectinload(Study.series)).order_by(Study.id)
+        query = (select(Study, study_status()).options(selectinload(Study.series))
+                 .order_by(Study.id))
         if study_uid:
             query = query.where(Study.study_instance_uid == study_uid)
-        studies = session.scalars(query).all()
+        studies = session.execute(query).all()
         out = []
-        for study in studies:
+        for study, status in studies:
             series_out = []
             for s in sorted(study.series, key=lambda x: (x.series_number is None,
                                                          x.series_number or 0, x.id)):
@@ -76,6 +80,7 @@ def studies_report(index: Index, *, study_uid: str | None = None) -> dict[str, A
                 "id": study.id,
                 "study_instance_uid": study.study_instance_uid,
                 "state": study.state.value,
+                "status": StudyStatus(status).value,
                 "study_date": study.study_date,
                 "study_description": study.study_description,
                 "instance_count": sum(x["instance_count"] for x in series_out),
@@ -100,9 +105,7 @@ def _series(s: Series, count: int, frames: int) -> dict[str, Any]:
         "instance_count": count,
         "frame_count": int(frames),
         "geometry": {
-            "state": ("pending" if s.geometry_dirty else
-                      "not-image" if s.geometry_whole is None else
-                      "whole" if s.geometry_whole else "not-whole"),
+            "state": SeriesGeometry.of(s.geometry_dirty, s.geometry_whole).value,
             "whole": None if s.geometry_dirty else s.geometry_whole,
             "reason": None if s.geometry_dirty else s.geometry_reason,
             "frames": s.geometry_frames,

@@ -9,7 +9,6 @@ DICOM patient coordinate system (LPS).
 from __future__ import annotations
 
 import datetime as dt
-import enum
 from typing import Any
 
 from sqlalchemy import (
@@ -27,11 +26,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# the states are defined with the node's other states; imported here for the columns and
+# for the modules that import them from the tables
+from dicomnode.states import JobState, JobTrigger, OutboxState, StudyState
+
 __all__ = [
     "Base",
     "Instance",
     "Job",
     "JobState",
+    "JobTrigger",
     "OutboxItem",
     "OutboxState",
     "Patient",
@@ -51,13 +55,6 @@ def utcnow() -> dt.datetime:
 
 class Base(DeclarativeBase):
     pass
-
-
-class StudyState(str, enum.Enum):
-    """Where a study stands in the receive -> complete cycle."""
-
-    RECEIVING = "receiving"
-    COMPLETE = "complete"
 
 
 class Patient(Base):
@@ -175,16 +172,6 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
-class JobState(str, enum.Enum):
-    """Where a job stands; a job is created when a rule fires."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    DISCARDED = "discarded"  # its required series never arrived (``when_incomplete``)
-
-
 class Job(Base):
     """One version of a rule's firing on a set of input series.
 
@@ -205,7 +192,11 @@ class Job(Base):
     inputs_key: Mapped[str] = mapped_column(String(64))
     bindings: Mapped[list[Any]] = mapped_column(JSON)
     alternatives: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    trigger: Mapped[str] = mapped_column(String(16))  # early, complete, schedule, manual
+    # why the rule fired: VARCHAR(16) holding the JobTrigger *value* ("early"), as rows
+    # of earlier releases do (the state columns hold their enum's member *names*)
+    trigger: Mapped[JobTrigger] = mapped_column(Enum(
+        JobTrigger, native_enum=False, length=16,
+        values_callable=lambda members: [m.value for m in members]))
     version: Mapped[int] = mapped_column(Integer, default=1)
     # digest of the bound series' instances (SOP Instance UID and time received)
     content_key: Mapped[str | None] = mapped_column(String(64))
@@ -232,16 +223,6 @@ class Job(Base):
     __table_args__ = (
         Index("ux_job_rule_inputs_version", "rule_name", "inputs_key", "version", unique=True),
     )
-
-
-class OutboxState(str, enum.Enum):
-    """Where an outbox item stands (see :mod:`dicomnode.send.outbox`)."""
-
-    PENDING = "pending"  # waiting for its next attempt (``next_attempt_at``)
-    SENDING = "sending"  # claimed by a delivery until ``next_attempt_at`` (a lease)
-    SENT = "sent"  # the destination answered Success or a warning
-    FAILED = "failed"  # refused for good, or transient failures ``max_attempts`` times
-    CANCELLED = "cancelled"  # superseded by a newer version of its job before it was sent
 
 
 class OutboxItem(Base):

@@ -106,7 +106,10 @@ class Series(_Out):
 
 class StudySummary(_Out):
     id: int
-    state: str
+    state: str  # receiving or complete (dicomnode.states.StudyState)
+    # what an operator sees: receiving, waiting for series, ready, processing, results
+    # sent, failed (dicomnode.states.StudyStatus, dicomnode.store.studystatus)
+    status: str | None = None
     instance_count: int
     first_received_at: str | None = None
     last_received_at: str | None = None
@@ -236,7 +239,7 @@ class ModelList(_Out):
 
 
 # the keys each view copies from the reports: public first, then identity
-_STUDY = ("id", "state", "instance_count", "first_received_at", "last_received_at",
+_STUDY = ("id", "state", "status", "instance_count", "first_received_at", "last_received_at",
           "completed_at", "reopened_count")
 _STUDY_IDENTITY = ("study_instance_uid", "study_date", "study_description")
 _SERIES = ("id", "modality", "series_number", "body_part_examined", "instance_count",

@@ -18,6 +18,9 @@ identity, UIDs, AE titles or addresses):
   :data:`dicomnode.net.access.REFUSAL_KINDS`;
 * ``dicomnode_studies{state}``, ``dicomnode_jobs{state}``, ``dicomnode_outbox_items{state}``:
   rows per state (every state is listed, zero included);
+* ``dicomnode_studies_by_status{status}``: studies per operator's status (receiving,
+  waiting for series, ready, processing, results sent, failed; see
+  :mod:`dicomnode.store.studystatus`), every status listed;
 * ``dicomnode_inference_seconds``: histogram of the ``inference`` step of done jobs;
 * ``dicomnode_outbox_backlog_items{destination}``: pending and sending items per peer;
 * ``dicomnode_outbox_failed_items{destination}``: items given up per peer (a resend makes
@@ -47,8 +50,10 @@ from prometheus_client.registry import CollectorRegistry
 from sqlalchemy import case, func, select
 
 from dicomnode.net.access import REFUSAL_KINDS, REFUSED_OTHER
+from dicomnode.states import StudyStatus
 from dicomnode.store.db import Index
 from dicomnode.store.queries import count_by_state
+from dicomnode.store.studystatus import study_status
 from dicomnode.store.tables import (
     Instance,
     Job,
@@ -122,6 +127,9 @@ class IndexCollector:
         yield self._refusals()
         yield self._states("dicomnode_studies", "Studies in the index per state.",
                            Study.state, StudyState)
+        yield self._states("dicomnode_studies_by_status",
+                           "Studies per operator's status (dicomnode.store.studystatus).",
+                           study_status(), StudyStatus, label="status")
         yield self._states("dicomnode_jobs", "Jobs per state.", Job.state, JobState)
         yield self._inference()
         yield from self._outbox()
@@ -157,8 +165,8 @@ class IndexCollector:
         return family
 
     def _states(self, name: str, documentation: str, column: Any,
-                states: Iterable[Any]) -> Metric:
-        family = GaugeMetricFamily(name, documentation, labels=["state"])
+                states: Iterable[Any], *, label: str = "state") -> Metric:
+        family = GaugeMetricFamily(name, documentation, labels=[label])
         for state, n in count_by_state(self.index, column, states).items():
             family.add_metric([state], n)
         return family

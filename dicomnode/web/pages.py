@@ -31,9 +31,10 @@ table { border-collapse: collapse; margin: .4rem 0; }
 td, th { border-bottom: 1px solid #d9dde5; padding: .25rem .6rem; text-align: left;
          vertical-align: top; font-size: .9rem; }
 th { background: #f2f4f8; }
-.state-done, .state-sent, .state-complete, .state-whole { color: #146c2e; }
+.state-done, .state-sent, .state-complete, .state-whole, .state-results-sent { color: #146c2e; }
 .state-failed, .state-not-whole { color: #b3261e; font-weight: 600; }
-.state-running, .state-sending, .state-receiving, .state-pending { color: #8a5a00; }
+.state-running, .state-sending, .state-receiving, .state-pending,
+.state-processing { color: #8a5a00; }
 .muted { color: #6b7385; } .error { color: #b3261e; }
 img.overlay { max-width: 420px; border: 1px solid #d9dde5; display: block; }
 button { font-size: .8rem; }
@@ -55,7 +56,12 @@ document.addEventListener('click', (event) => {
 });
 """
 def _state(value: str) -> str:
-    return f'<span class="state-{escape(value)}">{escape(value)}</span>'
+    return f'<span class="state-{escape(value.replace(" ", "-"))}">{escape(value)}</span>'
+
+
+def _status(study: dict[str, Any]) -> str:
+    """What an operator sees of a study (dicomnode.store.studystatus), else its state."""
+    return str(study.get("status") or study["state"])
 
 
 def _cell(value: Any) -> str:
@@ -90,11 +96,11 @@ def _studies_table(studies: list[dict[str, Any]], authenticated: bool) -> str:
                    f"<td>{_cell(study.get('study_description'))}</td>")
         rows.append(
             f'<tr id="study-{study["id"]}"><td><a href="/studies/{study["id"]}">study '
-            f'{study["id"]}</a></td>{who}<td>{_state(study["state"])}</td>'
+            f'{study["id"]}</a></td>{who}<td>{_state(_status(study))}</td>'
             f'<td>{len(study["series"])}</td><td>{study["instance_count"]}</td>'
             f'<td>{_cell(study["last_received_at"])}</td></tr>')
     head = "<th>patient</th><th>description</th>" if authenticated else ""
-    return (f"<table><tr><th>study</th>{head}<th>state</th><th>series</th><th>instances</th>"
+    return (f"<table><tr><th>study</th>{head}<th>status</th><th>series</th><th>instances</th>"
             f"<th>last received</th></tr>{''.join(rows)}</table>") if rows else \
         '<p class="muted">no studies yet</p>'
 
@@ -168,7 +174,8 @@ def study_page(study: dict[str, Any], *, authenticated: bool) -> bytes:
             f'<td>{_cell(geo["orientation"])}</td><td>{_cell(geo["slice_spacing_mm"])}</td></tr>')
     head = "<th>description</th>" if authenticated else ""
     who = f"<p>{escape(patient)}</p>" if patient is not None else ""
-    body = (f'{who}<p>{_state(study["state"])}, {study["instance_count"]} instances; '
+    body = (f'{who}<p>{_state(_status(study))} (study {escape(study["state"])}), '
+            f'{study["instance_count"]} instances; '
             f'<a href="/">back</a></p>'
             f"<h2>Series</h2><table><tr><th>series</th><th>modality</th><th>number</th>{head}"
             f"<th>instances</th><th>geometry</th><th>orientation</th><th>spacing (mm)</th></tr>"
