@@ -518,3 +518,48 @@ def test_run_scheduled_pull_serves_a_due_time_once_and_install_makes_up_only_mis
     finally:
         index.dispose()
     shutil.rmtree(tmp_path / "a")
+
+
+@requires_dcmqrscp
+def test_c_get_sub_operations_refused_by_the_store_are_failures_and_leave_nothing(
+        node_factory: NodeFactory, tmp_path: Path, started: list[Any]) -> None:
+    qr = DcmQrScp(tmp_path / "qr")
+    wanted, files = _study(tmp_path / "a", date=TODAY)
+    qr.load(files)
+    # a disk reserve no disk has: every instance is refused (0xA700), as the SCP refuses it
+    node = node_factory(start=False, min_free_bytes=1 << 60, peers={"qr": qr.peer("get")})
+    started.append(qr.__enter__())
+    result = _pull(node, "--from", "qr", "--study", wanted)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"study '{wanted}': 0 instance(s) retrieved, 12 failed" in result.stdout
+    assert "1 study(ies) found, 0 instance(s) retrieved by get, 12 failure(s)" in result.stderr
+    assert _study_row(node, wanted) is None
+    assert list((node.store / "tmp").iterdir()) == []
+    assert list((node.store / "instances").rglob("*.dcm")) == []
+
+
+@requires_dcmqrscp
+def test_a_scheduled_c_get_pull_in_the_node_stores_through_its_scp_spool_and_fires_a_rule(
+        node_factory: NodeFactory, tmp_path: Path, started: list[Any]) -> None:
+    qr = DcmQrScp(tmp_path / "qr")
+    wanted, files = _study(tmp_path / "a", date=TODAY - dt.timedelta(days=1))
+    qr.load(files)
+    pulls = {"hourly": {"schedule": "0 * * * *", "peer": "qr", "since": "-1d"}}
+    node = _rule_node(node_factory, tmp_path, {"qr": qr.peer("get")}, pulls=pulls, start=False)
+    started.append(qr.__enter__())
+    latest = _latest_hour()
+    node.store.mkdir()
+    index = _index(node)
+    try:
+        with index.session() as session:
+            session.add(PullRun(pull_name="hourly", peer="qr",
+                                due_at=latest - dt.timedelta(hours=1)))
+            session.commit()
+    finally:
+        index.dispose()
+    node.start()
+    _wait_complete(node, wanted, 12)
+    assert _jobs(node) == [("ct-any", wanted)]
+    assert (f"scheduled pull hourly (due {latest:%Y-%m-%d %H:%M} UTC) from qr: 1 study(ies) "
+            "found, 12 instance(s) retrieved, 0 failure(s)") in node.log()
+    assert list((node.store / "tmp").iterdir()) == []

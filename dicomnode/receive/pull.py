@@ -339,6 +339,9 @@ class Puller:
     # -- association ------------------------------------------------------------------
 
     def _associate(self, extra_classes: tuple[str, ...] = ()) -> Association:
+        # the identifiers of queries and answers hold patient data: pynetdicom never logs them
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
         ae = AE(ae_title=self.ae_title)
         ae.connection_timeout = ae.acse_timeout = ae.network_timeout = self.timeout
         ae.dimse_timeout = self.dimse_timeout
