@@ -335,6 +335,7 @@ class Puller:
         self.timeout = timeout
         self.dimse_timeout = dimse_timeout
         self._lock = threading.Lock()
+        self._get_stored = self._get_failed = self._invalid_matches = 0
 
     # -- association ------------------------------------------------------------------
 
@@ -445,9 +446,7 @@ class Puller:
             values = () if not classes else ((classes,) if isinstance(classes, str)
                                              else tuple(str(c) for c in classes))
             studies[uid] = tuple(str(v) for v in values)
-        if invalid:
-            LOG.warning("pull from %s: %d study match(es) without a valid Study Instance UID "
-                        "ignored", self.name, invalid)
+        self._invalid_matches = invalid
         return list(studies.items())
 
     @staticmethod
@@ -575,7 +574,7 @@ class Puller:
             PullError: the peer could not be asked (nothing was retrieved).
         """
         report = PullReport(self.name, self.method)
-        self._get_stored = self._get_failed = 0
+        self._get_stored = self._get_failed = self._invalid_matches = 0
         LOG.info("pull from %s (%s): %s", self.name, self.method.value, query.describe())
         assoc = self._associate()
         try:
@@ -612,6 +611,9 @@ class Puller:
         finally:
             self._close(assoc)
         report.stored, report.store_failed = self._get_stored, self._get_failed
+        if self._invalid_matches:
+            report.problems.append(f"{self._invalid_matches} study match(es) without a valid "
+                                   "Study Instance UID ignored")
         LOG.info("pull from %s: %d study(ies) found, %d instance(s) retrieved, %d failure(s)",
                  self.name, len(report.studies), report.instances, report.failed)
         return report
