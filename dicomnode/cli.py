@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -153,6 +154,66 @@ def cmd_send(args: argparse.Namespace) -> int:
         index.dispose()
     print(f"{sent - failed} sent, {failed} failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from dicomnode.config import RetrieveMethod
+    from dicomnode.net.access import printable
+    from dicomnode.receive.pull import Puller, PullError, PullQuery, RetrieveOutcome, parse_cli_date
+
+    config = _config(args)
+    setup_logging("WARNING")
+    name, peer = _peer(config, args.from_peer)
+    if not peer.query_retrieve:
+        raise ConfigError(f"peer {name!r} is not a query/retrieve peer (set "
+                          f"peers.{name}.query_retrieve: true and its host and port)")
+    today = dt.datetime.now(dt.timezone.utc).date()
+    try:
+        query = PullQuery(
+            study_uid=args.study, accession=args.accession, patient_id=args.patient_id,
+            modality=args.modality, station=args.station,
+            since=None if args.since is None else parse_cli_date(args.since, today),
+            until=None if args.until is None else parse_cli_date(args.until, today))
+    except ValueError as exc:
+        print(f"pull: {exc}", file=sys.stderr)
+        return 2
+
+    def show(study_uid: str, outcomes: list[RetrieveOutcome]) -> None:
+        done = sum(o.completed + o.warning for o in outcomes)
+        failed = sum(o.failed for o in outcomes)
+        problems = "; ".join(dict.fromkeys(o.message for o in outcomes if not o.ok and o.message))
+        what = "" if outcomes[0].series_uid is None else f" ({len(outcomes)} series)"
+        print(f"study {printable(study_uid)}{what}: {done} instance(s) retrieved"
+              + (f", {failed} failed" if failed else "") + (f": {problems}" if problems else ""),
+              flush=True)
+
+    index = None
+    try:
+        store = None
+        if peer.retrieve_method is RetrieveMethod.GET:
+            from dicomnode.receive.ingest import InstanceStore
+            from dicomnode.store.files import InstanceFiles
+
+            index = _open_index(config)
+            store = InstanceStore(InstanceFiles(config.storage.path, fsync=config.storage.fsync),
+                                  index, min_free_bytes=config.storage.min_free_bytes,
+                                  max_inflated_bytes=config.storage.max_inflated_bytes)
+        puller = Puller(config.node.ae_title, peer, name, store=store,
+                        timeout=config.node.network_timeout_seconds)
+        report = puller.pull(query, on_study=show)
+    except PullError as exc:
+        print(f"pull: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        if index is not None:
+            index.dispose()
+    for problem in report.problems:
+        print(f"pull: {problem}", file=sys.stderr)
+    print(f"{len(report.studies)} study(ies) found, {report.instances} instance(s) retrieved "
+          f"by {report.method.value}, {report.failed} failure(s)", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def cmd_pseudonymize(args: argparse.Namespace) -> int:
@@ -636,6 +697,19 @@ def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="files or folders (searched recursively)")
     p.add_argument("--to", required=True, help="peer name from the configuration")
     p.set_defaults(func=cmd_send)
+    p = add("pull", "find studies at a query/retrieve peer (C-FIND) and retrieve them into "
+            "the node (C-MOVE to its running SCP, or C-GET: peers.PEER.retrieve)")
+    p.add_argument("--from", dest="from_peer", required=True, metavar="PEER",
+                   help="peer name from the configuration (query_retrieve: true)")
+    p.add_argument("--study", metavar="UID", help="StudyInstanceUID")
+    p.add_argument("--accession", metavar="N", help="AccessionNumber")
+    p.add_argument("--patient-id", metavar="ID", help="PatientID")
+    p.add_argument("--modality", help="only series of this modality, e.g. CT")
+    p.add_argument("--station", metavar="NAME", help="only series of this Station Name")
+    p.add_argument("--since", metavar="DATE",
+                   help="studies dated on or after: YYYY-MM-DD, or -Nd (N days before today, UTC)")
+    p.add_argument("--until", metavar="DATE", help="studies dated on or before (as --since)")
+    p.set_defaults(func=cmd_pull)
     p = add("pseudonymize", "write pseudonymized copies of a folder of DICOM files (PS3.15 "
             "Basic Profile, keyed UIDs) for research; the map stays in the index")
     p.add_argument("in_dir", metavar="IN_DIR", help="folder of DICOM files (searched recursively)")
@@ -732,8 +806,19 @@ def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def _relative_dates(words: list[str]) -> list[str]:
+    """``--since -1d`` as ``--since=-1d`` (argparse takes ``-1d`` for an option)."""
+    out: list[str] = []
+    for word in words:
+        if out and out[-1] in ("--since", "--until") and re.fullmatch(r"-\d+d", word):
+            out[-1] = f"{out[-1]}={word}"
+        else:
+            out.append(word)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    words = list(sys.argv[1:] if argv is None else argv)
+    words = _relative_dates(list(sys.argv[1:] if argv is None else argv))
     args = build_parser(importers="import" in words).parse_args(words)
     try:
         code: int = args.func(args)

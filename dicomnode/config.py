@@ -8,6 +8,7 @@ together with its data.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Sequence
 from enum import Enum
@@ -39,12 +40,15 @@ __all__ = [
     "PeerConfig",
     "PeerTlsConfig",
     "PipelineConfig",
+    "PullConfig",
     "RetentionConfig",
+    "RetrieveMethod",
     "StorageConfig",
     "TlsConfig",
     "WebConfig",
     "format_validation_errors",
     "load_config",
+    "parse_date_bound",
     "read_yaml_mapping",
 ]
 
@@ -161,6 +165,13 @@ class NodeConfig(_Section):
         8, ge=1, le=1000, description="connections not (yet) associated, per source address")
 
 
+class RetrieveMethod(str, Enum):
+    """How a query/retrieve peer hands over what was found (``peers.NAME.retrieve``)."""
+
+    MOVE = "move"  # C-MOVE to the node's own AE title: the peer sends to the node's SCP
+    GET = "get"  # C-GET: the peer sends back on the pulling association
+
+
 class PeerConfig(_Section):
     """A DICOM application entity the node talks to (or accepts associations from)."""
 
@@ -172,11 +183,111 @@ class PeerConfig(_Section):
     deid_options: list[DeidOption] | None = Field(
         None, description="PS3.15 options for this research peer (null: deid.options)")
     tls: PeerTlsConfig | None = Field(None, description="DICOM TLS to this peer (null: plain)")
+    query_retrieve: bool = Field(
+        False, description="a Study Root Query/Retrieve SCP the node may pull from "
+        "(`dicomnode pull`, pulls:)")
+    retrieve: RetrieveMethod | None = Field(
+        None, description="move (default): C-MOVE to the node's AE title, which the peer "
+        "must know as a move destination; get: C-GET on the pulling association")
 
     @model_validator(mode="after")
     def _options_for_research(self) -> PeerConfig:
         if self.deid_options is not None and not self.pseudonymize:
             raise ValueError("deid_options applies to research peers only (pseudonymize: true)")
+        if self.retrieve is not None and not self.query_retrieve:
+            raise ValueError("retrieve applies to query/retrieve peers only "
+                             "(query_retrieve: true)")
+        if self.query_retrieve and (self.host is None or self.port is None):
+            raise ValueError("query_retrieve: true needs the peer's host and port")
+        return self
+
+    @property
+    def retrieve_method(self) -> RetrieveMethod:
+        """How studies found at this peer are retrieved (``move`` unless configured)."""
+        return self.retrieve or RetrieveMethod.MOVE
+
+
+_RELATIVE_DATE = re.compile(r"^([+-]?)(\d{1,4})d$")
+_ABSOLUTE_DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
+
+
+def parse_date_bound(value: str) -> int | dt.date:
+    """A pull's date bound: ``-Nd`` (N days before the day of the run, ``0d`` that day;
+    returned as the signed day offset) or a calendar date ``YYYY-MM-DD`` / ``YYYYMMDD``.
+
+    Raises:
+        ValueError: naming the accepted forms.
+    """
+    text = value.strip()
+    relative = _RELATIVE_DATE.match(text)
+    if relative is not None:
+        days = int(relative.group(2))
+        return -days if relative.group(1) == "-" else days
+    absolute = _ABSOLUTE_DATE.match(text)
+    if absolute is not None:
+        try:
+            return dt.date(*(int(g) for g in absolute.groups()))
+        except ValueError:
+            pass
+    raise ValueError(f"{value!r} is not a date: use -Nd (N days before the day of the run, "
+                     "0d for that day) or YYYY-MM-DD")
+
+
+def _check_date_bound(value: str) -> str:
+    parse_date_bound(value)
+    return value.strip()
+
+
+DateBound = Annotated[str, AfterValidator(_check_date_bound)]
+_PULL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_CODE_STRING = re.compile(r"^[A-Z0-9 _]{1,16}$")
+
+
+def _check_cron(value: str) -> str:
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(value, timezone="UTC")
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a crontab line (minute hour day month weekday, "
+                         f"UTC): {exc}") from None
+    return value
+
+
+class PullConfig(_Section):
+    """A scheduled pull (``pulls.NAME``): at each time of ``schedule`` (a crontab line, in UTC)
+    the studies matching the filters are found at ``peer`` (C-FIND) and retrieved (C-MOVE or
+    C-GET, ``peers.PEER.retrieve``); they are received like pushed studies.
+
+    ``since`` and ``until`` are dates: ``-Nd`` counts days back from the day (UTC) the run
+    was due, so ``since: -1d, until: -1d`` is the day before; or a calendar date
+    ``YYYY-MM-DD``. ``modality`` and ``station`` are matched per series (only the matching
+    series are retrieved).
+    """
+
+    schedule: Annotated[str, AfterValidator(_check_cron)]
+    peer: str = Field(min_length=1)
+    since: DateBound | None = None
+    until: DateBound | None = None
+    modality: str | None = Field(None, description="a series' Modality, e.g. CT")
+    station: str | None = Field(None, min_length=1, max_length=16,
+                                description="a series' Station Name")
+    accession: str | None = Field(None, min_length=1, max_length=16)
+    patient_id: str | None = Field(None, min_length=1, max_length=64)
+    enabled: bool = True
+
+    @field_validator("modality")
+    @classmethod
+    def _modality(cls, v: str | None) -> str | None:
+        if v is not None and not _CODE_STRING.match(v):
+            raise ValueError(f"{v!r} is not a modality (a DICOM code string such as CT, MR)")
+        return v
+
+    @model_validator(mode="after")
+    def _some_filter(self) -> PullConfig:
+        if self.since is None and self.accession is None and self.patient_id is None:
+            raise ValueError("a scheduled pull needs since (e.g. -1d), accession or patient_id: "
+                             "it would otherwise pull the whole archive at every run")
         return self
 
 
@@ -394,8 +505,25 @@ class Config(_Section):
     retention: RetentionConfig = RetentionConfig()
     web: WebConfig = WebConfig()
     outbox: OutboxConfig = OutboxConfig()
+    pulls: dict[str, PullConfig] = Field(
+        default_factory=dict, description="scheduled pulls from query/retrieve peers")
     logging: LoggingConfig = LoggingConfig()
     source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _pull_peers(self) -> Config:
+        for name, pull in self.pulls.items():
+            if not _PULL_NAME.match(name):
+                raise ValueError(f"pulls: {name!r} is not a pull name (letters, digits, "
+                                 "'_', '.', '-'; at most 64)")
+            peer = self.peers.get(pull.peer)
+            if peer is None:
+                known = ", ".join(sorted(self.peers)) or "none configured"
+                raise ValueError(f"pulls.{name}.peer: unknown peer {pull.peer!r}; peers: {known}")
+            if not peer.query_retrieve:
+                raise ValueError(f"pulls.{name}.peer: peer {pull.peer!r} is not a query/retrieve "
+                                 f"peer (set peers.{pull.peer}.query_retrieve: true)")
+        return self
 
     @property
     def db_url(self) -> str:

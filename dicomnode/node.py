@@ -24,11 +24,12 @@ from dicomnode.jobs.queue import reset
 from dicomnode.jobs.runner import JobRunner
 from dicomnode.net.access import AccessPolicy
 from dicomnode.receive.ingest import InstanceStore
+from dicomnode.receive.pull import Puller
 from dicomnode.receive.recovery import recover_orphans
 from dicomnode.receive.scp import StorageSCP
 from dicomnode.rules.loader import RuleSet, rule_source
 from dicomnode.rules.trigger import Firing, RuleTrigger
-from dicomnode.scheduler import install_scheduled_jobs
+from dicomnode.scheduler import install_scheduled_jobs, install_scheduled_pulls
 from dicomnode.send.outbox import Outbox
 from dicomnode.states import JobTrigger
 from dicomnode.store.db import Index, open_index
@@ -169,6 +170,13 @@ class Node:
         self.jobs.dispatch()
         return firings
 
+    def puller(self, peer_name: str) -> Puller:
+        """Pulls from a query/retrieve peer into this node: C-MOVE to its SCP, or C-GET
+        stored through its store (and counted as an open association delivering)."""
+        return Puller(self.config.node.ae_title, self.config.peers[peer_name], peer_name,
+                      store=self.store, receive=self.scp.receive, activity=self.activity,
+                      timeout=self.config.node.network_timeout_seconds)
+
     def _dispatch_new(self, firings: list[Firing]) -> None:
         # a job a rule just created starts now, not at the dispatcher's next tick
         if any(f.job_id is not None for f in firings):
@@ -202,6 +210,8 @@ class Node:
             self.console.bind()  # first: a port in use stops the start before any listening
         self.scheduler.start()
         self.scp.start()
+        # after the SCP listens: pulled instances arrive there (C-MOVE) or use its spool (C-GET)
+        install_scheduled_pulls(self.scheduler, self.config, self.index, self.puller)
         if self.console is not None:
             self.console.serve()  # after the SCP listens: building it delays no C-STORE
         if self.rules.enabled:

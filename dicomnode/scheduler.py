@@ -26,6 +26,14 @@ Rows are deleted in a transaction that is committed only after the files are unl
 whose files are gone, which the next pass removes; never a file without a row, which
 start-up recovery would index again as a new receipt.
 
+**Scheduled pulls.** Each entry of ``pulls:`` is a cron job (id ``pull:<name>``, in UTC)
+that finds the matching studies at a query/retrieve peer and retrieves them
+(:mod:`dicomnode.receive.pull`); they are received like pushed studies. Every run is
+recorded in the index (:class:`~dicomnode.store.tables.PullRun`) under the time it was due,
+before it starts: a due time is served at most once, also across restarts; a run the node
+missed while it was down is made up at start when it was due less than
+:data:`SCHEDULE_MISFIRE_GRACE` ago (its relative dates count from the missed due time).
+
 Log lines name studies by their index key (``study 12``), never by patient data.
 """
 
@@ -33,7 +41,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -42,6 +50,8 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import ColumnElement, delete, exists, or_, select
 from sqlalchemy.exc import IntegrityError
 
+from dicomnode.config import PullConfig
+from dicomnode.receive.pull import Puller, PullError, PullQuery
 from dicomnode.rules.loader import Rule
 from dicomnode.rules.trigger import RuleTrigger
 from dicomnode.states import JobTrigger, StudyStatus
@@ -53,6 +63,7 @@ from dicomnode.store.tables import (
     Job,
     OutboxItem,
     OutboxState,
+    PullRun,
     RuleSchedule,
     Series,
     Study,
@@ -87,9 +98,12 @@ __all__ = [
     "ScheduledRun",
     "apply_retention",
     "install_scheduled_jobs",
+    "install_scheduled_pulls",
+    "last_pull_due",
     "last_run_at",
     "missed_fire_time",
     "rule_trigger",
+    "run_scheduled_pull",
     "run_scheduled_rule",
     "studies_completed_since",
 ]
@@ -232,6 +246,126 @@ def missed_fire_time(trigger: CronTrigger, last_run: dt.datetime | None, now: dt
 
 def _scheduled_rule_job(index: Index, trigger: RuleTrigger, rule: Rule) -> None:
     run_scheduled_rule(index, trigger, rule)
+
+
+# --------------------------------------------------------------------------- scheduled pulls
+
+
+def last_pull_due(index: Index, pull_name: str) -> dt.datetime | None:
+    """The due time (naive UTC) of a scheduled pull's latest run, or None if it never ran."""
+    with index.session() as session:
+        found: dt.datetime | None = session.scalars(
+            select(PullRun.due_at).where(PullRun.pull_name == pull_name)
+            .order_by(PullRun.due_at.desc()).limit(1)).first()
+        return found
+
+
+def _claim_pull_run(index: Index, name: str, peer: str, due: dt.datetime) -> int | None:
+    """Record that the run due at ``due`` starts; None when that due time was served."""
+    with index.session() as session:
+        row = PullRun(pull_name=name, peer=peer, due_at=due, started_at=utcnow())
+        session.add(row)
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            return None
+        return row.id
+
+
+def run_scheduled_pull(index: Index, name: str, pull: PullConfig, puller: Puller,
+                       due: dt.datetime) -> PullRun | None:
+    """Run a scheduled pull for the time it was due, once.
+
+    Args:
+        index: the index database (where the run is recorded).
+        name: the pull's name (``pulls.NAME``).
+        pull: its configuration.
+        puller: pulls from ``pull.peer``.
+        due: the scheduled time this run serves (naive or aware UTC); relative dates
+            (``since: -1d``) count from its day.
+
+    Returns:
+        The recorded run, or None when a run for ``due`` was already recorded.
+    """
+    due = _naive_utc(due).replace(microsecond=0)
+    run_id = _claim_pull_run(index, name, pull.peer, due)
+    if run_id is None:
+        LOG.info("scheduled pull %s: the run due at %s UTC already ran", name,
+                 due.strftime("%Y-%m-%d %H:%M"))
+        return None
+    studies = instances = failed = 0
+    error: str | None = None
+    try:
+        report = puller.pull(PullQuery.from_config(pull, due.date()))
+        studies, instances, failed = len(report.studies), report.instances, report.failed
+        if failed:
+            error = "; ".join(dict.fromkeys(
+                [r.message for r in report.retrieves if not r.ok and r.message]
+                + report.problems))[:2000] or None
+    except (PullError, ValueError) as exc:
+        error, failed = str(exc), 1
+    except Exception as exc:  # logged; the next due time runs again
+        error, failed = f"unexpected {type(exc).__name__}", 1
+        LOG.exception("scheduled pull %s failed unexpectedly", name)
+    with index.session() as session:
+        row = session.get(PullRun, run_id)
+        assert row is not None
+        row.finished_at = utcnow()
+        row.studies, row.instances, row.failed, row.error = studies, instances, failed, error
+        session.commit()
+        session.refresh(row)
+        session.expunge(row)
+    LOG.log(logging.WARNING if failed else logging.INFO,
+            "scheduled pull %s (due %s UTC) from %s: %d study(ies) found, %d instance(s) "
+            "retrieved, %d failure(s)%s", name, due.strftime("%Y-%m-%d %H:%M"), pull.peer,
+            studies, instances, failed, f": {error}" if error else "")
+    return row
+
+
+def _due_time(trigger: CronTrigger, now: dt.datetime) -> dt.datetime:
+    """The latest fire time of ``trigger`` at or before ``now`` (within the misfire grace);
+    ``now`` to the minute when there is none."""
+    found = missed_fire_time(trigger, now - SCHEDULE_MISFIRE_GRACE, now)
+    return found if found is not None else now.replace(second=0, microsecond=0)
+
+
+def _scheduled_pull_job(index: Index, name: str, pull: PullConfig,
+                        make_puller: Callable[[str], Puller]) -> None:
+    now = dt.datetime.now(dt.timezone.utc)
+    due = _due_time(CronTrigger.from_crontab(pull.schedule, timezone="UTC"), now)
+    try:
+        puller = make_puller(pull.peer)
+    except ValueError as exc:
+        LOG.error("scheduled pull %s not run: %s", name, exc)
+        return
+    run_scheduled_pull(index, name, pull, puller, due)
+
+
+def install_scheduled_pulls(scheduler: BaseScheduler, config: Config, index: Index,
+                            make_puller: Callable[[str], Puller]) -> None:
+    """Add one cron job per enabled scheduled pull (id ``pull:<name>``); a run missed while
+    the node was down (due less than :data:`SCHEDULE_MISFIRE_GRACE` ago) runs at once.
+
+    ``make_puller`` makes the :class:`~dicomnode.receive.pull.Puller` of a peer name.
+    """
+    now = dt.datetime.now(dt.timezone.utc)
+    grace = int(SCHEDULE_MISFIRE_GRACE.total_seconds())
+    for name, pull in config.pulls.items():
+        if not pull.enabled:
+            continue
+        cron = CronTrigger.from_crontab(pull.schedule, timezone="UTC")
+        options: dict[str, Any] = {}
+        missed = missed_fire_time(cron, last_pull_due(index, name), now)
+        if missed is not None:
+            LOG.info("scheduled pull %s missed its run at %s UTC: running it now", name,
+                     missed.strftime("%Y-%m-%d %H:%M"))
+            options["next_run_time"] = now
+        scheduler.add_job(_scheduled_pull_job, cron, args=(index, name, pull, make_puller),
+                          id=f"pull:{name}", name=f"scheduled pull {name}", max_instances=1,
+                          coalesce=True, misfire_grace_time=grace, replace_existing=True,
+                          **options)
+        LOG.info("pull %s from %s runs on schedule %r (UTC)", name, pull.peer, pull.schedule)
 
 
 # --------------------------------------------------------------------------- retention

@@ -41,6 +41,7 @@ __all__ = [
     "Patient",
     "PseudonymStudy",
     "PseudonymUID",
+    "PullRun",
     "RuleSchedule",
     "Series",
     "Study",
@@ -299,3 +300,29 @@ class RuleSchedule(Base):
 
     rule_name: Mapped[str] = mapped_column(String(64), primary_key=True)
     last_run_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class PullRun(Base):
+    """One run of a scheduled pull (``pulls.NAME``): which due time it served and what it got.
+
+    A row is written when a run starts, so a due time is served once, also across restarts;
+    its counts are filled in when the run ends (``finished_at`` stays NULL if the node
+    stopped meanwhile). ``error`` is the node's own message (never a peer's value).
+    """
+
+    __tablename__ = "pull_run"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pull_name: Mapped[str] = mapped_column(String(64))
+    peer: Mapped[str] = mapped_column(String(64))
+    due_at: Mapped[dt.datetime] = mapped_column(DateTime)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    studies: Mapped[int] = mapped_column(Integer, default=0)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    __table_args__ = (
+        Index("ux_pull_run_due", "pull_name", "due_at", unique=True),
+    )
