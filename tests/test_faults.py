@@ -164,6 +164,32 @@ def test_an_index_write_failing_mid_association_fails_only_that_instance(
     # without a file
 
 
+def test_a_failed_index_write_for_a_replacement_keeps_the_version_acknowledged_before(
+        scp: StorageSCP, small_ct: list[Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    files, index = scp.store.files, scp.store.index
+    assert _send(scp.node.port, small_ct[:1]) == [0]
+    (stored,) = [files.root / p for p in files.walk()]
+    before = stored.read_bytes()
+    corrected = pydicom.dcmread(small_ct[0])  # a corrected re-send: same SOP Instance UID
+    corrected.SeriesDescription = "corrected"
+    corrected_path = tmp_path / "corrected.dcm"
+    corrected.save_as(corrected_path)
+
+    moved = _fail_index_commit_after_file(monkeypatch, files)
+    assert _send(scp.node.port, [corrected_path]) == [STATUS_INDEX_UNAVAILABLE]
+    assert moved == [stored]  # the new version had replaced the stored one...
+    assert stored.read_bytes() == before  # ...and the rollback put the acknowledged one back
+    with index.session() as session:
+        (row,) = session.scalars(select(Instance)).all()
+    assert (row.times_received, row.file_size) == (1, len(before))
+    assert not any(files.tmp.iterdir())
+
+    assert _send(scp.node.port, [corrected_path]) == [0]  # re-sent later: replaced
+    assert pydicom.dcmread(stored).SeriesDescription == "corrected"
+    assert scp.counters["replaced"] == 1
+
+
 # -- a worker process dying mid-job ---------------------------------------------------------
 
 RULES = """rules:
@@ -308,6 +334,7 @@ def test_start_indexes_stored_files_without_rows_and_removes_partial_files(
                 rows = {i.file_path: i.calling_ae_title for i in session.scalars(select(Instance))}
                 study = session.scalars(select(Study)).one()
                 instances = session.scalar(select(func.count()).select_from(Instance))
+            tmp_left = list(restarted.files.tmp.iterdir())  # before stop() cleans it too
         finally:
             restarted.stop()
     assert rows[orphan_path.as_posix()] == ""  # indexed, with no calling AE title known
@@ -316,7 +343,7 @@ def test_start_indexes_stored_files_without_rows_and_removes_partial_files(
     assert {p.as_posix() for p in restarted.files.walk()} == set(rows)  # junk moved aside
     assert not junk.exists()
     assert (config.storage.path / "unindexable" / junk.name).is_file()
-    assert not any(restarted.files.tmp.iterdir())
+    assert tmp_left == []
     messages = [r.getMessage() for r in caplog.records]
     assert "removed 2 partial file(s) left by an interrupted transfer" in messages
     assert "indexed 1 stored file(s) whose index row was lost in a crash" in messages
