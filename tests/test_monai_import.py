@@ -39,6 +39,9 @@ from dicomnode.inference.profiles.monai import (  # noqa: E402
     window_starts,
 )
 
+# training and converting models: longer than the default bound (pyproject.toml)
+pytestmark = pytest.mark.timeout(900)
+
 ROOT = Path(__file__).resolve().parents[1]
 ROI = [24, 24, 32]
 # HU of air, body, organ 1, organ 2; ScaleIntensityRange maps -200..300 HU onto -1..1

@@ -258,11 +258,16 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     _config.STORE_SEND_CHUNKED_DATASET = True
     thread = threading.Thread(target=sender)
     thread.start()
+    deadline = time.monotonic() + 120  # a sender that fails or stalls fails the test
     while len(acknowledged) < 40:
+        if done.is_set() or time.monotonic() > deadline:
+            node.kill()
+            pytest.fail(f"only {len(acknowledged)} instance(s) acknowledged; "
+                        f"node log:\n{node.log()}")
         time.sleep(0.01)
     node.kill()
-    done.wait(30)
-    thread.join()
+    assert done.wait(30), "the sender did not notice the node's death"
+    thread.join(10)
     assert 40 <= len(acknowledged) < len(files)
 
     node.start()
