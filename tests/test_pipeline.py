@@ -147,8 +147,6 @@ def storescp(tmp_path: Path) -> Any:
     scp.close()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
 @pytest.mark.parametrize("stop", ["kill", "sigterm"])
 def test_a_node_stopped_while_a_model_runs_finishes_the_job_exactly_once(
         node_factory: NodeFactory, tmp_path: Path, storescp: DcmtkStoreSCP, stop: str) -> None:
