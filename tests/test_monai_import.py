@@ -325,6 +325,7 @@ def test_export_of_affine_free_instance_norm_on_air(tmp_path: Path) -> None:
     assert np.abs(ours - theirs).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_unsupported_transform_is_refused_with_its_line(tmp_path: Path) -> None:
     config = _inference_config("unet", [{"_target_": "RandFlipd", "keys": "@image_key",
                                          "prob": 0.5}])

@@ -147,6 +147,7 @@ def storescp(tmp_path: Path) -> Any:
     scp.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", ["kill", "sigterm"])
 def test_a_node_stopped_while_a_model_runs_finishes_the_job_exactly_once(
         node_factory: NodeFactory, tmp_path: Path, storescp: DcmtkStoreSCP, stop: str) -> None:
@@ -186,6 +187,7 @@ def test_a_node_stopped_while_a_model_runs_finishes_the_job_exactly_once(
     assert {r["sop_instance_uid"] for r in job["results"]} == set(received)
 
 
+@pytest.mark.slow
 def test_workers_load_the_rules_models_when_the_node_starts(
         node_factory: NodeFactory, tmp_path: Path, storescp: DcmtkStoreSCP) -> None:
     node = _node(node_factory, tmp_path, {"ae_title": "DEST", "host": "127.0.0.1",
@@ -197,6 +199,7 @@ def test_workers_load_the_rules_models_when_the_node_starts(
     assert _jobs(node) == []
 
 
+@pytest.mark.slow
 def test_receiving_stays_responsive_while_a_model_runs(
         node_factory: NodeFactory, tmp_path: Path, storescp: DcmtkStoreSCP,
         small_ct: list[Path]) -> None:
@@ -214,6 +217,7 @@ def test_receiving_stays_responsive_while_a_model_runs(
     assert took < 10, f"24 small instances took {took:.1f} s while a model ran"
 
 
+@pytest.mark.slow
 def test_failing_jobs_stop_with_their_error(node_factory: NodeFactory, tmp_path: Path,
                                             storescp: DcmtkStoreSCP, small_ct: list[Path]) -> None:
     models = tmp_path / "models"
@@ -237,6 +241,7 @@ def test_failing_jobs_stop_with_their_error(node_factory: NodeFactory, tmp_path:
     wait_until(lambda: len(storescp.received()) == len(job["results"]), 30, "results received")
 
 
+@pytest.mark.slow
 def test_a_manual_run_of_a_rule_on_a_study(node_factory: NodeFactory, tmp_path: Path,
                                           storescp: DcmtkStoreSCP, small_ct: list[Path]) -> None:
     rules = tmp_path / "rules"

@@ -49,6 +49,7 @@ def _send(port: int, paths: list[Path], *, aet: str = "TESTSCU", aec: str = "DIC
     return statuses
 
 
+@pytest.mark.slow
 def test_pynetdicom_send_is_stored_byte_identical_and_indexed(
         node_factory: NodeFactory, small_ct: list[Path]) -> None:
     node = node_factory()
@@ -96,6 +97,7 @@ def test_dcmtk_storescu_compressed_syntaxes_stored_as_received(
             assert dataset_bytes(kept) == dataset_bytes(path)
 
 
+@pytest.mark.slow
 def test_cranium_ct_with_storescu_directory_scan(node_factory: NodeFactory,
                                                  data_dir: Path) -> None:
     files = testdata.cranium_ct(data_dir / "cranium")
@@ -112,6 +114,7 @@ def test_cranium_ct_with_storescu_directory_scan(node_factory: NodeFactory,
         assert dataset_bytes(stored[_sop_uid(path)]) == dataset_bytes(path)
 
 
+@pytest.mark.slow
 def test_unknown_calling_ae_and_wrong_called_ae_are_refused(node_factory: NodeFactory) -> None:
     node = node_factory()
     for aet, aec, diagnostic in (("INTRUDER", "DICOMNODE", 0x03),
@@ -135,6 +138,7 @@ def test_unknown_calling_ae_and_wrong_called_ae_are_refused(node_factory: NodeFa
     assert "not from its configured host (192.0.2.7)" in far.log()
 
 
+@pytest.mark.slow
 def test_malformed_and_incomplete_datasets_get_failure_and_leave_nothing(
         node_factory: NodeFactory, tmp_path: Path, small_ct: list[Path]) -> None:
     node = node_factory()
@@ -151,6 +155,7 @@ def test_malformed_and_incomplete_datasets_get_failure_and_leave_nothing(
     assert "Success" in echo.stdout
 
 
+@pytest.mark.slow
 def test_low_disk_answers_out_of_resources_and_stores_nothing(
         node_factory: NodeFactory, small_ct: list[Path]) -> None:
     node = node_factory(min_free_bytes=2**62)
@@ -159,6 +164,7 @@ def test_low_disk_answers_out_of_resources_and_stores_nothing(
     assert node.studies() == []
 
 
+@pytest.mark.slow
 def test_resend_identical_is_idempotent_and_changed_replaces(
         node_factory: NodeFactory, small_ct: list[Path], tmp_path: Path) -> None:
     node = node_factory()
@@ -177,6 +183,7 @@ def test_resend_identical_is_idempotent_and_changed_replaces(
     assert "re-sent with different content: replacing it" in node.log()
 
 
+@pytest.mark.slow
 def test_completion_waits_for_quiet_time_and_open_associations(
         node_factory: NodeFactory, small_ct: list[Path]) -> None:
     node = node_factory(quiet_seconds=2.0)
@@ -209,6 +216,7 @@ def test_completion_waits_for_quiet_time_and_open_associations(
     assert len(study["series"]) == 2
 
 
+@pytest.mark.slow
 def test_geometry_verdicts_for_gap_sagittal_and_multiframe(
         node_factory: NodeFactory, data_dir: Path) -> None:
     node = node_factory()
@@ -232,6 +240,7 @@ def test_geometry_verdicts_for_gap_sagittal_and_multiframe(
     assert by_modality[("MR", 1)]["frames"] == 24
 
 
+@pytest.mark.slow
 def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
         node_factory: NodeFactory, data_dir: Path) -> None:
     files = testdata.synthetic_ct(data_dir / "kill9", slices=150, rows=256, columns=256)
@@ -281,6 +290,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     assert not any((node.store / "tmp").iterdir())
 
 
+@pytest.mark.slow
 def test_sigterm_lets_an_open_association_finish(node_factory: NodeFactory,
                                                  small_ct: list[Path]) -> None:
     node = node_factory()
@@ -303,6 +313,7 @@ def test_sigterm_lets_an_open_association_finish(node_factory: NodeFactory,
     assert "stopped" in node.log()
 
 
+@pytest.mark.slow
 def test_cli_send_and_echo_report_per_file_status(node_factory: NodeFactory,
                                                   small_ct: list[Path], tmp_path: Path) -> None:
     node = node_factory()
