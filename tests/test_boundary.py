@@ -97,6 +97,7 @@ def phi_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return phi_ct(tmp_path_factory.mktemp("phi") / "ct")
 
 
+@pytest.mark.slow
 def test_the_command_pseudonymizes_identically_on_nodes_sharing_the_key(
         phi_series: list[Path], tmp_path: Path) -> None:
     source = phi_series[0].parent
@@ -134,6 +135,7 @@ def test_the_command_pseudonymizes_identically_on_nodes_sharing_the_key(
         index.dispose()
 
 
+@pytest.mark.slow
 def test_a_configured_key_must_be_usable_and_is_never_printed(
         tmp_path: Path, phi_series: list[Path]) -> None:
     config = tmp_path / "dicomnode.yaml"
@@ -179,6 +181,7 @@ def debug_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFi
     yield caplog
 
 
+@pytest.mark.slow
 def test_a_full_run_reidentifies_seg_and_rtstruct_and_logs_no_identity(
         node_factory: NodeFactory, phi_series: list[Path], tmp_path: Path,
         debug_logs: pytest.LogCaptureFixture) -> None:

@@ -30,6 +30,9 @@ from dicomnode.inference.predict import predict
 from dicomnode.inference.volume import read_series
 from dicomnode.models.card import CardError, OutputSpec, PadSpec, PreprocessingSpec, load_card
 
+# training and converting models: longer than the default bound (pyproject.toml)
+pytestmark = pytest.mark.timeout(900)
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "models" / "hd-bet"
 CH2BET = Path("/usr/share/mricron/templates/ch2bet.nii.gz")

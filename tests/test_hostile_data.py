@@ -385,6 +385,7 @@ def stored(node: RunningNode) -> dict[str, Path]:
 # ---------------------------------------------------------------- item 1 and 2: the corpus
 
 
+@pytest.mark.slow
 def test_malformed_corpus_gets_failure_statuses_and_valid_corpus_is_stored(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     malformed, valid = malformed_corpus(), valid_corpus()
@@ -609,6 +610,7 @@ def test_retired_sop_classes_and_retired_jpeg_syntaxes_are_accepted(
     assert len(stored(node)) == len(variants)
 
 
+@pytest.mark.slow
 @requires_orthanc
 def test_orthanc_push_with_retired_classes_and_syntaxes_is_stored_whole(
         node_factory: NodeFactory, tmp_path: Path) -> None:
@@ -728,6 +730,7 @@ _SLOW_SENDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_transfer_cut_mid_dataset_leaves_no_temporary_file(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     node = node_factory()

@@ -360,6 +360,7 @@ def test_a_flooded_console_starves_neither_dicom_nor_itself(node_factory: NodeFa
 # ------------------------------------------------------------------ stopping
 
 
+@pytest.mark.slow
 def test_sigterm_with_abandoned_connections_exits_within_the_grace_time(
         node_factory: NodeFactory) -> None:
     grace = 2.0

@@ -284,6 +284,7 @@ def test_each_success_is_committed_before_the_next_c_store(tmp_path: Path) -> No
 BAD_BIRTH_DATE = "1980-01-02"  # not a DA value: pydicom's validation quotes it
 
 
+@pytest.mark.slow
 def test_a_non_conformant_value_never_reaches_the_log(
         node_factory: NodeFactory, tmp_path: Path, scp: RecordingSCP) -> None:
     path = phi_file(tmp_path / "in", 1)

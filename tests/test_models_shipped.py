@@ -56,6 +56,7 @@ def test_brain_mr_on_colin27_matches_ch2bet(tmp_path: Path) -> None:
     assert result.timings.session_run > 0
 
 
+@pytest.mark.slow
 def test_ct_body_on_cranium_through_the_command(cranium_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = _cli("models", "run", "ct-body", "--input", str(cranium_dir), "--output", str(out))
@@ -110,6 +111,7 @@ def test_ct_body_gives_the_same_masks_on_compressed_input(cranium_dir: Path,
     assert plain.structures[1].voxel_count > 1000
 
 
+@pytest.mark.slow
 def test_models_list_and_check() -> None:
     proc = _cli("models", "list")
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -39,6 +39,9 @@ from dicomnode.inference.profiles.monai import (  # noqa: E402
     window_starts,
 )
 
+# training and converting models: longer than the default bound (pyproject.toml)
+pytestmark = pytest.mark.timeout(900)
+
 ROOT = Path(__file__).resolve().parents[1]
 ROI = [24, 24, 32]
 # HU of air, body, organ 1, organ 2; ScaleIntensityRange maps -200..300 HU onto -1..1
@@ -322,6 +325,7 @@ def test_export_of_affine_free_instance_norm_on_air(tmp_path: Path) -> None:
     assert np.abs(ours - theirs).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_unsupported_transform_is_refused_with_its_line(tmp_path: Path) -> None:
     config = _inference_config("unet", [{"_target_": "RandFlipd", "keys": "@image_key",
                                          "prob": 0.5}])

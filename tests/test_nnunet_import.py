@@ -43,6 +43,9 @@ NO_MIRRORING = TINY / "nnUNetTrainerNoMirroring__nnUNetPlans__3d_fullres"
 sys.path.insert(0, str(ROOT / "tools"))
 import build_tiny_nnunet as tiny  # noqa: E402
 
+# training and converting models: longer than the default bound (pyproject.toml)
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def nnunet_env(tmp_path_factory: pytest.TempPathFactory) -> None:

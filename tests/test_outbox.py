@@ -339,6 +339,7 @@ def test_transient_failures_give_up_after_max_attempts(
     assert not outbox.deliver_due(now=utcnow() + dt.timedelta(days=30)).destinations
 
 
+@pytest.mark.slow
 def test_unresponsive_destination_does_not_delay_another(
         index: Index, tmp_path: Path, small_ct: list[Path]) -> None:
     # a socket that listens but never accepts: the association request is never answered
@@ -399,6 +400,7 @@ def test_stop_hands_back_items_not_yet_sent(index: Index, small_ct: list[Path]) 
         scp.close()
 
 
+@pytest.mark.slow
 def test_cli_send_and_resend(tmp_path: Path, small_ct: list[Path]) -> None:
     scp = StatusSCP([0xC000])
     try:
@@ -436,6 +438,7 @@ def test_cli_send_and_resend(tmp_path: Path, small_ct: list[Path]) -> None:
         scp.close()
 
 
+@pytest.mark.slow
 def test_node_delivers_queued_items(node_factory: NodeFactory, tmp_path: Path,
                                     small_ct: list[Path]) -> None:
     with Storescp(tmp_path / "received") as scp:
@@ -461,6 +464,7 @@ def test_node_delivers_queued_items(node_factory: NodeFactory, tmp_path: Path,
         assert "outbox item 1 (CT Image Storage) -> archive: sent (attempt 1)" in node.log()
 
 
+@pytest.mark.slow
 @requires_orthanc
 def test_orthanc_receives_outbox_items(index: Index, tmp_path: Path,
                                        small_ct: list[Path]) -> None:

@@ -99,6 +99,7 @@ def _need(tool: Path, package: str) -> None:
         pytest.skip(f"{tool} missing: install the Debian package {package}")
 
 
+@pytest.mark.slow
 def test_dciodvfy_finds_no_error_in_any_object(case: Case) -> None:
     _need(DCIODVFY, "dicom3tools")
     assert {o.kind for o in case.results.objects} == {"SEG", "RTSTRUCT", "SR"}
@@ -193,6 +194,7 @@ def test_the_labelmap_seg_holds_one_segment_number_per_pixel(cranium: Case,
     np.testing.assert_array_equal(pixels, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seg_type", ["binary", "labelmap"])
 def test_a_shared_label_map_writes_the_same_objects_as_separate_masks(
         cranium: Case, tmp_path: Path, seg_type: str) -> None:
@@ -370,6 +372,7 @@ def test_sr_without_seg_is_a_configuration_error(tmp_path: Path) -> None:
 
 
 
+@pytest.mark.slow
 @requires_orthanc
 def test_orthanc_accepts_the_objects_into_the_source_study(case: Case, tmp_path: Path) -> None:
     with OrthancServer(tmp_path / "orthanc") as orthanc:

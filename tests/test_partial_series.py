@@ -212,6 +212,7 @@ def test_killed_during_version_2_sends_version_2_once_after_a_restart(
         assert newest.NumberOfFrames == CRANIUM_SLICES * _structures(newest)
 
 
+@pytest.mark.slow
 @requires_orthanc
 def test_a_rule_asking_for_a_seg_sends_only_a_seg(node_factory: NodeFactory,
                                                    tmp_path: Path) -> None:
@@ -239,6 +240,7 @@ REQUIRED = """rules:
 """
 
 
+@pytest.mark.slow
 @requires_orthanc
 @pytest.mark.parametrize("action", ["run", "discard", "wait"])
 def test_required_series_missing_waits_then_when_incomplete_acts(
@@ -266,6 +268,7 @@ def test_required_series_missing_waits_then_when_incomplete_acts(
             assert _jobs(node) == []
 
 
+@pytest.mark.slow
 @requires_orthanc
 def test_required_series_arriving_fires_without_the_study_quiet_time(
         node_factory: NodeFactory, tmp_path: Path) -> None:
@@ -303,6 +306,7 @@ def test_demo_rules_match_the_shipped_demo_series(node_factory: NodeFactory, tmp
 
 
 
+@pytest.mark.slow
 def test_run_now_from_the_console_forces_completion(node_factory: NodeFactory,
                                                     tmp_path: Path) -> None:
     import urllib.error

@@ -1,9 +1,9 @@
 """The pipeline end to end with real peers: Orthanc pushes the Cranium CT and the Colin27
 MR to a real `dicomnode serve`; rules fire, worker processes pseudonymize, segment and write
 SEG and RTSTRUCT, results are re-identified and Orthanc ends up holding them in the original
-studies. Also: a node killed while a model runs finishes the job exactly once after a restart,
-receiving stays responsive while a model runs, failing jobs stop after bounded attempts, and
-the `jobs`, `jobs retry` and `run` commands.
+studies. Also: a node killed (or stopped by SIGTERM) while a model runs finishes the job
+exactly once after a restart, receiving stays responsive while a model runs, failing jobs stop
+after bounded attempts, and the `jobs`, `jobs retry` and `run` commands.
 
 All traffic goes to 127.0.0.1 (Orthanc 1.10 cannot be told which address to listen on)."""
 
@@ -77,6 +77,8 @@ def _stored(orthanc: OrthancServer, series: dict[str, Any]) -> pydicom.Dataset:
 
 
 @requires_orthanc
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_orthanc_gets_seg_and_rtstruct_back_in_the_original_studies(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     if not CH2.is_file():
@@ -145,8 +147,12 @@ def storescp(tmp_path: Path) -> Any:
     scp.close()
 
 
-def test_a_node_killed_while_a_model_runs_finishes_the_job_exactly_once(
-        node_factory: NodeFactory, tmp_path: Path, storescp: DcmtkStoreSCP) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["kill", "sigterm"])
+def test_a_node_stopped_while_a_model_runs_finishes_the_job_exactly_once(
+        node_factory: NodeFactory, tmp_path: Path, storescp: DcmtkStoreSCP, stop: str) -> None:
+    """kill -9 counts the interrupted attempt (the job is found running at the next start);
+    SIGTERM stops the worker within the node's grace and gives the attempt back."""
     if not CH2.is_file():
         pytest.skip(f"{CH2} missing: install the Debian package mricron-data")
     node = _node(node_factory, tmp_path, {"ae_title": "DEST", "host": "127.0.0.1",
@@ -158,7 +164,17 @@ def test_a_node_killed_while_a_model_runs_finishes_the_job_exactly_once(
         return any(j["state"] == "running" for j in _jobs(node))
 
     wait_until(running, 60, "a running job")
-    node.kill()  # kill -9 while the worker is in the middle of the job
+    if stop == "kill":
+        node.kill()  # kill -9 while the worker is in the middle of the job
+    else:
+        grace = 20  # node.shutdown_grace_seconds of the test configuration
+        started = time.monotonic()
+        assert node.terminate(timeout=grace + 15) == 0
+        took = time.monotonic() - started
+        assert took < grace, f"the node took {took:.1f} s to stop on SIGTERM"
+        assert "running job(s) stopped; they run again at the next start" in node.log()
+        (job,) = _jobs(node)  # read from the index while the node is down
+        assert (job["state"], job["attempts"]) == ("pending", 0)
     assert not storescp.received()
     node.start()
     wait_until(lambda: [j["state"] for j in _jobs(node)] == ["done"], 120, "the job done")
@@ -167,10 +183,11 @@ def test_a_node_killed_while_a_model_runs_finishes_the_job_exactly_once(
     received = storescp.received()
     assert sorted(received.values()) == [1, 1]  # the re-run wrote the same UIDs, sent once
     (job,) = _jobs(node)
-    assert job["attempts"] == 2
+    assert job["attempts"] == (2 if stop == "kill" else 1)
     assert {r["sop_instance_uid"] for r in job["results"]} == set(received)
 
 
+@pytest.mark.slow
 def test_workers_load_the_rules_models_when_the_node_starts(
         node_factory: NodeFactory, tmp_path: Path, storescp: DcmtkStoreSCP) -> None:
     node = _node(node_factory, tmp_path, {"ae_title": "DEST", "host": "127.0.0.1",
@@ -182,6 +199,7 @@ def test_workers_load_the_rules_models_when_the_node_starts(
     assert _jobs(node) == []
 
 
+@pytest.mark.slow
 def test_receiving_stays_responsive_while_a_model_runs(
         node_factory: NodeFactory, tmp_path: Path, storescp: DcmtkStoreSCP,
         small_ct: list[Path]) -> None:
@@ -199,6 +217,7 @@ def test_receiving_stays_responsive_while_a_model_runs(
     assert took < 10, f"24 small instances took {took:.1f} s while a model ran"
 
 
+@pytest.mark.slow
 def test_failing_jobs_stop_with_their_error(node_factory: NodeFactory, tmp_path: Path,
                                             storescp: DcmtkStoreSCP, small_ct: list[Path]) -> None:
     models = tmp_path / "models"
@@ -222,6 +241,7 @@ def test_failing_jobs_stop_with_their_error(node_factory: NodeFactory, tmp_path:
     wait_until(lambda: len(storescp.received()) == len(job["results"]), 30, "results received")
 
 
+@pytest.mark.slow
 def test_a_manual_run_of_a_rule_on_a_study(node_factory: NodeFactory, tmp_path: Path,
                                           storescp: DcmtkStoreSCP, small_ct: list[Path]) -> None:
     rules = tmp_path / "rules"

@@ -49,6 +49,7 @@ def _send(port: int, paths: list[Path], *, aet: str = "TESTSCU", aec: str = "DIC
     return statuses
 
 
+@pytest.mark.slow
 def test_pynetdicom_send_is_stored_byte_identical_and_indexed(
         node_factory: NodeFactory, small_ct: list[Path]) -> None:
     node = node_factory()
@@ -96,6 +97,7 @@ def test_dcmtk_storescu_compressed_syntaxes_stored_as_received(
             assert dataset_bytes(kept) == dataset_bytes(path)
 
 
+@pytest.mark.slow
 def test_cranium_ct_with_storescu_directory_scan(node_factory: NodeFactory,
                                                  data_dir: Path) -> None:
     files = testdata.cranium_ct(data_dir / "cranium")
@@ -112,6 +114,7 @@ def test_cranium_ct_with_storescu_directory_scan(node_factory: NodeFactory,
         assert dataset_bytes(stored[_sop_uid(path)]) == dataset_bytes(path)
 
 
+@pytest.mark.slow
 def test_unknown_calling_ae_and_wrong_called_ae_are_refused(node_factory: NodeFactory) -> None:
     node = node_factory()
     for aet, aec, diagnostic in (("INTRUDER", "DICOMNODE", 0x03),
@@ -135,6 +138,7 @@ def test_unknown_calling_ae_and_wrong_called_ae_are_refused(node_factory: NodeFa
     assert "not from its configured host (192.0.2.7)" in far.log()
 
 
+@pytest.mark.slow
 def test_malformed_and_incomplete_datasets_get_failure_and_leave_nothing(
         node_factory: NodeFactory, tmp_path: Path, small_ct: list[Path]) -> None:
     node = node_factory()
@@ -151,6 +155,7 @@ def test_malformed_and_incomplete_datasets_get_failure_and_leave_nothing(
     assert "Success" in echo.stdout
 
 
+@pytest.mark.slow
 def test_low_disk_answers_out_of_resources_and_stores_nothing(
         node_factory: NodeFactory, small_ct: list[Path]) -> None:
     node = node_factory(min_free_bytes=2**62)
@@ -159,6 +164,7 @@ def test_low_disk_answers_out_of_resources_and_stores_nothing(
     assert node.studies() == []
 
 
+@pytest.mark.slow
 def test_resend_identical_is_idempotent_and_changed_replaces(
         node_factory: NodeFactory, small_ct: list[Path], tmp_path: Path) -> None:
     node = node_factory()
@@ -177,6 +183,7 @@ def test_resend_identical_is_idempotent_and_changed_replaces(
     assert "re-sent with different content: replacing it" in node.log()
 
 
+@pytest.mark.slow
 def test_completion_waits_for_quiet_time_and_open_associations(
         node_factory: NodeFactory, small_ct: list[Path]) -> None:
     node = node_factory(quiet_seconds=2.0)
@@ -209,6 +216,7 @@ def test_completion_waits_for_quiet_time_and_open_associations(
     assert len(study["series"]) == 2
 
 
+@pytest.mark.slow
 def test_geometry_verdicts_for_gap_sagittal_and_multiframe(
         node_factory: NodeFactory, data_dir: Path) -> None:
     node = node_factory()
@@ -232,6 +240,7 @@ def test_geometry_verdicts_for_gap_sagittal_and_multiframe(
     assert by_modality[("MR", 1)]["frames"] == 24
 
 
+@pytest.mark.slow
 def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
         node_factory: NodeFactory, data_dir: Path) -> None:
     files = testdata.synthetic_ct(data_dir / "kill9", slices=150, rows=256, columns=256)
@@ -258,11 +267,16 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     _config.STORE_SEND_CHUNKED_DATASET = True
     thread = threading.Thread(target=sender)
     thread.start()
+    deadline = time.monotonic() + 120  # a sender that fails or stalls fails the test
     while len(acknowledged) < 40:
+        if done.is_set() or time.monotonic() > deadline:
+            node.kill()
+            pytest.fail(f"only {len(acknowledged)} instance(s) acknowledged; "
+                        f"node log:\n{node.log()}")
         time.sleep(0.01)
     node.kill()
-    done.wait(30)
-    thread.join()
+    assert done.wait(30), "the sender did not notice the node's death"
+    thread.join(10)
     assert 40 <= len(acknowledged) < len(files)
 
     node.start()
@@ -276,6 +290,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     assert not any((node.store / "tmp").iterdir())
 
 
+@pytest.mark.slow
 def test_sigterm_lets_an_open_association_finish(node_factory: NodeFactory,
                                                  small_ct: list[Path]) -> None:
     node = node_factory()
@@ -298,6 +313,7 @@ def test_sigterm_lets_an_open_association_finish(node_factory: NodeFactory,
     assert "stopped" in node.log()
 
 
+@pytest.mark.slow
 def test_cli_send_and_echo_report_per_file_status(node_factory: NodeFactory,
                                                   small_ct: list[Path], tmp_path: Path) -> None:
     node = node_factory()

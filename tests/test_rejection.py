@@ -282,6 +282,7 @@ def test_identity_is_copied_as_it_is_and_never_logged(
     assert not [m for m in said if "Madonna" in m], said
 
 
+@pytest.mark.slow
 @requires_orthanc
 def test_orthanc_stores_the_note_in_the_results_study(superseded: Superseded,
                                                       tmp_path: Path) -> None:

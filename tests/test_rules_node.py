@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 import testdata
 from conftest import NodeFactory, RunningNode, write_model_card
 from pydicom.filereader import read_file_meta_info
@@ -84,6 +85,7 @@ def _wait_jobs(node: RunningNode, count: int, timeout: float = 20.0) -> list[Job
     raise AssertionError(f"expected {count} job(s); log:\n{node.log()[-3000:]}")
 
 
+@pytest.mark.slow
 def test_four_named_series_bind_in_rule_order_whatever_the_arrival_order(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     node = _rule_node(node_factory, tmp_path)
@@ -125,6 +127,7 @@ def _state_size(paths: list[Path], size: int) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_whole_series_without_stated_size_waits_for_the_quiet_time(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     # the association's release and a whole stack say nothing about whether the series is
@@ -157,6 +160,7 @@ def test_series_that_reaches_its_stated_size_fires_at_once(
     assert job.trigger == "early"
 
 
+@pytest.mark.slow
 def test_series_short_of_its_stated_size_does_not_settle_early(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     node = _rule_node(node_factory, tmp_path, quiet_seconds=60.0,
@@ -174,6 +178,7 @@ def test_series_short_of_its_stated_size_does_not_settle_early(
     assert _jobs(node) == []  # the study's quiet time (60 s) has not passed
 
 
+@pytest.mark.slow
 def test_series_with_a_gap_does_not_fire(node_factory: NodeFactory, tmp_path: Path) -> None:
     node = _rule_node(node_factory, tmp_path)
     ct = testdata.synthetic_ct(tmp_path / "gap", slices=14, rows=32, columns=32, missing=[5])
@@ -185,6 +190,7 @@ def test_series_with_a_gap_does_not_fire(node_factory: NodeFactory, tmp_path: Pa
            "gap of 1 slice at z=" in node.log()
 
 
+@pytest.mark.slow
 def test_rules_test_explains_per_clause_with_values(node_factory: NodeFactory,
                                                     tmp_path: Path) -> None:
     node = _rule_node(node_factory, tmp_path)
@@ -201,6 +207,7 @@ def test_rules_test_explains_per_clause_with_values(node_factory: NodeFactory,
     assert "four-channel" not in by_path.stdout
 
 
+@pytest.mark.slow
 def test_broken_rules_are_reported_with_position_and_stop_the_node(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     broken = FOUR.replace('HAS SeriesDescription = "FLAIR"', 'HAS SeriesDescripton = "FLAIR"')

@@ -312,6 +312,7 @@ def _wait_log(node: RunningNode, text: str, timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_node_applies_retention_and_a_restart_does_not_index_deleted_files_again(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     running, node = _node(node_factory, tmp_path,

@@ -105,6 +105,7 @@ def _storescu_tls(port: int, file: Path, key: Path | None, cert: Path | None,
     return storescu(port, file, extra=(*tls, "+cf", str(ca))).returncode
 
 
+@pytest.mark.slow
 def test_storescu_over_tls_needs_a_certificate_the_ca_signed(
         node_factory: NodeFactory, pki: Pki, small_ct: list[Path]) -> None:
     node = node_factory(node={"tls": _node_tls(pki)})
@@ -239,6 +240,7 @@ def test_tls_configuration_errors_name_the_file(tmp_path: Path, pki: Pki) -> Non
         server_context(config.node.tls)
 
 
+@pytest.mark.slow
 @requires_orthanc
 def test_orthanc_over_dicom_tls_both_ways(node_factory: NodeFactory, tmp_path: Path, pki: Pki,
                                           small_ct: list[Path]) -> None:

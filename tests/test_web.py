@@ -108,6 +108,7 @@ def node_with_job(node_factory: NodeFactory, tmp_path: Path,
     yield node
 
 
+@pytest.mark.slow
 def test_pages_json_overlay_and_health_without_identity(node_with_job: RunningNode) -> None:
     base = node_with_job.console_url()
     status, body, kind = _get(f"{base}/healthz")
@@ -132,6 +133,7 @@ def test_pages_json_overlay_and_health_without_identity(node_with_job: RunningNo
     assert jobs[0]["timings"]["model"] > 0
 
 
+@pytest.mark.slow
 def test_metrics_in_prometheus_format(node_with_job: RunningNode) -> None:
     base = node_with_job.console_url()
     status, body, kind = _get(f"{base}/metrics")
@@ -147,6 +149,7 @@ def test_metrics_in_prometheus_format(node_with_job: RunningNode) -> None:
     assert not any(t in text for t in IDENTITY)
 
 
+@pytest.mark.slow
 def test_actions_need_their_header_and_rerun_the_job(node_with_job: RunningNode) -> None:
     base = node_with_job.console_url()
     assert _post(f"{base}/api/v1/jobs/1/retry", header=False)[0] == 403
@@ -163,6 +166,7 @@ def test_actions_need_their_header_and_rerun_the_job(node_with_job: RunningNode)
     assert _post(f"{base}/api/v1/outbox/42/resend")[0] == 409
 
 
+@pytest.mark.slow
 def test_identity_only_with_the_token(node_factory: NodeFactory, tmp_path: Path,
                                       small_ct: list[Path]) -> None:
     token_file = tmp_path / "console.token"
@@ -204,6 +208,7 @@ def test_a_console_bound_beyond_loopback_needs_a_token(node_factory: NodeFactory
     assert "not a loopback address" in proc.stderr and "token" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
                     reason="headless Chromium needs the Debian packages chromium and "
                            "chromium-driver (tools/test.sh installs them)")
@@ -302,6 +307,7 @@ def test_console_defences(node_factory: NodeFactory, tmp_path: Path) -> None:
     assert "wrong token from 127.0.0.1" in node.log()
 
 
+@pytest.mark.slow
 def test_a_job_error_quoting_a_value_is_hidden_without_the_token(
         node_with_job: RunningNode) -> None:
     import sqlite3
@@ -376,6 +382,7 @@ def test_fields_a_report_gains_never_reach_the_console() -> None:
         assert ("1.2.5" in text) is auth
 
 
+@pytest.mark.slow
 def test_the_api_lists_rules_and_models_and_describes_itself(
         node_with_job: RunningNode) -> None:
     base = node_with_job.console_url()

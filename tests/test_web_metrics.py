@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -211,21 +212,38 @@ def test_metrics_of_an_empty_index_list_every_state_at_zero(tmp_path: Path) -> N
     index.dispose()
 
 
+class _YieldingReason(str):
+    """A refusal reason whose hash gives the GIL away: every dict access with it in
+    ``RefusalCounter.increment`` (the read and the write of ``+= 1``) lets another thread
+    run, so without the counter's lock two threads interleave between read and write."""
+
+    def __hash__(self) -> int:
+        time.sleep(0)  # releases the GIL: forces a switch inside the critical section
+        return str.__hash__(self)
+
+    def __eq__(self, other: object) -> bool:
+        return str.__eq__(self, other)
+
+
 def test_refusal_counter_is_thread_safe_and_keeps_its_labels_fixed() -> None:
     counter = RefusalCounter()
+    reason = _YieldingReason("host_not_allowed")
+    start = threading.Barrier(8)
 
     def hammer() -> None:
-        for _ in range(1000):
-            counter.increment("host_not_allowed")
+        start.wait(10)  # all threads increment at once
+        for _ in range(500):
+            counter.increment(reason)
 
     threads = [threading.Thread(target=hammer) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
     counter.increment("calling AE title 'X' from 10.0.0.1")  # not a known reason
     counts = counter.counts()
-    assert counts["host_not_allowed"] == 8000
+    assert counts["host_not_allowed"] == 8 * 500  # no increment lost between read and write
     assert counts["other"] == 1
     assert set(counts) == set(REFUSAL_KINDS)
 

@@ -167,6 +167,10 @@ class InstanceStore:
 
             series = self._series(session, header, now)
             created = existing is None
+            previous = None if existing is None else Path(existing.file_path)
+            # the version stored at the same place (a replacement) is kept until the index
+            # has the new one: a failed commit puts it back, nothing acknowledged is lost
+            kept = self.files.keep(relative)
             self.files.commit(tmp_file, relative)
             try:
                 if existing is None:
@@ -176,8 +180,6 @@ class InstanceStore:
                     LOG.warning("instance %d re-sent with different content: replacing it",
                                 existing.id)
                     existing.times_received += 1
-                    if existing.file_path != relative.as_posix():
-                        self.files.remove(Path(existing.file_path))
                 existing.series = series
                 existing.sop_class_uid = header.sop_class_uid
                 existing.transfer_syntax_uid = header.transfer_syntax_uid
@@ -190,9 +192,16 @@ class InstanceStore:
                 session.commit()
             except SQLAlchemyError:
                 session.rollback()
-                if created:
+                if kept is not None:
+                    self.files.restore(kept, relative)
+                else:
                     self.files.remove(relative)
                 raise
+            finally:
+                if kept is not None:
+                    kept.unlink(missing_ok=True)
+            if previous is not None and previous != relative:
+                self.files.remove(previous)  # the replaced version lived elsewhere
             return IngestResult(series.study_pk, series.id, existing.id,
                                 IngestOutcome.STORED if created else IngestOutcome.REPLACED)
 

@@ -78,6 +78,26 @@ class InstanceFiles:
                 fsync_dir(dest.parent.parent.parent)
         return dest
 
+    def keep(self, relative: Path) -> Path | None:
+        """Keep the stored file at ``relative`` (if any) under a second name in ``tmp/`` (a
+        hard link: no copy), so that :meth:`restore` can put it back after :meth:`commit`
+        replaced it; returns that name, or None when nothing is stored there. The caller
+        deletes the kept name when it is no longer needed."""
+        dest = self.root / relative
+        if not dest.is_file():
+            return None
+        kept = self.tmp / f"kept-{relative.name}"
+        kept.unlink(missing_ok=True)
+        os.link(dest, kept)
+        return kept
+
+    def restore(self, kept: Path, relative: Path) -> None:
+        """Put a file kept by :meth:`keep` back at ``relative`` (atomically, made durable)."""
+        dest = self.root / relative
+        os.replace(kept, dest)
+        if self.fsync:
+            fsync_dir(dest.parent)
+
     def remove(self, relative: Path) -> None:
         """Delete a stored instance (used when its index row could not be written)."""
         try:
