@@ -1,0 +1,283 @@
+"""Inference on NVIDIA Triton: ``models export-triton``'s repository, and ``models run`` with
+``inference.backend: triton`` against a REAL ``tritonserver`` (from the nvidia-pytriton
+wheel, see ``tools/triton_server.py``) serving the exported ONNX file, compared with the
+local ONNX Runtime session."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import yaml
+from pydantic import ValidationError
+from triton_server import TritonServer, python_repository, stub_venv, tritonserver_binary
+
+from dicomnode.config import Config, InferenceBackend
+from dicomnode.inference import runtime
+from dicomnode.inference.predict import InferenceError
+from dicomnode.inference.triton import (
+    ExportOptions,
+    InstanceKind,
+    TritonSession,
+    TritonSettings,
+    max_batch_size,
+    model_name,
+)
+from dicomnode.models.card import load_card
+
+ROOT = Path(__file__).resolve().parents[1]
+CT_BODY = ROOT / "models" / "ct-body"
+
+try:
+    import tritonclient.grpc
+    import tritonclient.http
+
+    del tritonclient
+    HAVE_CLIENT = True
+except ImportError:
+    HAVE_CLIENT = False
+
+requires_client = pytest.mark.skipif(
+    not HAVE_CLIENT, reason="tritonclient is not installed (pip install -e '.[triton]'; "
+    "tools/test.sh installs it)")
+requires_triton = pytest.mark.skipif(
+    not HAVE_CLIENT or tritonserver_binary() is None or stub_venv() is None,
+    reason="a real Triton server needs tritonclient, the nvidia-pytriton wheel (tritonserver) "
+    "and the stub's numpy<2 venv (~/.cache/dicomnode/triton-stub-venv): tools/test.sh "
+    "installs all three")
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _cli(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    extra = ["--config", str(config)] if config is not None else []
+    return subprocess.run([sys.executable, "-m", "dicomnode", *args, *extra],
+                          capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+
+
+def _config(folder: Path, **inference: Any) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "dicomnode.yaml"
+    body: dict[str, Any] = {"models_dir": str(ROOT / "models"),
+                            "storage": {"path": str(folder / "var")},
+                            "logging": {"level": "WARNING"}}
+    if inference:
+        body["inference"] = inference
+    path.write_text(yaml.safe_dump(body), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_triton_backend_needs_a_url() -> None:
+    with pytest.raises(ValidationError, match=r"backend triton needs triton\.url"):
+        Config.model_validate({"inference": {"backend": "triton"}})
+    config = Config.model_validate(
+        {"inference": {"backend": "triton", "triton": {"url": "grpc://triton:8001",
+                                                        "protocol": "grpc"}}})
+    assert config.inference.backend is InferenceBackend.TRITON
+    assert Config.model_validate({}).inference.backend is InferenceBackend.ONNXRUNTIME
+
+
+@pytest.mark.parametrize("url", ["triton", "http://triton", "ftp://triton:8000",
+                                 "triton:99999", "triton:8000/v2"])
+def test_triton_url_is_host_and_port(url: str) -> None:
+    with pytest.raises(ValidationError, match=r"host:port|scheme"):
+        Config.model_validate({"inference": {"backend": "triton", "triton": {"url": url}}})
+
+
+def test_model_names_follow_the_package() -> None:
+    card = load_card(CT_BODY)
+    assert model_name(card) == "ct-body-1.0.0"
+    assert model_name(card, prefix="site-") == "site-ct-body-1.0.0"
+    assert max_batch_size(card) == 16  # the card's 2-D batch
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _parse(path: Path) -> Any:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@requires_client
+def test_export_triton_writes_a_repository_triton_parses(tmp_path: Path) -> None:
+    out = tmp_path / "repo"
+    proc = _cli("models", "export-triton", "ct-body", str(out), "--tensorrt", "--gpus", "0,1",
+                "--count", "2", "--dynamic-batching")
+    assert proc.returncode == 0, proc.stderr
+    folder = out / "ct-body-1.0.0"
+    assert (folder / "1" / "model.onnx").read_bytes() == (CT_BODY / "model.onnx").read_bytes()
+    config = _parse(folder / "config.pbtxt")
+    assert config.name == "ct-body-1.0.0" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 16
+    assert [(i.name, list(i.dims)) for i in config.input] == [("hu", [1, -1, -1])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("prob", [3, -1, -1])]
+    assert config.input[0].data_type == config.output[0].data_type == 11  # TYPE_FP32
+    group = config.instance_group[0]
+    assert (group.count, group.kind, list(group.gpus)) == (2, group.KIND_GPU, [0, 1])
+    assert config.HasField("dynamic_batching")
+    accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accelerator.name == "tensorrt"
+    # ct-body's card does not allow half precision
+    assert accelerator.parameters["precision_mode"] == "FP32"
+    # a second export of the same version does not overwrite the first
+    again = _cli("models", "export-triton", "ct-body", str(out))
+    assert again.returncode == 1 and "exists" in again.stderr
+
+
+@requires_client
+def test_export_triton_fp16_only_where_the_card_allows(tmp_path: Path) -> None:
+    package = tmp_path / "ct-body"
+    shutil.copytree(CT_BODY, package)
+    card = yaml.safe_load((package / "card.yaml").read_text())
+    card["runtime"] = {"fp16": True}
+    (package / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    for flags, precision in (([], "FP16"), (["--no-fp16"], "FP32")):
+        out = tmp_path / f"repo{len(flags)}"
+        proc = _cli("models", "export-triton", str(package), str(out), "--tensorrt", *flags)
+        assert proc.returncode == 0, proc.stderr
+        config = _parse(out / "ct-body-1.0.0" / "config.pbtxt")
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator[0]
+        assert accelerator.parameters["precision_mode"] == precision
+
+
+@requires_client
+def test_export_triton_cpu_instances(tmp_path: Path) -> None:
+    proc = _cli("models", "export-triton", "ct-body", str(tmp_path / "r"), "--kind", "cpu",
+                "--max-batch-size", "4", "--prefix", "site-")
+    assert proc.returncode == 0, proc.stderr
+    config = _parse(tmp_path / "r" / "site-ct-body-1.0.0" / "config.pbtxt")
+    assert config.name == "site-ct-body-1.0.0"
+    assert config.instance_group[0].kind == config.instance_group[0].KIND_CPU
+    assert config.max_batch_size == 4 and not config.HasField("optimization")
+    refused = _cli("models", "export-triton", "ct-body", str(tmp_path / "x"), "--kind", "cpu",
+                   "--tensorrt")
+    assert refused.returncode == 2 and "GPU instances" in refused.stderr
+
+
+def test_export_options_refuse_nonsense() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        ExportOptions(count=0)
+    with pytest.raises(ValueError, match="GPU instances"):
+        ExportOptions(kind=InstanceKind.CPU, gpus=(0,))
+    with pytest.raises(ValueError, match="prefix"):
+        ExportOptions(prefix="a/b")
+
+
+# --------------------------------------------------------------------------- a real server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """tritonserver serving ct-body as export-triton wrote it (KIND_CPU, Python backend
+    running the exported model.onnx with ONNX Runtime)."""
+    base = tmp_path_factory.mktemp("triton")
+    proc = _cli("models", "export-triton", "ct-body", str(base / "exported"), "--kind", "cpu",
+                "--dynamic-batching")
+    assert proc.returncode == 0, proc.stderr
+    repo = python_repository(base / "exported", base / "repo")
+    with TritonServer(repo, base / "server") as triton:
+        yield triton
+
+
+@pytest.fixture
+def fresh_runtime() -> Iterator[None]:
+    runtime.clear_cache()
+    yield
+    runtime.configure(runtime.GpuSettings())
+    runtime.clear_cache()
+
+
+@requires_triton
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_triton_session_gives_the_local_probabilities(
+        server: TritonServer, protocol: str, fresh_runtime: None) -> None:
+    """The same windows through Triton and through the local session: the same numbers."""
+    card = load_card(CT_BODY)
+    local = runtime.open_card_session(card)
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    runtime.configure(runtime.GpuSettings(), TritonSettings(url=url, protocol=protocol))
+    remote = runtime.open_card_session(card)
+    assert isinstance(remote, TritonSession) and remote.provider == "Triton"
+    assert (remote.input_name, remote.output_name) == ("hu", "prob")
+    assert remote.input_shape == (None, 1, None, None)
+    rng = np.random.default_rng(18)
+    for shape in ((1, 1, 64, 64), (16, 1, 48, 80)):
+        batch = rng.uniform(-1100, 1600, shape).astype(np.float32)
+        ours, theirs = local.run(batch), remote.run(batch)
+        assert theirs.dtype == np.float32 and theirs.shape == ours.shape
+        np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-5)
+    # more than the exported max_batch_size: Triton refuses, and says so
+    with pytest.raises(InferenceError, match=f"Triton at {url}: model ct-body-1.0.0 failed"):
+        remote.run(np.zeros((17, 1, 8, 8), np.float32))
+
+
+@requires_triton
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_models_run_through_triton_gives_the_local_labels(
+        server: TritonServer, small_ct: list[Path], tmp_path: Path, protocol: str) -> None:
+    series = small_ct[0].parent
+    local = _cli("models", "run", "ct-body", "-i", str(series), "-o", str(tmp_path / "local"),
+                 config=_config(tmp_path / "a"))
+    assert local.returncode == 0, local.stderr
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    config = _config(tmp_path / "b", backend="triton", triton={"url": url, "protocol": protocol})
+    remote = _cli("models", "run", "ct-body", "-i", str(series), "-o", str(tmp_path / "remote"),
+                  config=config)
+    assert remote.returncode == 0, remote.stderr
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "local" / "labels.nii.gz")))
+    theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "remote" / "labels.nii.gz")))
+    assert np.count_nonzero(ours) > 0
+    assert np.array_equal(ours, theirs)  # bit-identical labels
+    assert "on Triton" in remote.stdout and "on CPUExecutionProvider" in local.stdout
+    report = [json.loads((tmp_path / run / "volumes.json").read_text())["structures"]
+              for run in ("local", "remote")]
+    assert report[0] == report[1]  # the same structures and volumes
+
+
+@requires_client
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_unreachable_server_is_a_clear_error(small_ct: list[Path], tmp_path: Path,
+                                             protocol: str) -> None:
+    from conftest import free_port
+
+    url = f"127.0.0.1:{free_port()}"  # nothing listens there
+    config = _config(tmp_path, backend="triton",
+                     triton={"url": url, "protocol": protocol, "timeout_seconds": 5})
+    proc = _cli("models", "run", "ct-body", "-i", str(small_ct[0].parent), "-o",
+                str(tmp_path / "out"), config=config)
+    assert proc.returncode == 1
+    assert f"Triton at {url} ({protocol}) is not reachable" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    ds = pydicom.dcmread(small_ct[0], stop_before_pixels=True)
+    for identity in (str(ds.PatientName), str(ds.PatientID)):
+        assert identity not in proc.stderr + proc.stdout
+
+
+@requires_triton
+def test_missing_model_is_a_clear_error(server: TritonServer, small_ct: list[Path],
+                                        tmp_path: Path) -> None:
+    config = _config(tmp_path, backend="triton",
+                     triton={"url": server.http_url, "model_prefix": "other-"})
+    proc = _cli("models", "run", "ct-body", "-i", str(small_ct[0].parent), "-o",
+                str(tmp_path / "out"), config=config)
+    assert proc.returncode == 1
+    assert (f"Triton at {server.http_url} has no model other-ct-body-1.0.0 ready"
+            in proc.stderr), proc.stderr
