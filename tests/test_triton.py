@@ -281,3 +281,38 @@ def test_missing_model_is_a_clear_error(server: TritonServer, small_ct: list[Pat
     assert proc.returncode == 1
     assert (f"Triton at {server.http_url} has no model other-ct-body-1.0.0 ready"
             in proc.stderr), proc.stderr
+
+
+# --------------------------------------------------------------------------- docker
+
+
+def test_compose_scale_is_valid_and_wired() -> None:
+    """docker/compose.scale.yaml (not built here: no Docker engine in the test
+    environment): valid YAML, the five services, the nodes' configuration valid and
+    pointing at the Triton service, and Triton serving the repository the export writes."""
+    from dicomnode.config import load_config
+
+    compose = yaml.safe_load((ROOT / "docker" / "compose.scale.yaml").read_text())
+    services = compose["services"]
+    assert {"postgres", "orthanc", "triton", "node1", "node2", "triton-export"} <= set(services)
+    for name in ("node1", "node2"):
+        node = services[name]
+        assert node["build"]["args"]["DICOMNODE_EXTRAS"] == "triton"
+        assert "dicomnode-shared:/var/lib/dicomnode" in node["volumes"]
+        assert set(node["depends_on"]) == {"postgres", "orthanc", "triton"}
+        assert all(p.startswith("127.0.0.1:") for p in node["ports"])
+    assert "triton-models:/models:ro" in services["triton"]["volumes"]
+    assert "--model-repository=/models" in services["triton"]["command"]
+    export = services["triton-export"]
+    assert "triton-models:/models" in export["volumes"]
+    assert "export-triton $$m /models" in export["command"][0]
+    mounted = next(v.split(":")[0] for v in services["node1"]["volumes"]
+                   if v.endswith("/etc/dicomnode/dicomnode.yaml:ro"))
+    config = load_config(ROOT / "docker" / mounted)
+    assert config.inference.backend is InferenceBackend.TRITON
+    assert config.inference.triton.url == "triton:8001"
+    assert config.storage.database_url is not None
+    assert config.storage.database_url.startswith("postgresql")
+    # every package the export step names exists
+    names = export["command"][0].split("; do ")[0].split(" in ")[1].split()
+    assert all((ROOT / "models" / n / "card.yaml").exists() for n in names)
