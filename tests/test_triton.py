@@ -316,3 +316,62 @@ def test_compose_scale_is_valid_and_wired() -> None:
     # every package the export step names exists
     names = export["command"][0].split("; do ")[0].split(" in ")[1].split()
     assert all((ROOT / "models" / n / "card.yaml").exists() for n in names)
+
+
+# --------------------------------------------------------------------------- nnU-Net folds
+
+
+@requires_triton
+@pytest.mark.slow
+def test_nnunet_folds_through_triton_give_the_local_labels(
+        tmp_path: Path, small_ct: list[Path], fresh_runtime: None) -> None:
+    """The tiny trained nnU-Net (tests/data/nnunet_tiny, two folds, mirroring on 3 axes)
+    imported, exported (one Triton model per fold, batches of 8 mirrored windows) and run
+    through Triton: the same labels as the local sessions."""
+    trained = ROOT / "tests" / "data" / "nnunet_tiny" / "nnUNetTrainerTiny__nnUNetPlans__3d_fullres"
+    models = tmp_path / "models"
+    env_dirs = {k: str(tmp_path / k) for k in ("nnUNet_raw", "nnUNet_preprocessed",
+                                               "nnUNet_results")}
+    os.environ.update({k: v for k, v in env_dirs.items() if k not in os.environ})
+    base = _config(tmp_path / "local")
+    body = yaml.safe_load(base.read_text())
+    body["models_dir"] = str(models)
+    base.write_text(yaml.safe_dump(body))
+    proc = _cli("models", "import", "nnunet", str(trained), "--name", "tiny-ct", config=base)
+    assert proc.returncode == 0, proc.stderr
+    exported = _cli("models", "export-triton", "tiny-ct", str(tmp_path / "exported"),
+                    "--kind", "cpu", config=base)
+    assert exported.returncode == 0, exported.stderr
+    card = load_card(models / "tiny-ct")
+    assert sorted(p.name for p in (tmp_path / "exported").iterdir()) == [
+        f"tiny-ct-{card.version}-fold_0", f"tiny-ct-{card.version}-fold_1"]
+    assert _parse(tmp_path / "exported" / f"tiny-ct-{card.version}-fold_0" /
+                  "config.pbtxt").max_batch_size == 8
+    repo = python_repository(tmp_path / "exported", tmp_path / "repo")
+    series = small_ct[0].parent
+    local = _cli("models", "run", "tiny-ct", "-i", str(series), "-o", str(tmp_path / "a"),
+                 config=base)
+    assert local.returncode == 0, local.stderr
+    with TritonServer(repo, tmp_path / "server") as server:
+        body["inference"] = {"backend": "triton", "triton": {"url": server.grpc_url,
+                                                             "protocol": "grpc"}}
+        remote_config = tmp_path / "remote.yaml"
+        remote_config.write_text(yaml.safe_dump(body))
+        remote = _cli("models", "run", "tiny-ct", "-i", str(series), "-o",
+                      str(tmp_path / "b"), config=remote_config)
+        assert remote.returncode == 0, remote.stderr
+        # one window's logits, both folds, directly
+        window = np.random.default_rng(5).normal(size=(8, 1, *card.profile["patch_size"]))
+        window = window.astype(np.float32)
+        for fold in ("fold_0.onnx", "fold_1.onnx"):
+            runtime.configure(runtime.GpuSettings())
+            ours = runtime.open_session(models / "tiny-ct" / fold, input_name=card.onnx_input,
+                                        output_name=card.onnx_output).run(window)
+            runtime.configure(runtime.GpuSettings(), TritonSettings(server.grpc_url, "grpc"))
+            theirs = runtime.open_session(models / "tiny-ct" / fold,
+                                          input_name=card.onnx_input,
+                                          output_name=card.onnx_output).run(window)
+            np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-5)
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / "labels.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / "labels.nii.gz")))
+    assert np.array_equal(a, b)
