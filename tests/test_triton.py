@@ -375,3 +375,61 @@ def test_nnunet_folds_through_triton_give_the_local_labels(
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / "labels.nii.gz")))
     b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / "labels.nii.gz")))
     assert np.array_equal(a, b)
+
+
+# --------------------------------------------------------------------------- a node's jobs
+
+
+@requires_triton
+def test_a_nodes_jobs_wait_for_triton_and_then_run_there(
+        node_factory: Any, tmp_path: Path, small_ct: list[Path]) -> None:
+    """`dicomnode serve` with backend triton: while Triton is down the job fails as
+    TRANSIENT (tried max_attempts times, the error names the URL); once Triton serves the
+    exported model, the job runs through it and the results reach the peer."""
+    from conftest import DcmtkStoreSCP, free_port, storescu, wait_until
+
+    http_port = free_port()
+    url = f"127.0.0.1:{http_port}"
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "rules.yaml").write_text("""rules:
+  - name: ct-external
+    select: >-
+      SELECT study FROM patient WHERE series NAMED "ct" HAS Modality = "CT"
+    model: ct-body
+    send_to: [dest]
+""")
+    key = tmp_path / "deid.key"
+    key.write_bytes(b"triton-test-key-0123456789")
+    scp = DcmtkStoreSCP(tmp_path / "received")
+    try:
+        node = node_factory(
+            peers={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": scp.port}},
+            rules_dir=str(rules), models_dir=str(ROOT / "models"),
+            deid={"key_file": str(key)}, pipeline={"max_attempts": 3},
+            inference={"backend": "triton",
+                       "triton": {"url": url, "protocol": "http", "timeout_seconds": 5}})
+
+        def jobs() -> list[dict[str, Any]]:
+            report: list[dict[str, Any]] = json.loads(node.cli("jobs", "--json").stdout)["jobs"]
+            return report
+
+        assert storescu(node.port, *small_ct).returncode == 0
+        wait_until(lambda: [j["state"] for j in jobs()] == ["failed"], 90, "the job failed")
+        (job,) = jobs()
+        assert job["attempts"] == 3  # transient: tried again, not failed at once
+        assert f"Triton at {url} (http) is not reachable" in job["error"]
+        assert not scp.received()
+        exported = _cli("models", "export-triton", "ct-body", str(tmp_path / "exported"),
+                        "--kind", "cpu")
+        assert exported.returncode == 0, exported.stderr
+        repo = python_repository(tmp_path / "exported", tmp_path / "repo")
+        with TritonServer(repo, tmp_path / "server", http_port=http_port):
+            retry = node.cli("jobs", "retry", str(job["id"]))
+            assert "done:" in retry.stdout, retry.stdout + retry.stderr
+            (job,) = jobs()
+            assert job["state"] == "done"
+            wait_until(lambda: len(scp.received()) == len(job["results"]), 30,
+                       "results received")
+    finally:
+        scp.close()

@@ -145,7 +145,8 @@ class TritonServer:
 
     host = "127.0.0.1"
 
-    def __init__(self, repository: Path, workdir: Path) -> None:
+    def __init__(self, repository: Path, workdir: Path, *, http_port: int | None = None,
+                 grpc_port: int | None = None) -> None:
         binary = tritonserver_binary()
         if binary is None:
             raise RuntimeError("tritonserver not installed (pip install --no-deps "
@@ -153,8 +154,8 @@ class TritonServer:
         self.binary = binary
         self.repository = Path(repository)
         self.workdir = Path(workdir)
-        self.http_port = _free_port()
-        self.grpc_port = _free_port()
+        self.http_port = http_port or _free_port()
+        self.grpc_port = grpc_port or _free_port()
         self.log_path = self.workdir / "tritonserver.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -32,12 +32,20 @@ from dicomnode.inference.predict import InferenceError
 if TYPE_CHECKING:
     from dicomnode.models.card import Card
 
-__all__ = ["ExportOptions", "InstanceKind", "TritonSession", "TritonSettings", "clear_cache",
+__all__ = ["ExportOptions", "InstanceKind", "TritonSession", "TritonSettings", "TritonUnavailable",
+           "clear_cache",
            "config_pbtxt", "export_repository", "max_batch_size", "model_files", "model_name",
            "open_triton_session"]
 
 #: the ``provider`` a Triton session reports (logs, results' provenance)
 PROVIDER = "Triton"
+
+
+class TritonUnavailable(InferenceError):
+    """Triton cannot be reached, has not (yet) loaded the model, timed out or failed a
+    batch: transient, a job is tried again (``pipeline.max_attempts``)."""
+
+    transient = True
 
 
 class InstanceKind(str, Enum):
@@ -117,9 +125,9 @@ def _client_module(protocol: str) -> Any:
     return module
 
 
-def _unreachable(settings: TritonSettings, exc: BaseException) -> InferenceError:
+def _unreachable(settings: TritonSettings, exc: BaseException) -> TritonUnavailable:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return InferenceError(f"Triton at {settings.url} ({settings.protocol}) is not reachable: "
+    return TritonUnavailable(f"Triton at {settings.url} ({settings.protocol}) is not reachable: "
                           f"{reason[:300]}")
 
 
@@ -147,7 +155,7 @@ class TritonSession:
         """Send one batch (numpy) to Triton and return the chosen output (numpy float32).
 
         Raises:
-            InferenceError: the server is gone, timed out or refused the request.
+            TritonUnavailable: the server is gone, timed out or refused the request.
         """
         from tritonclient.utils import triton_to_np_dtype
 
@@ -164,7 +172,7 @@ class TritonSession:
         try:
             result = self.client.infer(self.model, [inp], outputs=[out], **extra)
         except Exception as exc:  # tritonclient's, gevent's and socket errors alike
-            raise InferenceError(
+            raise TritonUnavailable(
                 f"Triton at {self.settings.url}: model {self.model} failed on a batch of "
                 f"{data.shape[0]}: {_first_line(exc)}") from None
         array = result.as_numpy(self.output_name)
@@ -204,13 +212,13 @@ def _metadata(settings: TritonSettings, client: Any, model: str) -> dict[str, An
     except Exception as exc:
         raise _unreachable(settings, exc) from None
     if not live:
-        raise InferenceError(f"Triton at {settings.url} is not live")
+        raise TritonUnavailable(f"Triton at {settings.url} is not live")
     try:
         ready = client.is_model_ready(model, **grpc)
     except Exception as exc:
         raise _unreachable(settings, exc) from None
     if not ready:
-        raise InferenceError(
+        raise TritonUnavailable(
             f"Triton at {settings.url} has no model {model} ready (export it with "
             "'dicomnode models export-triton' into the server's model repository)")
     try:
@@ -234,8 +242,9 @@ def open_triton_session(model_path: Path, settings: TritonSettings, *,
     it names the model); cached per process and server.
 
     Raises:
-        InferenceError: tritonclient missing, server unreachable, model not ready, or the
-            names of the card not in the model's metadata.
+        TritonUnavailable: server unreachable or model not ready (transient).
+        InferenceError: tritonclient missing, no card beside the file, or the card's
+            input/output names not in the model's metadata.
     """
     from dicomnode.models.card import CardError, cached_card
 
