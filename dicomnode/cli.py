@@ -593,6 +593,33 @@ def cmd_models_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_export_triton(args: argparse.Namespace) -> int:
+    from dicomnode.inference.triton import ExportOptions, InstanceKind, export_repository
+
+    config = _config(args)
+    setup_logging("WARNING")
+    card = _card(config, args.model)
+    if card is None:
+        return 1
+    try:
+        gpus = tuple(int(g) for g in args.gpus.split(",") if g.strip())
+        options = ExportOptions(
+            kind=InstanceKind(args.kind), count=args.count, gpus=gpus, tensorrt=args.tensorrt,
+            fp16=not args.no_fp16, max_batch_size=args.max_batch_size,
+            dynamic_batching=args.dynamic_batching, prefix=args.prefix)
+    except ValueError as exc:
+        print(f"export-triton: {exc}", file=sys.stderr)
+        return 2
+    try:
+        folders = export_repository(card, args.out_dir, options)
+    except (OSError, ValueError) as exc:
+        print(f"model {card.name}: {exc}", file=sys.stderr)
+        return 1
+    for folder in folders:
+        print(f"{folder.name}: {folder / 'config.pbtxt'}")
+    return 0
+
+
 def cmd_models_import(args: argparse.Namespace) -> int:
     from dicomnode.inference.importers import importer_module
 
@@ -790,6 +817,26 @@ def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
                    "rtstruct.dcm (sr.dcm) and volumes.json")
     p.add_argument("--config", "-c", type=Path, default=None)
     p.set_defaults(func=cmd_models_run)
+    p = models_sub.add_parser(
+        "export-triton", help="write a Triton model repository for a package (one model "
+        "per ONNX file: MODEL/config.pbtxt, MODEL/1/model.onnx)")
+    p.add_argument("model", help="package name in models_dir, or a package folder")
+    p.add_argument("out_dir", type=Path, help="the model repository (created if missing)")
+    p.add_argument("--kind", choices=("gpu", "cpu"), default="gpu",
+                   help="instance group kind: KIND_GPU (default) or KIND_CPU")
+    p.add_argument("--count", type=int, default=1, help="instances per GPU (or on the CPU)")
+    p.add_argument("--gpus", default="", help="comma-separated GPU ids (default: all)")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="run through TensorRT (fp16 where the card's runtime.fp16 allows)")
+    p.add_argument("--no-fp16", action="store_true", help="keep TensorRT in float32")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="override the batch size derived from the card")
+    p.add_argument("--dynamic-batching", action="store_true",
+                   help="let Triton gather several workers' requests into one batch")
+    p.add_argument("--prefix", default="", help="prepended to the model names "
+                   "(inference.triton.model_prefix)")
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.set_defaults(func=cmd_models_export_triton)
     from dicomnode.inference.importers import IMPORTERS, importer_module
 
     p = models_sub.add_parser(

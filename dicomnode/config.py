@@ -33,6 +33,7 @@ __all__ = [
     "ConfigError",
     "DeidConfig",
     "DeidOption",
+    "InferenceBackend",
     "InferenceConfig",
     "NodeConfig",
     "OutboxConfig",
@@ -45,6 +46,8 @@ __all__ = [
     "RetrieveMethod",
     "StorageConfig",
     "TlsConfig",
+    "TritonConfig",
+    "TritonProtocol",
     "WebConfig",
     "format_validation_errors",
     "load_config",
@@ -361,8 +364,59 @@ KNOWN_PROVIDERS = (
 """The ONNX Runtime execution providers a configuration may list."""
 
 
+class InferenceBackend(str, Enum):
+    """Where the models' windows run: in the worker's own ONNX Runtime session, or on an
+    NVIDIA Triton Inference Server (pre- and post-processing stay in the worker)."""
+
+    ONNXRUNTIME = "onnxruntime"
+    TRITON = "triton"
+
+
+class TritonProtocol(str, Enum):
+    """The KServe v2 protocol binding used to reach Triton."""
+
+    HTTP = "http"
+    GRPC = "grpc"
+
+
+_TRITON_URL = re.compile(r"^(?:(?P<scheme>[a-z]+)://)?(?P<host>[^/:\s]+|\[[0-9a-fA-F:.]+\])"
+                         r":(?P<port>[0-9]{1,5})/?$")
+
+
+class TritonConfig(_Section):
+    """The Triton Inference Server of ``inference.backend: triton`` (models exported with
+    ``dicomnode models export-triton``; each model is named after its package)."""
+
+    url: str | None = Field(
+        None, description="host:port of Triton's HTTP (default 8000) or gRPC (8001) endpoint; "
+        "http://, https:// or grpc:// may prefix it")
+    protocol: TritonProtocol = TritonProtocol.HTTP
+    timeout_seconds: float = Field(
+        60.0, gt=0, le=3600, description="connecting and each request (one batch of windows)")
+    model_prefix: str = Field(
+        "", pattern=r"^[A-Za-z0-9_.-]*$",
+        description="prepended to every model name (the same as export-triton --prefix)")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        match = _TRITON_URL.match(v.strip())
+        if match is None or not 0 < int(match["port"]) < 65536:
+            raise ValueError(f"{v!r} is not host:port (optionally http://, https:// or grpc:// "
+                             "before it, e.g. localhost:8000)")
+        if match["scheme"] not in (None, "http", "https", "grpc", "grpcs"):
+            raise ValueError(f"{v!r}: the scheme must be http, https, grpc or grpcs")
+        return v.strip().rstrip("/")
+
+
 class InferenceConfig(_Section):
-    """How models run: ONNX Runtime execution providers, tried in order, and threads."""
+    """How models run: ONNX Runtime execution providers, tried in order, and threads;
+    or (``backend: triton``) on a Triton Inference Server."""
+
+    backend: InferenceBackend = InferenceBackend.ONNXRUNTIME
+    triton: TritonConfig = TritonConfig()
 
     providers: tuple[str, ...] = KNOWN_PROVIDERS
     intra_op_threads: int = Field(0, ge=0, le=1024)
@@ -388,6 +442,12 @@ class InferenceConfig(_Section):
         if len(set(v)) != len(v):
             raise ValueError("a provider is listed twice")
         return v
+
+    @model_validator(mode="after")
+    def _triton_url(self) -> InferenceConfig:
+        if self.backend is InferenceBackend.TRITON and self.triton.url is None:
+            raise ValueError("backend triton needs triton.url (host:port of the server)")
+        return self
 
 
 class PipelineConfig(_Section):

@@ -30,7 +30,18 @@ fi
 # torch first, pinned: the CPU build of exactly this version (nnunetv2 and monai would
 # otherwise pull a CUDA build of several GB)
 python3 -m pip install -q "torch==2.13.0"
-python3 -m pip install -q -e ".[test,import]"
+python3 -m pip install -q -e ".[test,import,triton]"
+# A real NVIDIA Triton server for tests/test_triton.py: the tritonserver binary and its
+# Python backend from the nvidia-pytriton wheel (55 MB download, ~145 MB installed), taken
+# --no-deps because its Python package pins numpy<2, which the node does not share. Its
+# Python-backend stub needs numpy<2 itself: it runs in a venv of its own that sees this
+# interpreter's packages (onnxruntime) but holds numpy 1.26 (~80 MB, tools/triton_server.py).
+python3 -m pip install -q --no-deps "nvidia-pytriton==0.7.0"
+STUB_VENV="${DICOMNODE_TRITON_STUB_VENV:-$HOME/.cache/dicomnode/triton-stub-venv}"
+if [ ! -x "$STUB_VENV/bin/python3" ] || ! "$STUB_VENV/bin/python3" -c 'import numpy, sys; sys.exit(not numpy.__version__.startswith("1."))' 2>/dev/null; then
+  python3 -m venv --system-site-packages "$STUB_VENV"
+  "$STUB_VENV/bin/python3" -m pip install -q "numpy<2"
+fi
 python3 -m ruff check dicomnode tests tools
 python3 -m mypy
 lint-imports --config pyproject.toml --no-cache

@@ -35,7 +35,13 @@ RunFn = Callable[[FloatArray], FloatArray]
 
 
 class InferenceError(RuntimeError):
-    """The model cannot run on this input (the message says why)."""
+    """The model cannot run on this input (the message says why).
+
+    ``transient``: a later attempt may succeed (an inference server that is down or
+    busy); a job then is tried again rather than failed at once.
+    """
+
+    transient: bool = False
 
 
 def activate(raw: FloatArray, activation: str) -> FloatArray:

@@ -15,6 +15,11 @@ the model card allows it (``runtime.fp16``), and TensorRT optimisation profiles 
 dynamic axes when the window shape is known (a sliding-window model runs one shape).
 Batches then go through IO binding: the output is allocated on the device by ONNX Runtime
 and copied back once.
+
+With ``inference.backend: triton`` (:func:`configure` given :class:`TritonSettings`),
+:func:`open_session` returns a :class:`~dicomnode.inference.triton.TritonSession` instead:
+the same ``run(batch)``, names, shapes and lock, the windows run on the Triton server. This
+is the one place the backend is chosen; the profiles do not know it.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 # onnxruntime ships a telemetry client that writes a device id under ~/.cache; a node in a
 # hospital network sends nothing anywhere unasked (an operator may still set it to 0)
@@ -35,13 +40,15 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import onnxruntime as ort
 
+from dicomnode.inference.triton import TritonSession, TritonSettings
+
 if TYPE_CHECKING:
     from dicomnode.config import Config
     from dicomnode.models.card import Card
 
-__all__ = ["GpuSettings", "ModelSession", "ProviderChoice", "WindowShape", "choose_providers",
-           "clear_cache", "configure", "configure_from", "open_card_session", "open_session",
-           "provider_options", "window_shape"]
+__all__ = ["GpuSettings", "ModelSession", "OrtSession", "ProviderChoice", "TritonSettings",
+           "WindowShape", "choose_providers", "clear_cache", "configure", "configure_from",
+           "open_card_session", "open_session", "provider_options", "window_shape"]
 
 log = logging.getLogger("dicomnode.inference")
 
@@ -167,11 +174,14 @@ class WindowShape:
 
 
 _settings: list[GpuSettings] = [GpuSettings()]
+_triton: list[TritonSettings | None] = [None]
 
 
-def configure(settings: GpuSettings) -> None:
-    """Set this process's GPU settings (sessions opened later use them)."""
+def configure(settings: GpuSettings, triton: TritonSettings | None = None) -> None:
+    """Set this process's GPU settings, and the Triton server its models run on (None:
+    ONNX Runtime in this process); sessions opened later use them."""
     _settings[0] = settings
+    _triton[0] = triton
 
 
 def configure_from(config: Config) -> GpuSettings:
@@ -182,7 +192,13 @@ def configure_from(config: Config) -> GpuSettings:
         device_id=inference.device_id,
         engine_cache=inference.tensorrt_cache or config.storage.path / "tensorrt-cache",
         fp16=inference.tensorrt_fp16, io_binding=inference.io_binding)
-    configure(settings)
+    triton = None
+    if inference.backend.value == "triton" and inference.triton.url is not None:
+        triton = TritonSettings(
+            url=inference.triton.url, protocol=inference.triton.protocol.value,
+            timeout_seconds=inference.triton.timeout_seconds,
+            model_prefix=inference.triton.model_prefix)
+    configure(settings, triton)
     return settings
 
 
@@ -235,7 +251,7 @@ def provider_options(provider: str, settings: GpuSettings, *, input_name: str | 
 
 
 @dataclass
-class ModelSession:
+class OrtSession:
     """An ONNX Runtime session with the provider it actually runs on.
 
     ``input_shape`` and ``output_shape`` are the model's declared shapes: ints for
@@ -269,14 +285,21 @@ class ModelSession:
         return binding.copy_outputs_to_cpu()[0]
 
 
-_cache: dict[tuple[Any, ...], ModelSession] = {}
+#: what :func:`open_session` returns: a local ONNX Runtime session or a model on Triton,
+#: alike for their users (``run(batch)``, ``lock``, names, declared shapes, ``provider``)
+ModelSession: TypeAlias = OrtSession | TritonSession
+
+_cache: dict[tuple[Any, ...], OrtSession] = {}
 _cache_lock = threading.Lock()
 
 
 def clear_cache() -> None:
     """Forget every cached session (tests, or after a model package changed)."""
+    from dicomnode.inference import triton
+
     with _cache_lock:
         _cache.clear()
+    triton.clear_cache()
 
 
 def _shape(dims: Sequence[Any]) -> tuple[int | str | None, ...]:
@@ -303,12 +326,23 @@ def open_session(
     model file is loaded again.  One INFO line names the provider that runs and
     why the configured ones before it were skipped.
 
+    With a Triton server configured (:func:`configure`) the session is the package's model
+    on that server (:func:`~dicomnode.inference.triton.open_triton_session`): the providers,
+    threads and GPU options are then the server's business.
+
     Raises:
         ValueError: ``input_name``/``output_name`` not in the model, or a model with
             several inputs and no ``input_name``.
         onnxruntime's exceptions for a file that is not a loadable model.
+        InferenceError: (Triton) the server is unreachable or lacks the model.
     """
     path = Path(model_path).resolve()
+    triton = _triton[0]
+    if triton is not None:
+        from dicomnode.inference.triton import open_triton_session
+
+        return open_triton_session(path, triton, input_name=input_name,
+                                   output_name=output_name)
     stat = path.stat()
     choice = choose_providers(providers)
     settings = _settings[0]
@@ -363,7 +397,7 @@ def open_session(
             ort.__version__,
             f"; {why}" if why else "",
         )
-        result = ModelSession(
+        result = OrtSession(
             session=session,
             provider=provider,
             input_name=input_name,

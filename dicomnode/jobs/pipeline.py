@@ -129,7 +129,9 @@ def run_job(config: Config, index: Index, job_id: int) -> JobSummary:
     except JobFailure:
         raise
     except PERMANENT_ERRORS as exc:
-        raise JobFailure(_describe(exc, ours=True), permanent=True) from exc
+        # (an inference server that is down is no fault of the job: tried again)
+        raise JobFailure(_describe(exc, ours=True),
+                         permanent=not getattr(exc, "transient", False)) from exc
     except Exception as exc:
         raise JobFailure(_describe(exc, ours=False), permanent=False) from exc
 
