@@ -194,7 +194,8 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
     summary.results = [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
                         "file": str(o.path.relative_to(config.storage.path))}
                        for o in written.objects]
-    objects: list[tuple[Path, Dataset | None]] = [(o.path, o.dataset) for o in written.objects]
+    objects: list[tuple[Path, Dataset | None, bytes | None]] = [
+        (o.path, o.dataset, o.encoded) for o in written.objects]
     _draw_overlay(result, volumes[0].image, job_overlay(config, job_id), f"job {job_id}")
     del result, volumes, headers
     newer = _newer_version(index, job_id)
@@ -203,7 +204,7 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         note = _write_rejection_note(superseded, work / "results", seed=seed, card=card,
                                      version=version)
         if note is not None:
-            objects.append((note.path, None))
+            objects.append((note.path, None, None))
             summary.results.append({"kind": note.kind, "sop_instance_uid": note.sop_instance_uid,
                                     "file": str(note.path.relative_to(config.storage.path))})
     clock.lap("write")
@@ -226,8 +227,9 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         peer, label = config.peers[group[0]], ", ".join(group)
         paths = [for_peer(path, label, peer, pseudonyms=pseudonyms,
                           out_dir=work / "send" / group[0], pseudonymizer=engine,
-                          dataset=dataset if in_memory else None).path
-                 for path, dataset in objects]
+                          dataset=dataset if in_memory else None,
+                          encoded=encoded if in_memory else None).path
+                 for path, dataset, encoded in objects]
         summary.enqueued += len(outbox.enqueue(paths, group, job_pk=job_id))
     if superseded:
         _mark_withdrawn(index, list(superseded), job_id)

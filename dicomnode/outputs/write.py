@@ -8,6 +8,7 @@ a partial object for the outbox to send. File names carry no patient identity.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -40,6 +41,9 @@ class ResultObject:
     series_instance_uid: str
     dataset: Dataset | None = field(default=None, repr=False, compare=False)
     """The object as written, kept in memory when :func:`write_results` is asked to."""
+    encoded: bytes | None = field(default=None, repr=False, compare=False)
+    """The file's bytes, kept with ``dataset``: a copy for a peer that differs only in
+    header values is made from them (:func:`dicomnode.boundary.for_peer`)."""
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,18 @@ def default_seed(segmentation: Segmentation, volume: SeriesVolume) -> str:
 
 
 def _save(ds: Dataset, path: Path, kind: str, keep: bool) -> ResultObject:
-    write_atomic(path, lambda fp: ds.save_as(fp, enforce_file_format=True))
+    """Encode ``ds`` once and write it; with ``keep``, the object keeps the dataset and
+    the bytes (the copies for peers are made from them instead of encoding it again)."""
+    if not keep:
+        write_atomic(path, lambda fp: ds.save_as(fp, enforce_file_format=True))
+        return ResultObject(kind, path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                            str(ds.SeriesInstanceUID))
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    encoded = buffer.getvalue()
+    write_atomic(path, lambda fp: fp.write(encoded))
     return ResultObject(kind, path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                        str(ds.SeriesInstanceUID), ds if keep else None)
+                        str(ds.SeriesInstanceUID), ds, encoded)
 
 
 def write_results(
@@ -90,8 +103,8 @@ def write_results(
         options: which objects to write (default: SEG and RTSTRUCT).
         seed: what the objects' UIDs derive from (default: :func:`default_seed`).
         extra: more keys for ``volumes.json``.
-        keep_datasets: keep each object's dataset in its :class:`ResultObject` (for a
-            caller that goes on with them, e.g. to re-identify without reading back).
+        keep_datasets: keep each object's dataset and bytes in its :class:`ResultObject`
+            (for a caller that goes on with them, e.g. to re-identify without reading back).
         result_number: which result of its job this is, the job's version (each object's
             SeriesDescription says it).
 
