@@ -414,7 +414,8 @@ def test_a_series_with_gaps_resampled_by_the_card_keeps_its_own_slices(tmp_path:
     (volume,) = load_inputs(card, {"ct": files})
     assert volume.resampled
     segmentation = segment(card, [volume.image])
-    results = write_results(segmentation, volume, files, tmp_path / "out")
+    results = write_results(segmentation, volume, files, tmp_path / "out",
+                            OutputsConfig(seg_omit_empty_frames=False))
     headers = {str(h.SOPInstanceUID): h for h in
                (pydicom.dcmread(p, stop_before_pixels=True) for p in files)}
     seg = pydicom.dcmread(results.by_kind("SEG").path, stop_before_pixels=True)

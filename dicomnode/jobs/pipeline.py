@@ -56,7 +56,7 @@ from dicomnode.store.files import write_atomic
 from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.tables import Instance, Job, JobState, Series
 
-__all__ = ["JobFailure", "JobSummary", "run_job"]
+__all__ = ["JobFailure", "JobSummary", "run_job", "warm_up_outputs"]
 
 LOG = logging.getLogger(__name__)
 _PIXEL_DATA = 0x7FE00010
@@ -300,6 +300,20 @@ def _draw_overlay(result: Segmentation, image: sitk.Image, path: Path, title: st
         write_atomic(path, lambda fp: fp.write(png), fsync=False)
     except Exception as exc:  # the job's results do not depend on its picture
         LOG.warning("%s: no overlay picture (%s)", title, type(exc).__name__)
+
+
+def warm_up_outputs() -> None:
+    """Load highdicom's tables of the standard (about 0.3 s of JSON, read when it builds its
+    first SEG) in a worker process before its first job; a failure only logs."""
+    try:
+        from highdicom import _standard_utils as standard
+
+        standard.get_sop_class_iod_map()
+        standard.get_iod_module_map()
+        standard.get_module_attribute_map()
+    except Exception as exc:  # only a first job's speed depends on it
+        LOG.warning("highdicom's tables not loaded ahead of the first job: %s",
+                    type(exc).__name__)
 
 
 def summary_json(summary: JobSummary) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,16 +119,20 @@ def write_results(
     source = source_series(volume, paths)
     objects = []
     seg_ds = None
-    if options.seg:
-        seg_type = segmentation.card.outputs.seg_type or options.seg_type
-        seg_ds = build_seg(segmentation, source, seg_type=seg_type, seed=seed,
-                           omit_empty_frames=options.seg_omit_empty_frames,
-                           result_number=result_number)
-        objects.append(_save(seg_ds, out / "seg.dcm", "SEG", keep_datasets))
-    if options.rtstruct:
-        objects.append(_save(build_rtstruct(segmentation, source, seed=seed,
-                                            result_number=result_number),
-                             out / "rtstruct.dcm", "RTSTRUCT", keep_datasets))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtstruct") as pool:
+        # the RTSTRUCT is built beside the SEG: its tracing (OpenCV) and the SEG's checks
+        # and bit packing (numpy) run while the other holds the interpreter
+        rtstruct = (pool.submit(lambda: _save(
+            build_rtstruct(segmentation, source, seed=seed, result_number=result_number),
+            out / "rtstruct.dcm", "RTSTRUCT", keep_datasets)) if options.rtstruct else None)
+        if options.seg:
+            seg_type = segmentation.card.outputs.seg_type or options.seg_type
+            seg_ds = build_seg(segmentation, source, seg_type=seg_type, seed=seed,
+                               omit_empty_frames=options.seg_omit_empty_frames,
+                               result_number=result_number)
+            objects.append(_save(seg_ds, out / "seg.dcm", "SEG", keep_datasets))
+        if rtstruct is not None:
+            objects.append(rtstruct.result())
     if options.sr and seg_ds is not None:
         objects.append(_save(build_sr(segmentation, seg_ds, source, seed=seed,
                                       result_number=result_number),
