@@ -4,6 +4,9 @@
 measurement report) as the configuration asks, and ``volumes.json`` always. Each
 file is written to a temporary name, fsynced and renamed, so a crash never leaves
 a partial object for the outbox to send. File names carry no patient identity.
+The RTSTRUCT is built in a thread beside the SEG (OpenCV's tracing and numpy's work on
+one run while the other holds the interpreter). Each object is encoded once; a caller
+that keeps the objects gets their bytes too, to make the copies for peers from.
 """
 
 from __future__ import annotations
