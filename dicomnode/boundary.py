@@ -41,6 +41,7 @@ from dicomnode.deid import (
     Pseudonymizer,
     load_key,
     reidentify,
+    reidentify_encoded,
 )
 from dicomnode.store.files import write_atomic, write_temporary
 from dicomnode.store.pseudonyms import PseudonymMap
@@ -252,11 +253,14 @@ def _method_codes(ds: Dataset) -> set[str]:
 
 def for_peer(path: Path, peer_name: str, peer: PeerConfig, *, pseudonyms: PseudonymMap,
              out_dir: Path | None, pseudonymizer: Pseudonymizer | None = None,
-             dataset: Dataset | None = None) -> PeerCopy:
+             dataset: Dataset | None = None, encoded: bytes | None = None) -> PeerCopy:
     """The file to send to ``peer``: ``path`` itself, or a copy made fit for it.
 
     ``dataset`` is the object of ``path`` already in memory (it is then not read back);
-    making the copy changes it in place. Without it, ``path`` is read up to its pixel data
+    making the copy may change it in place. ``encoded`` is the content of ``path`` (with
+    ``dataset``): a re-identified copy is then spliced from these bytes
+    (:func:`dicomnode.deid.reidentify_encoded`) instead of encoding the dataset again.
+    Without ``dataset``, ``path`` is read up to its pixel data
     to decide, and whole only when a copy is made. Copies are written to ``out_dir``.
     ``pseudonymizer`` is the one for this peer (its options are what the peer takes).
 
@@ -298,6 +302,12 @@ def for_peer(path: Path, peer_name: str, peer: PeerConfig, *, pseudonyms: Pseudo
                 f"be re-identified: it is not sent to clinical peer {peer_name!r}")
         return _copy(path, path, peer_name, peer)
     folder = _folder(out_dir, peer_name)
+    spliced = (None if encoded is None
+               else reidentify_encoded(encoded, identity.uid_map, identity.patient_study))
+    if spliced is not None:
+        LOG.info("re-identified an object for clinical peer %s", peer_name)
+        return _copy(write_atomic(folder / f"{sop}.reidentified.dcm",
+                                  lambda fp: fp.write(spliced)), path, peer_name, peer)
     ds = _whole(ds, path, dataset)
     reidentify(ds, identity.uid_map, identity.patient_study)
     LOG.info("re-identified an object for clinical peer %s", peer_name)
@@ -356,7 +366,8 @@ class PeerBoundary:
             engine = self._engines[options] = Pseudonymizer(self._key(), options)
         return engine
 
-    def copy(self, path: Path, peer_name: str, *, dataset: Dataset | None = None) -> PeerCopy:
+    def copy(self, path: Path, peer_name: str, *, dataset: Dataset | None = None,
+             encoded: bytes | None = None) -> PeerCopy:
         """:func:`for_peer` for the configured peer ``peer_name``.
 
         Raises:
@@ -369,4 +380,4 @@ class PeerBoundary:
         out = None if self.out_dir is None else self.out_dir / peer_name
         return for_peer(path, peer_name, peer, pseudonyms=self.pseudonyms, out_dir=out,
                         pseudonymizer=self.pseudonymizer(peer) if peer.pseudonymize else None,
-                        dataset=dataset)
+                        dataset=dataset, encoded=encoded)

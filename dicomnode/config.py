@@ -524,9 +524,10 @@ class OutputsConfig(_Section):
     seg_type: Literal["binary", "labelmap"] = Field(
         "binary", description="SEG type when the model card does not name one")
     seg_omit_empty_frames: bool | Literal["auto"] = Field(
-        "auto", description="leave out SEG frames where a segment has no voxel: true, false, "
-        "or auto (keep every frame for up to 16 segments, leave empty ones out above: a "
-        "118-structure SEG of a 300-slice CT would otherwise be 35 400 frames, 1.2 GB)")
+        True, description="leave out SEG frames where a segment has no voxel: true (the "
+        "default, as highdicom and MONAI do), false (a frame for every source slice and "
+        "segment, for a viewer that places frames by their index), or auto (keep every "
+        "frame for up to 16 segments, leave empty ones out above)")
     rtstruct: bool = True
     sr: bool = Field(False, description="a TID 1500 measurement report (needs seg)")
     reject_superseded: bool = Field(

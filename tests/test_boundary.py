@@ -202,7 +202,8 @@ def test_a_full_run_reidentifies_seg_and_rtstruct_and_logs_no_identity(
         card = load_card(ROOT / "models" / "ct-body")
         (volume,) = load_inputs(card, {"ct": files})
         result = segment(card, [volume.image])
-        written = write_results(result, volume, files, tmp_path / "results")
+        written = write_results(result, volume, files, tmp_path / "results",
+                                keep_datasets=True)
         identity = pseudonyms.study(volume.study_instance_uid)
         assert identity is not None
         originals = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p
@@ -219,6 +220,12 @@ def test_a_full_run_reidentifies_seg_and_rtstruct_and_logs_no_identity(
                             out_dir=tmp_path / "research").path == obj.path
             path = for_peer(obj.path, "pacs", CLINICAL, pseudonyms=pseudonyms,
                             out_dir=tmp_path / "clinical").path
+            # as the pipeline makes it: spliced from the bytes written, the same file
+            spliced = for_peer(obj.path, "pacs", CLINICAL, pseudonyms=pseudonyms,
+                               out_dir=tmp_path / "spliced", dataset=obj.dataset,
+                               encoded=obj.encoded).path
+            assert obj.encoded == obj.path.read_bytes()
+            assert spliced.read_bytes() == path.read_bytes()
             back = pydicom.dcmread(path)
             assert back.PatientID == "PID-4711-X"
             assert str(back.PatientName) == str(first.PatientName)

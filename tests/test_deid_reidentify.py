@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
+from io import BytesIO
 
 import pytest
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, SegmentationStorage, generate_uid
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    SegmentationStorage,
+    generate_uid,
+)
 from test_deid_data import FOR_UID, KEY, REF_SOP_UID, SERIES_UID, SOP_UID, STUDY_UID, make_source
 
 from dicomnode.deid import (
@@ -18,6 +28,7 @@ from dicomnode.deid import (
     Pseudonymizer,
     ReidentificationError,
     reidentify,
+    reidentify_encoded,
 )
 
 OPTIONS = ProfileOptions(True, True, True)
@@ -171,3 +182,69 @@ def test_unknown_study_is_refused() -> None:
     with pytest.raises(ReidentificationError, match="malformed"):
         reidentify(seg, _union(records), {"PatientID": "X", "NotAKeyword": "Doe"})
     assert seg.StudyInstanceUID != STUDY_UID  # nothing changed by a refused call
+
+
+def _encoded(ds: Dataset, transfer_syntax: str = ExplicitVRLittleEndian) -> bytes:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _with_every_length_form(seg: Dataset) -> Dataset:
+    """The result with sequences and items of defined and undefined length, a multi-valued
+    UID, a non-ASCII character set and pixel data (a long-VR element after the headers)."""
+    seg.SpecificCharacterSet = "ISO_IR 192"
+    seg.ContentDescription = "Résultat"
+    seg["ReferencedSeriesSequence"].is_undefined_length = True
+    seg.ReferencedSeriesSequence[0].is_undefined_length_sequence_item = True
+    seg.PerFrameFunctionalGroupsSequence[0].is_undefined_length_sequence_item = True
+    seg.RelatedGeneralSOPClassUID = [CTImageStorage, seg.FrameOfReferenceUID]
+    seg.PixelData = bytes(range(256)) * 8
+    seg["PixelData"].VR = "OB"
+    return seg
+
+
+def test_the_encoded_file_is_reidentified_byte_for_byte_as_the_dataset() -> None:
+    sources, records = _pseudonymized_sources()
+    seg = _with_every_length_form(_result(*sources))
+    encoded = _encoded(seg)
+    stored = json.loads(json.dumps(records[0].to_json_dict()))
+    spliced = reidentify_encoded(encoded, _union(records), stored["patient_study"])
+    reidentify(seg, _union(records), stored["patient_study"])
+    buffer = BytesIO()
+    seg.save_as(buffer, enforce_file_format=True)
+    assert spliced is not None and spliced != encoded
+    assert spliced == buffer.getvalue()
+    assert bytes(STUDY_UID, "ascii") in spliced and b"PID-4711-X" in spliced
+    for pseudonymous in _union(records):
+        assert pseudonymous.encode("ascii") not in spliced
+
+
+def test_an_encoding_the_splicer_does_not_take_is_left_to_the_dataset() -> None:
+    sources, records = _pseudonymized_sources()
+    implicit = _encoded(_result(*sources), ImplicitVRLittleEndian)
+    assert reidentify_encoded(implicit, _union(records), records[0].patient_study) is None
+    seg = _result(*sources)
+    seg.PixelData = encapsulate([b"\xff\xd8\xff\xd9"])
+    seg["PixelData"].VR = "OB"
+    seg["PixelData"].is_undefined_length = True
+    compressed = _encoded(seg, JPEGBaseline8Bit)
+    assert reidentify_encoded(compressed, _union(records), records[0].patient_study) is None
+    assert reidentify_encoded(b"not a DICOM file", _union(records), {}) is None
+
+
+def test_an_encoded_result_of_an_unknown_study_is_refused() -> None:
+    sources, records = _pseudonymized_sources()
+    seg = _result(*sources)
+    seg.StudyInstanceUID = generate_uid()
+    encoded = _encoded(seg)
+    with pytest.raises(ReidentificationError, match="not a known pseudonymous study UID"):
+        reidentify_encoded(encoded, _union(records), records[0].patient_study)
+    good = _encoded(_result(*sources))
+    with pytest.raises(ReidentificationError, match="no original PatientID"):
+        reidentify_encoded(good, _union(records), {})
+    assert copy.copy(good) == good

@@ -154,8 +154,9 @@ def test_highdicom_reads_the_seg_back_on_the_source_slices(case: Case) -> None:
     assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
     assert seg.SeriesInstanceUID != first.SeriesInstanceUID
     assert seg.PatientID == first.PatientID
-    # every frame of the source grid, empty ones too, for every segment
-    assert int(seg.NumberOfFrames) == len(headers) * len(structures)
+    # by default a frame per source slice and segment where the segment has a voxel
+    non_empty = sum(int(s.mask.any(axis=(1, 2)).sum()) for s in structures)
+    assert int(seg.NumberOfFrames) == non_empty
     for frame in seg.PerFrameFunctionalGroupsSequence:
         source = headers[_frame_source(frame)]
         np.testing.assert_allclose(
@@ -223,14 +224,21 @@ def test_a_shared_label_map_writes_the_same_objects_as_separate_masks(
     assert contours[0] == contours[1] and any(contours[0])
 
 
-def test_empty_frames_are_left_out_only_when_asked(cranium: Case, tmp_path: Path) -> None:
-    options = OutputsConfig(seg_omit_empty_frames=True, rtstruct=False)
-    results = write_results(cranium.segmentation, cranium.volume, cranium.files, tmp_path,
-                            options)
-    seg = pydicom.dcmread(results.by_kind("SEG").path, stop_before_pixels=True)
-    non_empty = sum(int(s.mask.any(axis=(1, 2)).sum()) for s in cranium.segmentation.structures)
-    assert int(seg.NumberOfFrames) == non_empty
-    assert non_empty < len(cranium.files) * len(cranium.segmentation.structures)
+def test_empty_frames_are_left_out_by_default_and_kept_when_asked(cranium: Case,
+                                                                  tmp_path: Path) -> None:
+    assert OutputsConfig().seg_omit_empty_frames is True
+    structures = cranium.segmentation.structures
+    non_empty = sum(int(s.mask.any(axis=(1, 2)).sum()) for s in structures)
+    every = len(cranium.files) * len(structures)
+    assert non_empty < every
+    frames = {}
+    for omit in (True, False, "auto"):
+        options = OutputsConfig(seg_omit_empty_frames=omit, rtstruct=False)
+        results = write_results(cranium.segmentation, cranium.volume, cranium.files,
+                                tmp_path / str(omit), options)
+        seg = pydicom.dcmread(results.by_kind("SEG").path, stop_before_pixels=True)
+        frames[omit] = int(seg.NumberOfFrames)
+    assert frames == {True: non_empty, False: every, "auto": every}  # auto: up to 16 segments
 
 
 def _ds_strings(ds: Dataset) -> list[str]:
@@ -409,7 +417,8 @@ def test_a_series_with_gaps_resampled_by_the_card_keeps_its_own_slices(tmp_path:
     (volume,) = load_inputs(card, {"ct": files})
     assert volume.resampled
     segmentation = segment(card, [volume.image])
-    results = write_results(segmentation, volume, files, tmp_path / "out")
+    results = write_results(segmentation, volume, files, tmp_path / "out",
+                            OutputsConfig(seg_omit_empty_frames=False))
     headers = {str(h.SOPInstanceUID): h for h in
                (pydicom.dcmread(p, stop_before_pixels=True) for p in files)}
     seg = pydicom.dcmread(results.by_kind("SEG").path, stop_before_pixels=True)

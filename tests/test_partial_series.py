@@ -56,6 +56,9 @@ def _node(node_factory: NodeFactory, tmp_path: Path, orthanc: OrthancServer, *,
                "storescu": {"ae_title": "STORESCU", "host": "localhost"}},
         rules_dir=str(_rules(tmp_path / "rules", rules)), models_dir=str(ROOT / "models"),
         deid={"key_file": str(key)},
+        # a frame for every slice and structure: a SEG's frame count then says it covers
+        # every slice of the series (empty frames are left out by default)
+        outputs={"seg_omit_empty_frames": False, **overrides.pop("outputs", {})},
         outbox={"retry_initial_seconds": 1, "check_interval_seconds": 0.5}, **overrides)
 
 

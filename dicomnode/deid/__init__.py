@@ -10,7 +10,7 @@ from dicomnode.deid.key import DeidKeyError, load_key
 from dicomnode.deid.profile import EDITION, ActionTable, ProfileOptions
 from dicomnode.deid.pseudonymize import PseudonymizationError, Pseudonymizer
 from dicomnode.deid.record import PseudonymizationRecord
-from dicomnode.deid.reidentify import ReidentificationError, reidentify
+from dicomnode.deid.reidentify import ReidentificationError, reidentify, reidentify_encoded
 from dicomnode.deid.uids import UIDMapper
 from dicomnode.logs import hide_dicom_values
 
@@ -28,4 +28,5 @@ __all__ = [
     "UIDMapper",
     "load_key",
     "reidentify",
+    "reidentify_encoded",
 ]

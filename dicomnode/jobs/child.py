@@ -69,4 +69,11 @@ def warm_up() -> int:
         except Exception as exc:  # the job that needs it reports the error properly
             LOG.warning("model %s not loaded ahead of its first job: %s", model,
                         type(exc).__name__)
+    _warm_up_outputs()
     return opened
+
+
+def _warm_up_outputs() -> None:
+    from dicomnode.jobs.pipeline import warm_up_outputs
+
+    warm_up_outputs()

@@ -56,7 +56,7 @@ from dicomnode.store.files import write_atomic
 from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.tables import Instance, Job, JobState, Series
 
-__all__ = ["JobFailure", "JobSummary", "run_job"]
+__all__ = ["JobFailure", "JobSummary", "run_job", "warm_up_outputs"]
 
 LOG = logging.getLogger(__name__)
 _PIXEL_DATA = 0x7FE00010
@@ -197,7 +197,8 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
     summary.results = [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
                         "file": str(o.path.relative_to(config.storage.path))}
                        for o in written.objects]
-    objects: list[tuple[Path, Dataset | None]] = [(o.path, o.dataset) for o in written.objects]
+    objects: list[tuple[Path, Dataset | None, bytes | None]] = [
+        (o.path, o.dataset, o.encoded) for o in written.objects]
     _draw_overlay(result, volumes[0].image, job_overlay(config, job_id), f"job {job_id}")
     del result, volumes, headers
     newer = _newer_version(index, job_id)
@@ -206,7 +207,7 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         note = _write_rejection_note(superseded, work / "results", seed=seed, card=card,
                                      version=version)
         if note is not None:
-            objects.append((note.path, None))
+            objects.append((note.path, None, None))
             summary.results.append({"kind": note.kind, "sop_instance_uid": note.sop_instance_uid,
                                     "file": str(note.path.relative_to(config.storage.path))})
     clock.lap("write")
@@ -229,8 +230,9 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         peer, label = config.peers[group[0]], ", ".join(group)
         paths = [for_peer(path, label, peer, pseudonyms=pseudonyms,
                           out_dir=work / "send" / group[0], pseudonymizer=engine,
-                          dataset=dataset if in_memory else None).path
-                 for path, dataset in objects]
+                          dataset=dataset if in_memory else None,
+                          encoded=encoded if in_memory else None).path
+                 for path, dataset, encoded in objects]
         summary.enqueued += len(outbox.enqueue(paths, group, job_pk=job_id))
     if superseded:
         _mark_withdrawn(index, list(superseded), job_id)
@@ -301,6 +303,20 @@ def _draw_overlay(result: Segmentation, image: sitk.Image, path: Path, title: st
         write_atomic(path, lambda fp: fp.write(png), fsync=False)
     except Exception as exc:  # the job's results do not depend on its picture
         LOG.warning("%s: no overlay picture (%s)", title, type(exc).__name__)
+
+
+def warm_up_outputs() -> None:
+    """Load highdicom's tables of the standard (about 0.3 s of JSON, read when it builds its
+    first SEG) in a worker process before its first job; a failure only logs."""
+    try:
+        from highdicom import _standard_utils as standard
+
+        standard.get_sop_class_iod_map()
+        standard.get_iod_module_map()
+        standard.get_module_attribute_map()
+    except Exception as exc:  # only a first job's speed depends on it
+        LOG.warning("highdicom's tables not loaded ahead of the first job: %s",
+                    type(exc).__name__)
 
 
 def summary_json(summary: JobSummary) -> dict[str, Any]:

@@ -4,8 +4,9 @@ One segment per structure of the model card, with its label, SNOMED CT category
 and type, recommended display colour (CIELab, converted from the card's RGB) and
 the algorithm's identification (model name and version). The SEG is a new series
 in the source study, shares the source's Frame of Reference and references every
-source image. By default it holds one frame per source frame and segment, empty
-ones too: viewers that place frames by their position then need no guessing.
+source image. It holds one frame per source frame and segment where that segment has a
+voxel (``outputs.seg_omit_empty_frames: true``, the node's default, as highdicom and MONAI
+do); each frame names its source image and position. ``false`` keeps the empty ones too.
 """
 
 from __future__ import annotations

@@ -4,13 +4,18 @@
 measurement report) as the configuration asks, and ``volumes.json`` always. Each
 file is written to a temporary name, fsynced and renamed, so a crash never leaves
 a partial object for the outbox to send. File names carry no patient identity.
+The RTSTRUCT is built in a thread beside the SEG (OpenCV's tracing and numpy's work on
+one run while the other holds the interpreter). Each object is encoded once; a caller
+that keeps the objects gets their bytes too, to make the copies for peers from.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +45,9 @@ class ResultObject:
     series_instance_uid: str
     dataset: Dataset | None = field(default=None, repr=False, compare=False)
     """The object as written, kept in memory when :func:`write_results` is asked to."""
+    encoded: bytes | None = field(default=None, repr=False, compare=False)
+    """The file's bytes, kept with ``dataset``: a copy for a peer that differs only in
+    header values is made from them (:func:`dicomnode.boundary.for_peer`)."""
 
 
 @dataclass(frozen=True)
@@ -63,9 +71,18 @@ def default_seed(segmentation: Segmentation, volume: SeriesVolume) -> str:
 
 
 def _save(ds: Dataset, path: Path, kind: str, keep: bool) -> ResultObject:
-    write_atomic(path, lambda fp: ds.save_as(fp, enforce_file_format=True))
+    """Encode ``ds`` once and write it; with ``keep``, the object keeps the dataset and
+    the bytes (the copies for peers are made from them instead of encoding it again)."""
+    if not keep:
+        write_atomic(path, lambda fp: ds.save_as(fp, enforce_file_format=True))
+        return ResultObject(kind, path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                            str(ds.SeriesInstanceUID))
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    encoded = buffer.getvalue()
+    write_atomic(path, lambda fp: fp.write(encoded))
     return ResultObject(kind, path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                        str(ds.SeriesInstanceUID), ds if keep else None)
+                        str(ds.SeriesInstanceUID), ds, encoded)
 
 
 def write_results(
@@ -90,8 +107,8 @@ def write_results(
         options: which objects to write (default: SEG and RTSTRUCT).
         seed: what the objects' UIDs derive from (default: :func:`default_seed`).
         extra: more keys for ``volumes.json``.
-        keep_datasets: keep each object's dataset in its :class:`ResultObject` (for a
-            caller that goes on with them, e.g. to re-identify without reading back).
+        keep_datasets: keep each object's dataset and bytes in its :class:`ResultObject`
+            (for a caller that goes on with them, e.g. to re-identify without reading back).
         result_number: which result of its job this is, the job's version (each object's
             SeriesDescription says it).
 
@@ -105,16 +122,20 @@ def write_results(
     source = source_series(volume, paths)
     objects = []
     seg_ds = None
-    if options.seg:
-        seg_type = segmentation.card.outputs.seg_type or options.seg_type
-        seg_ds = build_seg(segmentation, source, seg_type=seg_type, seed=seed,
-                           omit_empty_frames=options.seg_omit_empty_frames,
-                           result_number=result_number)
-        objects.append(_save(seg_ds, out / "seg.dcm", "SEG", keep_datasets))
-    if options.rtstruct:
-        objects.append(_save(build_rtstruct(segmentation, source, seed=seed,
-                                            result_number=result_number),
-                             out / "rtstruct.dcm", "RTSTRUCT", keep_datasets))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtstruct") as pool:
+        # the RTSTRUCT is built beside the SEG: its tracing (OpenCV) and the SEG's checks
+        # and bit packing (numpy) run while the other holds the interpreter
+        rtstruct = (pool.submit(lambda: _save(
+            build_rtstruct(segmentation, source, seed=seed, result_number=result_number),
+            out / "rtstruct.dcm", "RTSTRUCT", keep_datasets)) if options.rtstruct else None)
+        if options.seg:
+            seg_type = segmentation.card.outputs.seg_type or options.seg_type
+            seg_ds = build_seg(segmentation, source, seg_type=seg_type, seed=seed,
+                               omit_empty_frames=options.seg_omit_empty_frames,
+                               result_number=result_number)
+            objects.append(_save(seg_ds, out / "seg.dcm", "SEG", keep_datasets))
+        if rtstruct is not None:
+            objects.append(rtstruct.result())
     if options.sr and seg_ds is not None:
         objects.append(_save(build_sr(segmentation, seg_ds, source, seed=seed,
                                       result_number=result_number),
