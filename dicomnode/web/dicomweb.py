@@ -82,6 +82,8 @@ async def _stow(request: Request, study_uid: str | None) -> Response:
         return _plain(400, "the study in the URL is not a UID")
     boundary, why = multipart_boundary(request.headers.get("content-type"))
     if boundary is None:
+        LOG.warning("STOW-RS from %s: refused Content-Type %s", printable(client),
+                    printable(request.headers.get("content-type", ""), 200))
         return _plain(415, why)
     stow = receiver.request(sender, study_uid)
     parser = MultipartParser(boundary, stow.on_part, stow.on_data, stow.on_end)

@@ -50,6 +50,7 @@ from dicomnode.net.access import from_host, printable
 from dicomnode.receive.ingest import InstanceStore, StoreFailure
 from dicomnode.receive.spool import ReceiveFile, ReceiveFiles
 from dicomnode.receive.validate import DatasetError, check_dataset
+from dicomnode.send.stow import read_secret
 from dicomnode.store.header import HeaderError, read_header
 
 __all__ = [
@@ -62,7 +63,6 @@ __all__ = [
     "StowCredentials",
     "StowReceiver",
     "multipart_boundary",
-    "read_secret",
     "store_response",
 ]
 
@@ -107,8 +107,9 @@ def multipart_boundary(content_type: str | None) -> tuple[bytes | None, str]:
     if kind != "application/dicom":
         return None, f"only type=\"application/dicom\" parts are accepted, not {printable(kind)}"
     boundary = params.get("boundary", "")
-    if not 1 <= len(boundary) <= 70 or not boundary.isascii():
-        return None, "multipart/related needs a boundary of 1 to 70 ASCII characters"
+    # RFC 2046 allows 70 characters; Orthanc's DICOMweb plugin sends 73: up to 200 here
+    if not 1 <= len(boundary) <= 200 or not boundary.isascii():
+        return None, "multipart/related needs a boundary of 1 to 200 ASCII characters"
     return boundary.encode("ascii"), ""
 
 
@@ -217,22 +218,6 @@ class MultipartParser:
 
 
 # ---------------------------------------------------------------- who is sending
-
-
-def read_secret(path: Path, what: str) -> str:
-    """The first line of a secret file, stripped.
-
-    Raises:
-        ConfigError: the file cannot be read or is empty (naming ``what`` and the file).
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: cannot read it: {exc.strerror}") from None
-    secret = (text.splitlines() or [""])[0].strip()
-    if not secret:
-        raise ConfigError(f"{what} {path}: empty")
-    return secret
 
 
 @dataclass(frozen=True)
