@@ -90,6 +90,18 @@ def test_outbox_sends_results_to_orthanc_by_stow(index: Index, tmp_path: Path) -
     assert {i.last_status for i in _items(index)} == {0}
 
 
+@requires_orthanc_dicomweb
+def test_dicomnode_send_to_a_dicomweb_peer_uses_stow(node_factory: NodeFactory,
+                                                     tmp_path: Path) -> None:
+    ct = testdata.synthetic_ct(tmp_path / "ct", slices=2, rows=16, columns=16)
+    with OrthancServer(tmp_path / "orthanc", dicomweb=True) as orthanc:
+        node = node_factory(start=False, peers={"web": {
+            "ae_title": "WEB", "dicomweb": {"url": f"{orthanc.url}/dicom-web"}}})
+        result = node.cli("send", "--to", "web", *map(str, ct))
+        assert "2 sent, 0 failed" in result.stderr
+        assert len(orthanc.sop_instance_uids()) == 2
+
+
 def test_outbox_stow_failures_are_retried_or_final(index: Index, tmp_path: Path) -> None:
     """A peer that is down is retried; a wrong URL (404) is final; a 503 is retried; an
     instance the peer refuses (Failure Reason 0xC000) is final, one out of resources
@@ -100,7 +112,7 @@ def test_outbox_stow_failures_are_retried_or_final(index: Index, tmp_path: Path)
     seen: list[dict[str, str]] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             length = int(self.headers["Content-Length"])
             body = self.rfile.read(length)
             assert body.rstrip().endswith(b"--")
