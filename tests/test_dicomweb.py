@@ -48,8 +48,9 @@ def _node(node_factory: NodeFactory, tmp: Path, *, rules: bool = False,
         (tmp / "rules" / "main.yaml").write_text(RULES)
         write_model_card(tmp / "models" / "body", [("CT", "CT")])
         extra = {"rules_dir": str(tmp / "rules"), "models_dir": str(tmp / "models")}
-    return node_factory(peers=peers, web={"port": 0, "token_file": str(
-        tmp / "secrets" / "console.token")}, **extra, **overrides)
+    web = {"port": 0, "token_file": str(tmp / "secrets" / "console.token"),
+           **overrides.pop("web", {})}
+    return node_factory(peers=peers, web=web, **extra, **overrides)
 
 
 def _client(node: RunningNode, **auth: Any) -> DICOMwebClient:
@@ -286,3 +287,54 @@ def test_stow_boundary_with_uuid(node_factory: NodeFactory, tmp_path: Path) -> N
         headers={"Content-Type": f'multipart/related; boundary="{boundary}"; '
                                  'type="application/dicom"'}, timeout=30)
     assert answer.status_code == 200, answer.text
+
+
+def test_stow_cut_off_mid_part_keeps_what_was_stored_and_no_spool_file(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    import base64
+    import socket
+    from urllib.parse import urlsplit
+
+    from conftest import wait_until
+
+    node = _node(node_factory, tmp_path)
+    ct = testdata.synthetic_ct(tmp_path / "a", slices=2, rows=64, columns=64)
+    body, content_type = _multipart([p.read_bytes() for p in ct])
+    cut = body[:len(body) - len(ct[1].read_bytes()) // 2]  # the second part half sent
+    where = urlsplit(node.console_url())
+    credential = base64.b64encode(f"archive:{PASSWORD}".encode()).decode()
+    head = (f"POST /dicomweb/studies HTTP/1.1\r\nHost: {where.netloc}\r\n"
+            f"Authorization: Basic {credential}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+        sock.sendall(head + cut)
+        wait_until(lambda: bool(node.studies()), 10, "the first part stored")
+    wait_until(lambda: "STOW-RS from peer archive: 1 instance(s) stored" in node.log(), 10,
+               "the cut request's end")
+    (study,) = node.studies()
+    assert study["instance_count"] == 1
+    assert not list((node.store / "tmp").iterdir())
+
+
+def test_stow_wrong_credentials_lock_the_address_out(node_factory: NodeFactory,
+                                                     tmp_path: Path) -> None:
+    node = _node(node_factory, tmp_path, web={"max_token_failures": 2})
+    ct = testdata.synthetic_ct(tmp_path / "a", slices=1, rows=16, columns=16)
+    part = [ct[0].read_bytes()]
+    assert [_post(node, part, auth=("archive", "wrong")).status_code
+            for _ in range(3)] == [401, 401, 429]
+    assert _post(node, part).status_code == 429  # the right one too, for that time
+
+
+def test_stow_a_few_concurrent_requests_all_stored(node_factory: NodeFactory,
+                                                   tmp_path: Path) -> None:
+    """An archive sending over 4 connections at once (within web.maximum_connections)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    node = _node(node_factory, tmp_path)
+    series = [testdata.synthetic_ct(tmp_path / f"s{i}", slices=5, rows=32, columns=32)
+              for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda s: _post(node, [p.read_bytes() for p in s]), series))
+    assert [a.status_code for a in answers] == [200] * 4
+    assert sum(s["instance_count"] for s in node.studies()) == 20
