@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import urllib.error
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -68,7 +69,7 @@ def test_orthanc_stows_a_study_into_the_node(node_factory: NodeFactory,
         assert study["study_instance_uid"] == study_uid
         assert study["instance_count"] == 5
         # a wrong password: Orthanc's job fails, nothing more is stored
-        with pytest.raises(Exception):  # noqa: B017 (Orthanc answers an HTTP error)
+        with pytest.raises(urllib.error.HTTPError):  # Orthanc's job failed: 401
             orthanc.stow("wrong", sorted(ids))
     assert "STOW-RS from peer orthanc: 5 instance(s) stored, 0 failed" in node.log()
     assert "wrong token" in node.log()
@@ -187,3 +188,59 @@ def test_dicomweb_peer_configuration_errors() -> None:
     with pytest.raises(ValidationError, match="give url"):
         PeerConfig.model_validate({"ae_title": "X", "dicomweb": {}})
     assert _peer("http://x/dicom-web/").stow_url == "http://x/dicom-web"
+
+
+@requires_orthanc_dicomweb
+def test_dicomweb_round_trip_orthanc_stows_the_node_runs_a_model_and_stows_results_back(
+        node_factory: NodeFactory, tmp_path: Path) -> None:
+    """No DIMSE at all: Orthanc stores a CT into the node by STOW-RS, the rule fires on
+    completion, the job's SEG and RTSTRUCT go back to Orthanc by STOW-RS (re-identified,
+    into the original study) through the running node's outbox."""
+    import json
+
+    from conftest import wait_until
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "orthanc.pw").write_text(PASSWORD + "\n")
+    (tmp_path / "deid.key").write_bytes(b"dicomweb-test-key-0123456789")
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "rules.yaml").write_text("""rules:
+  - name: ct-external
+    select: SELECT study FROM patient WHERE series NAMED "ct" HAS Modality = "CT"
+    model: ct-body
+    send_to: [pacs]
+""")
+    ct = testdata.synthetic_ct(tmp_path / "ct", slices=16, rows=64, columns=64,
+                               patient_name="Web^Wanda", patient_id="PAT-WEB-1")
+    with OrthancServer(tmp_path / "orthanc", dicomweb=True) as orthanc:
+        node = node_factory(
+            peers={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "dicomweb": {
+                "url": f"{orthanc.url}/dicom-web",
+                "receive_auth": {"user": "orthanc",
+                                 "password_file": str(tmp_path / "orthanc.pw")}}}},
+            rules_dir=str(rules), models_dir=str(root / "models"),
+            deid={"key_file": str(tmp_path / "deid.key")},
+            outbox={"retry_initial_seconds": 1, "check_interval_seconds": 0.5},
+            completion={"quiet_seconds": 1})
+        # Orthanc learns the node as a DICOMweb server once the console's port is known
+        orthanc.stop()
+        orthanc.config["DicomWeb"]["Servers"] = {
+            "node": [node.console_url() + "/dicomweb/", "orthanc", PASSWORD]}
+        orthanc.start()
+        study = {orthanc.upload(p)["ParentStudy"] for p in ct}
+        orthanc.stow("node", sorted(study))
+        (study_id,) = study
+
+        def results_back() -> bool:
+            modalities = {s["MainDicomTags"]["Modality"]
+                          for s in orthanc.get(f"/studies/{study_id}/series?expand")}
+            return {"SEG", "RTSTRUCT"} <= modalities
+
+        wait_until(results_back, 180, f"SEG and RTSTRUCT in Orthanc; node log:\n{node.log()}")
+        assert len(orthanc.get("/studies")) == 1  # back in the original study
+        outbox = json.loads(node.cli("outbox", "--json").stdout)
+        assert outbox["counts"]["sent"] == len(outbox["items"]) >= 2
+    log = node.log()
+    assert "STOW-RS from peer pacs: 16 instance(s) stored, 0 failed" in log
+    assert "Web^Wanda" not in log and "PAT-WEB-1" not in log and PASSWORD not in log
