@@ -120,7 +120,8 @@ def test_outbox_stow_failures_are_retried_or_final(index: Index, tmp_path: Path)
             seen.append(dict(self.headers))
             status, answer = answers[self.path]
             self.send_response(status)
-            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Type", "application/dicom+xml" if answer.startswith(b"<")
+                             else "application/dicom+json")
             self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
             self.wfile.write(answer)
@@ -140,13 +141,25 @@ def test_outbox_stow_failures_are_retried_or_final(index: Index, tmp_path: Path)
               + other.encode() + b'"]}}]}}')
     answers["/partial/studies"] = (202, failed[:-1] + stored)
     answers["/full/studies"] = (409, failed.replace(b"[49152]", b"[42752]"))
+    # the PS3.19 native XML answer some servers give whatever is asked for
+    answers["/xml/studies"] = (202, f"""<?xml version="1.0" encoding="utf-8"?>
+<NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">
+<DicomAttribute tag="00081198" vr="SQ" keyword="FailedSOPSequence"><Item number="1">
+<DicomAttribute tag="00081155" vr="UI"><Value number="1">{refused}</Value></DicomAttribute>
+<DicomAttribute tag="00081197" vr="US"><Value number="1">43264</Value></DicomAttribute>
+</Item></DicomAttribute>
+<DicomAttribute tag="00081199" vr="SQ" keyword="ReferencedSOPSequence"><Item number="1">
+<DicomAttribute tag="00081155" vr="UI"><Value number="1">{other}</Value></DicomAttribute>
+<DicomAttribute tag="00081196" vr="US"><Value number="1">45056</Value></DicomAttribute>
+</Item></DicomAttribute>
+</NativeDicomModel>""".encode())
     (tmp_path / "token").write_text("node-token-123\n")
     with socket.socket() as s:  # a port with nothing listening
         s.bind(("127.0.0.1", 0))
         down = f"http://127.0.0.1:{s.getsockname()[1]}"
     peers = {"down": _peer(down), "gone": _peer(f"{base}/gone"), "busy": _peer(f"{base}/busy"),
              "partial": _peer(f"{base}/partial", auth={"token_file": str(tmp_path / "token")}),
-             "full": _peer(f"{base}/full"),
+             "full": _peer(f"{base}/full"), "xml": _peer(f"{base}/xml"),
              "nokey": _peer(f"{base}/full", auth={"token_file": str(tmp_path / "missing")})}
     try:
         outbox = _outbox(index, peers)
@@ -166,10 +179,13 @@ def test_outbox_stow_failures_are_retried_or_final(index: Index, tmp_path: Path)
         # 0xA700 is retried; an instance a 409 leaves out is not
         ("full", refused): pending, ("full", other): failed_state,
         ("nokey", refused): failed_state, ("nokey", other): failed_state,
+        ("xml", refused): failed_state, ("xml", other): sent,
     }
     by_key = {(i.destination, i.sop_instance_uid): i for i in _items(index)}
     assert by_key["partial", refused].last_status == 0xC000
     assert by_key["full", refused].last_status == 0xA700
+    assert by_key["xml", refused].last_status == 0xA900
+    assert by_key["xml", other].last_status == 0xB000  # stored with a warning
     assert "cannot read it" in (by_key["nokey", other].last_error or "")
     assert any(h.get("Authorization") == "Bearer node-token-123" for h in seen)
     assert all(h["Content-Type"].startswith('multipart/related; type="application/dicom"')

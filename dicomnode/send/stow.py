@@ -175,17 +175,26 @@ def _outcomes_json(body: Any) -> dict[str, int]:
     return found
 
 
+def _local(element: ET.Element) -> str:
+    """An element's name without its namespace (PS3.19's native model may carry one)."""
+    return element.tag.rsplit("}", 1)[-1]
+
+
 def _outcomes_xml(text: bytes) -> dict[str, int]:
     """The same from a PS3.19 native DICOM model (``application/dicom+xml``) answer."""
     found: dict[str, int] = {}
     root = ET.fromstring(text)  # from the configured peer; no entities are resolved
-    for attribute in root.iter("DicomAttribute"):
+    for attribute in root.iter():
         tag = attribute.get("tag", "").upper()
-        if tag not in ("00081199", "00081198"):
+        if _local(attribute) != "DicomAttribute" or tag not in ("00081199", "00081198"):
             continue
-        for item in attribute.findall("Item"):
-            values = {a.get("tag", "").upper(): (a.findtext("Value") or "").strip()
-                      for a in item.findall("DicomAttribute")}
+        for item in (c for c in attribute if _local(c) == "Item"):
+            values: dict[str, str] = {}
+            for element in item:
+                if _local(element) == "DicomAttribute":
+                    value = next((v for v in element if _local(v) == "Value"), None)
+                    values[element.get("tag", "").upper()] = (
+                        (value.text or "").strip() if value is not None else "")
             uid = values.get("00081155", "")
             if tag == "00081199":
                 found[uid] = int(values.get("00081196") or 0)
