@@ -274,8 +274,9 @@ def test_stow_part_crossing_the_disk_reserve_is_refused_and_not_kept(
     assert node.studies() == []
 
 
-def test_stow_boundary_with_uuid(node_factory: NodeFactory, tmp_path: Path) -> None:
-    """A quoted boundary of the form dicomweb-client and Orthanc send."""
+def test_stow_chunked_body_with_a_quoted_uuid_boundary(node_factory: NodeFactory,
+                                                      tmp_path: Path) -> None:
+    """Chunked transfer encoding, and a quoted boundary of the form dicomweb-client sends."""
     node = _node(node_factory, tmp_path)
     ct = testdata.synthetic_ct(tmp_path / "a", slices=1, rows=16, columns=16)
     boundary = str(uuid.uuid4())
@@ -283,7 +284,8 @@ def test_stow_boundary_with_uuid(node_factory: NodeFactory, tmp_path: Path) -> N
     session = requests.Session()
     session.trust_env = False
     answer = session.post(
-        node.console_url() + "/dicomweb/studies", data=body, auth=("archive", PASSWORD),
+        node.console_url() + "/dicomweb/studies", auth=("archive", PASSWORD),
+        data=(body[i:i + 1000] for i in range(0, len(body), 1000)),  # chunked
         headers={"Content-Type": f'multipart/related; boundary="{boundary}"; '
                                  'type="application/dicom"'}, timeout=30)
     assert answer.status_code == 200, answer.text
@@ -338,3 +340,32 @@ def test_stow_a_few_concurrent_requests_all_stored(node_factory: NodeFactory,
         answers = list(pool.map(lambda s: _post(node, [p.read_bytes() for p in s]), series))
     assert [a.status_code for a in answers] == [200] * 4
     assert sum(s["instance_count"] for s in node.studies()) == 20
+
+
+def test_stow_body_slower_than_the_request_timeout_is_not_cut(node_factory: NodeFactory,
+                                                              tmp_path: Path) -> None:
+    """web.request_timeout_seconds bounds the wait for a request's header, not its body: an
+    archive sending a large study slowly is not cut off."""
+    import base64
+    import socket
+    from urllib.parse import urlsplit
+
+    node = _node(node_factory, tmp_path, web={"request_timeout_seconds": 1})
+    ct = testdata.synthetic_ct(tmp_path / "a", slices=3, rows=32, columns=32)
+    body, content_type = _multipart([p.read_bytes() for p in ct])
+    where = urlsplit(node.console_url())
+    credential = base64.b64encode(f"archive:{PASSWORD}".encode()).decode()
+    head = (f"POST /dicomweb/studies HTTP/1.1\r\nHost: {where.netloc}\r\n"
+            f"Authorization: Basic {credential}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection((where.hostname, where.port), timeout=20) as sock:
+        sock.sendall(head)
+        step = len(body) // 6 + 1
+        for i in range(0, len(body), step):  # 6 pieces, 0.5 s apart: 2.5 s in all
+            sock.sendall(body[i:i + step])
+            time.sleep(0.5)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert node.studies()[0]["instance_count"] == 3
