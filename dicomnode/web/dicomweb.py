@@ -66,8 +66,9 @@ async def _stow(request: Request, study_uid: str | None) -> Response:
     if receiver is None:
         return _plain(503, "STOW-RS is not served by this console")
     client = _client(request)
-    sender, refusal = receiver.credentials.identify(request.headers.get("authorization"),
-                                                    client)
+    # in a worker thread: it reads the secret files and may resolve a peer's host name
+    sender, refusal = await run_in_threadpool(
+        receiver.credentials.identify, request.headers.get("authorization"), client)
     if sender is None:
         if refusal == 401:
             if request.headers.get("authorization"):
