@@ -146,7 +146,12 @@ def cmd_send(args: argparse.Namespace) -> int:
                     show(SendResult(path, None, f"not sent: {exc}"))
                 except Exception as exc:  # its message could quote values
                     show(SendResult(path, None, f"not a DICOM file: {type(exc).__name__}"))
-            send_files(config.node.ae_title, peer, name, copies, on_result=show)
+            if peer.stow_url:  # a DICOMweb destination: STOW-RS, as the outbox sends it
+                from dicomnode.send.stow import stow_files
+
+                stow_files(peer, name, copies, on_result=show)
+            else:
+                send_files(config.node.ae_title, peer, name, copies, on_result=show)
     except SendError as exc:
         print(f"send: {exc}", file=sys.stderr)
         return 1

@@ -33,6 +33,8 @@ __all__ = [
     "ConfigError",
     "DeidConfig",
     "DeidOption",
+    "DicomwebAuthConfig",
+    "DicomwebConfig",
     "InferenceBackend",
     "InferenceConfig",
     "NodeConfig",
@@ -168,6 +170,84 @@ class NodeConfig(_Section):
         8, ge=1, le=1000, description="connections not (yet) associated, per source address")
 
 
+class DicomwebAuthConfig(_Section):
+    """A DICOMweb credential: a bearer token (``token_file``), or HTTP Basic (``user`` and
+    ``password_file``). The secrets are read from the files (their first line), never
+    from this configuration; a file is read when the credential is used, so it can be
+    replaced without a restart."""
+
+    token_file: Path | None = None
+    user: str | None = Field(None, min_length=1, max_length=128)
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DicomwebAuthConfig:
+        basic = self.user is not None or self.password_file is not None
+        if self.token_file is not None and basic:
+            raise ValueError("give token_file (a bearer token) or user and password_file "
+                             "(HTTP Basic), not both")
+        if basic and (self.user is None or self.password_file is None):
+            raise ValueError("HTTP Basic needs both user and password_file")
+        if self.token_file is None and not basic:
+            raise ValueError("give token_file (a bearer token) or user and password_file "
+                             "(HTTP Basic)")
+        if self.user is not None and ":" in self.user:
+            raise ValueError("an HTTP Basic user name has no ':'")
+        return self
+
+    def resolved(self, base: Path) -> DicomwebAuthConfig:
+        return self.model_copy(update={
+            "token_file": _fix(base, self.token_file) or self.token_file,
+            "password_file": _fix(base, self.password_file) or self.password_file})
+
+
+_HTTP_URL = re.compile(r"^https?://[^/\s?#]+(/[^\s?#]*)?$")
+
+
+class DicomwebConfig(_Section):
+    """DICOMweb (PS3.18) with one peer (``peers.NAME.dicomweb``).
+
+    ``url`` is the peer's DICOMweb base URL (its STOW-RS service is ``url/studies``): with
+    it, the peer is a destination whose results go by STOW-RS (instead of C-STORE), with
+    ``auth`` as the node's credential there and ``ca_bundle`` verifying an https peer.
+    ``receive_auth`` is the credential the peer presents when it stores to the node
+    (``POST /dicomweb/studies``); without it the peer cannot send to the node by STOW-RS.
+    """
+
+    url: str | None = Field(None, description="base URL, e.g. https://pacs/dicom-web")
+    auth: DicomwebAuthConfig | None = Field(
+        None, description="the node's credential at url (null: none)")
+    receive_auth: DicomwebAuthConfig | None = Field(
+        None, description="the credential this peer presents to the node's STOW-RS")
+    ca_bundle: Path | None = Field(
+        None, description="PEM CAs that sign an https peer's certificate (null: system store)")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not _HTTP_URL.match(v):
+            raise ValueError(f"{v!r} is not an http or https URL (no query, no fragment)")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _something(self) -> DicomwebConfig:
+        if self.url is None and self.receive_auth is None:
+            raise ValueError("give url (send results to the peer by STOW-RS), receive_auth "
+                             "(accept STOW-RS from the peer), or both")
+        if self.url is None and (self.auth is not None or self.ca_bundle is not None):
+            raise ValueError("auth and ca_bundle apply to url (sending to the peer)")
+        return self
+
+    def resolved(self, base: Path) -> DicomwebConfig:
+        return self.model_copy(update={
+            "auth": None if self.auth is None else self.auth.resolved(base),
+            "receive_auth": None if self.receive_auth is None
+            else self.receive_auth.resolved(base),
+            "ca_bundle": _fix(base, self.ca_bundle) or self.ca_bundle})
+
+
 class RetrieveMethod(str, Enum):
     """How a query/retrieve peer hands over what was found (``peers.NAME.retrieve``)."""
 
@@ -192,6 +272,9 @@ class PeerConfig(_Section):
     retrieve: RetrieveMethod | None = Field(
         None, description="move (default): C-MOVE to the node's AE title, which the peer "
         "must know as a move destination; get: C-GET on the pulling association")
+    dicomweb: DicomwebConfig | None = Field(
+        None, description="DICOMweb with this peer: results by STOW-RS to its url, and "
+        "its credential for the node's STOW-RS (docs/dicomweb.md)")
 
     @model_validator(mode="after")
     def _options_for_research(self) -> PeerConfig:
@@ -203,6 +286,11 @@ class PeerConfig(_Section):
         if self.query_retrieve and (self.host is None or self.port is None):
             raise ValueError("query_retrieve: true needs the peer's host and port")
         return self
+
+    @property
+    def stow_url(self) -> str | None:
+        """The peer's DICOMweb base URL when its results go by STOW-RS, else None."""
+        return None if self.dicomweb is None else self.dicomweb.url
 
     @property
     def retrieve_method(self) -> RetrieveMethod:
@@ -617,7 +705,8 @@ class Config(_Section):
                 "node": self.node.model_copy(update={"tls": (
                     None if self.node.tls is None else self.node.tls.resolved(base))}),
                 "peers": {name: peer.model_copy(update={"tls": (
-                    None if peer.tls is None else peer.tls.resolved(base))})
+                    None if peer.tls is None else peer.tls.resolved(base)), "dicomweb": (
+                    None if peer.dicomweb is None else peer.dicomweb.resolved(base))})
                     for name, peer in self.peers.items()},
             }
         )

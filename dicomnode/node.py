@@ -97,7 +97,8 @@ class Node:
             self.console = ConsoleServer(
                 config, self.index, self.outbox, self.rules,
                 partial(metrics_text, self.index, refused=self.refused,
-                        storage_path=config.storage.path), run_now=self.run_now)
+                        storage_path=config.storage.path), run_now=self.run_now,
+                store=self.store, activity=self.activity)  # STOW-RS: ingest, completion
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()

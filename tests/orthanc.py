@@ -14,11 +14,16 @@ Usage::
 from __future__ import annotations
 
 import pytest
-from orthanc_server import ORTHANC, OrthancServer
+from orthanc_server import DICOMWEB_PLUGIN, ORTHANC, OrthancServer
 
-__all__ = ["ORTHANC", "OrthancServer", "requires_orthanc"]
+__all__ = ["ORTHANC", "OrthancServer", "requires_orthanc", "requires_orthanc_dicomweb"]
 
 requires_orthanc = pytest.mark.skipif(
     not ORTHANC.exists(),
     reason="Orthanc is not installed (/usr/sbin/Orthanc, Debian package orthanc; "
+           "tools/test.sh installs it)")
+
+requires_orthanc_dicomweb = pytest.mark.skipif(
+    not ORTHANC.exists() or not DICOMWEB_PLUGIN.exists(),
+    reason="Orthanc's DICOMweb plugin is not installed (Debian package orthanc-dicomweb; "
            "tools/test.sh installs it)")

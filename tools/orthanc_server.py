@@ -11,7 +11,9 @@ Usage::
         orthanc.push("dicomnode", [orthanc_id])  # C-STORE from Orthanc to the node
 
 The server runs on free ports with its storage and index in ``workdir`` (created), no
-plugins, HTTP without authentication but answering loopback clients only
+plugins unless ``dicomweb=True`` loads the DICOMweb plugin (Debian ``orthanc-dicomweb``:
+STOW-RS at ``/dicom-web/studies``, and ``/dicom-web/servers/NAME/stow`` to the servers of
+``dicomweb_servers``), HTTP without authentication but answering loopback clients only
 (``RemoteAccessAllowed: false``), and it checks the called AE title
 (``DicomCheckCalledAet``). Orthanc 1.10 has no setting for the address it listens on,
 so it listens on all interfaces: callers only ever talk to it on 127.0.0.1, and never
@@ -34,9 +36,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["ORTHANC", "OrthancServer"]
+__all__ = ["DICOMWEB_PLUGIN", "ORTHANC", "OrthancServer"]
 
 ORTHANC = Path("/usr/sbin/Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
 
 
@@ -49,6 +52,8 @@ def _free_port() -> int:
 class OrthancServer:
     """One Orthanc process; a context manager that starts it and stops it.
 
+    ``dicomweb`` loads the DICOMweb plugin; ``dicomweb_servers`` names the DICOMweb servers
+    it knows, ``{name: (url, user, password)}`` (:meth:`stow` sends to them).
     ``modalities`` names the DICOM peers Orthanc knows, ``{name: (ae_title, port)}``,
     all on 127.0.0.1 (e.g. ``{"dicomnode": ("DICOMNODE", node_port)}``), so that
     :meth:`push` can C-STORE to them. ``config`` adds or overrides Orthanc
@@ -60,6 +65,8 @@ class OrthancServer:
     def __init__(self, workdir: Path, *, ae_title: str = "ORTHANC",
                  modalities: Mapping[str, tuple[str, int]] | None = None,
                  check_called_aet: bool = True,
+                 dicomweb: bool = False,
+                 dicomweb_servers: Mapping[str, tuple[str, str, str]] | None = None,
                  config: Mapping[str, Any] | None = None) -> None:
         self.workdir = Path(workdir)
         self.ae_title = ae_title
@@ -80,7 +87,10 @@ class OrthancServer:
                                 for name, (aet, port) in (modalities or {}).items()},
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
+            **({"DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {
+                name: list(server) for name, server in (dicomweb_servers or {}).items()}}}
+               if dicomweb else {}),
             **(config or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
@@ -208,4 +218,10 @@ class OrthancServer:
         """C-STORE stored instances (or studies/series, by Orthanc ID) to a modality;
         returns when the last instance was acknowledged (a synchronous job)."""
         return self.post(f"/modalities/{modality}/store",
+                         {"Resources": orthanc_ids, "Synchronous": True}, timeout)
+
+    def stow(self, server: str, orthanc_ids: list[str], timeout: float = 600.0) -> Any:
+        """STOW-RS stored instances (or series, studies, by Orthanc ID) to a DICOMweb
+        server of ``dicomweb_servers`` (the DICOMweb plugin's ``/servers/NAME/stow``)."""
+        return self.post(f"/dicom-web/servers/{server}/stow",
                          {"Resources": orthanc_ids, "Synchronous": True}, timeout)

@@ -6,10 +6,11 @@ cd "$(dirname "$0")/.."
 
 # Real peers and real data used by the tests, from Debian packages:
 #   dcmtk (storescu, storescp, dcmcjpeg, ...), dicom3tools (dciodvfy), orthanc,
+#   orthanc-dicomweb (Orthanc's DICOMweb plugin: STOW-RS to and from the node),
 #   plastimatch (rasterises RTSTRUCTs back onto the images),
 #   chromium, chromium-driver (the console in a headless browser),
 #   invesalius-examples (Cranium CT), mricron-data (Colin27 T1 MR)
-DEBS="dcmtk dicom3tools orthanc plastimatch chromium chromium-driver invesalius-examples mricron-data"
+DEBS="dcmtk dicom3tools orthanc orthanc-dicomweb plastimatch chromium chromium-driver invesalius-examples mricron-data"
 missing=""
 for deb in $DEBS; do
   dpkg -s "$deb" >/dev/null 2>&1 || missing="$missing $deb"

@@ -37,6 +37,7 @@ class Status(enum.IntEnum):
     OUT_OF_RESOURCES_SUB_OPERATIONS = 0xA702  # PS3.4 C.4.2 (C-MOVE/C-GET); read as SCU
     # -- Error: Data Set Does Not Match SOP Class (A9xx), PS3.4 B.2.3
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # node: SOP Class UID differs from the request
+    DATA_SET_DOES_NOT_MATCH_STUDY = 0xA901  # node: STOW-RS to /studies/{uid}, another study
     # -- Error: Cannot Understand (Cxxx), PS3.4 B.2.3
     CANNOT_UNDERSTAND = 0xC000
     CANNOT_UNDERSTAND_PARSE = 0xC001  # node: the dataset does not parse

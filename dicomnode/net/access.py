@@ -20,6 +20,7 @@ __all__ = [
     "AccessPolicy",
     "EscapeControlCharacters",
     "Refusal",
+    "from_host",
     "printable",
     "raw_ae_title_problem",
 ]
@@ -111,6 +112,12 @@ def _addresses(host: str) -> frozenset[str]:
     return frozenset({str(info[4][0]) for info in infos} | {host})
 
 
+def from_host(address: str, host: str | None) -> bool:
+    """Whether a connection from ``address`` comes from a peer's configured ``host`` (its
+    name resolved; always true when the peer names no host), as the SCP checks it."""
+    return host is None or address in _addresses(host)
+
+
 class AccessPolicy:
     """Accepts an association only from a configured peer, addressed to this node.
 
@@ -152,7 +159,7 @@ class AccessPolicy:
                 f"calling AE title {printable(calling)} is not a configured peer",
                 CALLING_AE_NOT_RECOGNIZED, REFUSED_CALLING_AE)
         for name, peer in candidates:
-            if peer.host is None or address in _addresses(peer.host):
+            if from_host(address, peer.host):
                 return name, None
         hosts = ", ".join(sorted({str(p.host) for _, p in candidates}))
         return None, Refusal(

@@ -14,7 +14,9 @@ still to be sent survives restarts and crashes. Items move through these states:
   destination is served by its own thread, over one association per round (more only
   past 128 presentation contexts), so a destination that is down or slow never delays
   the others. Presentation contexts and the C-STORE itself are those of
-  :func:`dicomnode.send.scu.send_files`. Each item's file crosses the boundary
+  :func:`dicomnode.send.scu.send_files`; a peer with ``dicomweb.url`` gets its items by
+  STOW-RS instead (:func:`dicomnode.send.stow.stow_files`, the same results, the same
+  transient and final failures, see there). Each item's file crosses the boundary
   (:class:`dicomnode.boundary.PeerBoundary`) at delivery: pseudonymized for a research
   peer, re-identified for a clinical one, or refused (``failed``), whoever queued it.
   Each response is committed as soon as it arrives, before the next C-STORE.
@@ -47,6 +49,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -60,6 +63,7 @@ from dicomnode.config import Config, OutboxConfig, PeerConfig
 from dicomnode.deid import DeidKeyError
 from dicomnode.dicom.status import Status
 from dicomnode.send.scu import SendError, SendResult, send_files
+from dicomnode.send.stow import stow_files
 from dicomnode.store.db import Index
 from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.queries import count_by_state, iso_utc
@@ -85,6 +89,11 @@ _DUE_STATES = (OutboxState.PENDING, OutboxState.SENDING)
 def _due(now: dt.datetime) -> tuple[Any, ...]:
     """The conditions of an item due at ``now``: pending, or sending with its lease ended."""
     return (OutboxItem.state.in_(_DUE_STATES), OutboxItem.next_attempt_at <= now)
+
+
+def _destination(peer: PeerConfig) -> bool:
+    """Whether results can be sent to ``peer``: by C-STORE (host and port) or STOW-RS."""
+    return bool((peer.host and peer.port) or peer.stow_url)
 
 
 class OutboxError(ValueError):
@@ -193,15 +202,18 @@ class Outbox:
 
     @property
     def destinations(self) -> list[str]:
-        """The peers items can be sent to: those with a host and a port."""
-        return sorted(n for n, p in self.peers.items() if p.host and p.port)
+        """The peers items can be sent to: those with a host and a port (C-STORE), or a
+        DICOMweb URL (STOW-RS)."""
+        return sorted(n for n, p in self.peers.items() if _destination(p))
 
     def _check_destination(self, name: str) -> PeerConfig:
         peer = self.peers.get(name)
-        if peer is None or not peer.host or not peer.port:
+        if peer is None or not _destination(peer):
             known = ", ".join(self.destinations) or "none configured"
-            what = "is not a configured peer" if peer is None else "has no host and port"
-            raise OutboxError(f"destination {name!r} {what}; peers with host and port: {known}")
+            what = ("is not a configured peer" if peer is None
+                    else "has no host and port, nor dicomweb.url")
+            raise OutboxError(f"destination {name!r} {what}; peers with host and port or "
+                              f"dicomweb.url: {known}")
         return peer
 
     # ---------------------------------------------------------------- queueing
@@ -405,7 +417,8 @@ class Outbox:
                 self._threads.discard(threading.current_thread())
 
     def _fail_unconfigured(self, name: str, now: dt.datetime) -> None:
-        message = (f"destination {name!r} is not configured (peers.{name} with host and port); "
+        message = (f"destination {name!r} is not configured (peers.{name} with host and port, "
+                   "or dicomweb.url); "
                    "configure it and resend the item")
         with self.index.session() as session:
             ids = session.scalars(select(OutboxItem.id).where(
@@ -484,10 +497,11 @@ class Outbox:
                     Path(claim.path), None, message, transient=transient), clock())
 
         try:
-            if waiting:
-                send_files(self.ae_title, peer, name, [copies[p] for p in waiting],
-                           timeout=self.settings.timeout_seconds, on_result=on_result,
-                           cancel=self._stopping)
+            if waiting:  # by the peer's kind: STOW-RS to a DICOMweb URL, else C-STORE
+                send = stow_files if peer.stow_url else partial(send_files, self.ae_title)
+                send(peer, name, [copies[p] for p in waiting],
+                     timeout=self.settings.timeout_seconds, on_result=on_result,
+                     cancel=self._stopping)
         except SendError as exc:
             report.error = str(exc)
             record_unsent(str(exc), transient=exc.transient)

@@ -37,12 +37,15 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from dicomnode.completion import AssociationActivity
 from dicomnode.config import Config, ConfigError
+from dicomnode.receive.ingest import InstanceStore
 from dicomnode.rules.loader import RuleSet
 from dicomnode.rules.trigger import Firing
 from dicomnode.send.outbox import Outbox
 from dicomnode.store.db import Index
 from dicomnode.web.api import job_overlay_path
+from dicomnode.web.stow import StowCredentials, StowReceiver
 
 __all__ = ["ConsoleServer", "MetricsSource", "RunNow", "console_token", "is_loopback"]
 
@@ -171,13 +174,21 @@ class ConsoleServer:
         rules: the loaded rules, or None.
         metrics: returns the body and content type of ``/metrics``.
         run_now: an operator's "run now" of a rule on a study (None: no such action).
+        store: the node's instance store, where STOW-RS (``POST /dicomweb/studies``) stores
+            (None: STOW-RS is not served, answered 503).
+        activity: the node's association activity: an open STOW-RS request counts as an
+            open association for completion (needed with ``store``).
 
     Raises:
         ConfigError: no token where one is needed, or an unreadable token file.
     """
 
     def __init__(self, config: Config, index: Index, outbox: Outbox, rules: RuleSet | None,
-                 metrics: MetricsSource, *, run_now: RunNow | None = None) -> None:
+                 metrics: MetricsSource, *, run_now: RunNow | None = None,
+                 store: InstanceStore | None = None,
+                 activity: AssociationActivity | None = None) -> None:
+        if (store is None) != (activity is None):
+            raise ValueError("store and activity go together (STOW-RS)")
         self.run_now = run_now
         self.config = config
         self.index = index
@@ -185,6 +196,10 @@ class ConsoleServer:
         self.rules = rules
         self.metrics = metrics
         self.token = console_token(config)
+        self.stow: StowReceiver | None = None
+        if store is not None and activity is not None:
+            self.stow = StowReceiver(store, activity,
+                                     StowCredentials(config.peers, self.token))
         self.open_reading = is_loopback(config.web.host)
         self.allowed_hosts = {"localhost", "127.0.0.1", "::1", config.web.host.lower(),
                               *(h.lower() for h in config.web.allowed_hosts)}
