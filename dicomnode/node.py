@@ -20,6 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicomnode.completion import AssociationActivity, CompletionMonitor
 from dicomnode.config import Config
+from dicomnode.jobs.feedbackqueue import discover
 from dicomnode.jobs.queue import reset
 from dicomnode.jobs.runner import JobRunner
 from dicomnode.net.access import AccessPolicy
@@ -170,6 +171,15 @@ class Node:
         self.jobs.dispatch()
         return firings
 
+    def _check_feedback(self) -> None:
+        """Queue received RTSTRUCT/SEG objects of contoured studies and hand them to free
+        workers (the comparison itself runs in a worker process)."""
+        try:
+            discover(self.index)
+            self.jobs.dispatch_feedback()
+        except Exception as exc:  # the next tick tries again
+            LOG.warning("feedback not checked: %s", type(exc).__name__)
+
     def puller(self, peer_name: str) -> Puller:
         """Pulls from a query/retrieve peer into this node: C-MOVE to its SCP, or C-GET
         stored through its store (and counted as an open association delivering)."""
@@ -205,6 +215,10 @@ class Node:
         # a changed rule file or card is picked up at its next use, or by this check
         self.scheduler.add_job(self._check_rules, "interval", seconds=RULES_CHECK_SECONDS,
                                id="rules", max_instances=1, coalesce=True)
+        if self.config.feedback.enabled:  # edited RTSTRUCT/SEG: compared in the workers
+            self.scheduler.add_job(self._check_feedback, "interval",
+                                   seconds=self.config.feedback.check_interval_seconds,
+                                   id="feedback", max_instances=1, coalesce=True)
         install_scheduled_jobs(self)  # scheduled rules (cron) and retention
         if self.console is not None:
             self.console.bind()  # first: a port in use stops the start before any listening

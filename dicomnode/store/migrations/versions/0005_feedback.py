@@ -1,4 +1,4 @@
-"""feedback: job_input (input drift per job), feedback_object and feedback_structure (the clinicians' corrections compared with the results)
+"""feedback: job_input (input drift per job), feedback_object, feedback_structure
 
 Revision ID: 0005
 Revises: 0004
@@ -77,7 +77,8 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     with op.batch_alter_table('feedback_structure', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_feedback_structure_feedback_pk'), ['feedback_pk'], unique=False)
+        batch_op.create_index(batch_op.f('ix_feedback_structure_feedback_pk'), ['feedback_pk'],
+                              unique=False)
         batch_op.create_index(batch_op.f('ix_feedback_structure_model'), ['model'], unique=False)
 
     # ### end Alembic commands ###
