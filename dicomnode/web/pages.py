@@ -15,7 +15,7 @@ from urllib.parse import quote
 from dicomnode.store.queries import format_timings
 from dicomnode.web.api import API_PREFIX
 
-__all__ = ["CONTENT_SECURITY_POLICY", "SCRIPT", "STYLE", "dashboard", "login_page",
+__all__ = ["CONTENT_SECURITY_POLICY", "SCRIPT", "STYLE", "dashboard", "login_page", "page",
            "study_page"]
 
 #: Pages load their script and style from the console itself (/static/...): no inline
@@ -66,6 +66,11 @@ def _status(study: dict[str, Any]) -> str:
 
 def _cell(value: Any) -> str:
     return "" if value is None else escape(str(value))
+
+
+def page(title: str, body: str, *, authenticated: bool) -> bytes:
+    """A console page around ``body`` (HTML already escaped)."""
+    return _page(title, body, authenticated=authenticated)
 
 
 def _page(title: str, body: str, *, authenticated: bool) -> bytes:
