@@ -7,10 +7,10 @@ and the job runner hands it to a worker process, which runs :func:`compare_feedb
 
 1. **Which job.** The finished, not withdrawn jobs of the study, newest first. An object
    whose SOP Instance UID is one the job wrote is dicomnode's own result sent back unchanged
-   (skipped). Otherwise the job is the one whose result the object references (any UID in
-   its sequences is a SOP Instance or Series Instance UID of the job's SEG or RTSTRUCT:
-   ``matched_by = reference``), else the newest whose input series the object references
-   (``series``). No such job: skipped, with the reason.
+   (skipped, ``matched_by = own``). Otherwise the job is the one whose result the object
+   references (any UID in its sequences is a SOP Instance or Series Instance UID of the
+   job's SEG or RTSTRUCT: ``matched_by = reference``), else the newest whose input series
+   the object references (``series``). No such job: skipped, with the reason.
 2. **The grid.** The job's first input series as received (``inference.volume``); both
    objects are placed on it (:mod:`dicomnode.outputs.contours`: RTSTRUCT contours
    rasterized by the even-odd rule, SEG read with highdicom).
@@ -18,7 +18,8 @@ and the job runner hands it to a worker process, which runs :func:`compare_feedb
    the same kind when the job wrote one (contours against contours), else the other.
 4. **Structures** are matched by name: the card label's name, case and spaces ignored, or
    one of the label's ``aliases``. A structure of the result that the received object
-   lacks, or has empty, is ``deleted`` (Dice 0, no distances). Per structure
+   lacks, or has empty, is ``deleted`` (Dice 0, no distances); one the result has empty
+   and the received object not is ``added``; one empty in both is left out. Per structure
    :func:`dicomnode.outputs.agreement.agreement` gives Dice, HD95, mean surface distance and
    the volumes; they are stored with the model's name and version (``feedback_structure``).
 
@@ -136,7 +137,7 @@ def _find_job(config: Config, index: Index, study_pk: int, ds: Dataset) -> _Matc
             continue
         own, referable = _result_uids(config, results)
         if sop in own:
-            return f"dicomnode's own result of job {job_id}, sent back unchanged"
+            return _Match(job_id, model, bindings, results, "own")
         if referenced & referable:
             return _Match(job_id, model, bindings, results, "reference")
         if by_series is None and referenced & {uid for _, uid in bindings}:
@@ -218,10 +219,17 @@ def _compare(config: Config, index: Index, feedback_pk: int) -> FeedbackState:
     match = _find_job(config, index, study_pk, ds)
     if isinstance(match, str):
         finish(index, feedback_pk, FeedbackState.SKIPPED, match)
-        LOG.info("feedback %d: skipped (%s)", feedback_pk, re.sub(r"\d{6,}", "...", match))
+        LOG.info("feedback %d: skipped (%s)", feedback_pk, match)
         return FeedbackState.SKIPPED
     card = cached_card(config.models_dir / match.model)
     version = _model_version(config, match, card)
+    found = {"job_pk": match.job_id, "model": match.model, "model_version": version,
+             "matched_by": match.matched_by}
+    if match.matched_by == "own":
+        reason = f"dicomnode's own result of job {match.job_id}, sent back unchanged"
+        finish(index, feedback_pk, FeedbackState.SKIPPED, reason, **found)
+        LOG.info("feedback %d: skipped (%s)", feedback_pk, reason)
+        return FeedbackState.SKIPPED
     volume = _source_volume(index, config, match.bindings[0][1], card)
     grid = Grid.of_image(volume.image)
     del volume
@@ -241,19 +249,20 @@ def _compare(config: Config, index: Index, feedback_pk: int) -> FeedbackState:
             continue
         name = _received_name(label, theirs.masks)
         edited = theirs.masks[name] if name is not None else empty
+        if not mine.any() and not edited.any():
+            continue  # absent from both: nothing to compare
         figures = agreement(mine, edited, spacing_zyx)
-        deleted = not edited.any()
+        outcome = ("deleted" if not edited.any() else "added" if not mine.any()
+                   else "compared")
         rows.append(FeedbackStructure(
             feedback_pk=feedback_pk, model=match.model, model_version=version,
             structure=label.name, received_name=name[:64] if name else None,
-            outcome="deleted" if deleted else "compared", dice=round(figures.dice, 6),
+            outcome=outcome, dice=round(figures.dice, 6),
             hd95_mm=None if figures.hd95_mm is None else round(figures.hd95_mm, 4),
             msd_mm=None if figures.msd_mm is None else round(figures.msd_mm, 4),
             volume_ours_ml=round(figures.volume_ours_ml, 4),
             volume_received_ml=round(figures.volume_received_ml, 4),
             volume_change_ml=round(figures.volume_change_ml, 4)))
-    found = {"job_pk": match.job_id, "model": match.model, "model_version": version,
-             "matched_by": match.matched_by}
     if not rows:
         finish(index, feedback_pk, FeedbackState.SKIPPED,
                f"job {match.job_id}'s result has no structure to compare", **found)

@@ -362,7 +362,8 @@ class FeedbackObject(Base):
     compare: dicomnode's own object sent back unchanged, no matching job or structure;
     ``reason`` says which), ``failed`` (``reason``: the node's own message).
     ``matched_by``: how the job was found (``reference``: the object references the job's
-    result or its SOP Instance UIDs; ``series``: it references the job's input series).
+    result or its SOP Instance UIDs; ``series``: it references the job's input series;
+    ``own``: it is the job's own result, unchanged).
     """
 
     __tablename__ = "feedback_object"
@@ -385,8 +386,9 @@ class FeedbackObject(Base):
 class FeedbackStructure(Base):
     """One structure of a job's result against the same structure in a received object.
 
-    ``outcome``: ``compared``, or ``deleted`` (the received object has no such structure or
-    an empty one: Dice 0, no distances). Distances in mm over the surfaces (boundary voxels)
+    ``outcome``: ``compared``, ``deleted`` (the received object has no such structure or
+    an empty one: Dice 0, no distances) or ``added`` (the result's structure is empty, the
+    received one is not). Distances in mm over the surfaces (boundary voxels)
     of both masks on the source grid: ``hd95_mm`` the 95th percentile of the distances of
     both directions pooled, ``msd_mm`` their mean (symmetric mean surface distance).
     Volumes in ml; ``volume_change_ml`` = received - ours.
