@@ -47,6 +47,9 @@ LOG = logging.getLogger(__name__)
 #: How often (s) the node looks for changed rule files and model cards between uses.
 RULES_CHECK_SECONDS = 2.0
 
+#: The feedback check looks at every received instance (not only new ones) once in so many.
+FEEDBACK_FULL_SCAN = 30
+
 
 def _waits(rules: RuleSet) -> list[float]:
     """The rules' own quiet times, and when they act on incomplete studies (s)."""
@@ -100,6 +103,8 @@ class Node:
                 partial(metrics_text, self.index, refused=self.refused,
                         storage_path=config.storage.path), run_now=self.run_now)
         self.scheduler = BackgroundScheduler(timezone="UTC")
+        self._feedback_after = 0  # the newest instance the feedback check looked at
+        self._feedback_ticks = 0
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
 
@@ -174,8 +179,12 @@ class Node:
     def _check_feedback(self) -> None:
         """Queue received RTSTRUCT/SEG objects of contoured studies and hand them to free
         workers (the comparison itself runs in a worker process)."""
+        # new instances only, and every FEEDBACK_FULL_SCAN-th time all of them (an object
+        # received before its study's job had finished)
+        self._feedback_ticks += 1
+        after = 0 if self._feedback_ticks % FEEDBACK_FULL_SCAN == 1 else self._feedback_after
         try:
-            discover(self.index)
+            _added, self._feedback_after = discover(self.index, after=after)
             self.jobs.dispatch_feedback()
         except Exception as exc:  # the next tick tries again
             LOG.warning("feedback not checked: %s", type(exc).__name__)

@@ -13,6 +13,7 @@ import copy
 import json
 import re
 import shutil
+import sqlite3
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -216,6 +217,21 @@ def test_an_edited_rtstruct_sent_back_is_compared_with_the_result(
     edited = _edit(ours, grid, erode="External", delete="Bone")
     edited_path = tmp_path / "edited.dcm"
     edited.save_as(edited_path, enforce_file_format=True)
+    # the same edit naming the structure set it was derived from (the node's result)
+    predecessor = pydicom.Dataset()
+    predecessor.ReferencedSOPClassUID = ours.SOPClassUID
+    predecessor.ReferencedSOPInstanceUID = ours.SOPInstanceUID
+    derived = copy.deepcopy(edited)
+    derived.PredecessorStructureSetSequence = DicomSequence([predecessor])
+    derived.SOPInstanceUID = derived.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    derived_path = tmp_path / "derived.dcm"
+    derived.save_as(derived_path, enforce_file_format=True)
+    # one whose contour has two points: it cannot be compared
+    broken = copy.deepcopy(edited)
+    broken.ROIContourSequence[0].ContourSequence[0].ContourData = ["0", "0", "0"] * 2
+    broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    broken_path = tmp_path / "broken.dcm"
+    broken.save_as(broken_path, enforce_file_format=True)
     # one that references nothing of the study's jobs (another planning system's own set)
     unrelated = _edit(ours, grid, erode="External", delete="Bone")
     for ref in unrelated.ReferencedFrameOfReferenceSequence:
@@ -226,18 +242,34 @@ def test_an_edited_rtstruct_sent_back_is_compared_with_the_result(
     unrelated_path = tmp_path / "unrelated.dcm"
     unrelated.save_as(unrelated_path, enforce_file_format=True)
     # the edited one, and the node's own result sent back unchanged (nothing to compare)
-    assert storescu(node.port, edited_path, ours_path, unrelated_path).returncode == 0
+    assert storescu(node.port, edited_path, ours_path, unrelated_path, derived_path,
+                    broken_path).returncode == 0
 
     def compared() -> dict[str, Any]:
         view: dict[str, Any] = json.loads(_get(node, "/api/v1/models/ct-body/feedback")[0])
         return view
 
     wait_until(lambda: sum(compared()["objects"].get(s, 0) for s in ("done", "skipped",
-                                                                       "failed")) == 2,
+                                                                       "failed")) == 4,
                60, "the received objects compared")
     view = compared()
-    assert view["objects"] == {"done": 1, "skipped": 1}, view["objects"]  # own result
-    wait_until(lambda: "references neither a result" in node.log(), 30, "the unrelated one")
+    assert view["objects"] == {"done": 2, "skipped": 1, "failed": 1}, view["objects"]
+    with sqlite3.connect(node.store / "index.sqlite") as db:
+        states = {uid: (state, matched_by, reason) for uid, state, matched_by, reason in
+                  db.execute("SELECT sop_instance_uid, state, matched_by, reason "
+                             "FROM feedback_object")}
+    assert states[edited.SOPInstanceUID][:2] == ("done", "series")
+    assert states[derived.SOPInstanceUID][:2] == ("done", "reference")
+    assert states[ours.SOPInstanceUID][:2] == ("skipped", "own")
+    assert states[unrelated.SOPInstanceUID][0] == "skipped"
+    assert "references neither a result" in states[unrelated.SOPInstanceUID][2]
+    assert states[broken.SOPInstanceUID][0] == "failed"
+    assert "at least three 3D points" in states[broken.SOPInstanceUID][2]
+    assert len(view["figures"]) == 4  # two structures of each compared object
+    same: dict[str, set[tuple[Any, ...]]] = {}
+    for f in view["figures"]:
+        same.setdefault(f["structure"], set()).add((f["dice"], f["hd95_mm"], f["msd_mm"]))
+    assert all(len(v) == 1 for v in same.values())  # the same edit, the same figures
     figures = {f["structure"]: f for f in view["figures"]}
     assert set(figures) == {"External", "Bone"}
     bone, external = figures["Bone"], figures["External"]
@@ -279,9 +311,10 @@ def test_an_edited_rtstruct_sent_back_is_compared_with_the_result(
     # qa export: image + corrected mask pairs, a manifest without identity
     out = tmp_path / "export"
     done = node.cli("qa", "export", "ct-body", str(out))
-    assert "1 image + corrected mask pair(s)" in done.stdout
+    assert "2 image + corrected mask pair(s)" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "case-0001_image.nii.gz", "case-0001_mask.nii.gz", "manifest.csv", "manifest.json"]
+        "case-0001_image.nii.gz", "case-0001_mask.nii.gz", "case-0002_image.nii.gz",
+        "case-0002_mask.nii.gz", "manifest.csv", "manifest.json"]
     image = sitk.ReadImage(str(out / "case-0001_image.nii.gz"))
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case-0001_mask.nii.gz")))
     assert image.GetSize() == grid.size and mask.shape == grid.shape
@@ -289,7 +322,7 @@ def test_an_edited_rtstruct_sent_back_is_compared_with_the_result(
     assert np.array_equal(mask == 1, edited_external) and not (mask == 2).any()
     manifest = (out / "manifest.json").read_text() + (out / "manifest.csv").read_text()
     for identity in ("PAT-FB-1", "Feedback", str(ours.StudyInstanceUID),
-                     str(edited.SOPInstanceUID)):
+                     str(edited.SOPInstanceUID), str(ours.SeriesInstanceUID)):
         assert identity not in manifest
     data = json.loads((out / "manifest.json").read_text())
     assert data["cases"][0]["structures"][0]["dice"] == external["dice"]

@@ -195,18 +195,20 @@ def compare_feedback(config: Config, index: Index, feedback_pk: int) -> Feedback
     """Compare the claimed received object ``feedback_pk`` with its job's result and record
     the figures; returns the state recorded (never raises for a bad object: it is
     ``failed`` with the reason)."""
+    found: dict[str, Any] = {}  # the job and model, once known
     try:
-        return _compare(config, index, feedback_pk)
+        return _compare(config, index, feedback_pk, found)
     except (FeedbackError, ContourError, CardError) as exc:
         reason = str(exc)
     except Exception as exc:  # other libraries' messages may quote values: the type only
         reason = f"{type(exc).__name__}"
-        LOG.warning("feedback %d: comparison failed: %s", feedback_pk, reason)
-    finish(index, feedback_pk, FeedbackState.FAILED, reason)
+    LOG.warning("feedback %d: comparison failed: %s", feedback_pk, reason)
+    finish(index, feedback_pk, FeedbackState.FAILED, reason, **found)
     return FeedbackState.FAILED
 
 
-def _compare(config: Config, index: Index, feedback_pk: int) -> FeedbackState:
+def _compare(config: Config, index: Index, feedback_pk: int,
+             found: dict[str, Any]) -> FeedbackState:
     with index.session() as session:
         row = session.get(FeedbackObject, feedback_pk)
         if row is None:
@@ -223,8 +225,8 @@ def _compare(config: Config, index: Index, feedback_pk: int) -> FeedbackState:
         return FeedbackState.SKIPPED
     card = cached_card(config.models_dir / match.model)
     version = _model_version(config, match, card)
-    found = {"job_pk": match.job_id, "model": match.model, "model_version": version,
-             "matched_by": match.matched_by}
+    found.update(job_pk=match.job_id, model=match.model, model_version=version,
+                 matched_by=match.matched_by)
     if match.matched_by == "own":
         reason = f"dicomnode's own result of job {match.job_id}, sent back unchanged"
         finish(index, feedback_pk, FeedbackState.SKIPPED, reason, **found)

@@ -17,7 +17,7 @@ import logging
 from enum import Enum
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, exists, select, update
+from sqlalchemy import CursorResult, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicomnode.store.db import Index
@@ -43,18 +43,24 @@ class FeedbackState(str, Enum):
     FAILED = "failed"
 
 
-def discover(index: Index, limit: int = 200) -> int:
-    """Queue the received RTSTRUCT/SEG instances of studies with a finished job that are
-    not queued yet (at most ``limit`` a call); returns how many were queued."""
+def discover(index: Index, *, after: int = 0, limit: int = 200) -> tuple[int, int]:
+    """Queue the received RTSTRUCT/SEG instances (index key above ``after``) of studies with
+    a finished job that are not queued yet, at most ``limit`` a call; returns how many were
+    queued and the highest instance key looked at (``after`` for the next call; an object
+    that arrived before its study's job finished is found by a call from 0)."""
     done_job = exists().where(Job.study_pk == Series.study_pk, Job.state == JobState.DONE)
     queued = exists().where(FeedbackObject.instance_pk == Instance.id)
     with index.session() as session:
+        newest = session.scalar(select(func.max(Instance.id))) or 0
         rows = session.execute(
             select(Instance.id, Instance.sop_instance_uid, Instance.sop_class_uid,
                    Series.study_pk)
             .join(Series, Instance.series_pk == Series.id)
-            .where(Instance.sop_class_uid.in_(list(FEEDBACK_CLASSES)), done_job, ~queued)
+            .where(Instance.id > after, Instance.id <= newest,
+                   Instance.sop_class_uid.in_(list(FEEDBACK_CLASSES)), done_job, ~queued)
             .order_by(Instance.id).limit(limit)).all()
+    if len(rows) == limit:  # more to queue: the next call goes on after the last one
+        newest = int(rows[-1][0])
     added = 0
     for instance_pk, sop_uid, sop_class, study_pk in rows:
         try:
@@ -68,7 +74,7 @@ def discover(index: Index, limit: int = 200) -> int:
             continue
     if added:
         LOG.info("feedback: %d received object(s) queued for comparison", added)
-    return added
+    return added, int(newest)
 
 
 def pending(index: Index, limit: int) -> list[int]:
