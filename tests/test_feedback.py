@@ -241,23 +241,41 @@ def test_an_edited_rtstruct_sent_back_is_compared_with_the_result(
             del item.ContourImageSequence
     unrelated_path = tmp_path / "unrelated.dcm"
     unrelated.save_as(unrelated_path, enforce_file_format=True)
+    # the node's SEG as a viewer would store it again: its own copy, new UIDs, unchanged
+    (seg_path,) = [p for p in storescp.folder.iterdir()
+                   if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"]
+    seg = pydicom.dcmread(seg_path)
+    seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    seg.SeriesInstanceUID = generate_uid()
+    seg_copy_path = tmp_path / "seg-copy.dcm"
+    seg.save_as(seg_copy_path, enforce_file_format=True)
     # the edited one, and the node's own result sent back unchanged (nothing to compare)
     assert storescu(node.port, edited_path, ours_path, unrelated_path, derived_path,
-                    broken_path).returncode == 0
+                    broken_path, seg_copy_path,
+                    extra=("-R",)).returncode == 0  # -R: the files' own SOP classes
 
     def compared() -> dict[str, Any]:
         view: dict[str, Any] = json.loads(_get(node, "/api/v1/models/ct-body/feedback")[0])
         return view
 
     wait_until(lambda: sum(compared()["objects"].get(s, 0) for s in ("done", "skipped",
-                                                                       "failed")) == 4,
+                                                                       "failed")) == 5,
                60, "the received objects compared")
     view = compared()
-    assert view["objects"] == {"done": 2, "skipped": 1, "failed": 1}, view["objects"]
+    assert view["objects"] == {"done": 3, "skipped": 1, "failed": 1}, view["objects"]
     with sqlite3.connect(node.store / "index.sqlite") as db:
-        states = {uid: (state, matched_by, reason) for uid, state, matched_by, reason in
-                  db.execute("SELECT sop_instance_uid, state, matched_by, reason "
-                             "FROM feedback_object")}
+        rows = db.execute("SELECT sop_instance_uid, state, matched_by, reason, id "
+                          "FROM feedback_object").fetchall()
+    states = {uid: (state, matched_by, reason) for uid, state, matched_by, reason, _ in rows}
+    of_object = {pk: uid for uid, *_, pk in rows}
+    assert states[seg.SOPInstanceUID][:2] == ("done", "series")
+    # the SEG, read with highdicom, against the node's own SEG: the same structures
+    for f in view["figures"]:
+        if of_object[f["feedback"]] == seg.SOPInstanceUID:
+            assert (f["outcome"], f["dice"], f["hd95_mm"], f["volume_change_ml"]) == (
+                "compared", 1.0, 0.0, 0.0), f
+    view["figures"] = [f for f in view["figures"]
+                       if of_object[f["feedback"]] != seg.SOPInstanceUID]
     assert states[edited.SOPInstanceUID][:2] == ("done", "series")
     assert states[derived.SOPInstanceUID][:2] == ("done", "reference")
     assert states[ours.SOPInstanceUID][:2] == ("skipped", "own")
@@ -281,9 +299,9 @@ def test_an_edited_rtstruct_sent_back_is_compared_with_the_result(
     mine = _plastimatch_masks(ours_path, ct_dir, tmp_path / "pm-ours")
     theirs = _plastimatch_masks(edited_path, ct_dir, tmp_path / "pm-edited")
     expected = _plastimatch_dice(mine / "External.mha", theirs / "External.mha")
-    assert external["dice"] == pytest.approx(expected["dice"], abs=0.01)
-    assert external["hd95_mm"] == pytest.approx(expected["hd95"], abs=0.8)  # a voxel: 0.8 mm
-    assert external["msd_mm"] == pytest.approx(expected["msd"], abs=0.3)
+    assert external["dice"] == pytest.approx(expected["dice"], abs=1e-4)  # same voxels
+    assert external["hd95_mm"] == pytest.approx(expected["hd95"], abs=0.1)
+    assert external["msd_mm"] == pytest.approx(expected["msd"], abs=0.05)
     assert 1.5 <= external["hd95_mm"] <= 3.0  # eroded by 2 mm
     volume_ours = sitk.GetArrayFromImage(sitk.ReadImage(str(mine / "External.mha"))).sum()
     voxel_ml = float(np.prod(grid.spacing)) / 1000
@@ -292,8 +310,6 @@ def test_an_edited_rtstruct_sent_back_is_compared_with_the_result(
     assert "Feedback^Fay" not in node.log() and "PAT-FB-1" not in node.log()
 
     # the node's SEG (read with highdicom) holds the same structures as its RTSTRUCT
-    (seg_path,) = [p for p in storescp.folder.iterdir()
-                   if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SEG"]
     from_seg = read_seg(pydicom.dcmread(seg_path), grid).masks
     from_rtstruct = rasterize_rtstruct(ours, grid).masks
     assert from_seg["External"].any()
@@ -311,15 +327,19 @@ def test_an_edited_rtstruct_sent_back_is_compared_with_the_result(
     # qa export: image + corrected mask pairs, a manifest without identity
     out = tmp_path / "export"
     done = node.cli("qa", "export", "ct-body", str(out))
-    assert "2 image + corrected mask pair(s)" in done.stdout
+    assert "3 image + corrected mask pair(s)" in done.stdout
     assert sorted(p.name for p in out.iterdir()) == [
-        "case-0001_image.nii.gz", "case-0001_mask.nii.gz", "case-0002_image.nii.gz",
-        "case-0002_mask.nii.gz", "manifest.csv", "manifest.json"]
+        *(f"case-000{n}_{kind}.nii.gz" for n in (1, 2, 3) for kind in ("image", "mask")),
+        "manifest.csv", "manifest.json"]
     image = sitk.ReadImage(str(out / "case-0001_image.nii.gz"))
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case-0001_mask.nii.gz")))
     assert image.GetSize() == grid.size and mask.shape == grid.shape
     edited_external = rasterize_rtstruct(edited, grid).masks["External"]
     assert np.array_equal(mask == 1, edited_external) and not (mask == 2).any()
+    source = sitk.GetArrayFromImage(read_series(ct).image)
+    assert np.array_equal(sitk.GetArrayFromImage(image), source)  # the CT's HU, as received
+    unchanged = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case-0003_mask.nii.gz")))
+    assert np.array_equal(unchanged == 2, from_seg["Bone"])  # the SEG copy keeps the bone
     manifest = (out / "manifest.json").read_text() + (out / "manifest.csv").read_text()
     for identity in ("PAT-FB-1", "Feedback", str(ours.StudyInstanceUID),
                      str(edited.SOPInstanceUID), str(ours.SeriesInstanceUID)):
