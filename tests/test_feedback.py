@@ -194,6 +194,7 @@ def _plastimatch_masks(rtstruct: Path, ct_dir: Path, out: Path) -> Path:
 
 
 @requires_plastimatch
+@pytest.mark.slow
 def test_an_edited_rtstruct_sent_back_is_compared_with_the_result(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     import testdata
@@ -348,3 +349,50 @@ def test_an_edited_rtstruct_sent_back_is_compared_with_the_result(
     assert data["cases"][0]["structures"][0]["dice"] == external["dice"]
     again = node.cli("qa", "export", "ct-body", str(out), check=False)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+# ---------------------------------------------------------------- the console's view
+
+
+def test_the_feedback_view_shows_keys_and_hides_received_names_without_the_token(
+        tmp_path: Path) -> None:
+    from dicomnode.store.db import open_index
+    from dicomnode.store.tables import FeedbackObject, FeedbackStructure, JobInput
+    from dicomnode.web.feedback import feedback_page, feedback_view
+
+    index = open_index(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    try:
+        with index.session() as session, session.begin():
+            session.add(FeedbackObject(id=1, instance_pk=7, sop_instance_uid="1.2.3.4",
+                                       kind="RTSTRUCT", study_pk=1, job_pk=3, model="m",
+                                       model_version="1", matched_by="series", state="done"))
+            session.add(FeedbackObject(id=2, instance_pk=8, sop_instance_uid="1.2.3.5",
+                                       kind="SEG", study_pk=1, state="pending"))
+            for name, outcome, dice in (("Liver", "compared", 0.9), ("Lung", "deleted", 0.0),
+                                        ("Heart", "compared", 1.0)):
+                session.add(FeedbackStructure(
+                    feedback_pk=1, model="m", model_version="1", structure=name,
+                    received_name=f"{name} <Dr^Who>", outcome=outcome, dice=dice,
+                    hd95_mm=None if outcome == "deleted" else 2.5, msd_mm=None,
+                    volume_ours_ml=10.0, volume_received_ml=9.0, volume_change_ml=-1.0))
+            session.add(JobInput(job_pk=3, model="m", model_version="1", modality="CT",
+                                 manufacturer="<b>Acme</b>", slice_thickness_mm=1.25,
+                                 kvp=120.0, intensity_p01=-1000.0, intensity_p50=0.0,
+                                 intensity_p99=700.0))
+        public = feedback_view(index, "m", authenticated=False)
+        assert public["objects"] == {"done": 1}  # the pending one has no model yet
+        assert [s["structure"] for s in public["structures"]] == ["Lung", "Liver", "Heart"]
+        assert [s["edited"] for s in public["structures"]] == [1, 1, 0]
+        assert "Dr^Who" not in json.dumps(public) and "1.2.3.4" not in json.dumps(public)
+        assert public["inputs"][0]["dice_mean"] == pytest.approx(round(1.9 / 3, 4))
+        with_token = feedback_view(index, "m", authenticated=True)
+        assert {f["received_name"] for f in with_token["figures"]} == {
+            "Liver <Dr^Who>", "Lung <Dr^Who>", "Heart <Dr^Who>"}
+        page = feedback_page(with_token)
+        assert "<b>Acme" not in page and "&lt;b&gt;Acme" in page  # escaped
+        assert page.count("<svg") == 3
+        assert feedback_view(index, "other", authenticated=False)["figures"] == []
+        assert "no figures yet" in feedback_page(feedback_view(index, "other",
+                                                               authenticated=False))
+    finally:
+        index.dispose()

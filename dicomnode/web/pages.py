@@ -121,7 +121,8 @@ def _jobs_table(jobs: list[dict[str, Any]]) -> str:
         error = f'<div class="error">{_cell(job["error"])}</div>' if job["error"] else ""
         rows.append(
             f'<tr id="job-{job["id"]}" class="job"><td>job {job["id"]}</td>'
-            f'<td>{_cell(job["rule"])}<br><span class="muted">{_cell(job["model"])}</span></td>'
+            f'<td>{_cell(job["rule"])}<br><a class="muted" title="feedback" '
+            f'href="/models/{quote(str(job["model"]))}/feedback">{_cell(job["model"])}</a></td>'
             f'<td><a href="/studies/{job["study"]}">study {job["study"]}</a></td>'
             f'<td>{_state(job["state"])}<br><span class="muted">{job["attempts"]} attempt(s), '
             f'{_cell(job["trigger"])}</span></td>'
