@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
@@ -82,23 +83,36 @@ class _Match:
     matched_by: str
 
 
+def _vr(element: Any) -> str | None:
+    vr = element.VR
+    if vr:
+        return str(vr)
+    try:
+        return str(dictionary_VR(element.tag))
+    except KeyError:  # a private or unknown element: not a reference
+        return None
+
+
 def _uids_in(ds: Dataset) -> set[str]:
-    """Every UID value inside the sequences of ``ds`` (the object's references)."""
+    """Every UID value inside the sequences of ``ds`` (the object's references). Elements
+    are looked at as read (raw): Contour Data is not converted here."""
     found: set[str] = set()
 
-    def walk(item: Dataset) -> None:
-        for element in item:
-            if element.VR == "SQ":
-                for child in element.value:
-                    walk(child)
-            elif element.VR == _UI and element.value:
-                values = element.value if element.VM > 1 else [element.value]
-                found.update(str(v) for v in values)
+    def walk(item: Dataset, nested: bool) -> None:
+        for element in item.elements():
+            vr = _vr(element)
+            if vr == "SQ":
+                for child in item[element.tag].value:
+                    walk(child, True)
+            elif vr == _UI and nested and element.value:
+                value = element.value
+                text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+                if isinstance(text, str):
+                    found.update(v.strip(" \x00") for v in text.split("\\"))
+                else:
+                    found.update(str(v) for v in text)
 
-    for element in ds:
-        if element.VR == "SQ":
-            for child in element.value:
-                walk(child)
+    walk(ds, False)
     return found
 
 

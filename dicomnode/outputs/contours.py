@@ -29,8 +29,9 @@ import numpy.typing as npt
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-__all__ = ["RTSTRUCT_CLASS", "SEG_CLASS", "ContourError", "Grid", "ReceivedStructures", "label_map",
-           "rasterize_rtstruct", "read_seg", "received_structures"]
+__all__ = ["RTSTRUCT_CLASS", "SEG_CLASS", "ContourError", "Grid", "ReceivedStructures",
+           "contour_points", "label_map", "rasterize_rtstruct", "read_seg",
+           "received_structures"]
 
 Mask = npt.NDArray[np.bool_]
 RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -127,6 +128,29 @@ def _scanline_fill(polygons: list[npt.NDArray[np.float64]], rows: int, columns: 
     return inside
 
 
+_CONTOUR_DATA = 0x30060050
+
+
+def contour_points(contour: Dataset) -> npt.NDArray[np.float64]:
+    """A contour item's Contour Data as floats, parsed from the raw bytes when the element
+    was not converted yet (pydicom makes one DSfloat per value: seconds for a body outline).
+
+    Raises:
+        ContourError: a value is not a number.
+    """
+    element = contour.get_item(_CONTOUR_DATA)
+    if element is None:
+        return np.zeros(0, dtype=np.float64)
+    raw = element.value
+    try:
+        if isinstance(raw, bytes):
+            text = raw.decode("ascii").strip(" \x00")
+            return np.asarray(text.split("\\") if text else [], dtype=np.float64)
+        return np.asarray([float(v) for v in contour.ContourData], dtype=np.float64)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ContourError("a contour's data holds a value that is not a number") from exc
+
+
 def rasterize_rtstruct(ds: Dataset, grid: Grid) -> ReceivedStructures:
     """The ROIs of RT Structure Set ``ds`` as masks on ``grid`` (ROIs without a closed
     planar contour on the grid are present and empty).
@@ -150,7 +174,7 @@ def rasterize_rtstruct(ds: Dataset, grid: Grid) -> ReceivedStructures:
         for contour in roi_contour.get("ContourSequence", []):
             if str(contour.get("ContourGeometricType", "")) != "CLOSED_PLANAR":
                 continue
-            values = np.asarray([float(v) for v in contour.ContourData], dtype=np.float64)
+            values = contour_points(contour)
             if values.size < 9 or values.size % 3:
                 raise ContourError(f"ROI {number}: a contour's data is not a list of at least "
                                    "three 3D points")
