@@ -396,3 +396,19 @@ def test_the_feedback_view_shows_keys_and_hides_received_names_without_the_token
                                                                authenticated=False))
     finally:
         index.dispose()
+
+
+def test_qa_export_refuses_an_unknown_model_and_says_when_there_is_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    from dicomnode.cli import main
+
+    config = tmp_path / "dicomnode.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"path": str(tmp_path / "store")},
+                                      "models_dir": str(ROOT / "models")}))
+    assert main(["qa", "export", "no-such-model", str(tmp_path / "a"), "-c", str(config)]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert main(["qa", "export", "ct-body", str(tmp_path / "b"), "-c", str(config)]) == 1
+    assert "0 image + corrected mask pair(s)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["cases"] == []
