@@ -412,3 +412,16 @@ def test_qa_export_refuses_an_unknown_model_and_says_when_there_is_nothing(
     assert main(["qa", "export", "ct-body", str(tmp_path / "b"), "-c", str(config)]) == 1
     assert "0 image + corrected mask pair(s)" in capsys.readouterr().out
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["cases"] == []
+
+
+def test_received_structures_match_by_name_ignoring_case_or_by_the_cards_aliases() -> None:
+    from dicomnode.jobs.feedback import _received_name
+    from dicomnode.models.card import load_card
+
+    card = load_card(ROOT / "models" / "ct-body")
+    external = card.outputs.labels[0].model_copy(update={"aliases": ("BODY", "Skin")})
+    assert external.name == "External"
+    assert _received_name(external, {"External": 1, "external": 2}) == "External"
+    assert _received_name(external, {"EXTERNAL ": 1}) == "EXTERNAL "
+    assert _received_name(external, {"skin": 1, "Bone": 2}) == "skin"
+    assert _received_name(external, {"Bone": 1, "Body_Outline": 2}) is None
