@@ -700,6 +700,26 @@ def cmd_models_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_qa_export(args: argparse.Namespace) -> int:
+    from dicomnode.jobs.feedback import FeedbackError, export_model
+    from dicomnode.models.card import CardError
+
+    config = _config(args)
+    setup_logging(config.logging.level)
+    index = _open_index(config)
+    try:
+        report = export_model(config, index, args.model, Path(args.out_dir))
+    except (FeedbackError, CardError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    finally:
+        index.dispose()
+    print(f"{report.cases} image + corrected mask pair(s) of model {args.model} written; "
+          f"manifest {report.manifest}" + (f"; {report.skipped} left out (logged)"
+                                           if report.skipped else ""))
+    return 0 if report.cases else 1
+
+
 def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
     """The command line; ``importers=False`` leaves the options of ``models import``'s
     importers out (they import numpy and SimpleITK: not for ``serve``)."""
@@ -803,6 +823,16 @@ def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
     target.add_argument("--study", help="an indexed StudyInstanceUID")
     target.add_argument("--path", help="a folder of DICOM files")
     p.set_defaults(func=cmd_rules_test)
+
+    qa = sub.add_parser("qa", help="the feedback loop: clinicians' corrections of results")
+    qa_sub = qa.add_subparsers(dest="qa_command", required=True)
+    p = qa_sub.add_parser("export", help="write image + corrected mask pairs (NIfTI) of a "
+                          "model's corrected results, with a manifest, for retraining "
+                          "(pseudonymous: no identity in names or manifest)")
+    p.add_argument("model", help="model name")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty folder")
+    p.add_argument("--config", "-c", type=Path, default=None)
+    p.set_defaults(func=cmd_qa_export)
 
     models = sub.add_parser("models", help="list, check and run model packages")
     models_sub = models.add_subparsers(dest="models_command", required=True)

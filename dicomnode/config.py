@@ -35,6 +35,7 @@ __all__ = [
     "DeidOption",
     "DicomwebAuthConfig",
     "DicomwebConfig",
+    "FeedbackConfig",
     "InferenceBackend",
     "InferenceConfig",
     "NodeConfig",
@@ -554,6 +555,16 @@ class RetentionConfig(_Section):
     check_interval_minutes: float = Field(60.0, gt=0)
 
 
+class FeedbackConfig(_Section):
+    """The feedback loop: RTSTRUCT and SEG objects received for a study that dicomnode
+    contoured are compared, structure by structure, with the node's result (Dice, HD95,
+    mean surface distance, volume change; in a worker process, see docs/feedback.md)."""
+
+    enabled: bool = True
+    check_interval_seconds: float = Field(
+        10.0, gt=0, le=3600, description="how often received objects are looked for")
+
+
 class WebConfig(_Section):
     """The operator console (status pages, /metrics, /healthz) served by ``dicomnode serve``.
 
@@ -652,6 +663,7 @@ class Config(_Section):
     deid: DeidConfig = DeidConfig()
     pipeline: PipelineConfig = PipelineConfig()
     retention: RetentionConfig = RetentionConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
     web: WebConfig = WebConfig()
     outbox: OutboxConfig = OutboxConfig()
     pulls: dict[str, PullConfig] = Field(

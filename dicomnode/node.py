@@ -20,6 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicomnode.completion import AssociationActivity, CompletionMonitor
 from dicomnode.config import Config
+from dicomnode.jobs.feedbackqueue import discover
 from dicomnode.jobs.queue import reset
 from dicomnode.jobs.runner import JobRunner
 from dicomnode.net.access import AccessPolicy
@@ -45,6 +46,9 @@ LOG = logging.getLogger(__name__)
 
 #: How often (s) the node looks for changed rule files and model cards between uses.
 RULES_CHECK_SECONDS = 2.0
+
+#: The feedback check looks at every received instance (not only new ones) once in so many.
+FEEDBACK_FULL_SCAN = 30
 
 
 def _waits(rules: RuleSet) -> list[float]:
@@ -100,6 +104,8 @@ class Node:
                         storage_path=config.storage.path), run_now=self.run_now,
                 store=self.store, activity=self.activity)  # STOW-RS: ingest, completion
         self.scheduler = BackgroundScheduler(timezone="UTC")
+        self._feedback_after = 0  # the newest instance the feedback check looked at
+        self._feedback_ticks = 0
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
 
@@ -171,6 +177,19 @@ class Node:
         self.jobs.dispatch()
         return firings
 
+    def _check_feedback(self) -> None:
+        """Queue received RTSTRUCT/SEG objects of contoured studies and hand them to free
+        workers (the comparison itself runs in a worker process)."""
+        # new instances only, and every FEEDBACK_FULL_SCAN-th time all of them (an object
+        # received before its study's job had finished)
+        self._feedback_ticks += 1
+        after = 0 if self._feedback_ticks % FEEDBACK_FULL_SCAN == 1 else self._feedback_after
+        try:
+            _added, self._feedback_after = discover(self.index, after=after)
+            self.jobs.dispatch_feedback()
+        except Exception as exc:  # the next tick tries again
+            LOG.warning("feedback not checked: %s", type(exc).__name__)
+
     def puller(self, peer_name: str) -> Puller:
         """Pulls from a query/retrieve peer into this node: C-MOVE to its SCP, or C-GET
         stored through its store (and counted as an open association delivering)."""
@@ -206,6 +225,10 @@ class Node:
         # a changed rule file or card is picked up at its next use, or by this check
         self.scheduler.add_job(self._check_rules, "interval", seconds=RULES_CHECK_SECONDS,
                                id="rules", max_instances=1, coalesce=True)
+        if self.config.feedback.enabled:  # edited RTSTRUCT/SEG: compared in the workers
+            self.scheduler.add_job(self._check_feedback, "interval",
+                                   seconds=self.config.feedback.check_interval_seconds,
+                                   id="feedback", max_instances=1, coalesce=True)
         install_scheduled_jobs(self)  # scheduled rules (cron) and retention
         if self.console is not None:
             self.console.bind()  # first: a port in use stops the start before any listening

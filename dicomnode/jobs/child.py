@@ -15,7 +15,7 @@ from dicomnode.jobs.queue import Outcome
 from dicomnode.logs import setup_logging
 from dicomnode.store.db import Index, open_index
 
-__all__ = ["init_worker_process", "run_claimed", "warm_up", "work"]
+__all__ = ["compare", "init_worker_process", "run_claimed", "warm_up", "work"]
 
 LOG = logging.getLogger("dicomnode.jobs")
 
@@ -47,6 +47,14 @@ def init_worker_process(config_data: dict[str, Any]) -> None:
 def work(job_id: int) -> Outcome:
     """Run claimed job ``job_id`` in this worker process."""
     return run_claimed(_WORKER["config"], _WORKER["index"], job_id)
+
+
+def compare(feedback_pk: int) -> str:
+    """Compare claimed received object ``feedback_pk`` with its job's result in this worker
+    process (:mod:`dicomnode.jobs.feedback`); returns the state it recorded."""
+    from dicomnode.jobs.feedback import compare_feedback
+
+    return compare_feedback(_WORKER["config"], _WORKER["index"], feedback_pk).value
 
 
 def warm_up() -> int:

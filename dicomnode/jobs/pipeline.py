@@ -43,6 +43,7 @@ from dicomnode.inference.preprocess import PreprocessingError
 from dicomnode.inference.runtime import configure_from
 from dicomnode.inference.segment import Segmentation, load_inputs, segment
 from dicomnode.inference.volume import VolumeError
+from dicomnode.jobs.feedback import record_job_input
 from dicomnode.jobs.files import job_dir, job_overlay
 from dicomnode.models.card import Card, CardError, cached_card
 from dicomnode.outputs.overlay import OverlayStructure, render_overlay
@@ -177,6 +178,8 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         headers[name] = [ds for _, ds in report.datasets]
     clock.lap("pseudonymize")
     volumes = load_inputs(card, files, headers)
+    # the input drift the model's feedback page shows (cheap: a subsample, one header)
+    record_job_input(index, job_id, card, headers[names[0]][0], volumes[0])
     for series in headers.values():  # what the result objects need of them is the header
         for ds in series:
             ds.pop(_PIXEL_DATA, None)

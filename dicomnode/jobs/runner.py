@@ -18,7 +18,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from functools import partial
 
 from dicomnode.config import Config
-from dicomnode.jobs import child, parentwatch
+from dicomnode.jobs import child, feedbackqueue, parentwatch
 from dicomnode.jobs.queue import Outcome, claim, finish, pending, recover, requeue
 from dicomnode.store.db import Index
 from dicomnode.store.tables import JobState
@@ -38,11 +38,14 @@ class JobRunner:
         self.on_done = on_done  # called after a job finished successfully
         self._pool: ProcessPoolExecutor | None = None
         self._running: dict[int, Future[Outcome]] = {}
+        self._comparing: dict[int, Future[str]] = {}  # feedback objects being compared
         self._lock = threading.Lock()
         self._stopping = False
 
     def recover(self) -> int:
-        """Return jobs a crash left ``running`` to ``pending`` (their attempt is counted)."""
+        """Return jobs a crash left ``running`` to ``pending`` (their attempt is counted),
+        and feedback objects left being compared to ``pending``."""
+        feedbackqueue.recover(self.index)
         return recover(self.index)
 
     def start(self) -> None:
@@ -70,7 +73,7 @@ class JobRunner:
         with self._lock:
             if self._stopping:
                 return []
-            free = self.config.pipeline.workers - len(self._running)
+            free = self.config.pipeline.workers - len(self._running) - len(self._comparing)
             if free <= 0:
                 return []
             started = []
@@ -84,6 +87,43 @@ class JobRunner:
         for job_id in started:
             self._running[job_id].add_done_callback(partial(self._done, job_id))
         return started
+
+    def dispatch_feedback(self) -> list[int]:
+        """Claim pending feedback objects up to the workers left free by jobs (jobs go
+        first) and compare them in worker processes; returns their ids."""
+        with self._lock:
+            if self._stopping:
+                return []
+            free = self.config.pipeline.workers - len(self._running) - len(self._comparing)
+            if free <= 0:
+                return []
+            started = []
+            for feedback_pk in feedbackqueue.pending(self.index, free):
+                if not feedbackqueue.claim(self.index, feedback_pk):
+                    continue
+                self._comparing[feedback_pk] = self._pool_now().submit(child.compare,
+                                                                       feedback_pk)
+                started.append(feedback_pk)
+        for feedback_pk in started:
+            self._comparing[feedback_pk].add_done_callback(
+                partial(self._compared, feedback_pk))
+        return started
+
+    def _compared(self, feedback_pk: int, future: Future[str]) -> None:
+        with self._lock:
+            self._comparing.pop(feedback_pk, None)
+            if self._stopping:
+                return  # left running: recovered at the next start
+        try:
+            future.result()
+        except Exception as exc:  # the worker died: the comparison is not tried again
+            feedbackqueue.finish(self.index, feedback_pk, feedbackqueue.FeedbackState.FAILED,
+                                 f"the worker process comparing it ended: "
+                                 f"{type(exc).__name__}")
+            with self._lock:
+                pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def _done(self, job_id: int, future: Future[Outcome]) -> None:
         with self._lock:
@@ -108,7 +148,7 @@ class JobRunner:
 
     def busy(self) -> int:
         with self._lock:
-            return len(self._running)
+            return len(self._running) + len(self._comparing)
 
     def stop(self) -> None:
         """Stop the workers; jobs still running go back to pending for the next start."""

@@ -292,6 +292,9 @@ class LabelSpec(_Spec):
     value: int = Field(ge=1, le=255)
     channel: int | None = Field(None, ge=0)
     name: str = Field(min_length=1, max_length=64)
+    # other names the structure has in objects sent back (a planning system's naming):
+    # the feedback loop compares a received structure of one of these names with it
+    aliases: tuple[str, ...] = ()
     rt_roi_interpreted_type: str = "ORGAN"
     color: tuple[int, int, int]
     category: Code

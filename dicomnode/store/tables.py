@@ -32,8 +32,11 @@ from dicomnode.states import JobState, JobTrigger, OutboxState, StudyState
 
 __all__ = [
     "Base",
+    "FeedbackObject",
+    "FeedbackStructure",
     "Instance",
     "Job",
+    "JobInput",
     "JobState",
     "JobTrigger",
     "OutboxItem",
@@ -326,3 +329,84 @@ class PullRun(Base):
     __table_args__ = (
         Index("ux_pull_run_due", "pull_name", "due_at", unique=True),
     )
+
+
+class JobInput(Base):
+    """What a job's first input series was like (the input drift a model's feedback page
+    shows next to the figures): recorded by the worker when the job runs, from the
+    pseudonymized headers and the volume. ``manufacturer`` is the series' value as
+    received (never identity; escaped where shown). Intensities are the modality values
+    (HU for CT) at the 1st, 50th and 99th percentile of a subsample of the volume."""
+
+    __tablename__ = "job_input"
+
+    job_pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    slice_thickness_mm: Mapped[float | None] = mapped_column(Float)
+    kvp: Mapped[float | None] = mapped_column(Float)
+    intensity_p01: Mapped[float | None] = mapped_column(Float)
+    intensity_p50: Mapped[float | None] = mapped_column(Float)
+    intensity_p99: Mapped[float | None] = mapped_column(Float)
+    recorded_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class FeedbackObject(Base):
+    """An RTSTRUCT or SEG received for a study that dicomnode contoured, and its comparison
+    with the result of the job it answers (:mod:`dicomnode.jobs.feedback`).
+
+    ``state``: ``pending`` (found, not compared yet), ``running`` (a worker compares it),
+    ``done`` (its structures are in ``feedback_structure``), ``skipped`` (nothing to
+    compare: dicomnode's own object sent back unchanged, no matching job or structure;
+    ``reason`` says which), ``failed`` (``reason``: the node's own message).
+    ``matched_by``: how the job was found (``reference``: the object references the job's
+    result or its SOP Instance UIDs; ``series``: it references the job's input series;
+    ``own``: it is the job's own result, unchanged).
+    """
+
+    __tablename__ = "feedback_object"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(Integer, unique=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # RTSTRUCT or SEG
+    study_pk: Mapped[int] = mapped_column(Integer, index=True)
+    job_pk: Mapped[int | None] = mapped_column(Integer, index=True)
+    model: Mapped[str | None] = mapped_column(String(64), index=True)
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    matched_by: Mapped[str | None] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    found_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    compared_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class FeedbackStructure(Base):
+    """One structure of a job's result against the same structure in a received object.
+
+    ``outcome``: ``compared``, ``deleted`` (the received object has no such structure or
+    an empty one: Dice 0, no distances) or ``added`` (the result's structure is empty, the
+    received one is not). Distances in mm over the surfaces (boundary voxels)
+    of both masks on the source grid: ``hd95_mm`` the 95th percentile of the distances of
+    both directions pooled, ``msd_mm`` their mean (symmetric mean surface distance).
+    Volumes in ml; ``volume_change_ml`` = received - ours.
+    """
+
+    __tablename__ = "feedback_structure"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feedback_pk: Mapped[int] = mapped_column(ForeignKey("feedback_object.id"), index=True)
+    model: Mapped[str] = mapped_column(String(64), index=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    structure: Mapped[str] = mapped_column(String(64))
+    received_name: Mapped[str | None] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    dice: Mapped[float] = mapped_column(Float)
+    hd95_mm: Mapped[float | None] = mapped_column(Float)
+    msd_mm: Mapped[float | None] = mapped_column(Float)
+    volume_ours_ml: Mapped[float] = mapped_column(Float)
+    volume_received_ml: Mapped[float] = mapped_column(Float)
+    volume_change_ml: Mapped[float] = mapped_column(Float)
+    computed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

@@ -5,8 +5,11 @@ Routes:
 * ``GET /``: studies, jobs (with overlay pictures) and the outbox; ``GET /studies/ID``:
   series with geometry verdicts and how each rule evaluates on the study;
   ``GET /jobs/ID/overlay.png``: the picture the job's worker drew;
+  ``GET /models/NAME/feedback``: how clinicians' corrections compare with a model's results
+  (:mod:`dicomnode.web.feedback`);
 * ``GET /api/v1/studies``, ``/api/v1/studies/ID``, ``/api/v1/jobs``, ``/api/v1/outbox``,
-  ``/api/v1/models``, ``/api/v1/rules``: the JSON the pages are built from
+  ``/api/v1/models``, ``/api/v1/rules``, ``/api/v1/models/NAME/feedback``: the JSON the
+  pages are built from
   (:mod:`dicomnode.web.api`), described by ``GET /api/v1/openapi.json``;
 * ``POST /api/v1/jobs/ID/retry``, ``POST /api/v1/outbox/ID/resend``,
   ``POST /api/v1/studies/ID/rules/NAME/run``: the only actions (they need the header
@@ -51,7 +54,7 @@ from dicomnode.rules.explain import explain_study
 from dicomnode.send.outbox import OutboxError, outbox_report
 from dicomnode.store.queries import studies_report
 from dicomnode.store.tables import Study
-from dicomnode.web import api, pages
+from dicomnode.web import api, feedback, pages
 from dicomnode.web.dicomweb import router as dicomweb_router
 
 __all__ = ["COOKIE", "SECURITY_HEADERS", "create_app"]
@@ -161,6 +164,7 @@ def access(request: Request) -> bool:
 
 
 Auth = Annotated[bool, Depends(access)]
+ModelName = Annotated[str, PathParameter(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 
 
 def action(request: Request, auth: Auth) -> None:
@@ -270,6 +274,14 @@ def _pages() -> APIRouter:
             raise HTTPException(404, "no overlay for this job")
         return Response(file.read_bytes(), media_type="image/png")
 
+    @router.api_route("/models/{model}/feedback", methods=["GET", "HEAD"],
+                      include_in_schema=False)
+    def model_feedback(request: Request, model: ModelName, auth: Auth) -> HTMLResponse:
+        view = feedback.feedback_view(request.app.state.console.index, model,
+                                      authenticated=auth)
+        return HTMLResponse(pages.page(f"{model}: feedback", feedback.feedback_page(view),
+                                       authenticated=auth), media_type=_HTML)
+
     @router.get("/metrics", include_in_schema=False)
     def metrics(request: Request, auth: Auth) -> Response:
         body, content_type = request.app.state.console.metrics()
@@ -346,6 +358,13 @@ def _api_v1() -> APIRouter:
         console = request.app.state.console
         rules = console.rules.rules if console.rules is not None else ()
         return api.models_view(console.config.models_dir, rules)
+
+    @router.get("/models/{model}/feedback", response_model=feedback.FeedbackView, **listing)
+    def model_feedback(request: Request, model: ModelName, auth: Auth) -> dict[str, Any]:
+        """The clinicians' corrections of a model's results: per structure Dice, HD95, mean
+        surface distance and volume change, and the inputs of the jobs they answer."""
+        return feedback.feedback_view(request.app.state.console.index, model,
+                                      authenticated=auth)
 
     @router.get("/rules", response_model=api.RuleList, **listing)
     def rules(request: Request, auth: Auth) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from urllib.parse import quote
 from dicomnode.store.queries import format_timings
 from dicomnode.web.api import API_PREFIX
 
-__all__ = ["CONTENT_SECURITY_POLICY", "SCRIPT", "STYLE", "dashboard", "login_page",
+__all__ = ["CONTENT_SECURITY_POLICY", "SCRIPT", "STYLE", "dashboard", "login_page", "page",
            "study_page"]
 
 #: Pages load their script and style from the console itself (/static/...): no inline
@@ -68,6 +68,11 @@ def _cell(value: Any) -> str:
     return "" if value is None else escape(str(value))
 
 
+def page(title: str, body: str, *, authenticated: bool) -> bytes:
+    """A console page around ``body`` (HTML already escaped)."""
+    return _page(title, body, authenticated=authenticated)
+
+
 def _page(title: str, body: str, *, authenticated: bool) -> bytes:
     note = ("" if authenticated else
             '<p class="muted">Patient identity is hidden: <a href="/login">log in</a> with '
@@ -116,7 +121,8 @@ def _jobs_table(jobs: list[dict[str, Any]]) -> str:
         error = f'<div class="error">{_cell(job["error"])}</div>' if job["error"] else ""
         rows.append(
             f'<tr id="job-{job["id"]}" class="job"><td>job {job["id"]}</td>'
-            f'<td>{_cell(job["rule"])}<br><span class="muted">{_cell(job["model"])}</span></td>'
+            f'<td>{_cell(job["rule"])}<br><a class="muted" title="feedback" '
+            f'href="/models/{quote(str(job["model"]))}/feedback">{_cell(job["model"])}</a></td>'
             f'<td><a href="/studies/{job["study"]}">study {job["study"]}</a></td>'
             f'<td>{_state(job["state"])}<br><span class="muted">{job["attempts"]} attempt(s), '
             f'{_cell(job["trigger"])}</span></td>'
