@@ -220,6 +220,27 @@ def test_details_hold_only_allow_listed_keys_and_scalars(tmp_path: Path) -> None
         index.dispose()
 
 
+def test_an_approval_names_the_user_and_the_job(
+        node_factory: NodeFactory, tmp_path: Path, peer: tuple[int, list[Any]]) -> None:
+    node = _node(node_factory, tmp_path, peer[0])
+    try:
+        study_pk = _receive(node, testdata.synthetic_ct(tmp_path / "ct", slices=3, rows=16,
+                                                        columns=16), "a")
+        node.completion.settle_study(study_pk)
+        (firing,) = node.trigger.on_study(study_pk, trigger=JobTrigger.MANUAL)
+        assert firing.job_id is not None
+        with node.index.session() as session, session.begin():
+            audit.approved(session, firing.job_id, user="dr.who")
+            with pytest.raises(ValueError, match="1 to 64"):
+                audit.approved(session, firing.job_id, user="")
+        with node.index.session() as session:
+            last = audit.job_events(session, firing.job_id)[-1]
+            assert (last.kind, last.study_pk, last.details) == (
+                "job.approved", study_pk, {"user": "dr.who", "rule": "ct-now", "model": "body"})
+    finally:
+        node.index.dispose()
+
+
 def test_no_code_updates_or_deletes_events() -> None:
     """Append-only: the only writer inserts; nothing in the package updates or deletes an
     event (by the ORM or by SQL)."""

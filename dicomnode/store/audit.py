@@ -33,6 +33,7 @@ __all__ = [
     "EventKind",
     "Listener",
     "add_listener",
+    "approved",
     "audit_report",
     "event_json",
     "format_event",
@@ -226,6 +227,14 @@ def item_outcome(session: Session, item_id: int, state: OutboxState,
         return
     record(session, kind, job_id=row[0], item=item_id, peer=row[1], status=status,
            attempts=row[2])
+
+
+def approved(session: Session, job_id: int, *, user: str) -> Event:
+    """A user approved a job's results (the clinical review's hook: ``review: required``
+    rules hold results until then). ``user`` is the console user's name, not a patient's."""
+    if not user or len(user) > 64:
+        raise ValueError("the approving user's name: 1 to 64 characters")
+    return record(session, EventKind.APPROVED, job_id=job_id, user=user)
 
 
 # ---------------------------------------------------------------------------- reading
