@@ -281,6 +281,27 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from dicomnode.store.audit import audit_report, format_event
+
+    if (args.study is None) == (args.job is None):
+        print("give --study UID or --job ID", file=sys.stderr)
+        return 2
+    try:
+        report = _index_report(args, lambda index: audit_report(
+            index, study_uid=args.study, job_id=args.job))
+    except LookupError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    if args.json:
+        return _print_json(report)
+    what = f"job {args.job}" if args.job is not None else f"study {report['study']}"
+    print(f"{what}: {len(report['events'])} event(s)")
+    for event in report["events"]:
+        print(f"  {format_event(event)}")
+    return 0
+
+
 def _run_now(config: Config, job_id: int, *, wait_seconds: float = 3600.0) -> int:
     """Run a job now: in this process when this process claims it, else (the running node's
     workers took it first) wait for it to end. Prints the outcome."""
@@ -778,6 +799,12 @@ def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
     q.add_argument("id", type=int, metavar="ID", help="job id")
     q.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS)
     q.set_defaults(func=cmd_jobs_retry)
+    p = add("audit", "the audit trail of a study (with its jobs) or of a job: received, "
+            "completed, rules, jobs, sent, rejected, deleted (docs/audit.md)")
+    p.add_argument("--study", metavar="UID", help="StudyInstanceUID")
+    p.add_argument("--job", type=int, metavar="ID", help="job id")
+    p.add_argument("--json", action="store_true", help="stable JSON (docs/audit.md)")
+    p.set_defaults(func=cmd_audit)
     p = add("run", "run a rule on an indexed study now (a manual job)")
     p.add_argument("--rule", required=True, help="rule name")
     p.add_argument("--study", required=True, help="StudyInstanceUID")

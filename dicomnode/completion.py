@@ -36,6 +36,7 @@ from sqlalchemy import select, update
 
 from dicomnode.dicom.frames import frames_from_index
 from dicomnode.geometry import Frame, GeometryVerdict, assess, planes
+from dicomnode.store import audit
 from dicomnode.store.db import Index
 from dicomnode.store.tables import Instance, Series, Study, StudyState, utcnow
 
@@ -51,26 +52,32 @@ class AssociationActivity:
     ``on_closed`` listeners are called (in the closing association's thread, after its
     studies are released) when an association that delivered something closes: its
     series have settled, so a completion check need not wait for its next interval.
+    With ``index``, each closing association's deliveries (instances per study) are an
+    audit event (:func:`dicomnode.store.audit.record_delivered`).
     """
 
-    def __init__(self, on_closed: list[Callable[[], None]] | None = None) -> None:
+    def __init__(self, on_closed: list[Callable[[], None]] | None = None, *,
+                 index: Index | None = None) -> None:
         self._lock = threading.Lock()
-        self._studies: dict[Hashable, set[int]] = {}
+        self._studies: dict[Hashable, Counter[int]] = {}
         self.on_closed = list(on_closed or [])
+        self.index = index
 
     def touch(self, association: Hashable, study_pk: int) -> None:
         with self._lock:
-            self._studies.setdefault(association, set()).add(study_pk)
+            self._studies.setdefault(association, Counter())[study_pk] += 1
 
     def close(self, association: Hashable) -> None:
         with self._lock:
             delivered = self._studies.pop(association, None)
         if delivered:
+            if self.index is not None:
+                audit.record_delivered(self.index, delivered)
             _notify(self.on_closed)
 
     def busy_studies(self) -> set[int]:
         with self._lock:
-            return set().union(*self._studies.values()) if self._studies else set()
+            return {pk for counts in self._studies.values() for pk in counts}
 
 
 #: Segmentations have frames with positions, but they are results, not images to segment:
@@ -333,6 +340,7 @@ class CompletionMonitor:
                         .values(state=StudyState.COMPLETE, completed_at=now))
                     if result.rowcount:  # type: ignore[attr-defined]
                         completed.append(pk)
+                        audit.record(session, audit.EventKind.STUDY_COMPLETED, study_pk=pk)
                 session.commit()
         for pk in sorted(settled - set(completed)):
             _notify(self.settled_listeners, pk)

@@ -39,6 +39,9 @@ __all__ = [
     "InferenceBackend",
     "InferenceConfig",
     "NodeConfig",
+    "NotifyConfig",
+    "NotifyEvent",
+    "NotifyTargetConfig",
     "OutboxConfig",
     "OutputsConfig",
     "PeerConfig",
@@ -433,6 +436,181 @@ class OutboxConfig(_Section):
         return self
 
 
+class NotifyEvent(str, Enum):
+    """What a notification target may ask to be told of (``notify.targets.NAME.events``)."""
+
+    JOB_FAILED = "job_failed"  # a job failed for good (no attempt left, or a permanent error)
+    DELIVERY_FAILED = "delivery_failed"  # an outbox item failed for good (per job and peer)
+    RESULTS_SENT = "results_sent"  # every result object of a job was delivered
+    DAILY_SUMMARY = "daily_summary"  # counts of the day, at ``summary_at`` (UTC)
+
+
+#: The fields a notification's template may use, per event (``$field``); every event also
+#: has ``node`` (the node's AE title), ``event``, ``target`` and ``time`` (UTC, ISO 8601).
+#: Keys and counts only: the index key of a study, never its UID.
+NOTIFY_FIELDS: dict[NotifyEvent, frozenset[str]] = {
+    NotifyEvent.JOB_FAILED: frozenset({
+        "job", "rule", "model", "model_version", "digest", "study", "attempts", "error"}),
+    NotifyEvent.DELIVERY_FAILED: frozenset({
+        "job", "rule", "model", "study", "peer", "item", "status", "attempts"}),
+    NotifyEvent.RESULTS_SENT: frozenset({
+        "job", "rule", "model", "model_version", "study", "peers", "objects"}),
+    NotifyEvent.DAILY_SUMMARY: frozenset({
+        "date", "studies_received", "studies_completed", "jobs_finished", "jobs_failed",
+        "items_sent", "items_failed", "instances_deleted"}),
+}
+NOTIFY_COMMON_FIELDS = frozenset({"node", "event", "target", "time"})
+#: Fields that identify the patient: allowed only for a target with ``identity: true``
+#: (a clinical channel), and only in the events about a study's job.
+NOTIFY_IDENTITY_FIELDS = frozenset({"study_uid", "accession_number", "patient_id",
+                                    "patient_name"})
+
+_TEMPLATE_FIELD = re.compile(r"\$(?:(\$)|([_a-z][_a-z0-9]*)|\{([_a-z][_a-z0-9]*)\}|())",
+                             re.IGNORECASE)
+
+
+def template_fields(text: str) -> list[str]:
+    """The ``$field``/``${field}`` names of a ``string.Template`` text.
+
+    Raises:
+        ValueError: a ``$`` that starts no field (write ``$$`` for a dollar sign).
+    """
+    names = []
+    for match in _TEMPLATE_FIELD.finditer(text):
+        if match.group(4) is not None:
+            raise ValueError(f"a '$' at character {match.start() + 1} starts no field "
+                             "(write $$ for a dollar sign)")
+        name = match.group(2) or match.group(3)
+        if name:
+            names.append(name)
+    return names
+
+
+class NotifyTemplate(_Section):
+    """A message's text (``string.Template``: ``$field`` or ``${field}``, ``$$`` for $):
+    ``subject`` (the mail's subject) and ``body`` (the mail's text, the webhook's ``text``)."""
+
+    subject: str | None = Field(None, min_length=1, max_length=200)
+    body: str | None = Field(None, min_length=1, max_length=4000)
+
+
+class WebhookConfig(_Section):
+    """An HTTP(S) endpoint that gets each message POSTed as JSON."""
+
+    url: str = Field(min_length=1, max_length=2000)
+    timeout_seconds: float = Field(10.0, gt=0, le=300)
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="extra request headers, e.g. Authorization")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", v):
+            raise ValueError(f"{v!r} is not an http:// or https:// URL")
+        return v
+
+
+class EmailConfig(_Section):
+    """Mail through an SMTP host: ``sender`` (From) to ``to`` (one or more addresses)."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(25, ge=1, le=65535)
+    sender: str = Field(min_length=3, max_length=320)
+    to: list[str] = Field(min_length=1)
+    starttls: bool = False
+    username: str | None = None
+    password_env: str | None = Field(
+        None, min_length=1, description="environment variable holding the SMTP password")
+    timeout_seconds: float = Field(10.0, gt=0, le=300)
+
+    @field_validator("sender", "to")
+    @classmethod
+    def _addresses(cls, v: Any) -> Any:
+        for address in [v] if isinstance(v, str) else v:
+            if not re.match(r"^[^@\s<>]+@[^@\s<>]+$", address):
+                raise ValueError(f"{address!r} is not a mail address (name@host)")
+        return v
+
+
+class NotifyTargetConfig(_Section):
+    """One notification target (``notify.targets.NAME``): a webhook or an email, the
+    events it wants, and its own templates (else the defaults, docs/notifications.md)."""
+
+    webhook: WebhookConfig | None = None
+    email: EmailConfig | None = None
+    events: list[NotifyEvent] = Field(min_length=1)
+    summary_at: str | None = Field(
+        None, description="HH:MM (UTC) of the daily summary; needs daily_summary in events")
+    identity: bool = Field(
+        False, description="a clinical channel: templates may use the identity fields")
+    templates: dict[NotifyEvent, NotifyTemplate] = Field(default_factory=dict)
+
+    @field_validator("summary_at")
+    @classmethod
+    def _time(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                dt.datetime.strptime(v, "%H:%M")
+            except ValueError:
+                raise ValueError(f"{v!r} is not a time of day HH:MM (UTC)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NotifyTargetConfig:
+        if (self.webhook is None) == (self.email is None):
+            raise ValueError("a target is either a webhook or an email (give one of them)")
+        summary = NotifyEvent.DAILY_SUMMARY in self.events
+        if summary and self.summary_at is None:
+            raise ValueError("daily_summary needs summary_at (HH:MM, UTC)")
+        if not summary and self.summary_at is not None:
+            raise ValueError("summary_at is set but daily_summary is not in events")
+        for event, template in self.templates.items():
+            allowed = NOTIFY_FIELDS[event] | NOTIFY_COMMON_FIELDS
+            if self.identity and event is not NotifyEvent.DAILY_SUMMARY:
+                allowed |= NOTIFY_IDENTITY_FIELDS
+            for part in ("subject", "body"):
+                text = getattr(template, part)
+                if text is None:
+                    continue
+                try:
+                    names = template_fields(text)
+                except ValueError as exc:
+                    raise ValueError(f"templates.{event.value}.{part}: {exc}") from None
+                for name in names:
+                    if name in allowed:
+                        continue
+                    why = (" (an identity field: only for a target with identity: true)"
+                           if name in NOTIFY_IDENTITY_FIELDS else "")
+                    raise ValueError(
+                        f"templates.{event.value}.{part}: ${name} is not a field of "
+                        f"{event.value}{why}; fields: {', '.join(sorted(allowed))}")
+        return self
+
+
+class NotifyConfig(_Section):
+    """Notifications (``notify``): the targets, and how their messages are retried (like the
+    outbox: after ``retry_initial_seconds``, doubling up to ``retry_max_seconds``, failed
+    after ``max_attempts``); sent by the node's scheduler every ``check_interval_seconds``."""
+
+    targets: dict[str, NotifyTargetConfig] = Field(default_factory=dict)
+    retry_initial_seconds: float = Field(30.0, gt=0)
+    retry_max_seconds: float = Field(3600.0, gt=0)
+    max_attempts: int = Field(48, ge=1, le=100_000)
+    check_interval_seconds: float = Field(10.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _names(self) -> NotifyConfig:
+        for name in self.targets:
+            if not _PULL_NAME.match(name):
+                raise ValueError(f"targets: {name!r} is not a target name (letters, digits, "
+                                 "'_', '.', '-'; at most 64)")
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ValueError(
+                f"retry_max_seconds ({self.retry_max_seconds:g}) must not be less than "
+                f"retry_initial_seconds ({self.retry_initial_seconds:g})")
+        return self
+
+
 class LoggingConfig(_Section):
     level: str = "INFO"
 
@@ -669,6 +847,7 @@ class Config(_Section):
     pulls: dict[str, PullConfig] = Field(
         default_factory=dict, description="scheduled pulls from query/retrieve peers")
     logging: LoggingConfig = LoggingConfig()
+    notify: NotifyConfig = NotifyConfig()
     source: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")

@@ -31,6 +31,7 @@ from dicomnode.receive.scp import StorageSCP
 from dicomnode.rules.loader import RuleSet, rule_source
 from dicomnode.rules.trigger import Firing, RuleTrigger
 from dicomnode.scheduler import install_scheduled_jobs, install_scheduled_pulls
+from dicomnode.send.notify import Notifier
 from dicomnode.send.outbox import Outbox
 from dicomnode.states import JobTrigger
 from dicomnode.store.db import Index, open_index
@@ -77,7 +78,8 @@ class Node:
         self.trigger = RuleTrigger(self.index, self.rules, config.storage.path,
                                    quiet_seconds=config.completion.quiet_seconds)
         # an association that delivered and closed may have completed a series: check now
-        self.activity = AssociationActivity(on_closed=[self._check_completion_now])
+        self.activity = AssociationActivity(on_closed=[self._check_completion_now],
+                                            index=self.index)
         self.completion = CompletionMonitor(
             self.index, self.activity,
             quiet_seconds=config.completion.quiet_seconds,
@@ -94,6 +96,8 @@ class Node:
         self.outbox = Outbox.from_config(config, self.index)
         # results go out as soon as a job has queued them, not at the outbox's next tick
         self.jobs = JobRunner(config, self.index, on_done=self.outbox.start_due)
+        # messages queued with the transitions they tell of, sent by the scheduler
+        self.notifier = Notifier(config, self.index) if config.notify.targets else None
         self.console: ConsoleServer | None = None
         if config.web.enabled:  # the web stack (uvicorn, FastAPI) only when it is on
             from dicomnode.web.server import ConsoleServer
@@ -230,6 +234,12 @@ class Node:
                                    seconds=self.config.feedback.check_interval_seconds,
                                    id="feedback", max_instances=1, coalesce=True)
         install_scheduled_jobs(self)  # scheduled rules (cron) and retention
+        if self.notifier is not None:
+            self.notifier.install()
+            self.scheduler.add_job(self.notifier.tick, "interval",
+                                   seconds=self.config.notify.check_interval_seconds,
+                                   id="notify", max_instances=1, coalesce=True,
+                                   next_run_time=dt.datetime.now(dt.timezone.utc))
         if self.console is not None:
             self.console.bind()  # first: a port in use stops the start before any listening
         self.scheduler.start()
@@ -252,6 +262,8 @@ class Node:
         self.scheduler.shutdown(wait=True)
         self.jobs.stop()
         self.outbox.stop(self.config.node.shutdown_grace_seconds)
+        if self.notifier is not None:
+            self.notifier.uninstall()
         self.files.clean_tmp()
         self.index.dispose()
         LOG.info("stopped")

@@ -55,6 +55,7 @@ from dicomnode.receive.pull import Puller, PullError, PullQuery
 from dicomnode.rules.loader import Rule
 from dicomnode.rules.trigger import RuleTrigger
 from dicomnode.states import JobTrigger, StudyStatus
+from dicomnode.store import audit
 from dicomnode.store.db import Index
 from dicomnode.store.files import InstanceFiles, fsync_dir
 from dicomnode.store.studystatus import study_status
@@ -420,6 +421,9 @@ def _purge_study(index: Index, files: InstanceFiles, study_pk: int,
         if files.fsync:
             for folder in sorted(dirs):
                 fsync_dir(folder, missing_ok=True)
+        if deleted:
+            audit.record(session, audit.EventKind.RETENTION_DELETED, study_pk=study_pk,
+                         instances=len(deleted))
         session.commit()
     return len(deleted)
 

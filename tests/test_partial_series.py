@@ -165,6 +165,10 @@ def test_two_halves_give_a_second_version_and_a_rejection_note_for_the_first(
         assert v2["instances"] == CRANIUM_SLICES and v1["instances"] == 54
         assert v2["changes"].startswith("+54 instance(s)")
         assert v1["withdrawn_by"] == v2["id"]
+        # the audit trail tells it: version 1 rejected by version 2
+        trail = json.loads(node.cli("audit", "--job", str(v1["id"]), "--json").stdout)
+        rejected = [e for e in trail["events"] if e["kind"] == "job.rejected"]
+        assert [e["details"]["by_job"] for e in rejected] == [v2["id"]]
         instances = _instances(orthanc)
         segs = _segs(instances)
         assert [s.SeriesDescription.split()[-2:] for s in segs] == [["result", "1"],

@@ -45,13 +45,14 @@ from dicomnode.inference.segment import Segmentation, load_inputs, segment
 from dicomnode.inference.volume import VolumeError
 from dicomnode.jobs.feedback import record_job_input
 from dicomnode.jobs.files import job_dir, job_overlay
-from dicomnode.models.card import Card, CardError, cached_card
+from dicomnode.models.card import Card, CardError, cached_card, file_sha256
 from dicomnode.outputs.overlay import OverlayStructure, render_overlay
 from dicomnode.outputs.rejection import build_rejection_note, write_rejection_note
 from dicomnode.outputs.source import OutputError
 from dicomnode.outputs.write import ResultObject, write_results
 from dicomnode.rules.loader import rule_source
 from dicomnode.send.outbox import Outbox
+from dicomnode.store import audit
 from dicomnode.store.db import Index
 from dicomnode.store.files import write_atomic
 from dicomnode.store.pseudonyms import PseudonymMap
@@ -158,6 +159,8 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         raise JobFailure(f"job {job_id} sends to {', '.join(unknown)}, which is no longer a "
                          "configured peer", permanent=True)
     card = cached_card(config.models_dir / model)
+    _audit(index, audit.EventKind.JOB_STARTED, job_id, model=card.name,
+           model_version=card.version, digest=model_digest(card))
     names = [name for name, _ in bindings]
     if names != list(card.input_names):
         raise JobFailure(f"rule {rule_name} binds {', '.join(names)} but model {model} takes "
@@ -176,6 +179,8 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
                              f"pseudonymized: {report.failed[0][1]}", permanent=True)
         files[name] = [path for path, _ in report.datasets]
         headers[name] = [ds for _, ds in report.datasets]
+    _audit(index, audit.EventKind.PSEUDONYMIZED, job_id, series=len(files),
+           instances=sum(len(paths) for paths in files.values()))
     clock.lap("pseudonymize")
     volumes = load_inputs(card, files, headers)
     # the input drift the model's feedback page shows (cheap: a subsample, one header)
@@ -243,6 +248,20 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
     return summary
 
 
+def model_digest(card: Card) -> str | None:
+    """The SHA-256 of the model's ONNX file: the card's checksum when it states one (the
+    card's loading checked the file against it), else the file's (hashed once per
+    process); None for a package without a file (a rule-based model)."""
+    if card.sha256 is not None:
+        return card.sha256
+    return file_sha256(card.model_path) if card.model_path.is_file() else None
+
+
+def _audit(index: Index, kind: audit.EventKind, job_id: int, **details: Any) -> None:
+    with index.session() as session, session.begin():
+        audit.record(session, kind, job_id=job_id, **details)
+
+
 def _newer_version(index: Index, job_id: int) -> int | None:
     with index.session() as session:
         job = session.get(Job, job_id)
@@ -294,6 +313,8 @@ def _mark_withdrawn(index: Index, job_ids: Sequence[int], by: int) -> None:
     with index.session() as session, session.begin():
         session.execute(update(Job).where(Job.id.in_(list(job_ids)))
                         .values(withdrawn_by=by))
+        for old in job_ids:
+            audit.record(session, audit.EventKind.REJECTED, job_id=old, by_job=by)
 
 
 def _draw_overlay(result: Segmentation, image: sitk.Image, path: Path, title: str) -> None:

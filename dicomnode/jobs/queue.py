@@ -23,6 +23,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, select, update
 
 from dicomnode.states import JobTrigger
+from dicomnode.store import audit
 from dicomnode.store.db import Index
 from dicomnode.store.queries import format_timings, iso_utc
 from dicomnode.store.tables import Job, JobState, utcnow
@@ -37,6 +38,11 @@ Outcome = dict[str, Any]
 "permanent"}``."""
 
 
+_OUTCOME_EVENTS = {JobState.DONE: audit.EventKind.JOB_FINISHED,
+                   JobState.PENDING: audit.EventKind.JOB_RETRYING,
+                   JobState.FAILED: audit.EventKind.JOB_FAILED}
+
+
 def claim(index: Index, job_id: int) -> bool:
     """Mark a pending job running (attempts + 1); False when it is not pending."""
     with index.session() as session, session.begin():
@@ -44,6 +50,8 @@ def claim(index: Index, job_id: int) -> bool:
             update(Job).where(Job.id == job_id, Job.state == JobState.PENDING)
             .values(state=JobState.RUNNING, attempts=Job.attempts + 1, started_at=utcnow(),
                     finished_at=None)))
+        if result.rowcount == 1:
+            audit.record(session, audit.EventKind.JOB_CLAIMED, job_id=job_id)
         return result.rowcount == 1
 
 
@@ -72,6 +80,8 @@ def finish(index: Index, job_id: int, outcome: Outcome, max_attempts: int) -> Jo
             job.error = str(outcome["error"])[:2000]
             last = outcome["permanent"] or job.attempts >= max_attempts
             job.state = JobState.FAILED if last else JobState.PENDING
+        audit.job_outcome(session, job_id, _OUTCOME_EVENTS[job.state], attempts=job.attempts,
+                          error=job.error, objects=len(job.results or []) or None)
         state = job.state
     if outcome["ok"]:
         LOG.info("job %d done (%s)", job_id, format_timings(outcome["timings"]))

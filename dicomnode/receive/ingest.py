@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from dicomnode.dicom.status import Status
 from dicomnode.receive.validate import DatasetError, check_dataset
 from dicomnode.states import IngestOutcome, StudyState
+from dicomnode.store import audit
 from dicomnode.store.db import Index
 from dicomnode.store.files import InstanceFiles
 from dicomnode.store.header import HeaderError, InstanceHeader, read_header
@@ -214,6 +215,7 @@ class InstanceStore:
             series = Series(series_instance_uid=header.series_instance_uid, study=study,
                             **header.series)
             session.add(series)
+            audit.series_received(session, series)
         else:
             study = series.study
             for key, value in header.series.items():
@@ -226,6 +228,7 @@ class InstanceStore:
             study.state = StudyState.RECEIVING
             study.reopened_count += 1
             study.completed_at = None
+            audit.record(session, audit.EventKind.STUDY_REOPENED, study_pk=study.id)
             LOG.info("study %s re-opened by a late instance", study.id or "new")
         return series
 

@@ -36,6 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dicomnode.states import JobState, JobTrigger
+from dicomnode.store import audit
 from dicomnode.store.db import Index
 from dicomnode.store.tables import Instance, Job, Series, Study
 from dicomnode.store.tables import utcnow as _utcnow
@@ -130,6 +131,8 @@ class RuleTrigger:
                 for match in self.matches(session, rule, study_pk):
                     firings.append(self._fire(session, rule, study_pk, match,
                                               JobTrigger.EARLY if early else trigger, early))
+            audit.record_firings(session, study_pk, trigger.value, firings)
+            session.commit()
         self._log(study_pk, trigger, firings, quiet_misses=trigger is JobTrigger.SETTLED)
         return firings
 
@@ -146,6 +149,8 @@ class RuleTrigger:
                     continue
                 matches = self.matches(session, rule, study_pk)
                 firings.extend(self._incomplete(session, rule, study_pk, m) for m in matches)
+            audit.record_firings(session, study_pk, JobTrigger.INCOMPLETE.value, firings)
+            session.commit()
         self._log(study_pk, JobTrigger.INCOMPLETE, firings, quiet_misses=False)
         return firings
 

@@ -64,6 +64,7 @@ from dicomnode.deid import DeidKeyError
 from dicomnode.dicom.status import Status
 from dicomnode.send.scu import SendError, SendResult, send_files
 from dicomnode.send.stow import stow_files
+from dicomnode.store import audit
 from dicomnode.store.db import Index
 from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.queries import count_by_state, iso_utc
@@ -552,6 +553,7 @@ class Outbox:
         with self.index.session() as session:
             session.execute(update(OutboxItem).where(OutboxItem.id == claim.id).values(**values)
                             .execution_options(synchronize_session=False))
+            audit.item_outcome(session, claim.id, values["state"], result.status)
             session.commit()
 
 

@@ -32,6 +32,7 @@ from dicomnode.states import JobState, JobTrigger, OutboxState, StudyState
 
 __all__ = [
     "Base",
+    "Event",
     "FeedbackObject",
     "FeedbackStructure",
     "Instance",
@@ -39,6 +40,7 @@ __all__ = [
     "JobInput",
     "JobState",
     "JobTrigger",
+    "Notification",
     "OutboxItem",
     "OutboxState",
     "Patient",
@@ -410,3 +412,59 @@ class FeedbackStructure(Base):
     volume_received_ml: Mapped[float] = mapped_column(Float)
     volume_change_ml: Mapped[float] = mapped_column(Float)
     computed_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Event(Base):
+    """One entry of the audit trail: what happened to a study or a job, and when.
+
+    Append-only: rows are inserted by :func:`dicomnode.store.audit.record` and never
+    updated or deleted by the node (docs/audit.md). ``kind`` is a
+    :class:`dicomnode.store.audit.EventKind` value. The keys are plain columns, not foreign
+    keys: an event outlives what it names (retention deletes instances, never events).
+    ``details`` holds keys and counts only (rule, model and digest, peer name, counts,
+    status codes), never a DICOM value.
+    """
+
+    __tablename__ = "event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    study_pk: Mapped[int | None] = mapped_column(Integer, index=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    __table_args__ = (
+        Index("ix_event_kind_at", "kind", "at"),
+    )
+
+
+class Notification(Base):
+    """One message to one notification target (``notify.NAME``), sent like an outbox item.
+
+    ``key`` makes a message unique per target and occasion (``job-failed:12``,
+    ``summary:2026-12-04``), so an occasion seen twice queues one message. ``payload`` is
+    the message as rendered (subject, body, JSON fields) from allow-listed fields.
+    ``state`` is a :class:`dicomnode.states.OutboxState` member name (pending, sending,
+    sent, failed).
+    """
+
+    __tablename__ = "notification"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    target: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    key: Mapped[str] = mapped_column(String(128))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[OutboxState] = mapped_column(
+        Enum(OutboxState, native_enum=False, length=16), default=OutboxState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (
+        Index("ux_notification_target_key", "target", "key", unique=True),
+        Index("ix_notification_due", "state", "next_attempt_at"),
+    )

@@ -129,12 +129,30 @@ class StudyList(_Out):
     studies: list[StudySummary]
 
 
+class Event(_Out):
+    """One entry of the audit trail (docs/audit.md): keys, counts and status codes only."""
+
+    id: int
+    at: str | None = None
+    kind: str
+    study: int | None = None
+    job: int | None = None
+    details: dict[str, Any]
+
+
+class EventList(_Out):
+    schema_version: int
+    events: list[Event]
+
+
 class StudyDetail(StudySummary):
     """One study, with how each rule evaluates on it (``rules test``; without the token only
-    each rule's verdict line, as the compared values may quote descriptions)."""
+    each rule's verdict line, as the compared values may quote descriptions), and its
+    timeline (the audit events of the study and its jobs)."""
 
     explanation: str
     runnable_rules: list[str]
+    events: list[Event] = []
 
 
 class JobResult(_Out):
@@ -375,6 +393,19 @@ def models_view(models_dir: Path, rules: Iterable[Any]) -> dict[str, Any]:
         })
         models.append(one)
     return {"models": models}
+
+
+def events_view(events: Iterable[Mapping[str, Any]], *, authenticated: bool
+                ) -> dict[str, Any]:
+    """Audit events (:func:`dicomnode.store.audit.event_json`); without the token a job's
+    error has its quoted values hidden, as in the jobs' view."""
+    rows = []
+    for event in events:
+        details = dict(event["details"])
+        if not authenticated and "error" in details:
+            details["error"] = hide_values(str(details["error"]))
+        rows.append({**event, "details": details})
+    return {"schema_version": 1, "events": rows}
 
 
 def _list(value: Any) -> list[Any]:

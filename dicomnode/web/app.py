@@ -52,7 +52,9 @@ from dicomnode import __version__
 from dicomnode.jobs.queue import jobs_report, reset
 from dicomnode.rules.explain import explain_study
 from dicomnode.send.outbox import OutboxError, outbox_report
+from dicomnode.store import audit
 from dicomnode.store.queries import studies_report
+from dicomnode.store.tables import Job as JobRow
 from dicomnode.store.tables import Study
 from dicomnode.web import api, feedback, pages
 from dicomnode.web.dicomweb import router as dicomweb_router
@@ -200,8 +202,20 @@ def study_data(console: Any, study_id: int, auth: bool) -> dict[str, Any] | None
         explanation = "\n".join(line for line in explanation.splitlines()
                                 if line.startswith("rule "))
     detail = {**views[0], "explanation": explanation,
-              "runnable_rules": console.runnable_rules()}
+              "runnable_rules": console.runnable_rules(),
+              "events": events_data(console, auth, study_id=study_id)["events"]}
     return api.StudyDetail.model_validate(detail).model_dump(exclude_unset=True)
+
+
+def events_data(console: Any, auth: bool, *, study_id: int | None = None,
+                job_id: int | None = None) -> dict[str, Any]:
+    """The audit events of a study (and its jobs) or of a job, oldest first."""
+    with console.index.session() as session:
+        rows = (audit.study_events(session, study_id) if study_id is not None
+                else audit.job_events(session, int(job_id or 0)))
+        events = [audit.event_json(e) for e in rows]
+    view = api.events_view(events, authenticated=auth)
+    return api.EventList.model_validate(view).model_dump(exclude_unset=True)
 
 
 def jobs_data(console: Any, auth: bool) -> dict[str, Any]:
@@ -341,6 +355,26 @@ def _api_v1() -> APIRouter:
         if data is None:
             raise HTTPException(404, "no such study")
         return data
+
+    @router.get("/studies/{study_id:int}/events", response_model=api.EventList,
+                responses={404: {"model": api.Message}}, **listing)
+    def study_events(request: Request, study_id: int, auth: Auth) -> dict[str, Any]:
+        """The study's audit trail: its events and those of its jobs, oldest first."""
+        console = request.app.state.console
+        with console.index.session() as session:
+            if session.get(Study, study_id) is None:
+                raise HTTPException(404, "no such study")
+        return events_data(console, auth, study_id=study_id)
+
+    @router.get("/jobs/{job_id:int}/events", response_model=api.EventList,
+                responses={404: {"model": api.Message}}, **listing)
+    def job_events(request: Request, job_id: int, auth: Auth) -> dict[str, Any]:
+        """The job's audit trail, oldest first."""
+        console = request.app.state.console
+        with console.index.session() as session:
+            if session.get(JobRow, job_id) is None:
+                raise HTTPException(404, "no such job")
+        return events_data(console, auth, job_id=job_id)
 
     @router.get("/jobs", response_model=api.JobList, **listing)
     def jobs(request: Request, auth: Auth) -> dict[str, Any]:

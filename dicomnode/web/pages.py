@@ -150,6 +150,22 @@ def _outbox_table(items: list[dict[str, Any]]) -> str:
             f"{''.join(rows)}</table>") if rows else '<p class="muted">nothing to send</p>'
 
 
+def _detail_text(details: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in details.items())
+
+
+def timeline(events: list[dict[str, Any]]) -> str:
+    """The audit events of a study and its jobs (``/api/v1/studies/ID/events``), oldest
+    first: keys, counts and status codes only."""
+    rows = [
+        f'<tr id="event-{e["id"]}" class="event"><td>{_cell(e["at"])}</td>'
+        f'<td>{_cell(e["kind"])}</td>'
+        f'<td>{"" if e.get("job") is None else "job " + str(int(e["job"]))}</td>'
+        f'<td>{escape(_detail_text(e["details"]))}</td></tr>' for e in events]
+    return ("<table><tr><th>time (UTC)</th><th>event</th><th>job</th><th>details</th></tr>"
+            f"{''.join(rows)}</table>") if rows else '<p class="muted">no events</p>'
+
+
 def dashboard(studies: dict[str, Any], jobs: dict[str, Any], outbox: dict[str, Any], *,
               authenticated: bool) -> bytes:
     """The console's front page: studies, jobs (with overlays) and the outbox, from the
@@ -185,7 +201,8 @@ def study_page(study: dict[str, Any], *, authenticated: bool) -> bytes:
             f'<a href="/">back</a></p>'
             f"<h2>Series</h2><table><tr><th>series</th><th>modality</th><th>number</th>{head}"
             f"<th>instances</th><th>geometry</th><th>orientation</th><th>spacing (mm)</th></tr>"
-            f"{''.join(rows)}</table><h2>Rules</h2><pre>{escape(explanation)}</pre>")
+            f"{''.join(rows)}</table><h2>Rules</h2><pre>{escape(explanation)}</pre>"
+            f"<h2>Timeline</h2>{timeline(study.get('events', []))}")
     if rules:  # force completion: settle the series now and fire without waiting
         buttons = "".join(
             f'<button data-action="{API_PREFIX}/studies/{study["id"]}/rules/{quote(r)}/run">'
