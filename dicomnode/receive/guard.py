@@ -613,8 +613,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, ae: AE, address: Any, ae_title: str, contexts: Any,
                  ssl_context: Any = None, evt_handlers: list[Any] | None = None, *,
-                 guard: ConnectionGuard) -> None:
+                 guard: ConnectionGuard, listen_socket: socket.socket | None = None) -> None:
         self.guard = guard
+        self._listen_socket = listen_socket
         super().__init__(ae, address, ae_title, contexts, ssl_context,
                          evt_handlers=evt_handlers, request_handler=GuardedRequestHandler)
         self.contexts = _SharedContexts(self.contexts)
@@ -653,6 +654,21 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 LOG.error("connection guard: %s", type(exc).__name__)
 
     # ---------------------------------------------------------------- accepting
+
+    def server_bind(self) -> None:
+        """pynetdicom's bind, or, given ``listen_socket`` (bound, listening and
+        non-blocking, shared with other receiver processes), that socket instead."""
+        if self._listen_socket is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()
+        self.socket = self._listen_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._listen_socket is None:
+            super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; with TLS, wrap it without the handshake, which runs in the
@@ -741,6 +757,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
 def start_guarded_server(ae: AE, address: tuple[str, int], *, guard: ConnectionGuard,
                          evt_handlers: list[Any], ssl_context: Any = None,
+                         listen_socket: socket.socket | None = None,
                          ) -> GuardedAssociationServer:
     """Start ``ae`` listening on ``address`` behind ``guard`` (as pynetdicom's
     ``AE.start_server(block=False)``), after setting the AE's ACSE timeout to the request
@@ -748,7 +765,8 @@ def start_guarded_server(ae: AE, address: tuple[str, int], *, guard: ConnectionG
     ae.acse_timeout = guard.limits.association_request_timeout_seconds
     ae.maximum_associations = _PYNETDICOM_MAXIMUM_ASSOCIATIONS
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=GuardedAssociationServer, guard=guard)
+                            server_class=GuardedAssociationServer, guard=guard,
+                            listen_socket=listen_socket)
     assert isinstance(server, GuardedAssociationServer)
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
     threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_SECONDS,),

@@ -183,7 +183,7 @@ class InstanceStore:
                 on_indexed(result)
             return result.outcome
         try:
-            self.files.commit(tmp_file, relative)
+            self.files.commit(tmp_file, relative, new=True)
         except BaseException:
             self._forget_uid(uid)
             raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
@@ -311,8 +312,10 @@ class StorageSCP:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start listening on ``node.host:node.port`` in background threads."""
+    def start(self, *, listen_socket: socket.socket | None = None) -> None:
+        """Start listening on ``node.host:node.port`` in background threads (or accepting
+        from ``listen_socket``, bound and listening already, shared with other receiver
+        processes: see :mod:`dicomnode.receive.processes`)."""
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False
         tempfile.tempdir = str(self.store.files.tmp)
@@ -330,7 +333,7 @@ class StorageSCP:
             self.node.tls, handshake_timeout=self.node.network_timeout_seconds)
         self.server = start_guarded_server(
             self.ae, (self.node.host, self.node.port), guard=self.guard,
-            evt_handlers=self.handlers, ssl_context=tls)
+            evt_handlers=self.handlers, ssl_context=tls, listen_socket=listen_socket)
         LOG.info("listening as %s on %s:%d%s", self.node.ae_title, self.node.host, self.node.port,
                  "" if tls is None else " (DICOM TLS)")
 

@@ -5,9 +5,12 @@ Layout under ``storage.path``::
     instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
     tmp/                       (files being received; emptied at start and stop)
 
-A file enters ``instances/`` only by an atomic rename of a complete, fsynced
-temporary file, followed by an fsync of the directory, so a crash leaves
-either the whole file or nothing there. This is the only place where file
+A file enters ``instances/`` by an atomic rename of a complete temporary file,
+fsynced before the rename (or, for a new file, right after it: see
+:meth:`InstanceFiles.commit`), followed by an fsync of the directory; it is
+acknowledged only once both fsyncs returned, so a crash loses nothing
+acknowledged, and leaves at most an incomplete, never acknowledged new file,
+which recovery moves aside. This is the only place where file
 names carry DICOM identifiers (UIDs, never names or patient IDs).
 """
 
@@ -55,23 +58,30 @@ class InstanceFiles:
                 raise ValueError(f"{name} is not a valid UID (digits and dots, at most 64)")
         return Path("instances") / study_uid / series_uid / f"{sop_uid}.dcm"
 
-    def commit(self, tmp_file: Path, relative: Path) -> Path:
+    def commit(self, tmp_file: Path, relative: Path, *, new: bool = False) -> Path:
         """Durably move a complete temporary file to its place in the store.
 
         The file is fsynced, renamed over any previous version atomically, and
         the directory entry is fsynced. Returns the absolute destination.
+
+        With ``new`` (the caller has checked that nothing is stored at ``relative``) the
+        file is renamed first and fsynced in its place, then its folder: on a journaling
+        file system the rename, the file's blocks and its inode then go in one journal
+        commit (the folder's fsync finds nothing left to write) instead of two. The file
+        is durable once this returns, as in the other order; a crash before that can
+        leave an incomplete file at ``relative``, which was never acknowledged: recovery
+        at start finds that it does not parse and moves it aside. Never used to replace
+        a file (a crash could then lose the previous, acknowledged version).
         """
         dest = self.root / relative
         new_dirs = not dest.parent.is_dir()
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if self.fsync:
-            fd = os.open(tmp_file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if self.fsync and not new:
+            _fsync_file(tmp_file)
         os.replace(tmp_file, dest)
         if self.fsync:
+            if new:
+                _fsync_file(dest)
             fsync_dir(dest.parent)
             if new_dirs:
                 fsync_dir(dest.parent.parent)
@@ -98,6 +108,14 @@ class InstanceFiles:
         """Every stored instance file, relative to the store root."""
         for path in self.instances.rglob("*.dcm"):
             yield path.relative_to(self.root)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path, *, missing_ok: bool = False) -> None:

@@ -73,6 +73,7 @@ SENDER_AET = "BENCHSCU"
 RECEIVERS = ("dicomnode", "storescp", "orthanc", "bare")
 TARGETS = {"orthanc": 1.0, "bare": 1.0}  # dicomnode must reach this fraction of each
 START_TIMEOUT = 60.0
+RECEIVE_PROCESSES = 1  # dicomnode's node.receive_processes (--receive-processes)
 DIMSE_TIMEOUT = 60.0  # seconds one C-STORE response may take before the run fails
 
 # -------------------------------------------------------------------------- helpers
@@ -217,6 +218,8 @@ class Dicomnode(Receiver):
                                 "port": self.port}
         if self.max_pdu is not None:
             node["maximum_pdu_size"] = self.max_pdu
+        if RECEIVE_PROCESSES > 1:
+            node["receive_processes"] = RECEIVE_PROCESSES
         config = {
             "node": node,
             "storage": {"path": str(self.workdir / "store")},
@@ -583,6 +586,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "max_pdu": args.max_pdu,
         "sender": args.sender,
         "associations": args.associations,
+        "receive_processes": args.receive_processes,
         "receivers": {
             name: {
                 "storage": s.storage,
@@ -662,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="DCMTK storescu (default) or pynetdicom in this process")
     parser.add_argument("--associations", type=int, default=1,
                         help="concurrent storescu associations, each a share of the series")
+    parser.add_argument("--receive-processes", type=int, default=1,
+                        help="dicomnode's node.receive_processes (receiver processes)")
     parser.add_argument("--receivers", nargs="+", choices=RECEIVERS, default=list(RECEIVERS))
     parser.add_argument("--max-pdu", type=int, default=None,
                         help="receivers' maximum PDU length (default: each one's own)")
@@ -677,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.repeat < 1 or args.slices < 1 or args.rows < 1:
         parser.error("--repeat, --slices and --rows must be positive")
+    global RECEIVE_PROCESSES
+    RECEIVE_PROCESSES = args.receive_processes
 
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # readiness polls fail noisily
     _config.STORE_SEND_CHUNKED_DATASET = True
