@@ -72,6 +72,7 @@ ORTHANC = Path("/usr/sbin/Orthanc")
 SENDER_AET = "BENCHSCU"
 RECEIVERS = ("dicomnode", "storescp", "orthanc", "bare")
 TARGETS = {"orthanc": 1.0, "bare": 1.0}  # dicomnode must reach this fraction of each
+TARGETS_CONCURRENT = {"orthanc": 0.8}  # the same with --associations > 1
 START_TIMEOUT = 60.0
 RECEIVE_PROCESSES = 1  # dicomnode's node.receive_processes (--receive-processes)
 DIMSE_TIMEOUT = 60.0  # seconds one C-STORE response may take before the run fails
@@ -603,7 +604,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "ratios_dicomnode_to": ratios,
         "targets": {other: {"ratio": ratios[other], "target": target,
                             "met": ratios[other] >= target}
-                    for other, target in TARGETS.items() if other in ratios},
+                    for other, target in (TARGETS if args.associations == 1
+                                          else TARGETS_CONCURRENT).items()
+                    if other in ratios},
     }
     print_table(report)
     return report
