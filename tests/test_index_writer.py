@@ -18,6 +18,7 @@ from sqlalchemy import event, func, select
 from dicomnode.receive import indexer
 from dicomnode.receive.ingest import InstanceStore, StoreFailure
 from dicomnode.receive.recovery import recover_orphans
+from dicomnode.store import files as files_module
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.files import InstanceFiles
 from dicomnode.store.tables import Instance, Series, Study, StudyState
@@ -147,3 +148,32 @@ def test_an_instance_the_writer_gives_up_on_is_indexed_by_recovery_at_start(
         uids = set(session.scalars(select(Instance.sop_instance_uid)))
     assert uids == {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
                     for p in small_ct[:2]}
+
+
+def test_the_file_system_type_is_read_from_the_longest_mount_point() -> None:
+    mounts = ("/dev/vda / ext4 rw 0 0\n"
+              "tmpfs /srv/dicom tmpfs rw 0 0\n"
+              "/dev/vdb /srv/dicom/store\\040x xfs rw 0 0\n")
+    assert files_module.mount_type(Path("/var/lib/x"), mounts) == "ext4"
+    assert files_module.mount_type(Path("/srv/dicom/a"), mounts) == "tmpfs"
+    assert files_module.mount_type(Path("/srv/dicom/store x/i"), mounts) == "xfs"
+    assert not files_module.file_fsync_commits_rename(Path("/srv/dicom/a"), mounts)
+    assert files_module.file_fsync_commits_rename(Path("/srv/dicom/store x"), mounts)
+
+
+@pytest.mark.parametrize("commits_rename", [True, False])
+def test_a_new_file_is_renamed_then_fsynced_and_its_folder_only_where_needed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, commits_rename: bool) -> None:
+    synced: list[str] = []
+    monkeypatch.setattr(files_module, "fsync_dir",
+                        lambda path, missing_ok=False: synced.append(Path(path).name))
+    files = InstanceFiles(tmp_path / "store")
+    files.rename_durable_with_file = commits_rename
+    for n, new in ((1, True), (2, False)):
+        tmp = files.tmp / f"t{n}"
+        tmp.write_bytes(b"x" * n)
+        files.commit(tmp, Path("instances/1.2/3.4") / f"5.{n}.dcm", new=new)
+    assert (files.root / "instances/1.2/3.4/5.1.dcm").read_bytes() == b"x"
+    # a replacement (new=False) always fsyncs its folder; a new file only where the file
+    # system does not commit the rename with the file's own fsync
+    assert synced == ([] if commits_rename else ["3.4", "1.2", "instances"]) + ["3.4"]
