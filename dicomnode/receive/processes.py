@@ -109,6 +109,8 @@ class ReceiverProcesses:
         self._processes: list[Any] = []
         self._socket: socket.socket | None = None
         self._reader: threading.Thread | None = None
+        self._ready = 0  # receiver processes listening
+        self._ready_changed = threading.Condition()
 
     @property
     def port(self) -> int:
@@ -124,19 +126,19 @@ class ReceiverProcesses:
         self._reader = threading.Thread(target=self._read_events, name="receiver-events",
                                         daemon=True)
         self._reader.start()
-        ready = [self._context.Event() for _ in range(node.receive_processes)]
         data = self.config.model_dump(mode="json")
-        for number, event in enumerate(ready):
+        for number in range(node.receive_processes):
             process = self._context.Process(
                 target=run_receiver, name=f"dicomnode-receiver-{number + 1}",
-                args=(os.getpid(), data, self._socket, self._events, event), daemon=False)
+                args=(os.getpid(), data, self._socket, self._events), daemon=False)
             process.start()
             self._processes.append(process)
-        for process, event in zip(self._processes, ready, strict=True):
-            if not event.wait(START_SECONDS):
+        with self._ready_changed:
+            if not self._ready_changed.wait_for(
+                    lambda: self._ready >= len(self._processes), START_SECONDS):
                 self.stop(0)
-                raise RuntimeError(f"{process.name} did not start listening "
-                                   f"within {START_SECONDS:g} s")
+                raise RuntimeError(f"{len(self._processes) - self._ready} receiver process(es) "
+                                   f"did not start listening within {START_SECONDS:g} s")
         LOG.info("listening as %s on %s:%d in %d receiver processes", node.ae_title,
                  node.host, self.port, len(self._processes))
 
@@ -177,6 +179,10 @@ class ReceiverProcesses:
                     self.activity.close(key)
                 elif kind == "refused" and self.on_refused is not None:
                     self.on_refused(str(value))
+                elif kind == "ready":
+                    with self._ready_changed:
+                        self._ready += 1
+                        self._ready_changed.notify_all()
             except Exception as exc:  # a listener must not stop the reports
                 LOG.error("receiver report failed: %s", type(exc).__name__)
 
@@ -196,7 +202,7 @@ def _watch_parent(parent: int) -> None:
 
 
 def run_receiver(parent: int, config_data: dict[str, Any], sock: socket.socket,
-                 events: Any, ready: Any) -> None:
+                 events: Any) -> None:
     """A receiver process: the Storage SCP on the shared socket until SIGTERM."""
     _watch_parent(parent)
     from dicomnode.logs import setup_logging
@@ -219,7 +225,7 @@ def run_receiver(parent: int, config_data: dict[str, Any], sock: socket.socket,
                      ForwardedActivity(events),
                      on_refused=lambda kind: events.put(("refused", None, kind)))
     scp.start(listen_socket=sock)
-    ready.set()
+    events.put(("ready", None, os.getpid()))
     try:
         while not stop.wait(1.0):
             pass
