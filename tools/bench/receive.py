@@ -107,11 +107,47 @@ def proc_status_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its descendants (dicomnode's receiver processes, with
+    ``--receive-processes``)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
 def proc_cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process (all its threads) from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    """User plus system CPU time of a process and its descendants (all threads) from
+    /proc/PID/stat."""
+    ticks = 0
+    for one in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_peak_rss_mib(pid: int) -> float:
+    """The largest peak resident set size (VmHWM) of a process and its descendants."""
+    peaks = []
+    for one in tree_pids(pid):
+        try:
+            peaks.append(proc_status_kib(one, "VmHWM") / 1024)
+        except (OSError, KeyError):
+            continue
+    return max(peaks)
 
 
 def self_cpu_seconds() -> float:
@@ -413,7 +449,7 @@ def send_series(receiver: Receiver, paths: list[Path], total_bytes: int) -> Repe
         latency_ms_p50=1e3 * statistics.median(latencies),
         latency_ms_p99=1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         receiver_cpu_s=cpu_receiver, sender_cpu_s=cpu_sender,
-        peak_rss_mib=proc_status_kib(receiver.pid, "VmHWM") / 1024,
+        peak_rss_mib=tree_peak_rss_mib(receiver.pid),
         acceptor_max_pdu=int(assoc.acceptor.maximum_length or 0),
     )
 
@@ -452,7 +488,7 @@ def send_storescu(receiver: Receiver, paths: list[Path], total_bytes: int,
         instances_per_s=len(paths) / seconds, mb_per_s=megabytes / seconds,
         latency_ms_p50=1e3 * seconds * associations / len(paths), latency_ms_p99=0.0,
         receiver_cpu_s=cpu_receiver, sender_cpu_s=sender_cpu,
-        peak_rss_mib=proc_status_kib(receiver.pid, "VmHWM") / 1024,
+        peak_rss_mib=tree_peak_rss_mib(receiver.pid),
         acceptor_max_pdu=0, load_1min=os.getloadavg()[0], sender="storescu",
         associations=associations,
     )
