@@ -172,6 +172,11 @@ class NodeConfig(_Section):
         64, ge=1, le=1000, description="connections not (yet) associated, in all")
     maximum_pending_connections_per_address: int = Field(
         8, ge=1, le=1000, description="connections not (yet) associated, per source address")
+    receive_processes: int = Field(
+        1, ge=1, le=64,
+        description="processes receiving associations: 1 receives in the node's process; "
+                    "N > 1 starts N receiver processes sharing the port, the store and the "
+                    "index (one GIL per association; see dicomnode.receive.processes)")
 
 
 class DicomwebAuthConfig(_Section):

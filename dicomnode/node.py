@@ -25,6 +25,7 @@ from dicomnode.jobs.queue import reset
 from dicomnode.jobs.runner import JobRunner
 from dicomnode.net.access import AccessPolicy
 from dicomnode.receive.ingest import InstanceStore
+from dicomnode.receive.processes import ReceiverProcesses
 from dicomnode.receive.pull import Puller
 from dicomnode.receive.recovery import recover_orphans
 from dicomnode.receive.scp import StorageSCP
@@ -93,6 +94,9 @@ class Node:
         self.scp = StorageSCP(config.node, self.store,
                               AccessPolicy(config.node.ae_title, config.peers), self.activity,
                               on_refused=self.refused.increment)
+        # node.receive_processes > 1: receiver processes share the port (one GIL each)
+        self.receivers = (ReceiverProcesses(config, self.activity, self.refused.increment)
+                          if config.node.receive_processes > 1 else None)
         self.outbox = Outbox.from_config(config, self.index)
         # results go out as soon as a job has queued them, not at the outbox's next tick
         self.jobs = JobRunner(config, self.index, on_done=self.outbox.start_due)
@@ -243,7 +247,10 @@ class Node:
         if self.console is not None:
             self.console.bind()  # first: a port in use stops the start before any listening
         self.scheduler.start()
-        self.scp.start()
+        if self.receivers is not None:
+            self.receivers.start()
+        else:
+            self.scp.start()
         # after the SCP listens: pulled instances arrive there (C-MOVE) or use its spool (C-GET)
         install_scheduled_pulls(self.scheduler, self.config, self.index, self.puller)
         if self.console is not None:
@@ -258,6 +265,8 @@ class Node:
         LOG.info("stopping")
         if self.console is not None:
             self.console.stop()
+        if self.receivers is not None:
+            self.receivers.stop(self.config.node.shutdown_grace_seconds)
         self.scp.stop(self.config.node.shutdown_grace_seconds)
         self.scheduler.shutdown(wait=True)
         self.jobs.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import subprocess
 import threading
 import time
@@ -288,6 +289,30 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     assert studies[0]["instance_count"] >= len(acknowledged)
     assert studies[0]["instance_count"] == len(stored)
     assert not any((node.store / "tmp").iterdir())
+
+
+def test_kill_9_between_success_and_the_index_commit_indexes_after_restart(
+        node_factory: NodeFactory, small_ct: list[Path]) -> None:
+    """Success is answered once the instance is durable; its index row follows. With the
+    index's write lock held by another connection (a real SQLite lock), the node still
+    acknowledges the instances, cannot commit their rows, and is killed (-9): after the
+    restart every acknowledged instance is indexed (recovery at start)."""
+    node = node_factory(quiet_seconds=0.5)
+    lock = sqlite3.connect(node.store / "index.sqlite", timeout=30, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # the index's write lock: no row can be committed
+        statuses = _send(node.port, small_ct[:6])
+        assert statuses == [0] * 6, "instances durable on disk are acknowledged"
+        assert len(_stored_files(node)) == 6
+        rows = lock.execute("SELECT COUNT(*) FROM instance").fetchone()[0]
+        assert rows == 0, "no index row could have been committed"
+        node.kill()
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    node.start()
+    studies = node.wait_for(lambda s: bool(s) and s[0]["state"] == "complete")
+    assert studies[0]["instance_count"] == 6
 
 
 @pytest.mark.slow

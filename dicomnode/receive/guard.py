@@ -43,16 +43,22 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
+import queue
+import select
 import socket
 import ssl
 import threading
 import time
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from pynetdicom import evt
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -262,7 +268,8 @@ class ConnectionGuard:
         with self._lock:
             conn.assoc = assoc
             conn.loop_delay = assoc.dul._run_loop_delay
-            assoc.dul._run_loop_delay = max(PENDING_LOOP_DELAY, conn.loop_delay)
+            if conn.loop_delay > 0:  # a polling DUL (an _EventDUL waits, it never polls)
+                assoc.dul._run_loop_delay = max(PENDING_LOOP_DELAY, conn.loop_delay)
 
     def connection(self, assoc: Association) -> Connection | None:
         with self._lock:
@@ -418,10 +425,138 @@ class _GuardedSocket(AssociationSocket):
             self.guard.oversized(self.connection, nr_bytes, limit)
             return bytearray()
         try:
-            return super().recv(nr_bytes)
+            return self._recv_whole(nr_bytes)
         except TimeoutError:  # one log line, not pynetdicom's traceback
             self.guard.timed_out(self.connection)
             return bytearray()
+
+    def _recv_whole(self, nr_bytes: int) -> bytearray:
+        """pynetdicom's ``recv`` (all ``nr_bytes``, or what came before the peer closed),
+        read straight into one buffer as the kernel delivers it instead of in pieces of
+        at most 4096 bytes, each copied onto the last (about 40 system calls and 40
+        copies for a 160 KB P-DATA-TF PDU)."""
+        sock = self.socket
+        assert sock is not None
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        read = 0
+        while read < nr_bytes:
+            got = sock.recv_into(view[read:], nr_bytes - read)
+            if not got:  # closed by the peer: what was read so far (pynetdicom's Evt17)
+                del view
+                del buffer[read:]
+                return buffer
+            read += got
+        return buffer
+
+
+#: How long an idle DUL thread waits for its socket or a primitive to send before it
+#: looks at its ARTIM timer and kill flag again (seconds).
+DUL_WAIT_SECONDS = 0.02
+#: How long an idle association thread waits for a DIMSE message before it looks for a
+#: release or abort again (seconds).
+DIMSE_WAIT_SECONDS = 0.005
+
+
+class _EventDUL(DULServiceProvider):
+    """pynetdicom's DUL provider, woken by events instead of polling with sleeps.
+
+    pynetdicom's reactor loop (``run_reactor``) checks its queue of primitives to send,
+    then its socket with a zero-timeout ``select``, and sleeps ``_run_loop_delay``
+    (1 ms) whenever a pass found nothing: each P-DATA-TF PDU and each response can wait
+    up to a sleep, and an idle association wakes 1000 times a second. Here the loop
+    delay is 0 and the loop blocks, when nothing is queued, in one ``select`` on its
+    socket and on a wake-up pipe that :meth:`send_pdu`, :meth:`kill_dul` and
+    :meth:`stop_dul` write to: a PDU is read as soon as its first byte arrives, a
+    primitive is sent as soon as it is queued. The ARTIM timer and the kill flag are
+    looked at every :data:`DUL_WAIT_SECONDS` at least. pynetdicom's loop itself is
+    unchanged (the class of the DUL an association made is swapped, see
+    :meth:`GuardedRequestHandler._create_association`).
+    """
+
+    _wake_r: int
+    _wake_w: int
+
+    def arm(self) -> None:
+        """Make the wake-up pipe (closed when the provider is collected) and stop polling."""
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
+        self._run_loop_delay = 0.0
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # full (a wake-up is pending anyway) or closed
+            pass
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def stop_dul(self) -> bool:
+        if self.state_machine.current_state == "Sta1":
+            self._kill_thread = True
+            self._wake()
+            self.join()
+            return True
+        return False
+
+    def _is_transport_event(self) -> bool:
+        self._wait()
+        return bool(super()._is_transport_event())
+
+    def _wait(self) -> None:
+        """Block until the socket is readable, a wake-up is written or the wait ends."""
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        if self._kill_thread or self.to_provider_queue.qsize() or self.event_queue.qsize():
+            return
+        fds: list[Any] = [self._wake_r]
+        sock = self.socket.socket if self.socket is not None else None
+        if sock is not None and sock.fileno() >= 0:
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return  # decrypted bytes already buffered: select() would not see them
+            fds.append(sock)
+        try:
+            select.select(fds, [], [], DUL_WAIT_SECONDS)
+        except (OSError, ValueError):  # closed meanwhile: pynetdicom's check reports it
+            pass
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class _WaitingDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider whose non-blocking ``get_msg`` waits a little.
+
+    The acceptor's reactor (``Association._run_reactor``) sleeps 1 ms, then takes a
+    message with ``get_msg(block=False)``, in a loop: each C-STORE request waits for the
+    next pass. Here that call waits up to :data:`DIMSE_WAIT_SECONDS` for a message, so
+    a request is served as soon as it is decoded (a release or abort is seen at most
+    that much later). Blocking calls are pynetdicom's.
+    """
+
+    def get_msg(self, block: bool = False) -> Any:
+        if block:
+            return super().get_msg(block=True)
+        try:
+            return self.msg_queue.get(timeout=DIMSE_WAIT_SECONDS)
+        except queue.Empty:
+            return None, None
 
 
 class _SharedContexts(list[Any]):
@@ -457,6 +592,12 @@ class GuardedRequestHandler(RequestHandler):
         guarded: _GuardedSocket = sock  # type: ignore[assignment]
         guarded.guard = self.server.guard
         guarded.connection = self.connection
+        # the same for its DUL and DIMSE providers: woken by events, not polling (their
+        # threads start with the association, after this returns)
+        assoc.dul.__class__ = _EventDUL
+        dul: _EventDUL = assoc.dul  # type: ignore[assignment]
+        dul.arm()
+        assoc.dimse.__class__ = _WaitingDIMSE
         self.server.guard.attach(self.connection, assoc)
         return assoc
 
@@ -472,8 +613,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, ae: AE, address: Any, ae_title: str, contexts: Any,
                  ssl_context: Any = None, evt_handlers: list[Any] | None = None, *,
-                 guard: ConnectionGuard) -> None:
+                 guard: ConnectionGuard, listen_socket: socket.socket | None = None) -> None:
         self.guard = guard
+        self._listen_socket = listen_socket
         super().__init__(ae, address, ae_title, contexts, ssl_context,
                          evt_handlers=evt_handlers, request_handler=GuardedRequestHandler)
         self.contexts = _SharedContexts(self.contexts)
@@ -512,6 +654,21 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 LOG.error("connection guard: %s", type(exc).__name__)
 
     # ---------------------------------------------------------------- accepting
+
+    def server_bind(self) -> None:
+        """pynetdicom's bind, or, given ``listen_socket`` (bound, listening and
+        non-blocking, shared with other receiver processes), that socket instead."""
+        if self._listen_socket is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()
+        self.socket = self._listen_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._listen_socket is None:
+            super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; with TLS, wrap it without the handshake, which runs in the
@@ -600,6 +757,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
 def start_guarded_server(ae: AE, address: tuple[str, int], *, guard: ConnectionGuard,
                          evt_handlers: list[Any], ssl_context: Any = None,
+                         listen_socket: socket.socket | None = None,
                          ) -> GuardedAssociationServer:
     """Start ``ae`` listening on ``address`` behind ``guard`` (as pynetdicom's
     ``AE.start_server(block=False)``), after setting the AE's ACSE timeout to the request
@@ -607,7 +765,8 @@ def start_guarded_server(ae: AE, address: tuple[str, int], *, guard: ConnectionG
     ae.acse_timeout = guard.limits.association_request_timeout_seconds
     ae.maximum_associations = _PYNETDICOM_MAXIMUM_ASSOCIATIONS
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
-                            server_class=GuardedAssociationServer, guard=guard)
+                            server_class=GuardedAssociationServer, guard=guard,
+                            listen_socket=listen_socket)
     assert isinstance(server, GuardedAssociationServer)
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
     threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_SECONDS,),

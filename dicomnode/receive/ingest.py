@@ -1,8 +1,17 @@
 """Ingest: turn a received temporary file into a stored, indexed instance.
 
-This is the store's single entry point for new data. :meth:`InstanceStore.ingest`
-returns only after the file is fsynced in its final place and its index row
-is committed, so the network layer may then answer Success.
+This is the store's single entry point for new data, in two forms:
+
+* :meth:`InstanceStore.receive` (the SCP's): returns once the instance itself is durable
+  (the file fsynced in its final place and its folder entry fsynced), so the network
+  layer may answer Success; its index row follows from the single background writer
+  (:mod:`dicomnode.receive.indexer`) within about 0.1 s, and recovery at start
+  (:mod:`dicomnode.receive.recovery`) indexes any stored file whose row was never
+  written. While a received instance waits for its row it is *in flight*: a re-send of
+  it waits for that row, then takes the synchronous path below, so duplicates are found
+  exactly as before.
+* :meth:`InstanceStore.ingest` (folder import, recovery, tests): returns only after the
+  file is durable and its index row committed.
 
 Re-sending an instance (same SOP Instance UID) is idempotent:
 
@@ -20,14 +29,17 @@ import datetime as dt
 import filecmp
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, and_, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicomnode.dicom.status import Status
+from dicomnode.receive.indexer import IndexWriter
 from dicomnode.receive.validate import DatasetError, check_dataset
 from dicomnode.states import IngestOutcome, StudyState
 from dicomnode.store import audit
@@ -36,7 +48,8 @@ from dicomnode.store.files import InstanceFiles
 from dicomnode.store.header import HeaderError, InstanceHeader, read_header
 from dicomnode.store.tables import Instance, Patient, Series, Study, utcnow
 
-__all__ = ["DEFAULT_MAX_INFLATED_BYTES", "IngestResult", "InstanceStore", "StoreFailure"]
+__all__ = ["DEFAULT_MAX_INFLATED_BYTES", "IngestResult", "InstanceStore", "Pending",
+           "StoreFailure"]
 
 LOG = logging.getLogger(__name__)
 
@@ -46,6 +59,10 @@ STATUS_INDEX_UNAVAILABLE = Status.OUT_OF_RESOURCES_INDEX_UNAVAILABLE
 STATUS_INVALID_UID = Status.CANNOT_UNDERSTAND_INVALID_UID
 STATUS_UID_MISMATCH = Status.CANNOT_UNDERSTAND_UID_MISMATCH
 STATUS_SOP_CLASS_MISMATCH = Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+
+_INSTANCE = cast(Table, Instance.__table__)
+_SERIES = cast(Table, Series.__table__)
+_STUDY = cast(Table, Study.__table__)
 
 DEFAULT_MAX_INFLATED_BYTES = 1 << 30
 """Largest inflated size of a deflated dataset (1 GiB): ``storage.max_inflated_bytes``."""
@@ -73,6 +90,20 @@ class IngestResult:
     outcome: IngestOutcome  # stored, duplicate (identical re-send) or replaced
 
 
+@dataclass(eq=False)
+class Pending:
+    """A received instance, durable in the store, whose index row is yet to be written."""
+
+    header: InstanceHeader
+    relative: Path
+    size: int
+    calling_ae_title: str
+    received_at: dt.datetime
+    on_indexed: Callable[[IngestResult], None] | None = None
+    attempts: int = 0
+    cached: bool = field(default=False)
+
+
 class InstanceStore:
     """Stores received files durably and indexes them.
 
@@ -95,6 +126,12 @@ class InstanceStore:
         self.min_free_bytes = min_free_bytes
         self.max_inflated_bytes = max_inflated_bytes
         self._lock = threading.Lock()
+        # SOP Instance UIDs acknowledged whose index row is not written yet
+        self._in_flight: set[str] = set()
+        self._in_flight_changed = threading.Condition()
+        # SeriesInstanceUID -> (series pk, study pk), checked by the writer on every use
+        self._series_keys: dict[str, tuple[int, int]] = {}
+        self.writer = IndexWriter(self)
 
     def ingest(
         self, tmp_file: Path, *, calling_ae_title: str, expected_sop_instance_uid: str | None = None
@@ -106,6 +143,81 @@ class InstanceStore:
 
         Raises:
             StoreFailure: with the DICOM failure status to answer; nothing was stored.
+        """
+        header, relative, size = self._prepare(tmp_file, expected_sop_instance_uid)
+        self._wait_not_in_flight(header.sop_instance_uid)
+        with self._lock:
+            try:
+                return self._store(tmp_file, relative, size, header, calling_ae_title)
+            except SQLAlchemyError as exc:
+                LOG.error("index write failed: %s", type(exc).__name__)
+                raise StoreFailure("index unavailable", STATUS_INDEX_UNAVAILABLE) from None
+
+    def receive(
+        self, tmp_file: Path, *, calling_ae_title: str,
+        expected_sop_instance_uid: str | None = None,
+        on_indexed: Callable[[IngestResult], None] | None = None,
+    ) -> IngestOutcome:
+        """Store one complete received file durably; its index row follows (module docstring).
+
+        Returns once the file and its folder entry are fsynced (the instance is then
+        durable: Success may be answered), with the outcome: "stored" when the row is
+        queued for the index writer, which calls ``on_indexed`` (in its thread) once the
+        row is committed; "duplicate" or "replaced" for a re-send of an instance already
+        stored, handled as :meth:`ingest` does (``on_indexed`` is called before this
+        returns).
+
+        Raises:
+            StoreFailure: with the DICOM failure status to answer; nothing was stored.
+                0xA701 while the writer holds instances whose index write failed.
+        """
+        if self.writer.failing:
+            raise StoreFailure("index unavailable", STATUS_INDEX_UNAVAILABLE)
+        header, relative, size = self._prepare(tmp_file, expected_sop_instance_uid)
+        uid = header.sop_instance_uid
+        with self._in_flight_changed:
+            fresh = uid not in self._in_flight and not (self.files.root / relative).exists()
+            if fresh:
+                self._in_flight.add(uid)
+        if not fresh:  # a re-send: decided against the index, as ingest() does
+            self._wait_not_in_flight(uid)
+            with self._lock:
+                try:
+                    result = self._store(tmp_file, relative, size, header, calling_ae_title)
+                except SQLAlchemyError as exc:
+                    LOG.error("index write failed: %s", type(exc).__name__)
+                    raise StoreFailure("index unavailable", STATUS_INDEX_UNAVAILABLE) from None
+            if on_indexed is not None:
+                on_indexed(result)
+            return result.outcome
+        try:
+            self.files.commit(tmp_file, relative, new=True)
+        except BaseException:
+            self._forget_uid(uid)
+            raise
+        self.writer.put(Pending(header, relative, size, calling_ae_title, utcnow(), on_indexed))
+        return IngestOutcome.STORED
+
+    def _wait_not_in_flight(self, uid: str) -> None:
+        with self._in_flight_changed:
+            while uid in self._in_flight:
+                self._in_flight_changed.wait(0.5)
+
+    def forget(self, item: Pending) -> None:
+        """The writer is done with ``item`` (written, or given up to recovery)."""
+        self._forget_uid(item.header.sop_instance_uid)
+
+    def _forget_uid(self, uid: str) -> None:
+        with self._in_flight_changed:
+            self._in_flight.discard(uid)
+            self._in_flight_changed.notify_all()
+
+    def _prepare(self, tmp_file: Path, expected_sop_instance_uid: str | None
+                 ) -> tuple[InstanceHeader, Path, int]:
+        """Check and read a received file: its header, its place in the store, its size.
+
+        Raises:
+            StoreFailure: the dataset is refused (nothing was stored).
         """
         size = tmp_file.stat().st_size
         self._reserve(0)  # the received file is already on disk
@@ -132,13 +244,7 @@ class InstanceStore:
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
         except ValueError as exc:
             raise StoreFailure(str(exc), STATUS_INVALID_UID) from None
-
-        with self._lock:
-            try:
-                return self._store(tmp_file, relative, size, header, calling_ae_title)
-            except SQLAlchemyError as exc:
-                LOG.error("index write failed: %s", type(exc).__name__)
-                raise StoreFailure("index unavailable", STATUS_INDEX_UNAVAILABLE) from None
+        return header, relative, size
 
     def _reserve(self, more: int) -> None:
         """Refuse (0xA700) when writing ``more`` bytes would leave less free disk than
@@ -168,28 +274,13 @@ class InstanceStore:
 
             series = self._series(session, header, now)
             created = existing is None
-            previous = None if existing is None else Path(existing.file_path)
             # the version stored at the same place (a replacement) is kept until the index
             # has the new one: a failed commit puts it back, nothing acknowledged is lost
             kept = self.files.keep(relative)
             self.files.commit(tmp_file, relative)
             try:
-                if existing is None:
-                    existing = Instance(sop_instance_uid=header.sop_instance_uid)
-                    session.add(existing)
-                else:
-                    LOG.warning("instance %d re-sent with different content: replacing it",
-                                existing.id)
-                    existing.times_received += 1
-                existing.series = series
-                existing.sop_class_uid = header.sop_class_uid
-                existing.transfer_syntax_uid = header.transfer_syntax_uid
-                for key, value in header.instance.items():
-                    setattr(existing, key, value)
-                existing.calling_ae_title = calling_ae_title
-                existing.received_at = now
-                existing.file_path = relative.as_posix()
-                existing.file_size = size
+                stale = self._fill(session, existing, series, header, relative, size,
+                                   calling_ae_title, now)
                 session.commit()
             except SQLAlchemyError:
                 session.rollback()
@@ -201,10 +292,176 @@ class InstanceStore:
             finally:
                 if kept is not None:
                     kept.unlink(missing_ok=True)
-            if previous is not None and previous != relative:
-                self.files.remove(previous)  # the replaced version lived elsewhere
-            return IngestResult(series.study_pk, series.id, existing.id,
+            if stale is not None:
+                self.files.remove(stale)  # the replaced version lived elsewhere
+            instance = session.scalars(
+                select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
+            ).one()
+            return IngestResult(series.study_pk, series.id, instance.id,
                                 IngestOutcome.STORED if created else IngestOutcome.REPLACED)
+
+    def _fill(self, session: Session, existing: Instance | None, series: Series,
+              header: InstanceHeader, relative: Path, size: int, calling_ae_title: str,
+              now: dt.datetime) -> Path | None:
+        """Write the row of an instance whose file is in place at ``relative``; returns the
+        previous file of a replaced instance stored elsewhere (to remove once committed)."""
+        stale: Path | None = None
+        if existing is None:
+            existing = Instance(sop_instance_uid=header.sop_instance_uid)
+            session.add(existing)
+        else:
+            LOG.warning("instance %d re-sent with different content: replacing it",
+                        existing.id)
+            existing.times_received += 1
+            if existing.file_path != relative.as_posix():
+                stale = Path(existing.file_path)
+        existing.series = series
+        existing.sop_class_uid = header.sop_class_uid
+        existing.transfer_syntax_uid = header.transfer_syntax_uid
+        for key, value in header.instance.items():
+            setattr(existing, key, value)
+        existing.calling_ae_title = calling_ae_title
+        existing.received_at = now
+        existing.file_path = relative.as_posix()
+        existing.file_size = size
+        return stale
+
+    # -------------------------------------------------------------- the index writer's
+
+    def write_batch(self, batch: list[Pending]) -> list[IngestResult]:
+        """Write the rows of ``batch`` (files already durable in place) in one transaction;
+        the results in the order of ``batch``. Called by the index writer only.
+
+        Raises:
+            SQLAlchemyError: nothing of the batch was written.
+        """
+        stale: list[Path] = []
+        with self._lock, self.index.session() as session:
+            try:
+                results = self._write_rows(session, batch, stale)
+                session.commit()
+            except BaseException:
+                session.rollback()
+                self._series_keys.clear()
+                raise
+        for relative in stale:
+            self.files.remove(relative)
+        return results
+
+    def _write_rows(self, session: Session, batch: list[Pending],
+                    stale: list[Path]) -> list[IngestResult]:
+        uids = [item.header.sop_instance_uid for item in batch]
+        indexed = set(session.scalars(
+            select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(uids))))
+        fast = [item for item in batch if item.header.sop_instance_uid not in indexed
+                and item.header.series_instance_uid in self._series_keys]
+        fast = self._check_keys(session, fast, batch[0].received_at)
+        results: dict[int, IngestResult] = {}
+        if fast:
+            self._insert_fast(session, fast, results)
+        for item in batch:
+            if id(item) not in results:
+                results[id(item)] = self._write_slow(session, item, stale)
+        return [results[id(item)] for item in batch]
+
+    def _check_keys(self, session: Session, fast: list[Pending], now: dt.datetime
+                    ) -> list[Pending]:
+        """Mark each cached series dirty and received now, keeping the instances of those
+        whose cached keys still hold (a series deleted or moved since is forgotten)."""
+        valid: set[str] = set()
+        for uid in {item.header.series_instance_uid for item in fast}:
+            series_pk, study_pk = self._series_keys[uid]
+            done = session.execute(
+                update(Series).where(and_(Series.id == series_pk,
+                                          Series.series_instance_uid == uid,
+                                          Series.study_pk == study_pk))
+                .values(geometry_dirty=True, last_received_at=now)
+                .execution_options(synchronize_session=False))
+            if getattr(done, "rowcount", 0) == 1:
+                valid.add(uid)
+            else:
+                del self._series_keys[uid]
+        return [item for item in fast if item.header.series_instance_uid in valid]
+
+    def _insert_fast(self, session: Session, fast: list[Pending],
+                     results: dict[int, IngestResult]) -> None:
+        """Core statements for instances of series whose keys are cached."""
+        rows: list[dict[str, Any]] = []
+        for item in fast:
+            header = item.header
+            series_pk, _ = self._series_keys[header.series_instance_uid]
+            rows.append({
+                "sop_instance_uid": header.sop_instance_uid, "series_pk": series_pk,
+                "sop_class_uid": header.sop_class_uid,
+                "transfer_syntax_uid": header.transfer_syntax_uid, **header.instance,
+                "calling_ae_title": item.calling_ae_title, "received_at": item.received_at,
+                "file_path": item.relative.as_posix(), "file_size": item.size,
+                "times_received": 1,
+            })
+        table = _INSTANCE
+        ids = list(session.execute(
+            insert(table).returning(table.c.id, sort_by_parameter_order=True), rows).scalars())
+        # descriptive values a later instance of a series brings where the series lacked them
+        fills: dict[tuple[int, tuple[tuple[str, Any], ...]], None] = {}
+        for item in fast:
+            values = tuple((k, v) for k, v in item.header.series.items() if v is not None)
+            if values:
+                fills[(self._series_keys[item.header.series_instance_uid][0], values)] = None
+        for series_pk, values in fills:
+            columns = _SERIES.c
+            session.execute(update(_SERIES).where(columns.id == series_pk).values(
+                {k: func.coalesce(columns[k], v) for k, v in values}))
+        studies = {self._series_keys[i.header.series_instance_uid][1] for i in fast}
+        now = fast[-1].received_at
+        study = _STUDY.c
+        session.execute(update(_STUDY).where(study.id.in_(studies))
+                        .values(last_received_at=now))
+        complete = list(session.scalars(
+            select(study.id).where(and_(study.id.in_(studies),
+                                        study.state == StudyState.COMPLETE))))
+        if complete:
+            session.execute(
+                update(_STUDY).where(and_(study.id.in_(complete),
+                                          study.state == StudyState.COMPLETE))
+                .values(state=StudyState.RECEIVING, reopened_count=study.reopened_count + 1,
+                        completed_at=None))
+            for study_pk in complete:
+                audit.record(session, audit.EventKind.STUDY_REOPENED, study_pk=study_pk)
+            LOG.info("%d study(ies) re-opened by a late instance", len(complete))
+        for item, instance_pk in zip(fast, ids, strict=True):
+            series_pk, study_pk = self._series_keys[item.header.series_instance_uid]
+            results[id(item)] = IngestResult(study_pk, series_pk, instance_pk,
+                                             IngestOutcome.STORED)
+
+    def _write_slow(self, session: Session, item: Pending, stale: list[Path]) -> IngestResult:
+        """The ORM path: the first instance of a series, or an instance indexed already."""
+        header = item.header
+        now = item.received_at
+        existing = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
+        ).one_or_none()
+        if existing is not None and existing.file_path != item.relative.as_posix():
+            old = self.files.root / existing.file_path
+            if old.is_file() and filecmp.cmp(old, self.files.root / item.relative,
+                                              shallow=False):
+                existing.times_received += 1  # identical: the copy received now goes
+                series = existing.series
+                series.study.last_received_at = now
+                stale.append(item.relative)
+                return IngestResult(series.study_pk, series.id, existing.id,
+                                        IngestOutcome.DUPLICATE)
+        series = self._series(session, header, now)
+        created = existing is None
+        old_file = self._fill(session, existing, series, header, item.relative, item.size,
+                              item.calling_ae_title, now)
+        if old_file is not None:
+            stale.append(old_file)
+        session.flush()
+        instance = session.scalars(
+            select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)).one()
+        self._series_keys[header.series_instance_uid] = (series.id, series.study_pk)
+        return IngestResult(series.study_pk, series.id, instance.id,
+                            IngestOutcome.STORED if created else IngestOutcome.REPLACED)
 
     def _series(self, session: Session, header: InstanceHeader, now: dt.datetime) -> Series:
         series = session.scalars(

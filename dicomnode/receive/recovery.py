@@ -1,9 +1,13 @@
 """Start-up recovery: index stored files whose index row was never committed.
 
-A file reaches ``instances/`` only when complete and fsynced; a crash between
-that rename and the index commit leaves a whole file without a row. Such a
-file was never acknowledged, but it is complete, so it is indexed rather than
-lost. The scan compares the store's file list with the index.
+Success is answered once an instance's file and folder entry are durable; its index row
+follows from the background index writer (:mod:`dicomnode.receive.indexer`). A crash
+(or kill -9, or power loss) between the two, or an index write the writer gave up on,
+leaves a whole, acknowledged file without a row: it is indexed here, at every start,
+so nothing acknowledged is lost. A new file is renamed into ``instances/`` just before
+its fsync (see :meth:`dicomnode.store.files.InstanceFiles.commit`), so a crash can also
+leave an incomplete file there that was never acknowledged: it does not parse, and is
+moved aside to ``unindexable/``. The scan compares the store's file list with the index.
 """
 
 from __future__ import annotations

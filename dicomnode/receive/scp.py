@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import A_RELEASE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.completion import AssociationActivity
@@ -47,7 +49,7 @@ from dicomnode.receive.guard import (
     GuardLimits,
     start_guarded_server,
 )
-from dicomnode.receive.ingest import InstanceStore, StoreFailure
+from dicomnode.receive.ingest import IngestResult, InstanceStore, StoreFailure
 from dicomnode.receive.spool import ReceiveFiles
 from dicomnode.states import IngestOutcome
 
@@ -56,6 +58,9 @@ __all__ = ["StorageSCP"]
 LOG = logging.getLogger(__name__)
 
 STATUS_PROCESSING_FAILURE = Status.PROCESSING_FAILURE
+#: Longest a release (and the end of an association) waits for the index writer to write
+#: the rows of what was received (seconds); the rows are written later otherwise.
+RELEASE_FLUSH_SECONDS = 5.0
 
 # A-ASSOCIATE-RJ source 3 (service provider, presentation), reason 2: local limit exceeded
 _LOCAL_LIMIT_EXCEEDED = (0x03, 0x02)
@@ -96,8 +101,9 @@ class StorageSCP:
 
     Args:
         node: the node's AE title, address and association limits.
-        store: where received instances go; Success is answered only after
-            :meth:`InstanceStore.ingest` returns.
+        store: where received instances go; Success is answered once
+            :meth:`InstanceStore.receive` returns (the instance is durable; its index row
+            follows from the store's writer, and is written before a release is answered).
         policy: which peers may associate.
         activity: records which open association delivered to which study.
         on_refused: called with the kind of each refused association (one of
@@ -241,12 +247,18 @@ class StorageSCP:
             LOG.warning("C-STORE from %s refused with 0x%04X: %s", calling,
                         Status.OUT_OF_RESOURCES, received.refused)
             return _status(Status.OUT_OF_RESOURCES, "out of resources: disk reserve")
+        association = id(assoc)
+
+        def indexed(result: IngestResult) -> None:  # in the index writer's thread
+            self.activity.touch(association, result.study_pk)
+
         try:
-            result = self.store.ingest(
+            outcome = self.store.receive(
                 path,
                 calling_ae_title=str(assoc.requestor.ae_title),
                 expected_sop_instance_uid=str(
                     cast(C_STORE, event.request).AffectedSOPInstanceUID or ""),
+                on_indexed=indexed,
             )
         except StoreFailure as exc:
             self._count(IngestOutcome.FAILED)
@@ -259,11 +271,19 @@ class StorageSCP:
         finally:
             if received is not None:
                 received.discard()  # gone already when stored (moved into the store)
-        self.activity.touch(id(assoc), result.study_pk)
-        self._count(result.outcome)
+        self._count(outcome)
         return int(Status.SUCCESS)
 
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        # a peer asks to release: its instances are all indexed before the A-RELEASE-RP
+        primitive = getattr(event, "primitive", None)
+        if isinstance(primitive, A_RELEASE) and primitive.result is None:
+            self.store.writer.flush(RELEASE_FLUSH_SECONDS)
+
     def _on_closed(self, event: evt.Event) -> None:
+        # the rows of what it delivered are written (their studies marked busy) before
+        # the association stops counting as busy
+        self.store.writer.flush(RELEASE_FLUSH_SECONDS)
         with self._counter_lock:
             self._raw_titles.pop(id(event.assoc), None)
         # the temporary files of transfers this association left unfinished go at once
@@ -281,6 +301,7 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_CONN_CLOSE, self._on_closed),
@@ -288,8 +309,10 @@ class StorageSCP:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start listening on ``node.host:node.port`` in background threads."""
+    def start(self, *, listen_socket: socket.socket | None = None) -> None:
+        """Start listening on ``node.host:node.port`` in background threads (or accepting
+        from ``listen_socket``, bound and listening already, shared with other receiver
+        processes: see :mod:`dicomnode.receive.processes`)."""
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False
         tempfile.tempdir = str(self.store.files.tmp)
@@ -307,7 +330,7 @@ class StorageSCP:
             self.node.tls, handshake_timeout=self.node.network_timeout_seconds)
         self.server = start_guarded_server(
             self.ae, (self.node.host, self.node.port), guard=self.guard,
-            evt_handlers=self.handlers, ssl_context=tls)
+            evt_handlers=self.handlers, ssl_context=tls, listen_socket=listen_socket)
         LOG.info("listening as %s on %s:%d%s", self.node.ae_title, self.node.host, self.node.port,
                  "" if tls is None else " (DICOM TLS)")
 
@@ -326,4 +349,5 @@ class StorageSCP:
             return
         server.stop(grace_seconds)
         self.server = None
+        self.store.writer.stop()
         LOG.info("stopped listening")

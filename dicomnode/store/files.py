@@ -5,9 +5,13 @@ Layout under ``storage.path``::
     instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
     tmp/                       (files being received; emptied at start and stop)
 
-A file enters ``instances/`` only by an atomic rename of a complete, fsynced
-temporary file, followed by an fsync of the directory, so a crash leaves
-either the whole file or nothing there. This is the only place where file
+A file enters ``instances/`` by an atomic rename of a complete temporary file,
+fsynced before the rename (or, for a new file, right after it: see
+:meth:`InstanceFiles.commit`), followed by an fsync of the directory (not needed
+after a new file's fsync on ext4, XFS and Btrfs); it is acknowledged only once
+they returned, so a crash loses nothing
+acknowledged, and leaves at most an incomplete, never acknowledged new file,
+which recovery moves aside. This is the only place where file
 names carry DICOM identifiers (UIDs, never names or patient IDs).
 """
 
@@ -21,7 +25,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["InstanceFiles", "fsync_dir", "write_atomic", "write_temporary"]
+__all__ = ["RENAME_DURABLE_WITH_FILE", "InstanceFiles", "file_fsync_commits_rename",
+           "fsync_dir", "mount_type", "write_atomic", "write_temporary"]
 
 LOG = logging.getLogger(__name__)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -37,6 +42,9 @@ class InstanceFiles:
         self.fsync = fsync
         self.instances.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        #: whether fsync of a file renamed just before also makes the rename (and the
+        #: folders made before it) durable: see :func:`file_fsync_commits_rename`
+        self.rename_durable_with_file = file_fsync_commits_rename(self.instances)
 
     def free_bytes(self) -> int:
         """Free bytes on the file system holding the store."""
@@ -55,23 +63,34 @@ class InstanceFiles:
                 raise ValueError(f"{name} is not a valid UID (digits and dots, at most 64)")
         return Path("instances") / study_uid / series_uid / f"{sop_uid}.dcm"
 
-    def commit(self, tmp_file: Path, relative: Path) -> Path:
+    def commit(self, tmp_file: Path, relative: Path, *, new: bool = False) -> Path:
         """Durably move a complete temporary file to its place in the store.
 
         The file is fsynced, renamed over any previous version atomically, and
         the directory entry is fsynced. Returns the absolute destination.
+
+        With ``new`` (the caller has checked that nothing is stored at ``relative``) the
+        file is renamed first and fsynced in its place, then its folder: on a journaling
+        file system the rename, the file's blocks and its inode then go in one journal
+        commit (the folder's fsync finds nothing left to write) instead of two. The file
+        is durable once this returns, as in the other order (on ext4, XFS and Btrfs the
+        file's fsync also commits its rename and new folders, so the folders are not
+        fsynced again: see :func:`file_fsync_commits_rename`); a crash before that can
+        leave an incomplete file at ``relative``, which was never acknowledged: recovery
+        at start finds that it does not parse and moves it aside. Never used to replace
+        a file (a crash could then lose the previous, acknowledged version).
         """
         dest = self.root / relative
         new_dirs = not dest.parent.is_dir()
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if self.fsync:
-            fd = os.open(tmp_file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if self.fsync and not new:
+            _fsync_file(tmp_file)
         os.replace(tmp_file, dest)
         if self.fsync:
+            if new:
+                _fsync_file(dest)
+                if self.rename_durable_with_file:
+                    return dest  # that fsync committed the rename and new folders too
             fsync_dir(dest.parent)
             if new_dirs:
                 fsync_dir(dest.parent.parent)
@@ -118,6 +137,49 @@ class InstanceFiles:
         """Every stored instance file, relative to the store root."""
         for path in self.instances.rglob("*.dcm"):
             yield path.relative_to(self.root)
+
+
+#: File systems on which fsync of a file commits every metadata change made before it
+#: that touched the file, its rename included: ext4 (jbd2 commits its transactions in
+#: order; the rename updates the renamed inode, so the file's fsync waits for the rename's
+#: transaction), XFS (the log is forced up to the inode's last change, the rename's), Btrfs
+#: (its fsync log records the inode's new name).
+RENAME_DURABLE_WITH_FILE = frozenset({"ext4", "xfs", "btrfs"})
+
+
+def mount_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the file system holding ``path`` (from ``/proc/self/mounts``, or
+    ``mounts`` in that format); None when unknown."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return None
+    target = os.path.realpath(path)
+    best: tuple[int, str] | None = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > best[0]):
+            best = (len(point), fields[2])
+    return None if best is None else best[1]
+
+
+def file_fsync_commits_rename(path: Path, mounts: str | None = None) -> bool:
+    """Whether the file system holding ``path`` is one of
+    :data:`RENAME_DURABLE_WITH_FILE` (elsewhere folders are fsynced after renames)."""
+    return mount_type(path, mounts) in RENAME_DURABLE_WITH_FILE
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path, *, missing_ok: bool = False) -> None:

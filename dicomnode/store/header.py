@@ -15,16 +15,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from dicomnode.dicom.header import ImageHeader
+from dicomnode.dicom.rawvalues import Unsupported, read_values
 from dicomnode.dicom.status import Status
 
-__all__ = ["HeaderError", "InstanceHeader", "read_header"]
+__all__ = ["HeaderError", "InstanceHeader", "read_header", "read_header_pydicom"]
 
 #: What an instance may state about the size of its series (see
 #: :func:`dicomnode.completion.stated_size`): index key <- DICOM keyword.
@@ -163,6 +164,11 @@ def _size_hints(ds: Dataset) -> dict[str, Any] | None:
 def read_header(path: Path) -> InstanceHeader:
     """Parse the header of a stored DICOM file (pixel data is not read).
 
+    Common instances are read by :func:`dicomnode.dicom.rawvalues.read_values` (no pydicom
+    Dataset is built); anything it does not read for certain by
+    :func:`read_header_pydicom`. Both give the same header (tests/test_header_readers.py
+    compares them on every file of the test corpus and of pydicom's test files).
+
     Raises:
         HeaderError: status 0xC001 when the dataset cannot be parsed, 0xC002
             when Study, Series or SOP Instance UID is missing, 0xC003 when one of them
@@ -170,6 +176,15 @@ def read_header(path: Path) -> InstanceHeader:
             characters, or PatientID, IssuerOfPatientID, AccessionNumber or StudyID is
             longer than its VR allows.
     """
+    try:
+        values = read_values(path, _KEYWORDS)
+    except (Unsupported, OSError):
+        return read_header_pydicom(path)
+    return _header(cast(Dataset, values), values.transfer_syntax_uid)
+
+
+def read_header_pydicom(path: Path) -> InstanceHeader:
+    """:func:`read_header` with pydicom for every file (the reference reader)."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
         # force decoding of the values now, so a malformed element fails here
@@ -179,7 +194,10 @@ def read_header(path: Path) -> InstanceHeader:
     except Exception as exc:
         raise HeaderError(f"dataset cannot be parsed: {type(exc).__name__}",
                           Status.CANNOT_UNDERSTAND_PARSE) from None
+    return _header(ds, transfer_syntax)
 
+
+def _header(ds: Dataset, transfer_syntax: str) -> InstanceHeader:
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                            "SOPClassUID") if not _text(ds, k)]
     if missing:

@@ -11,8 +11,8 @@ hold all instances afterwards.
 Receivers:
 
 * ``dicomnode``: ``python -m dicomnode serve`` with its default, fully durable storage
-  (each file and its folder fsynced, one SQLite WAL commit with synchronous=FULL per
-  instance, all before Success is answered).
+  (each file and its folder fsynced before Success is answered; the index rows written
+  by one background writer, one SQLite WAL commit with synchronous=FULL per batch).
 * ``storescp``: DCMTK's ``/usr/bin/storescp +xa -od DIR`` (writes files, no fsync).
 * ``orthanc``: ``/usr/sbin/Orthanc`` with its default storage (SyncStorageArea:
   fdatasync of each file, not of its folder; SQLite index in WAL mode with
@@ -20,7 +20,9 @@ Receivers:
 * ``bare``: a minimal pynetdicom SCP (this script with ``--bare-scp``) whose C-STORE
   handler only writes ``event.encoded_dataset()`` to a file (no fsync, no index).
 
-The sender is pynetdicom in this process, streaming the files from disk
+The sender is DCMTK's ``/usr/bin/storescu`` by default (``--associations N``: N storescu
+processes at once, each with every N-th file over its own association); ``--sender
+pynetdicom`` sends from this process instead, streaming the files from disk
 (``STORE_SEND_CHUNKED_DATASET``) with TCP_NODELAY on its socket. Maximum PDU sizes are
 each receiver's default unless ``--max-pdu`` is given.
 
@@ -64,11 +66,15 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 ROOT = Path(__file__).resolve().parents[2]
 STORESCP = Path("/usr/bin/storescp")  # a pip package shadows DCMTK's storescp on PATH
+STORESCU = Path("/usr/bin/storescu")  # DCMTK's sender, not pynetdicom's storescu on PATH
+SENDERS = ("storescu", "pynetdicom")
 ORTHANC = Path("/usr/sbin/Orthanc")
 SENDER_AET = "BENCHSCU"
 RECEIVERS = ("dicomnode", "storescp", "orthanc", "bare")
-TARGETS = {"orthanc": 1.0, "bare": 0.8}  # dicomnode must reach this fraction of each
+TARGETS = {"orthanc": 1.0, "bare": 1.0}  # dicomnode must reach this fraction of each
+TARGETS_CONCURRENT = {"orthanc": 0.8}  # the same with --associations > 1
 START_TIMEOUT = 60.0
+RECEIVE_PROCESSES = 1  # dicomnode's node.receive_processes (--receive-processes)
 DIMSE_TIMEOUT = 60.0  # seconds one C-STORE response may take before the run fails
 
 # -------------------------------------------------------------------------- helpers
@@ -101,11 +107,47 @@ def proc_status_kib(pid: int, key: str) -> int:
     raise KeyError(key)
 
 
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its descendants (dicomnode's receiver processes, with
+    ``--receive-processes``)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
 def proc_cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process (all its threads) from /proc/PID/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    """User plus system CPU time of a process and its descendants (all threads) from
+    /proc/PID/stat."""
+    ticks = 0
+    for one in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_peak_rss_mib(pid: int) -> float:
+    """The largest peak resident set size (VmHWM) of a process and its descendants."""
+    peaks = []
+    for one in tree_pids(pid):
+        try:
+            peaks.append(proc_status_kib(one, "VmHWM") / 1024)
+        except (OSError, KeyError):
+            continue
+    return max(peaks)
 
 
 def self_cpu_seconds() -> float:
@@ -205,13 +247,16 @@ class Receiver(ABC):
 class Dicomnode(Receiver):
     name = "dicomnode"
     called_aet = "DICOMNODE"
-    storage = "fsync file + dir, SQLite WAL synchronous=FULL commit per instance"
+    storage = ("fsync file + dir before Success; index rows by one background writer, "
+               "one SQLite WAL synchronous=FULL commit per batch")
 
     def command(self) -> list[str]:
         node: dict[str, Any] = {"ae_title": self.called_aet, "host": "127.0.0.1",
                                 "port": self.port}
         if self.max_pdu is not None:
             node["maximum_pdu_size"] = self.max_pdu
+        if RECEIVE_PROCESSES > 1:
+            node["receive_processes"] = RECEIVE_PROCESSES
         config = {
             "node": node,
             "storage": {"path": str(self.workdir / "store")},
@@ -357,6 +402,9 @@ class Repetition:
     sender_cpu_s: float  # this process's CPU time while sending
     peak_rss_mib: float  # receiver's VmHWM, read before it is stopped
     acceptor_max_pdu: int  # the receiver's maximum PDU length, as it announced it
+    load_1min: float = 0.0  # the machine's 1-minute load average after the repetition
+    sender: str = "pynetdicom"
+    associations: int = 1
 
 
 def send_series(receiver: Receiver, paths: list[Path], total_bytes: int) -> Repetition:
@@ -401,8 +449,48 @@ def send_series(receiver: Receiver, paths: list[Path], total_bytes: int) -> Repe
         latency_ms_p50=1e3 * statistics.median(latencies),
         latency_ms_p99=1e3 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
         receiver_cpu_s=cpu_receiver, sender_cpu_s=cpu_sender,
-        peak_rss_mib=proc_status_kib(receiver.pid, "VmHWM") / 1024,
+        peak_rss_mib=tree_peak_rss_mib(receiver.pid),
         acceptor_max_pdu=int(assoc.acceptor.maximum_length or 0),
+    )
+
+
+def send_storescu(receiver: Receiver, paths: list[Path], total_bytes: int,
+                  associations: int) -> Repetition:
+    """Send the files with DCMTK ``storescu``: ``associations`` processes at once, each a
+    contiguous share of the series over one association; check the stored count."""
+    shares = [paths[k::associations] for k in range(associations)]
+    cpu_receiver = proc_cpu_seconds(receiver.pid)
+    before = os.times()
+    start = time.perf_counter()
+    procs = [subprocess.Popen(
+        [str(STORESCU), "-aet", SENDER_AET, "-aec", receiver.called_aet, "-xs",
+         "127.0.0.1", str(receiver.port), *map(str, share)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env())
+        for share in shares if share]
+    failures = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=DIMSE_TIMEOUT * 10)
+        if proc.returncode != 0:
+            failures.append(err.decode(errors="replace")[-500:])
+    seconds = time.perf_counter() - start
+    after = os.times()
+    cpu_receiver = proc_cpu_seconds(receiver.pid) - cpu_receiver
+    if failures:
+        raise RuntimeError(f"{receiver.name}: storescu failed: {failures[0]}")
+    stored = receiver.count()
+    if stored != len(paths):
+        raise RuntimeError(f"{receiver.name} holds {stored} instances, {len(paths)} were sent")
+    megabytes = total_bytes / 1e6
+    sender_cpu = (after.children_user + after.children_system
+                  - before.children_user - before.children_system)
+    return Repetition(
+        seconds=seconds, instances=len(paths), megabytes=megabytes,
+        instances_per_s=len(paths) / seconds, mb_per_s=megabytes / seconds,
+        latency_ms_p50=1e3 * seconds * associations / len(paths), latency_ms_p99=0.0,
+        receiver_cpu_s=cpu_receiver, sender_cpu_s=sender_cpu,
+        peak_rss_mib=tree_peak_rss_mib(receiver.pid),
+        acceptor_max_pdu=0, load_1min=os.getloadavg()[0], sender="storescu",
+        associations=associations,
     )
 
 
@@ -501,7 +589,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             receiver = RECEIVER_CLASSES[name](rundir, args.max_pdu)
             try:
                 receiver.start()
-                result = send_series(receiver, paths, total_bytes)
+                if args.sender == "storescu":
+                    result = send_storescu(receiver, paths, total_bytes, args.associations)
+                else:
+                    if args.associations != 1:
+                        raise SystemExit("--associations needs --sender storescu")
+                    result = send_series(receiver, paths, total_bytes)
+                    result.load_1min = os.getloadavg()[0]
             except Exception:
                 print(f"--- {name} log:\n{receiver.log_tail()}", file=sys.stderr)
                 raise
@@ -512,7 +606,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             print(f"  round {rep} {name:<10} {result.instances_per_s:7.1f} inst/s "
                   f"{result.mb_per_s:7.1f} MB/s  ({result.seconds:.2f} s, "
                   f"receiver CPU {result.receiver_cpu_s:.2f} s, "
-                  f"sender CPU {result.sender_cpu_s:.2f} s)", flush=True)
+                  f"sender CPU {result.sender_cpu_s:.2f} s, peak RSS "
+                  f"{result.peak_rss_mib:.0f} MiB, load {result.load_1min:.2f})", flush=True)
 
     ratios = {}
     if "dicomnode" in summaries:
@@ -526,12 +621,18 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                    "transfer_syntax": "1.2.840.10008.1.2.1", "bytes": total_bytes},
         "repeat": args.repeat,
         "max_pdu": args.max_pdu,
+        "sender": args.sender,
+        "associations": args.associations,
+        "receive_processes": args.receive_processes,
         "receivers": {
             name: {
                 "storage": s.storage,
                 "instances_per_s": s.stat("instances_per_s"),
                 "mb_per_s": s.stat("mb_per_s"),
                 "peak_rss_mib": max(r.peak_rss_mib for r in s.repetitions),
+                "receiver_cpu_ms_per_instance": s.stat("receiver_cpu_s")["median"]
+                * 1e3 / len(paths),
+                "load_1min": s.stat("load_1min"),
                 "repetitions": [asdict(r) for r in s.repetitions],
             }
             for name, s in summaries.items()
@@ -539,7 +640,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "ratios_dicomnode_to": ratios,
         "targets": {other: {"ratio": ratios[other], "target": target,
                             "met": ratios[other] >= target}
-                    for other, target in TARGETS.items() if other in ratios},
+                    for other, target in (TARGETS if args.associations == 1
+                                          else TARGETS_CONCURRENT).items()
+                    if other in ratios},
     }
     print_table(report)
     return report
@@ -598,6 +701,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="repetitions per receiver")
     parser.add_argument("--slices", type=int, default=300, help="instances in the series")
     parser.add_argument("--rows", type=int, default=512, help="rows = columns of each slice")
+    parser.add_argument("--sender", choices=SENDERS, default="storescu",
+                        help="DCMTK storescu (default) or pynetdicom in this process")
+    parser.add_argument("--associations", type=int, default=1,
+                        help="concurrent storescu associations, each a share of the series")
+    parser.add_argument("--receive-processes", type=int, default=1,
+                        help="dicomnode's node.receive_processes (receiver processes)")
     parser.add_argument("--receivers", nargs="+", choices=RECEIVERS, default=list(RECEIVERS))
     parser.add_argument("--max-pdu", type=int, default=None,
                         help="receivers' maximum PDU length (default: each one's own)")
@@ -613,6 +722,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.repeat < 1 or args.slices < 1 or args.rows < 1:
         parser.error("--repeat, --slices and --rows must be positive")
+    global RECEIVE_PROCESSES
+    RECEIVE_PROCESSES = args.receive_processes
 
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # readiness polls fail noisily
     _config.STORE_SEND_CHUNKED_DATASET = True

@@ -1,0 +1,106 @@
+"""The adaptation of pynetdicom's receive loop (dicomnode/receive/guard.py): PDUs read whole,
+DUL and acceptor threads woken by events instead of polling with 1 ms sleeps. Real
+associations to a guarded server; real sockets."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomnode.receive.guard import (
+    ConnectionGuard,
+    GuardedAssociationServer,
+    GuardLimits,
+    _EventDUL,
+    _GuardedSocket,
+    start_guarded_server,
+)
+
+LIMITS = GuardLimits(association_request_timeout_seconds=5, network_timeout_seconds=10,
+                     maximum_pending_connections=8, maximum_pending_connections_per_address=8,
+                     maximum_associations=8, maximum_associations_per_address=8,
+                     maximum_pdu_length=1 << 20)
+
+
+def _server() -> GuardedAssociationServer:
+    ae = AE(ae_title="LOOPSCP")
+    ae.add_supported_context(Verification)
+    return start_guarded_server(ae, ("127.0.0.1", 0), guard=ConnectionGuard(LIMITS),
+                                evt_handlers=[(evt.EVT_C_ECHO, lambda event: 0x0000)])
+
+
+def _associate(port: int) -> Any:
+    ae = AE(ae_title="LOOPSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="LOOPSCP")
+    assert assoc.is_established
+    return assoc
+
+
+def test_recv_reads_a_whole_pdu_and_what_came_before_a_close() -> None:
+    left, right = socket.socketpair()
+    try:
+        guarded = _GuardedSocket.__new__(_GuardedSocket)
+        guarded.socket = left
+        body = bytes(range(256)) * 4096  # 1 MiB
+        sender = threading.Thread(target=right.sendall, args=(body,))
+        sender.start()
+        assert guarded._recv_whole(len(body)) == body
+        sender.join()
+        right.sendall(b"abc")
+        right.close()
+        assert guarded._recv_whole(10) == b"abc"  # the peer closed: what arrived
+    finally:
+        left.close()
+
+
+def test_the_scps_dul_is_event_driven_and_an_idle_association_barely_wakes() -> None:
+    server = _server()
+    try:
+        assoc = _associate(int(server.server_address[1]))
+        try:
+            (theirs,) = server.guard.associated()
+            dul = theirs.dul
+            assert isinstance(dul, _EventDUL) and dul._run_loop_delay == 0
+            passes = [0]
+            original = dul._is_transport_event
+
+            def counted() -> bool:
+                passes[0] += 1
+                return original()
+
+            dul._is_transport_event = counted  # type: ignore[method-assign]
+            time.sleep(1.0)
+            # pynetdicom's loop makes ~1000 passes a second when idle (1 ms sleeps)
+            assert passes[0] < 200, f"{passes[0]} reactor passes in 1 s while idle"
+            # and it still answers at once
+            started = time.perf_counter()
+            for _ in range(20):
+                assert int(assoc.send_c_echo().Status) == 0
+            assert time.perf_counter() - started < 2.0
+        finally:
+            assoc.release()
+    finally:
+        server.stop(0)
+
+
+def test_release_and_abort_still_end_an_event_driven_association() -> None:
+    server = _server()
+    try:
+        port = int(server.server_address[1])
+        released = _associate(port)
+        released.release()
+        aborted = _associate(port)
+        aborted.abort()
+        deadline = time.monotonic() + 5
+        while server.guard.associated() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not server.guard.associated()
+        assert released.is_released and aborted.is_aborted
+    finally:
+        server.stop(0)
