@@ -252,6 +252,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     def sender() -> None:
         ae = AE(ae_title="TESTSCU")
         ae.add_requested_context(CTImageStorage, pydicom.uid.ExplicitVRLittleEndian)
+        ae.network_timeout = ae.dimse_timeout = ae.acse_timeout = 20  # a silent peer fails
         assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
         try:
             for path in files:
