@@ -9,6 +9,7 @@ together with its data.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -159,6 +160,29 @@ class NodeConfig(_Section):
         64, ge=1, le=1000, description="connections not (yet) associated, in all")
     maximum_pending_connections_per_address: int = Field(
         8, ge=1, le=1000, description="connections not (yet) associated, per source address")
+    id: str | None = Field(
+        None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$",
+        description="this node's name among the nodes sharing the index (owner of its claims; "
+        "null: the host name); unique per running process")
+    lease_seconds: float = Field(
+        60.0, ge=1, le=86400, description="a claim (running job, item being sent) a node "
+        "stops renewing is taken over by another node this many seconds later")
+    heartbeat_seconds: float = Field(
+        10.0, gt=0, le=3600, description="how often a node renews its claims and says it is "
+        "alive (dicomnode status); less than half of lease_seconds")
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> NodeConfig:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds:g}) must be at most half of "
+                f"lease_seconds ({self.lease_seconds:g}): a claim would lapse between renewals")
+        return self
+
+    @property
+    def node_id(self) -> str:
+        """``id``, or the host name when none is set."""
+        return self.id or socket.gethostname()
 
 
 class PeerConfig(_Section):
@@ -282,7 +306,8 @@ class InferenceConfig(_Section):
 class PipelineConfig(_Section):
     """Jobs: worker processes that run models, and how often a failing job is tried."""
 
-    workers: int = Field(1, ge=1, le=64, description="worker processes (spawned)")
+    workers: int = Field(1, ge=0, le=64, description="worker processes (spawned); 0: this "
+                         "node runs no jobs (receive only), `dicomnode worker` nodes do")
     max_attempts: int = Field(3, ge=1, le=100)
     check_interval_seconds: float = Field(0.5, gt=0, le=60)
 

@@ -11,6 +11,12 @@ Re-sending an instance (same SOP Instance UID) is idempotent:
   received wins, as when a modality re-sends a corrected image), the index
   row is updated, and a warning is logged. The study is re-opened if it had
   been completed, so later stages see the change.
+
+Several nodes sharing the index and the storage root may receive the same instance (or
+the first instances of the same series, study or patient) at the same moment. The index's
+unique keys decide: the node whose insert loses (``IntegrityError``) rolls back and stores
+again, now finding the other node's rows. The file's place is a function of its UIDs, so
+both wrote the same file (the last rename wins) and neither removes it.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicomnode.dicom.status import Status
@@ -45,6 +51,9 @@ STATUS_INDEX_UNAVAILABLE = Status.OUT_OF_RESOURCES_INDEX_UNAVAILABLE
 STATUS_INVALID_UID = Status.CANNOT_UNDERSTAND_INVALID_UID
 STATUS_UID_MISMATCH = Status.CANNOT_UNDERSTAND_UID_MISMATCH
 STATUS_SOP_CLASS_MISMATCH = Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+
+#: How often an ingest that lost a race on a unique key to another node stores again.
+_RACE_RETRIES = 3
 
 DEFAULT_MAX_INFLATED_BYTES = 1 << 30
 """Largest inflated size of a deflated dataset (1 GiB): ``storage.max_inflated_bytes``."""
@@ -133,11 +142,25 @@ class InstanceStore:
             raise StoreFailure(str(exc), STATUS_INVALID_UID) from None
 
         with self._lock:
-            try:
-                return self._store(tmp_file, relative, size, header, calling_ae_title)
-            except SQLAlchemyError as exc:
-                LOG.error("index write failed: %s", type(exc).__name__)
-                raise StoreFailure("index unavailable", STATUS_INDEX_UNAVAILABLE) from None
+            for attempt in range(_RACE_RETRIES + 1):
+                try:
+                    return self._store(tmp_file, relative, size, header, calling_ae_title,
+                                       in_place=not tmp_file.exists())
+                except IntegrityError:
+                    # another node inserted the same instance, series, study or patient
+                    # first: store again on top of its rows
+                    if attempt < _RACE_RETRIES:
+                        LOG.info("instance indexed by another node at the same time: "
+                                 "storing again (attempt %d)", attempt + 2)
+                        continue
+                    LOG.error("index write failed: IntegrityError, %d attempts",
+                              _RACE_RETRIES + 1)
+                    raise StoreFailure("index unavailable", STATUS_INDEX_UNAVAILABLE) from None
+                except SQLAlchemyError as exc:
+                    LOG.error("index write failed: %s", type(exc).__name__)
+                    raise StoreFailure("index unavailable",
+                                       STATUS_INDEX_UNAVAILABLE) from None
+            raise AssertionError("unreachable")
 
     def _reserve(self, more: int) -> None:
         """Refuse (0xA700) when writing ``more`` bytes would leave less free disk than
@@ -149,12 +172,22 @@ class InstanceStore:
                 f"{self.min_free_bytes}", STATUS_OUT_OF_RESOURCES)
 
     def _store(self, tmp_file: Path, relative: Path, size: int, header: InstanceHeader,
-               calling_ae_title: str) -> IngestResult:
+               calling_ae_title: str, *, in_place: bool = False) -> IngestResult:
+        """Index the instance, moving ``tmp_file`` to ``relative`` (``in_place``: it is
+        there already, moved by an attempt that lost a race with another node)."""
         now = utcnow()
         with self.index.session() as session:
             existing = session.scalars(
                 select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
             ).one_or_none()
+            if existing is not None and in_place:
+                # the other node's row: the file in its place is one of the two copies
+                existing.times_received += 1
+                existing.series.study.last_received_at = now
+                session.commit()
+                series = existing.series
+                return IngestResult(series.study_pk, series.id, existing.id,
+                                    IngestOutcome.DUPLICATE)
             if existing is not None:
                 old = self.files.root / existing.file_path
                 if old.is_file() and filecmp.cmp(old, tmp_file, shallow=False):
@@ -167,7 +200,9 @@ class InstanceStore:
 
             series = self._series(session, header, now)
             created = existing is None
-            self.files.commit(tmp_file, relative)
+            if not in_place:
+                session.flush()  # a unique key another node took fails here, file untouched
+                self.files.commit(tmp_file, relative)
             try:
                 if existing is None:
                     existing = Instance(sop_instance_uid=header.sop_instance_uid)
@@ -188,9 +223,12 @@ class InstanceStore:
                 existing.file_path = relative.as_posix()
                 existing.file_size = size
                 session.commit()
+            except IntegrityError:
+                session.rollback()  # another node's row: its file is this same place
+                raise
             except SQLAlchemyError:
                 session.rollback()
-                if created:
+                if created and not in_place:
                     self.files.remove(relative)
                 raise
             return IngestResult(series.study_pk, series.id, existing.id,
