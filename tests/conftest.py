@@ -270,3 +270,23 @@ def write_model_card(folder: Path, inputs: Sequence[tuple[str, str]]) -> Path:
     path = folder / "card.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server (tests/postgres.py) for the session; skips without one."""
+    from postgres import PostgresServer, pg_bin_dir
+
+    if pg_bin_dir() is None:
+        pytest.skip("PostgreSQL binaries not installed (Debian package postgresql)")
+    pytest.importorskip("psycopg", reason="psycopg not installed (the test extra)")
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    """The SQLAlchemy URL of a new empty database on the session's PostgreSQL server."""
+    url: str = postgres.create_database()
+    return url
