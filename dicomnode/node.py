@@ -100,7 +100,9 @@ class Node:
                               on_refused=self.refused.increment)
         self.outbox = Outbox.from_config(config, self.index)
         # results go out as soon as a job has queued them, not at the outbox's next tick
-        self.jobs = JobRunner(config, self.index, on_done=self.outbox.start_due)
+        # (a worker node leaves them to the serving nodes' outboxes)
+        self.jobs = JobRunner(config, self.index, on_done=(
+            self.outbox.start_due if role is NodeRole.SERVE else None))
         self.console: ConsoleServer | None = None
         # the web stack (uvicorn, FastAPI) only when it is on, never on a worker
         if config.web.enabled and role is NodeRole.SERVE:

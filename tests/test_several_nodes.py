@@ -1,0 +1,169 @@
+"""Several nodes on one real PostgreSQL index and one storage root, as processes: two
+`dicomnode serve` nodes (two SCP ports) receive studies between them and share the jobs;
+one is killed with kill -9 in the middle of a job, its lease lapses and the other node
+finishes its work: every result reaches the destination (a DCMTK storescp) exactly once.
+A `dicomnode worker` (no DICOM port) runs the jobs of a receive-only node
+(``pipeline.workers: 0``), and `dicomnode status` lists both."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import testdata
+from conftest import DcmtkStoreSCP, NodeFactory, RunningNode, storescu, wait_until
+from sqlalchemy import Engine, create_engine, text
+
+from dicomnode.store.db import open_index
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = b"several-nodes-test-key-0123456"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[DcmtkStoreSCP]:
+    scp = DcmtkStoreSCP(tmp_path / "received")
+    yield scp
+    scp.close()
+
+
+@pytest.fixture
+def shared(pg_url: str, tmp_path: Path) -> Iterator[tuple[str, Path, Engine]]:
+    """The shared index (made once, before any node starts) and storage root."""
+    open_index(pg_url).dispose()
+    engine = create_engine(pg_url)
+    yield pg_url, tmp_path / "shared-store", engine
+    engine.dispose()
+
+
+def _rules(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rules.yaml").write_text("""rules:
+  - name: ct-external
+    select: >-
+      SELECT study FROM patient WHERE series NAMED "ct" HAS Modality = "CT"
+    model: ct-body
+    send_to: [dest]
+""")
+    return folder
+
+
+def _node(node_factory: NodeFactory, tmp_path: Path, shared: tuple[str, Path, Engine],
+          storescp: DcmtkStoreSCP, node_id: str, *, command: str = "serve",
+          workers: int = 1, outbox_interval: float = 0.5, start: bool = True) -> RunningNode:
+    url, root, _engine = shared
+    key = tmp_path / "deid.key"
+    key.write_bytes(KEY)
+    return node_factory(
+        command=command, start=start,
+        node={"id": node_id, "lease_seconds": 4, "heartbeat_seconds": 1},
+        storage={"path": str(root), "database_url": url},
+        peers={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": storescp.port}},
+        rules_dir=str(_rules(tmp_path / "rules")), models_dir=str(ROOT / "models"),
+        deid={"key_file": str(key)}, pipeline={"workers": workers},
+        outbox={"retry_initial_seconds": 1, "check_interval_seconds": outbox_interval})
+
+
+def _wait(predicate: Any, timeout: float, what: str, *nodes: RunningNode) -> None:
+    """wait_until, failing with the nodes' logs as they are then."""
+    try:
+        wait_until(predicate, timeout, what)
+    except AssertionError as exc:
+        logs = "\n".join(f"--- {n.config_path.parent.name}:\n{n.log()[-3000:]}" for n in nodes)
+        raise AssertionError(f"{exc}\n{logs}") from None
+
+
+def _jobs(engine: Engine) -> list[dict[str, Any]]:
+    with engine.connect() as connection:
+        rows = connection.execute(text(
+            "SELECT id, state, owner, attempts, results FROM job ORDER BY id")).mappings().all()
+    # the state column holds the JobState member's name (DONE): as the reports say it
+    return [{**row, "state": row["state"].lower()} for row in rows]
+
+
+def _study(tmp_path: Path, n: int, *, slices: int = 8, size: int = 96) -> list[Path]:
+    return testdata.synthetic_ct(tmp_path / f"study{n}", slices=slices, rows=size,
+                                 columns=size, study_uid=f"1.2.826.0.1.3680043.10.1138.{n}",
+                                 patient_id=f"SCALE-{n}")
+
+
+def _results(jobs: list[dict[str, Any]]) -> set[str]:
+    uids = set()
+    for job in jobs:
+        results = job["results"] if isinstance(job["results"], list) else json.loads(
+            job["results"] or "[]")
+        uids |= {r["sop_instance_uid"] for r in results}
+    return uids
+
+
+def test_two_nodes_share_the_work_and_a_node_killed_mid_job_loses_nothing(
+        node_factory: NodeFactory, tmp_path: Path, shared: tuple[str, Path, Engine],
+        storescp: DcmtkStoreSCP) -> None:
+    engine = shared[2]
+    # node a delivers nothing in this test (its outbox's first tick is an hour away, and it
+    # finishes no job): the kill falls in a job, never in a C-STORE
+    a = _node(node_factory, tmp_path, shared, storescp, "a", outbox_interval=3600)
+    big = _study(tmp_path, 0, slices=160, size=256)  # a job of several seconds
+    assert storescu(a.port, *big).returncode == 0
+    _wait(lambda: any(j["owner"] == "a" and j["state"] == "running"
+                      for j in _jobs(engine)), 60, "a running job on a", a)
+    b = _node(node_factory, tmp_path, shared, storescp, "b")
+    # both receive: studies 1-3 to a, 4-6 to b; a's one worker is busy, b runs them
+    for n in range(1, 7):
+        sent = storescu((a if n <= 3 else b).port, *_study(tmp_path, n))
+        assert sent.returncode == 0, sent.stderr
+    (killed,) = [j["id"] for j in _jobs(engine) if j["owner"] == "a"]
+    assert [j["state"] for j in _jobs(engine) if j["id"] == killed] == ["running"], \
+        "the job ended before the kill: make the big study bigger"
+    a.kill()  # kill -9 in the middle of the job: its worker process goes with it
+    _wait(lambda: len(_jobs(engine)) == 7 and all(
+        j["state"] == "done" for j in _jobs(engine)), 240, "every job done by b", a, b)
+    jobs = _jobs(engine)
+    expected = _results(jobs)
+    assert len(expected) >= 7  # results of every study
+    wait_until(lambda: set(storescp.received()) == expected, 60, "every result at the dest")
+    time.sleep(3)  # anything sent twice would arrive now
+    received = storescp.received()
+    assert set(received) == expected and set(received.values()) == {1}
+    attempts = {j["id"]: j["attempts"] for j in jobs}
+    assert attempts.pop(killed) == 2  # its lease lapsed, b ran it again
+    assert set(attempts.values()) == {1}  # every other job ran exactly once
+    assert f"job {killed} started" in b.log()
+    status = json.loads(b.cli("status", "--json").stdout)
+    nodes = {n["id"]: n for n in status["nodes"]}
+    assert nodes["b"]["alive"] and not nodes["a"]["alive"]
+
+
+def test_a_worker_node_runs_the_jobs_of_a_receive_only_node(
+        node_factory: NodeFactory, tmp_path: Path, shared: tuple[str, Path, Engine],
+        storescp: DcmtkStoreSCP) -> None:
+    engine = shared[2]
+    receiver = _node(node_factory, tmp_path, shared, storescp, "rx", workers=0)
+    worker = _node(node_factory, tmp_path, shared, storescp, "gpu", command="worker")
+    for n in range(1, 4):
+        assert storescu(receiver.port, *_study(tmp_path, n)).returncode == 0
+    _wait(lambda: len(_jobs(engine)) == 3 and all(
+        j["state"] == "done" for j in _jobs(engine)), 120, "the worker ran every job",
+        receiver, worker)
+    jobs = _jobs(engine)
+    for job in jobs:
+        assert f"job {job['id']} started" in worker.log()
+        assert f"job {job['id']} started" not in receiver.log()
+    expected = _results(jobs)
+    # the receiving node sends what the worker wrote (the shared storage root)
+    wait_until(lambda: set(storescp.received()) == expected, 60, "every result at the dest")
+    assert set(storescp.received().values()) == {1}
+    status = receiver.cli("status")
+    assert "rx " in status.stdout and "gpu " in status.stdout
+    report = json.loads(receiver.cli("status", "--json").stdout)
+    roles = {n["id"]: (n["role"], n["alive"]) for n in report["nodes"]}
+    assert roles == {"rx": ("serve", True), "gpu": ("worker", True)}
+    assert worker.terminate() == 0
+    report = json.loads(receiver.cli("status", "--json").stdout)
+    assert {n["id"]: n["alive"] for n in report["nodes"]} == {"rx": True, "gpu": False}
