@@ -275,3 +275,30 @@ def test_jobs_of_an_earlier_release_left_running_have_no_lease(index: Index) -> 
         session.commit()
     assert recover(index) == 1
     assert _job(index, job_id).state is JobState.PENDING
+
+
+def test_the_migrations_run_on_postgresql_as_on_sqlite(pg_url: str) -> None:
+    """Every revision from an empty PostgreSQL database gives the models' tables, and back
+    down to the baseline and up again."""
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from dicomnode.store.schema import alembic_config, head_revision
+    from dicomnode.store.tables import Base
+
+    engine = create_engine(pg_url)
+    try:
+        for target in ("head", "0001", "head"):
+            with engine.begin() as connection:
+                if target == "head":
+                    command.upgrade(alembic_config(connection), target)
+                else:
+                    command.downgrade(alembic_config(connection), target)
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert context.get_current_revision() == head_revision()
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
