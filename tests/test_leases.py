@@ -302,3 +302,39 @@ def test_the_migrations_run_on_postgresql_as_on_sqlite(pg_url: str) -> None:
             assert compare_metadata(context, Base.metadata) == []
     finally:
         engine.dispose()
+
+
+def test_a_dead_nodes_deliveries_go_out_once_its_lease_lapses(
+        index: Index, tmp_path: Path, small_ct: list[Path]) -> None:
+    """Node "dead" claimed items and was killed before sending them: the live node leaves
+    them while the lease holds, sends each exactly once after it lapsed."""
+    from conftest import DcmtkStoreSCP
+
+    from dicomnode.config import PeerConfig
+
+    scp = DcmtkStoreSCP(tmp_path / "received")
+    try:
+        root = tmp_path / "store"
+        (root / "results").mkdir(parents=True)
+        files = [Path(shutil.copy(p, root / "results")) for p in small_ct[:4]]
+        peers = {"dest": PeerConfig(ae_title="DEST", host="127.0.0.1", port=scp.port)}
+        dead, live = (Outbox(index, peers, ae_title="DICOMNODE", owner=owner, root=root,
+                             lease_seconds=30, heartbeat_seconds=5) for owner in ("dead", "live"))
+        dead.enqueue(files, ["dest"])
+        now = utcnow()
+        assert len(dead._claim("dest", now)) == 4  # then kill -9: nothing recorded
+        assert live.deliver_due(now + dt.timedelta(seconds=10)).sent == 0  # lease holds
+        assert not scp.received()
+        report = live.deliver_due(now + dt.timedelta(seconds=31))  # lapsed: taken over
+        assert report.sent == 4
+        with index.session() as session:
+            rows = session.execute(select(OutboxItem.state, OutboxItem.owner)).all()
+        assert set(rows) == {(OutboxState.SENT, None)}
+        import time
+
+        deadline = time.monotonic() + 10
+        while len(scp.received()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert set(scp.received().values()) == {1} and len(scp.received()) == 4
+    finally:
+        scp.close()
