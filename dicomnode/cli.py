@@ -365,7 +365,9 @@ def cmd_outbox_send(args: argparse.Namespace) -> int:
     setup_logging(config.logging.level)
     index = _open_index(config)
     try:
-        report = Outbox.from_config(config, index).deliver_due()
+        outbox = Outbox.from_config(config, index)
+        outbox.owner = f"{config.node.node_id}/cli-{os.getpid()}"  # not the node's claims
+        report = outbox.deliver_due()
     finally:
         index.dispose()
     if not report.destinations:
