@@ -56,7 +56,7 @@ def _rules(folder: Path) -> Path:
 
 def _node(node_factory: NodeFactory, tmp_path: Path, shared: tuple[str, Path, Engine],
           storescp: DcmtkStoreSCP, node_id: str, *, command: str = "serve",
-          workers: int = 1, outbox_interval: float = 0.5, start: bool = True) -> RunningNode:
+          workers: int = 1, start: bool = True) -> RunningNode:
     url, root, _engine = shared
     key = tmp_path / "deid.key"
     key.write_bytes(KEY)
@@ -67,7 +67,7 @@ def _node(node_factory: NodeFactory, tmp_path: Path, shared: tuple[str, Path, En
         peers={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": storescp.port}},
         rules_dir=str(_rules(tmp_path / "rules")), models_dir=str(ROOT / "models"),
         deid={"key_file": str(key)}, pipeline={"workers": workers},
-        outbox={"retry_initial_seconds": 1, "check_interval_seconds": outbox_interval})
+        outbox={"retry_initial_seconds": 1, "check_interval_seconds": 0.5})
 
 
 def _wait(predicate: Any, timeout: float, what: str, *nodes: RunningNode) -> None:
@@ -106,38 +106,51 @@ def test_two_nodes_share_the_work_and_a_node_killed_mid_job_loses_nothing(
         node_factory: NodeFactory, tmp_path: Path, shared: tuple[str, Path, Engine],
         storescp: DcmtkStoreSCP) -> None:
     engine = shared[2]
-    # node a delivers nothing in this test (its outbox's first tick is an hour away, and it
-    # finishes no job): the kill falls in a job, never in a C-STORE
-    a = _node(node_factory, tmp_path, shared, storescp, "a", outbox_interval=3600)
-    big = _study(tmp_path, 0, slices=160, size=256)  # a job of several seconds
-    assert storescu(a.port, *big).returncode == 0
-    _wait(lambda: any(j["owner"] == "a" and j["state"] == "running"
-                      for j in _jobs(engine)), 60, "a running job on a", a)
-    b = _node(node_factory, tmp_path, shared, storescp, "b")
-    # both receive: studies 1-3 to a, 4-6 to b; a's one worker is busy, b runs them
+    nodes = {name: _node(node_factory, tmp_path, shared, storescp, name) for name in "ab"}
+    # both receive: studies 1-3 to a, 4-6 to b; the jobs go to whichever node claims first
     for n in range(1, 7):
-        sent = storescu((a if n <= 3 else b).port, *_study(tmp_path, n))
+        sent = storescu(nodes["a" if n <= 3 else "b"].port, *_study(tmp_path, n))
         assert sent.returncode == 0, sent.stderr
-    (killed,) = [j["id"] for j in _jobs(engine) if j["owner"] == "a"]
-    assert [j["state"] for j in _jobs(engine) if j["id"] == killed] == ["running"], \
-        "the job ended before the kill: make the big study bigger"
-    a.kill()  # kill -9 in the middle of the job: its worker process goes with it
+    _wait(lambda: len(_jobs(engine)) == 6 and all(
+        j["state"] == "done" for j in _jobs(engine)), 180, "the first six jobs done",
+        *nodes.values())
+    first = _results(_jobs(engine))
+    _wait(lambda: set(storescp.received()) == first, 60, "their results at the dest",
+          *nodes.values())
+    # nothing is being sent now: the kill below falls in a job, never in a C-STORE
+    big = _study(tmp_path, 7, slices=160, size=256)  # a job of a few seconds
+    assert storescu(nodes["a"].port, *big).returncode == 0
+    running: list[dict[str, Any]] = []
+
+    def one_running() -> bool:
+        running[:] = [j for j in _jobs(engine) if j["state"] == "running"]
+        return bool(running)
+
+    deadline = time.monotonic() + 60
+    while not one_running():
+        assert time.monotonic() < deadline, "the big study's job never ran"
+        time.sleep(0.02)
+    (job,) = running
+    victim, survivor = nodes[job["owner"]], nodes["b" if job["owner"] == "a" else "a"]
+    victim.kill()  # kill -9 in the middle of the job: its worker process goes with it
+    killed = job["id"]
     _wait(lambda: len(_jobs(engine)) == 7 and all(
-        j["state"] == "done" for j in _jobs(engine)), 240, "every job done by b", a, b)
+        j["state"] == "done" for j in _jobs(engine)), 240, "every job done", survivor)
     jobs = _jobs(engine)
     expected = _results(jobs)
-    assert len(expected) >= 7  # results of every study
-    wait_until(lambda: set(storescp.received()) == expected, 60, "every result at the dest")
+    assert len(expected) >= 7 and first < expected  # results of every study
+    _wait(lambda: set(storescp.received()) == expected, 60, "every result at the dest",
+          survivor)
     time.sleep(3)  # anything sent twice would arrive now
     received = storescp.received()
-    assert set(received) == expected and set(received.values()) == {1}
+    assert set(received) == expected and set(received.values()) == {1}  # 0 lost, 0 twice
     attempts = {j["id"]: j["attempts"] for j in jobs}
-    assert attempts.pop(killed) == 2  # its lease lapsed, b ran it again
+    assert attempts.pop(killed) == 2  # its lease lapsed, the survivor ran it again
     assert set(attempts.values()) == {1}  # every other job ran exactly once
-    assert f"job {killed} started" in b.log()
-    status = json.loads(b.cli("status", "--json").stdout)
-    nodes = {n["id"]: n for n in status["nodes"]}
-    assert nodes["b"]["alive"] and not nodes["a"]["alive"]
+    assert f"job {killed} started" in survivor.log()
+    status = json.loads(survivor.cli("status", "--json").stdout)
+    alive = {n["id"]: n["alive"] for n in status["nodes"]}
+    assert alive == {job["owner"]: False, ("b" if job["owner"] == "a" else "a"): True}
 
 
 def test_a_worker_node_runs_the_jobs_of_a_receive_only_node(
