@@ -62,6 +62,8 @@ def _node(node_factory: NodeFactory, tmp_path: Path, shared: tuple[str, Path, En
     key.write_bytes(KEY)
     return node_factory(
         command=command, start=start,
+        # a loaded machine may pause a transfer: no series settles on part of itself
+        quiet_seconds=3, completion={"series_quiet_seconds": 2},
         node={"id": node_id, "lease_seconds": 4, "heartbeat_seconds": 1},
         storage={"path": str(root), "database_url": url},
         peers={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": storescp.port}},
@@ -71,9 +73,17 @@ def _node(node_factory: NodeFactory, tmp_path: Path, shared: tuple[str, Path, En
 
 
 def _wait(predicate: Any, timeout: float, what: str, *nodes: RunningNode) -> None:
-    """wait_until, failing with the nodes' logs as they are then."""
+    """wait_until, failing with the nodes' logs as they are then; a predicate that raises
+    (the storescp writing a file being read) is not met yet."""
+
+    def met() -> bool:
+        try:
+            return bool(predicate())
+        except Exception:
+            return False
+
     try:
-        wait_until(predicate, timeout, what)
+        wait_until(met, timeout, what)
     except AssertionError as exc:
         logs = "\n".join(f"--- {n.config_path.parent.name}:\n{n.log()[-3000:]}" for n in nodes)
         raise AssertionError(f"{exc}\n{logs}") from None
@@ -170,7 +180,8 @@ def test_a_worker_node_runs_the_jobs_of_a_receive_only_node(
         assert f"job {job['id']} started" not in receiver.log()
     expected = _results(jobs)
     # the receiving node sends what the worker wrote (the shared storage root)
-    wait_until(lambda: set(storescp.received()) == expected, 60, "every result at the dest")
+    _wait(lambda: set(storescp.received()) == expected, 60, "every result at the dest",
+          receiver, worker)
     assert set(storescp.received().values()) == {1}
     status = receiver.cli("status")
     assert "rx " in status.stdout and "gpu " in status.stdout
