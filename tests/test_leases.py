@@ -338,3 +338,46 @@ def test_a_dead_nodes_deliveries_go_out_once_its_lease_lapses(
         assert set(scp.received().values()) == {1} and len(scp.received()) == 4
     finally:
         scp.close()
+
+
+def test_a_runner_renews_its_running_jobs_until_it_stops(index: Index, index_url: str,
+                                                         tmp_path: Path) -> None:
+    """The heartbeat keeps a long job's lease alive; once it stops (the node is gone) the
+    lease lapses and recovery takes the job."""
+    import time
+    from concurrent.futures import Future
+
+    from dicomnode.config import Config
+    from dicomnode.jobs.runner import JobRunner
+
+    config = Config.model_validate({
+        "node": {"id": "n1", "lease_seconds": 2, "heartbeat_seconds": 0.4},
+        "storage": {"path": str(tmp_path), "database_url": index_url}})
+    runner = JobRunner(config, index)
+    (job_id,) = _jobs(index, 1)
+    assert claim_next(index, 1, owner="n1", lease_seconds=2) == [job_id]
+    runner._running[job_id] = Future()  # as if a worker process ran it
+    runner._start_heartbeat()
+    try:
+        time.sleep(3.5)  # longer than the lease
+        assert recover(index) == 0  # renewed: a live node's job is not taken
+        assert _job(index, job_id).owner == "n1"
+    finally:
+        assert runner._heartbeat is not None
+        runner._heartbeat.stop()
+    time.sleep(2.5)
+    assert recover(index) == 1  # no more heartbeats: lapsed, taken over
+    assert _job(index, job_id).state is JobState.PENDING
+
+
+def test_lease_settings_are_checked() -> None:
+    from pydantic import ValidationError
+
+    from dicomnode.config import Config, NodeConfig
+
+    with pytest.raises(ValidationError, match="at most half of lease_seconds"):
+        NodeConfig(lease_seconds=10, heartbeat_seconds=6)
+    with pytest.raises(ValidationError, match="id"):
+        NodeConfig(id="../escape")
+    assert Config.model_validate({"pipeline": {"workers": 0}}).pipeline.workers == 0
+    assert NodeConfig(id="gpu-1").node_id == "gpu-1" and NodeConfig().node_id
