@@ -202,7 +202,7 @@ class Outbox:
         self.root = None if root is None else root.resolve()
         self.lease_seconds = lease_seconds
         self.heartbeat_seconds = heartbeat_seconds
-        self._claimed: set[int] = set()
+        self._claimed: dict[str, set[int]] = {}  # per destination, while its round runs
         self._heartbeat: Heartbeat | None = None
         self.index = index
         self.peers = dict(peers)
@@ -373,7 +373,7 @@ class Outbox:
         """Extend the claims of the items this outbox is sending (the heartbeat); returns
         how many it still holds."""
         with self._lock:
-            ids = list(self._claimed)
+            ids = [i for claimed in self._claimed.values() for i in claimed]
         if not ids or self.lease_seconds is None:
             return 0
         now = utcnow()
@@ -476,6 +476,8 @@ class Outbox:
             with self._lock:
                 self._busy.discard(name)
                 self._threads.discard(threading.current_thread())
+                # a round that ended abnormally renews nothing: its claims lapse
+                self._claimed.pop(name, None)
 
     def _fail_unconfigured(self, name: str, now: dt.datetime) -> None:
         message = (f"destination {name!r} is not configured (peers.{name} with host and port); "
@@ -523,7 +525,7 @@ class Outbox:
                                           attempts))
             session.commit()
         with self._lock:
-            self._claimed.update(c.id for c in claimed)
+            self._claimed.setdefault(name, set()).update(c.id for c in claimed)
         return claimed
 
     def _deliver(self, name: str, now: dt.datetime) -> DestinationReport:
@@ -627,7 +629,7 @@ class Outbox:
                 .values(**values).execution_options(synchronize_session=False)))
             session.commit()
         with self._lock:
-            self._claimed.discard(claim.id)
+            self._claimed.get(name, set()).discard(claim.id)
         if done.rowcount != 1:
             LOG.warning("%s: this node's claim lapsed and another node took the item over; "
                         "this outcome is not recorded", what)
