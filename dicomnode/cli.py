@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,14 +38,43 @@ def _peer(config: Config, name: str) -> tuple[str, PeerConfig]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicomnode.node import Node
+    from dicomnode.states import NodeRole
 
     config = _config(args)
     if args.upgrade_index:
         config = config.model_copy(update={
             "storage": config.storage.model_copy(update={"upgrade_index": True})})
     setup_logging(config.logging.level)
-    node = Node(config)
+    node = Node(config, NodeRole(args.command))
     node.serve_forever()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """``dicomnode worker``: a node that only claims and runs jobs."""
+    config = _config(args)
+    if config.pipeline.workers == 0:
+        raise ConfigError("pipeline.workers is 0: a worker node needs at least one worker "
+                          "process")
+    return cmd_serve(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dicomnode.store.leases import nodes_report
+
+    config = _config(args)
+    report = _index_report(args, lambda index: nodes_report(
+        index, lease_seconds=config.node.lease_seconds))
+    if args.json:
+        return _print_json(report)
+    if not report["nodes"]:
+        print("no node has started on this index yet")
+    for node in report["nodes"]:
+        state = ("stopped " + node["stopped_at"] if node["stopped_at"] else
+                 "alive" if node["alive"] else "silent (lease lapsed: presumed gone)")
+        print(f"{node['id']:<24} {node['role']:<7} {node['version']:<8} "
+              f"{node['host']}:{node['pid']:<8} heartbeat {node['heartbeat_at']} "
+              f"({node['seconds_since_heartbeat']:g} s ago)  {state}")
     return 0
 
 
@@ -308,7 +339,8 @@ def _run_now(config: Config, job_id: int, *, wait_seconds: float = 3600.0) -> in
     import time
 
     from dicomnode.jobs.child import run_claimed
-    from dicomnode.jobs.queue import claim, finish, reset
+    from dicomnode.jobs.queue import claim, finish, renew, reset
+    from dicomnode.store.leases import Heartbeat
     from dicomnode.store.tables import Job, JobState
 
     index = _open_index(config)
@@ -317,9 +349,14 @@ def _run_now(config: Config, job_id: int, *, wait_seconds: float = 3600.0) -> in
             if session.get(Job, job_id) is None:
                 print(f"no job {job_id}", file=sys.stderr)
                 return 2
-        if reset(index, job_id) and claim(index, job_id):
-            outcome = run_claimed(config, index, job_id)
-            state = finish(index, job_id, outcome, config.pipeline.max_attempts)
+        owner = f"{config.node.node_id}/cli-{os.getpid()}"
+        lease = config.node.lease_seconds
+        if reset(index, job_id) and claim(index, job_id, owner=owner, lease_seconds=lease):
+            with Heartbeat(config.node.heartbeat_seconds, partial(
+                    renew, index, [job_id], owner=owner, lease_seconds=lease),
+                    name="jobs-heartbeat"):
+                outcome = run_claimed(config, index, job_id)
+            state = finish(index, job_id, outcome, config.pipeline.max_attempts, owner=owner)
             ok, error = outcome["ok"], outcome.get("error")
         else:
             deadline = time.monotonic() + wait_seconds
@@ -387,8 +424,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_outbox(args: argparse.Namespace) -> int:
     from dicomnode.send.outbox import outbox_report
 
+    root = _config(args).storage.path
     report = _index_report(args, lambda index: outbox_report(
-        index, state=args.state, destination=args.destination))
+        index, state=args.state, destination=args.destination, root=root))
     if args.json:
         return _print_json(report)
     for item in report["items"]:
@@ -414,7 +452,9 @@ def cmd_outbox_send(args: argparse.Namespace) -> int:
     setup_logging(config.logging.level)
     index = _open_index(config)
     try:
-        report = Outbox.from_config(config, index).deliver_due()
+        outbox = Outbox.from_config(config, index)
+        outbox.owner = f"{config.node.node_id}/cli-{os.getpid()}"  # not the node's claims
+        report = outbox.deliver_due()
     finally:
         index.dispose()
     if not report.destinations:
@@ -759,6 +799,15 @@ def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
                    help="upgrade an index made by an earlier release at start "
                    "(storage.upgrade_index); back it up first")
     p.set_defaults(func=cmd_serve)
+    p = add("worker", "run jobs only (no DICOM port, no console): join the nodes that share "
+            "the index (storage.database_url) and the storage root")
+    p.add_argument("--upgrade-index", action="store_true",
+                   help="upgrade an index made by an earlier release at start "
+                   "(storage.upgrade_index); back it up first")
+    p.set_defaults(func=cmd_worker)
+    p = add("status", "list the nodes sharing the index: role, release, last heartbeat")
+    p.add_argument("--json", action="store_true", help="stable JSON (docs/several-nodes.md)")
+    p.set_defaults(func=cmd_status)
     p = add("studies", "list studies with their state and series")
     p.add_argument("--json", action="store_true", help="stable JSON (docs/studies-json.md)")
     p.add_argument("--study", help="only this StudyInstanceUID")

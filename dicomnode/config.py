@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import socket
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
@@ -177,6 +178,30 @@ class NodeConfig(_Section):
         description="processes receiving associations: 1 receives in the node's process; "
                     "N > 1 starts N receiver processes sharing the port, the store and the "
                     "index (one GIL per association; see dicomnode.receive.processes)")
+
+    id: str | None = Field(
+        None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$",
+        description="this node's name among the nodes sharing the index (owner of its claims; "
+        "null: the host name); unique per running process")
+    lease_seconds: float = Field(
+        60.0, ge=1, le=86400, description="a claim (running job, item being sent) a node "
+        "stops renewing is taken over by another node this many seconds later")
+    heartbeat_seconds: float = Field(
+        10.0, gt=0, le=3600, description="how often a node renews its claims and says it is "
+        "alive (dicomnode status); less than half of lease_seconds")
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> NodeConfig:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                f"heartbeat_seconds ({self.heartbeat_seconds:g}) must be at most half of "
+                f"lease_seconds ({self.lease_seconds:g}): a claim would lapse between renewals")
+        return self
+
+    @property
+    def node_id(self) -> str:
+        """``id``, or the host name when none is set."""
+        return self.id or socket.gethostname()
 
 
 class DicomwebAuthConfig(_Section):
@@ -725,7 +750,8 @@ class InferenceConfig(_Section):
 class PipelineConfig(_Section):
     """Jobs: worker processes that run models, and how often a failing job is tried."""
 
-    workers: int = Field(1, ge=1, le=64, description="worker processes (spawned)")
+    workers: int = Field(1, ge=0, le=64, description="worker processes (spawned); 0: this "
+                         "node runs no jobs (receive only), `dicomnode worker` nodes do")
     max_attempts: int = Field(3, ge=1, le=100)
     check_interval_seconds: float = Field(0.5, gt=0, le=60)
 

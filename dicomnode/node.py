@@ -2,6 +2,13 @@
 
 Data flows one way: net -> store -> completion (and, in later stages,
 rules -> pipeline -> outputs) -> outbox.
+
+A node has a role (:class:`~dicomnode.states.NodeRole`): ``serve`` receives, completes
+studies, fires rules, runs jobs (unless ``pipeline.workers`` is 0) and sends; ``worker``
+only claims and runs jobs (no SCP, no console, no outbox), so that a GPU machine joins a
+site without a DICOM port. Several nodes may share one index (PostgreSQL) and one storage
+root: each says it is alive in the ``node`` table every ``node.heartbeat_seconds`` and takes
+over the claims of nodes whose leases ended (:mod:`dicomnode.store.leases`).
 """
 
 from __future__ import annotations
@@ -33,10 +40,11 @@ from dicomnode.rules.loader import RuleSet, rule_source
 from dicomnode.rules.trigger import Firing, RuleTrigger
 from dicomnode.scheduler import install_scheduled_jobs, install_scheduled_pulls
 from dicomnode.send.notify import Notifier
-from dicomnode.send.outbox import Outbox
-from dicomnode.states import JobTrigger
+from dicomnode.send.outbox import Outbox, relative_outbox_paths
+from dicomnode.states import JobTrigger, NodeRole
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.files import InstanceFiles
+from dicomnode.store.leases import beat_node, register_node, stop_node
 from dicomnode.web.metrics import RefusalCounter, metrics_text
 
 if TYPE_CHECKING:
@@ -62,11 +70,15 @@ def _waits(rules: RuleSet) -> list[float]:
 
 
 class Node:
-    """One dicomnode process. ``start()`` returns once the SCP listens; ``stop()`` is graceful."""
+    """One dicomnode process. ``start()`` returns once the SCP listens (a ``worker``: once
+    its job runner runs); ``stop()`` is graceful."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, role: NodeRole = NodeRole.SERVE) -> None:
         self.config = config
-        self.files = InstanceFiles(config.storage.path, fsync=config.storage.fsync)
+        self.role = role
+        self.node_id = config.node.node_id
+        self.files = InstanceFiles(config.storage.path, fsync=config.storage.fsync,
+                                   node_id=config.node.id)
         self.index: Index = open_index(config.db_url, upgrade=config.storage.upgrade_index)
         self.store = InstanceStore(self.files, self.index,
                                    min_free_bytes=config.storage.min_free_bytes,
@@ -99,11 +111,14 @@ class Node:
                           if config.node.receive_processes > 1 else None)
         self.outbox = Outbox.from_config(config, self.index)
         # results go out as soon as a job has queued them, not at the outbox's next tick
-        self.jobs = JobRunner(config, self.index, on_done=self.outbox.start_due)
+        # (a worker node leaves them to the serving nodes' outboxes)
+        self.jobs = JobRunner(config, self.index, on_done=(
+            self.outbox.start_due if role is NodeRole.SERVE else None))
         # messages queued with the transitions they tell of, sent by the scheduler
         self.notifier = Notifier(config, self.index) if config.notify.targets else None
         self.console: ConsoleServer | None = None
-        if config.web.enabled:  # the web stack (uvicorn, FastAPI) only when it is on
+        # the web stack (uvicorn, FastAPI) only when it is on, never on a worker
+        if config.web.enabled and role is NodeRole.SERVE:
             from dicomnode.web.server import ConsoleServer
 
             self.console = ConsoleServer(
@@ -147,7 +162,7 @@ class Node:
             self.console.rules = rules
         scheduled = {r.name: r for r in rules.enabled if r.schedule is not None}
         if scheduled != {r.name: r for r in old.enabled if r.schedule is not None} \
-                and self.scheduler.running:
+                and self.scheduler.running and self.role is NodeRole.SERVE:
             for job in self.scheduler.get_jobs():
                 if job.id.startswith("rule:") and job.id.removeprefix("rule:") not in scheduled:
                     job.remove()
@@ -211,34 +226,48 @@ class Node:
             self.jobs.dispatch()
 
     def start(self) -> None:
+        serving = self.role is NodeRole.SERVE
+        register_node(self.index, self.node_id, self.role)
         removed = self.files.clean_tmp()
         if removed:
             LOG.info("removed %d partial file(s) left by an interrupted transfer", removed)
-        recovered = recover_orphans(self.files, self.store)
-        if recovered:
-            LOG.info("indexed %d stored file(s) whose index row was lost in a crash", recovered)
-        self.outbox.recover()
-        self.jobs.recover()
-        self.scheduler.add_job(self.completion.check, "interval",
-                               seconds=self.config.completion.check_interval_seconds,
-                               id="completion", max_instances=1, coalesce=True)
-        # models run in worker processes, never in the SCP's threads
-        self.scheduler.add_job(self.jobs.dispatch, "interval",
-                               seconds=self.config.pipeline.check_interval_seconds,
-                               id="jobs", max_instances=1, coalesce=True)
-        # each due destination is delivered in its own thread: a slow one delays no other
-        self.scheduler.add_job(self.outbox.start_due, "interval",
-                               seconds=self.config.outbox.check_interval_seconds,
-                               id="outbox", max_instances=1, coalesce=True)
+        if serving:
+            recovered = recover_orphans(self.files, self.store)
+            if recovered:
+                LOG.info("indexed %d stored file(s) whose index row was lost in a crash",
+                         recovered)
+            relative_outbox_paths(self.index, self.config.storage.path)
+            self.outbox.recover()
+        self.jobs.recover(at_start=True)
+        # say it is alive; take over the jobs of nodes whose leases ended
+        self.scheduler.add_job(self._heartbeat, "interval",
+                               seconds=self.config.node.heartbeat_seconds,
+                               id="heartbeat", max_instances=1, coalesce=True)
+        if serving:
+            self.scheduler.add_job(self.completion.check, "interval",
+                                   seconds=self.config.completion.check_interval_seconds,
+                                   id="completion", max_instances=1, coalesce=True)
+        if self.config.pipeline.workers:
+            # models run in worker processes, never in the SCP's threads
+            self.scheduler.add_job(self.jobs.dispatch, "interval",
+                                   seconds=self.config.pipeline.check_interval_seconds,
+                                   id="jobs", max_instances=1, coalesce=True)
+        if serving:
+            # each due destination is delivered in its own thread: a slow one delays no other
+            self.scheduler.add_job(self.outbox.start_due, "interval",
+                                   seconds=self.config.outbox.check_interval_seconds,
+                                   id="outbox", max_instances=1, coalesce=True)
         # a changed rule file or card is picked up at its next use, or by this check
         self.scheduler.add_job(self._check_rules, "interval", seconds=RULES_CHECK_SECONDS,
                                id="rules", max_instances=1, coalesce=True)
-        if self.config.feedback.enabled:  # edited RTSTRUCT/SEG: compared in the workers
+        if self.config.feedback.enabled and self.config.pipeline.workers:
+            # edited RTSTRUCT/SEG: compared in the workers
             self.scheduler.add_job(self._check_feedback, "interval",
                                    seconds=self.config.feedback.check_interval_seconds,
                                    id="feedback", max_instances=1, coalesce=True)
-        install_scheduled_jobs(self)  # scheduled rules (cron) and retention
-        if self.notifier is not None:
+        if serving:
+            install_scheduled_jobs(self)  # scheduled rules (cron) and retention
+        if self.notifier is not None and serving:
             self.notifier.install()
             self.scheduler.add_job(self.notifier.tick, "interval",
                                    seconds=self.config.notify.check_interval_seconds,
@@ -247,16 +276,29 @@ class Node:
         if self.console is not None:
             self.console.bind()  # first: a port in use stops the start before any listening
         self.scheduler.start()
-        if self.receivers is not None:
-            self.receivers.start()
-        else:
-            self.scp.start()
-        # after the SCP listens: pulled instances arrive there (C-MOVE) or use its spool (C-GET)
-        install_scheduled_pulls(self.scheduler, self.config, self.index, self.puller)
+        if serving:
+            if self.receivers is not None:
+                self.receivers.start()
+            else:
+                self.scp.start()
+            # after the SCP listens: pulled instances arrive there (C-MOVE) or use its
+            # spool (C-GET)
+            install_scheduled_pulls(self.scheduler, self.config, self.index, self.puller)
         if self.console is not None:
             self.console.serve()  # after the SCP listens: building it delays no C-STORE
         if self.rules.enabled:
             self.jobs.start()  # worker processes spawn and load the rules' models meanwhile
+        LOG.info("node %s started as %s", self.node_id, self.role.value)
+
+    def _heartbeat(self) -> None:
+        """Say this node is alive, and take over the jobs whose leases ended (their node is
+        gone); lapsed outbox claims are due again by themselves."""
+        try:
+            beat_node(self.index, self.node_id)
+            if self.config.pipeline.workers:
+                self.jobs.recover()
+        except Exception as exc:  # the index unreachable for a moment: the next beat
+            LOG.warning("heartbeat failed: %s", type(exc).__name__)
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -274,6 +316,10 @@ class Node:
         if self.notifier is not None:
             self.notifier.uninstall()
         self.files.clean_tmp()
+        try:
+            stop_node(self.index, self.node_id)
+        except Exception as exc:  # the index gone: the node table shows the last heartbeat
+            LOG.warning("stop not recorded in the node table: %s", type(exc).__name__)
         self.index.dispose()
         LOG.info("stopped")
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["IngestOutcome", "JobState", "JobTrigger", "OutboxState", "SeriesGeometry",
+__all__ = ["IngestOutcome", "JobState", "JobTrigger", "NodeRole", "OutboxState", "SeriesGeometry",
            "StudyState", "StudyStatus"]
 
 
@@ -114,3 +114,10 @@ class IngestOutcome(str, enum.Enum):
     DUPLICATE = "duplicate"  # an identical re-send: nothing changed
     REPLACED = "replaced"  # the same SOP Instance UID with other content
     FAILED = "failed"  # refused with a failure status
+
+
+class NodeRole(str, enum.Enum):
+    """What a node of a site does (the ``node`` table, ``dicomnode status``)."""
+
+    SERVE = "serve"  # receives (SCP), runs jobs (unless pipeline.workers is 0) and sends
+    WORKER = "worker"  # runs jobs only: no SCP, no console

@@ -56,7 +56,7 @@ def dataset_bytes(path: Path) -> bytes:
 
 @dataclass
 class RunningNode:
-    """A `dicomnode serve` process started by the tests."""
+    """A `dicomnode serve` (or `dicomnode worker`) process started by the tests."""
 
     config_path: Path
     port: int
@@ -64,17 +64,22 @@ class RunningNode:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    command: str = "serve"
 
     def start(self, timeout: float = 20.0) -> None:
         log = self.log_path.open("ab")
+        started = len(self.log())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicomnode", "serve", "--config", str(self.config_path)],
+            [sys.executable, "-m", "dicomnode", self.command, "--config",
+             str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.config_path.parent)
+        # logged once the socket is bound and listening; a worker has no socket
+        ready = "listening as" if self.command == "serve" else "started as worker"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited early:\n{self.log()}")
-            if "listening as" in self.log():  # logged once the socket is bound and listening
+            if ready in self.log()[started:]:
                 return
             time.sleep(0.05)
         raise RuntimeError(f"node did not start:\n{self.log()}")
@@ -148,7 +153,7 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
     nodes: list[RunningNode] = []
 
     def make(*, quiet_seconds: float = 1.0, min_free_bytes: int = 0, start: bool = True,
-             **overrides: Any) -> RunningNode:
+             command: str = "serve", **overrides: Any) -> RunningNode:
         base = tmp_path / f"node{len(nodes)}"
         base.mkdir()
         port = free_port()
@@ -170,7 +175,7 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
             config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
         path = base / "dicomnode.yaml"
         path.write_text(yaml.safe_dump(config))
-        node = RunningNode(path, port, base / "store", base / "node.log")
+        node = RunningNode(path, port, base / "store", base / "node.log", command=command)
         nodes.append(node)
         if start:
             node.start()
@@ -270,3 +275,23 @@ def write_model_card(folder: Path, inputs: Sequence[tuple[str, str]]) -> Path:
     path = folder / "card.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server (tests/postgres.py) for the session; skips without one."""
+    from postgres import PostgresServer, pg_bin_dir
+
+    if pg_bin_dir() is None:
+        pytest.skip("PostgreSQL binaries not installed (Debian package postgresql)")
+    pytest.importorskip("psycopg", reason="psycopg not installed (the test extra)")
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: Any) -> str:
+    """The SQLAlchemy URL of a new empty database on the session's PostgreSQL server."""
+    url: str = postgres.create_database()
+    return url

@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 #   orthanc-dicomweb (Orthanc's DICOMweb plugin: STOW-RS to and from the node),
 #   plastimatch (rasterises RTSTRUCTs back onto the images),
 #   chromium, chromium-driver (the console in a headless browser),
-#   invesalius-examples (Cranium CT), mricron-data (Colin27 T1 MR)
-DEBS="dcmtk dicom3tools orthanc orthanc-dicomweb plastimatch chromium chromium-driver invesalius-examples mricron-data"
+#   invesalius-examples (Cranium CT), mricron-data (Colin27 T1 MR),
+#   postgresql (the shared index of several nodes; tests/postgres.py starts its own server)
+DEBS="dcmtk dicom3tools orthanc orthanc-dicomweb plastimatch chromium chromium-driver invesalius-examples mricron-data postgresql"
 missing=""
 for deb in $DEBS; do
   dpkg -s "$deb" >/dev/null 2>&1 || missing="$missing $deb"

@@ -1,14 +1,20 @@
-"""The job queue in the index: claims and outcomes.
+"""The job queue in the index: claims, leases and outcomes.
 
 States (``job.state``)::
 
     pending --claim--> running --done----------------------------> done
                           |-----failure, permanent or last attempt-> failed
-                          '-----failure, attempts left-------------> pending
+                          |-----failure, attempts left-------------> pending
+                          '-----lease ended (owner gone)-----------> pending
 
-A claim is one conditional UPDATE (``pending`` -> ``running``, attempts + 1), so two
-processes (the node and ``dicomnode jobs retry``) never run the same job at once. At start,
-jobs left ``running`` by a crash go back to ``pending`` (:func:`recover`): their re-run
+A claim makes a pending job running (attempts + 1) under an owner (the claiming node's
+``node.id``) and a lease (``lease_expires_at``), which the owner renews while the job runs
+(:func:`renew`, every ``node.heartbeat_seconds``). On PostgreSQL, :func:`claim_next` picks
+the oldest pending jobs with ``SELECT ... FOR UPDATE SKIP LOCKED``, so competing nodes never
+wait on each other's rows; on SQLite (one writer at a time) it is a conditional UPDATE per
+job. Either way a job is claimed by one process at a time, and only its owner records its
+outcome (:func:`finish`). A job whose lease ended (its node was killed, its machine lost)
+goes back to pending (:func:`recover`), never one whose owner still renews it: its re-run
 writes the same objects (see :mod:`dicomnode.jobs.pipeline`). Only this module changes
 ``job.state``.
 """
@@ -20,16 +26,17 @@ import logging
 from collections.abc import Sequence
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, or_, select, update
 
 from dicomnode.states import JobTrigger
 from dicomnode.store import audit
 from dicomnode.store.db import Index
+from dicomnode.store.leases import lease_end
 from dicomnode.store.queries import format_timings, iso_utc
 from dicomnode.store.tables import Job, JobState, utcnow
 
-__all__ = ["Outcome", "claim", "finish", "jobs_report", "pending", "recover", "requeue",
-           "reset"]
+__all__ = ["DEFAULT_LEASE_SECONDS", "LOCAL_OWNER", "Outcome", "claim", "claim_next", "finish",
+           "jobs_report", "pending", "recover", "renew", "requeue", "reset"]
 
 LOG = logging.getLogger("dicomnode.jobs")
 
@@ -42,17 +49,78 @@ _OUTCOME_EVENTS = {JobState.DONE: audit.EventKind.JOB_FINISHED,
                    JobState.PENDING: audit.EventKind.JOB_RETRYING,
                    JobState.FAILED: audit.EventKind.JOB_FAILED}
 
+#: The lease of a claim when none is given (s): ``node.lease_seconds``' default.
+DEFAULT_LEASE_SECONDS = 60.0
 
-def claim(index: Index, job_id: int) -> bool:
-    """Mark a pending job running (attempts + 1); False when it is not pending."""
+#: The owner of claims made without a node id (tests, tools).
+LOCAL_OWNER = "local"
+
+
+def _claimed(owner: str, lease_seconds: float) -> dict[str, Any]:
+    now = utcnow()
+    return {"state": JobState.RUNNING, "attempts": Job.attempts + 1, "started_at": now,
+            "finished_at": None, "owner": owner, "heartbeat_at": now,
+            "lease_expires_at": lease_end(lease_seconds, now)}
+
+
+def claim(index: Index, job_id: int, *, owner: str = LOCAL_OWNER,
+          lease_seconds: float = DEFAULT_LEASE_SECONDS) -> bool:
+    """Mark a pending job running (attempts + 1) under ``owner`` for ``lease_seconds``;
+    False when it is not pending."""
     with index.session() as session, session.begin():
         result = cast(CursorResult[Any], session.execute(
             update(Job).where(Job.id == job_id, Job.state == JobState.PENDING)
-            .values(state=JobState.RUNNING, attempts=Job.attempts + 1, started_at=utcnow(),
-                    finished_at=None)))
+            .values(**_claimed(owner, lease_seconds))))
         if result.rowcount == 1:
             audit.record(session, audit.EventKind.JOB_CLAIMED, job_id=job_id)
         return result.rowcount == 1
+
+
+def claim_next(index: Index, limit: int, *, owner: str = LOCAL_OWNER,
+               lease_seconds: float = DEFAULT_LEASE_SECONDS) -> list[int]:
+    """Claim up to ``limit`` pending jobs, oldest first, for ``owner``; returns their ids.
+
+    PostgreSQL: one transaction selects them ``FOR UPDATE SKIP LOCKED`` (rows another node
+    is claiming at the same moment are skipped, not waited for) and marks them running.
+    SQLite: each pending job is claimed by its own conditional UPDATE.
+    """
+    if limit <= 0:
+        return []
+    if index.is_sqlite:
+        return [job_id for job_id in pending(index, limit)
+                if claim(index, job_id, owner=owner, lease_seconds=lease_seconds)]
+    with index.session() as session, session.begin():
+        ids = list(session.scalars(
+            select(Job.id).where(Job.state == JobState.PENDING).order_by(Job.id).limit(limit)
+            .with_for_update(skip_locked=True)))
+        if ids:
+            session.execute(update(Job).where(Job.id.in_(ids))
+                            .values(**_claimed(owner, lease_seconds))
+                            .execution_options(synchronize_session=False))
+            for job_id in ids:
+                audit.record(session, audit.EventKind.JOB_CLAIMED, job_id=job_id)
+    return ids
+
+
+def renew(index: Index, job_ids: Sequence[int], *, owner: str,
+          lease_seconds: float) -> list[int]:
+    """Extend the leases of ``owner``'s running jobs among ``job_ids`` (the heartbeat);
+    returns the ids it no longer holds (taken over after its lease ended)."""
+    if not job_ids:
+        return []
+    now = utcnow()
+    with index.session() as session, session.begin():
+        session.execute(
+            update(Job).where(Job.id.in_(list(job_ids)), Job.state == JobState.RUNNING,
+                              Job.owner == owner)
+            .values(heartbeat_at=now, lease_expires_at=lease_end(lease_seconds, now))
+            .execution_options(synchronize_session=False))
+        held = set(session.scalars(select(Job.id).where(
+            Job.id.in_(list(job_ids)), Job.state == JobState.RUNNING, Job.owner == owner)))
+    lost = [job_id for job_id in job_ids if job_id not in held]
+    for job_id in lost:
+        LOG.warning("job %d: this node's claim lapsed and another node took it over", job_id)
+    return lost
 
 
 def reset(index: Index, job_id: int) -> bool:
@@ -60,17 +128,30 @@ def reset(index: Index, job_id: int) -> bool:
     with index.session() as session, session.begin():
         result = cast(CursorResult[Any], session.execute(
             update(Job).where(Job.id == job_id, Job.state != JobState.RUNNING)
-            .values(state=JobState.PENDING, attempts=0, error=None)))
+            .values(state=JobState.PENDING, attempts=0, error=None, owner=None,
+                    lease_expires_at=None)))
         return result.rowcount == 1
 
 
-def finish(index: Index, job_id: int, outcome: Outcome, max_attempts: int) -> JobState:
-    """Record a run's outcome: done, failed, or pending again for another attempt."""
+def finish(index: Index, job_id: int, outcome: Outcome, max_attempts: int, *,
+           owner: str | None = None) -> JobState:
+    """Record a run's outcome: done, failed, or pending again for another attempt.
+
+    With ``owner``, only while the job is still ``owner``'s running job: a run whose claim
+    lapsed and was taken over records nothing (the node running it now does); the job's
+    state is returned unchanged.
+    """
     with index.session() as session, session.begin():
-        job = session.get(Job, job_id)
+        job = session.get(Job, job_id, with_for_update=not index.is_sqlite)
         if job is None:
             return JobState.FAILED
+        if owner is not None and (job.state is not JobState.RUNNING or job.owner != owner):
+            LOG.warning("job %d: its claim lapsed and another node took it over; this run's "
+                        "outcome is not recorded", job_id)
+            return job.state
         job.finished_at = utcnow()
+        job.owner = None
+        job.lease_expires_at = None
         if outcome["ok"]:
             job.state = JobState.DONE
             job.error = None
@@ -80,9 +161,9 @@ def finish(index: Index, job_id: int, outcome: Outcome, max_attempts: int) -> Jo
             job.error = str(outcome["error"])[:2000]
             last = outcome["permanent"] or job.attempts >= max_attempts
             job.state = JobState.FAILED if last else JobState.PENDING
+        state = job.state
         audit.job_outcome(session, job_id, _OUTCOME_EVENTS[job.state], attempts=job.attempts,
                           error=job.error, objects=len(job.results or []) or None)
-        state = job.state
     if outcome["ok"]:
         LOG.info("job %d done (%s)", job_id, format_timings(outcome["timings"]))
     else:
@@ -99,23 +180,40 @@ def pending(index: Index, limit: int) -> list[int]:
             select(Job.id).where(Job.state == JobState.PENDING).order_by(Job.id).limit(limit)))
 
 
-def recover(index: Index) -> int:
-    """Return jobs a crash left ``running`` to ``pending`` (their attempt is counted)."""
+def recover(index: Index, *, owner: str | None = None, now: dt.datetime | None = None) -> int:
+    """Return to ``pending`` the running jobs whose lease ended at ``now`` (their node is
+    gone; their attempt is counted), and, with ``owner``, the running jobs of ``owner``
+    (a node starting again under the same ``node.id``: what it ran before it stopped).
+
+    A job whose owner still renews its lease is never taken.
+    """
+    now = now or utcnow()
+    lapsed = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now)
+    mine = Job.owner == owner if owner is not None else None
     with index.session() as session, session.begin():
         result = cast(CursorResult[Any], session.execute(
-            update(Job).where(Job.state == JobState.RUNNING).values(state=JobState.PENDING)))
+            update(Job).where(Job.state == JobState.RUNNING,
+                              lapsed if mine is None else or_(lapsed, mine))
+            .values(state=JobState.PENDING, owner=None, lease_expires_at=None)
+            .execution_options(synchronize_session=False)))
         count = int(result.rowcount)
     if count:
-        LOG.info("%d job(s) interrupted by a stop or crash will run again", count)
+        LOG.info("%d job(s) interrupted by a stop or crash (their lease ended) will run again",
+                 count)
     return count
 
 
-def requeue(index: Index, job_ids: Sequence[int]) -> None:
-    """Jobs stopped while running go back to pending with their attempt not counted."""
+def requeue(index: Index, job_ids: Sequence[int], *, owner: str | None = None) -> None:
+    """Jobs stopped while running go back to pending with their attempt not counted (with
+    ``owner``: only those it still holds)."""
+    conditions = [Job.id.in_(list(job_ids)), Job.state == JobState.RUNNING]
+    if owner is not None:
+        conditions.append(Job.owner == owner)
     with index.session() as session, session.begin():
-        session.execute(update(Job).where(Job.id.in_(list(job_ids)),
-                                          Job.state == JobState.RUNNING)
-                        .values(state=JobState.PENDING, attempts=Job.attempts - 1))
+        session.execute(update(Job).where(*conditions)
+                        .values(state=JobState.PENDING, attempts=Job.attempts - 1, owner=None,
+                                lease_expires_at=None)
+                        .execution_options(synchronize_session=False))
 
 
 def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None:
@@ -151,5 +249,7 @@ def jobs_report(index: Index, *, state: str | None = None) -> dict[str, Any]:
             "timings": job.timings,
             "results": job.results or [],
             "error": job.error,
+            "owner": job.owner,
+            "lease_expires_at": iso_utc(job.lease_expires_at),
         } for job in jobs]
     return {"schema": 1, "jobs": rows}

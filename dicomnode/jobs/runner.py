@@ -5,6 +5,12 @@ The :class:`JobRunner` keeps a pool of spawned worker processes (``pipeline.work
 keeps its ONNX Runtime sessions cached between jobs (:mod:`dicomnode.jobs.child`). A worker
 that dies (a crashing model) fails its job's attempt, not the node. This module imports
 nothing of the models: the node's process stays small.
+
+Several nodes may share the index: the runner claims jobs as ``node.id`` with a lease of
+``node.lease_seconds``, renews the leases of its running jobs every
+``node.heartbeat_seconds`` (:class:`~dicomnode.store.leases.Heartbeat`), and takes over only
+jobs whose lease ended (:meth:`JobRunner.recover`). With ``pipeline.workers: 0`` it runs no
+jobs (a receive-only node; ``dicomnode worker`` nodes run them).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from functools import partial
 
 from dicomnode.config import Config
 from dicomnode.jobs import child, feedbackqueue, parentwatch
-from dicomnode.jobs.queue import Outcome, claim, finish, pending, recover, requeue
+from dicomnode.jobs.queue import Outcome, claim_next, finish, recover, renew, requeue
 from dicomnode.store.db import Index
+from dicomnode.store.leases import Heartbeat
 from dicomnode.store.tables import JobState
 
 __all__ = ["JobRunner"]
@@ -41,22 +48,41 @@ class JobRunner:
         self._comparing: dict[int, Future[str]] = {}  # feedback objects being compared
         self._lock = threading.Lock()
         self._stopping = False
+        self.owner = config.node.node_id
+        self._heartbeat: Heartbeat | None = None
 
-    def recover(self) -> int:
-        """Return jobs a crash left ``running`` to ``pending`` (their attempt is counted),
-        and feedback objects left being compared to ``pending``."""
-        feedbackqueue.recover(self.index)
-        return recover(self.index)
+    def recover(self, *, at_start: bool = False) -> int:
+        """Return to ``pending`` the running jobs whose lease ended (their node is gone),
+        and at start those this node (``node.id``) left running; their attempt is counted.
+        Jobs a live node renews are left to it. At start, feedback objects left being compared
+        go back to pending too."""
+        if at_start:
+            feedbackqueue.recover(self.index)
+        return recover(self.index, owner=self.owner if at_start else None)
+
+    def renew(self) -> list[int]:
+        """Renew the leases of this runner's running jobs (the heartbeat); returns those
+        another node took over meanwhile."""
+        with self._lock:
+            running = list(self._running)
+        return renew(self.index, running, owner=self.owner,
+                     lease_seconds=self.config.node.lease_seconds)
 
     def start(self) -> None:
         """Start the worker processes now and load the rules' models in them, so that the
         first job does not wait for a process to spawn and a model to load."""
         with self._lock:
-            if self._stopping:
+            if self._stopping or self.config.pipeline.workers == 0:
                 return
             pool = self._pool_now()
             for _ in range(self.config.pipeline.workers):
                 pool.submit(child.warm_up)
+            self._start_heartbeat()
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            self._heartbeat = Heartbeat(self.config.node.heartbeat_seconds, self.renew,
+                                        name="jobs-heartbeat").start()
 
     def _pool_now(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -77,9 +103,9 @@ class JobRunner:
             if free <= 0:
                 return []
             started = []
-            for job_id in pending(self.index, free):
-                if not claim(self.index, job_id):
-                    continue
+            for job_id in claim_next(self.index, free, owner=self.owner,
+                                     lease_seconds=self.config.node.lease_seconds):
+                self._start_heartbeat()
                 future = self._pool_now().submit(child.work, job_id)
                 self._running[job_id] = future
                 started.append(job_id)
@@ -139,7 +165,8 @@ class JobRunner:
                 pool, self._pool = self._pool, None
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-        state = finish(self.index, job_id, outcome, self.config.pipeline.max_attempts)
+        state = finish(self.index, job_id, outcome, self.config.pipeline.max_attempts,
+                       owner=self.owner)
         if state is JobState.DONE and self.on_done is not None:
             try:
                 self.on_done()
@@ -156,6 +183,9 @@ class JobRunner:
             self._stopping = True
             pool, self._pool = self._pool, None
             running = list(self._running)
+            heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop()
         if pool is not None:
             processes = list(getattr(pool, "_processes", {}).values())
             pool.shutdown(wait=False, cancel_futures=True)
@@ -164,6 +194,6 @@ class JobRunner:
             for process in processes:
                 process.join(10)
         if running:
-            requeue(self.index, running)
+            requeue(self.index, running, owner=self.owner)
             LOG.info("%d running job(s) stopped; they run again at the next start",
                      len(running))

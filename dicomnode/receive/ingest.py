@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, func, insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from dicomnode.dicom.status import Status
@@ -59,6 +59,9 @@ STATUS_INDEX_UNAVAILABLE = Status.OUT_OF_RESOURCES_INDEX_UNAVAILABLE
 STATUS_INVALID_UID = Status.CANNOT_UNDERSTAND_INVALID_UID
 STATUS_UID_MISMATCH = Status.CANNOT_UNDERSTAND_UID_MISMATCH
 STATUS_SOP_CLASS_MISMATCH = Status.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+
+#: How often an ingest that lost a race on a unique key to another node stores again.
+_RACE_RETRIES = 3
 
 _INSTANCE = cast(Table, Instance.__table__)
 _SERIES = cast(Table, Series.__table__)
@@ -146,12 +149,36 @@ class InstanceStore:
         """
         header, relative, size = self._prepare(tmp_file, expected_sop_instance_uid)
         self._wait_not_in_flight(header.sop_instance_uid)
+        return self._store_retrying(tmp_file, relative, size, header, calling_ae_title)
+
+    def _store_retrying(self, tmp_file: Path, relative: Path, size: int,
+                        header: InstanceHeader, calling_ae_title: str) -> IngestResult:
+        """:meth:`_store`, again on top of another node's rows when it lost a race on a
+        unique key (two nodes receiving the same instance at once).
+
+        Raises:
+            StoreFailure: 0xA701 when the index cannot be written.
+        """
         with self._lock:
-            try:
-                return self._store(tmp_file, relative, size, header, calling_ae_title)
-            except SQLAlchemyError as exc:
-                LOG.error("index write failed: %s", type(exc).__name__)
-                raise StoreFailure("index unavailable", STATUS_INDEX_UNAVAILABLE) from None
+            for attempt in range(_RACE_RETRIES + 1):
+                try:
+                    return self._store(tmp_file, relative, size, header, calling_ae_title,
+                                       in_place=not tmp_file.exists())
+                except IntegrityError:
+                    # another node inserted the same instance, series, study or patient
+                    # first: store again on top of its rows
+                    if attempt < _RACE_RETRIES:
+                        LOG.info("instance indexed by another node at the same time: "
+                                 "storing again (attempt %d)", attempt + 2)
+                        continue
+                    LOG.error("index write failed: IntegrityError, %d attempts",
+                              _RACE_RETRIES + 1)
+                    raise StoreFailure("index unavailable", STATUS_INDEX_UNAVAILABLE) from None
+                except SQLAlchemyError as exc:
+                    LOG.error("index write failed: %s", type(exc).__name__)
+                    raise StoreFailure("index unavailable",
+                                       STATUS_INDEX_UNAVAILABLE) from None
+            raise AssertionError("unreachable")
 
     def receive(
         self, tmp_file: Path, *, calling_ae_title: str,
@@ -181,12 +208,7 @@ class InstanceStore:
                 self._in_flight.add(uid)
         if not fresh:  # a re-send: decided against the index, as ingest() does
             self._wait_not_in_flight(uid)
-            with self._lock:
-                try:
-                    result = self._store(tmp_file, relative, size, header, calling_ae_title)
-                except SQLAlchemyError as exc:
-                    LOG.error("index write failed: %s", type(exc).__name__)
-                    raise StoreFailure("index unavailable", STATUS_INDEX_UNAVAILABLE) from None
+            result = self._store_retrying(tmp_file, relative, size, header, calling_ae_title)
             if on_indexed is not None:
                 on_indexed(result)
             return result.outcome
@@ -256,12 +278,22 @@ class InstanceStore:
                 f"{self.min_free_bytes}", STATUS_OUT_OF_RESOURCES)
 
     def _store(self, tmp_file: Path, relative: Path, size: int, header: InstanceHeader,
-               calling_ae_title: str) -> IngestResult:
+               calling_ae_title: str, *, in_place: bool = False) -> IngestResult:
+        """Index the instance, moving ``tmp_file`` to ``relative`` (``in_place``: it is
+        there already, moved by an attempt that lost a race with another node)."""
         now = utcnow()
         with self.index.session() as session:
             existing = session.scalars(
                 select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
             ).one_or_none()
+            if existing is not None and in_place:
+                # the other node's row: the file in its place is one of the two copies
+                existing.times_received += 1
+                existing.series.study.last_received_at = now
+                session.commit()
+                series = existing.series
+                return IngestResult(series.study_pk, series.id, existing.id,
+                                    IngestOutcome.DUPLICATE)
             if existing is not None:
                 old = self.files.root / existing.file_path
                 if old.is_file() and filecmp.cmp(old, tmp_file, shallow=False):
@@ -276,17 +308,23 @@ class InstanceStore:
             created = existing is None
             # the version stored at the same place (a replacement) is kept until the index
             # has the new one: a failed commit puts it back, nothing acknowledged is lost
-            kept = self.files.keep(relative)
-            self.files.commit(tmp_file, relative)
+            kept = None
+            if not in_place:
+                session.flush()  # a unique key another node took fails here, file untouched
+                kept = self.files.keep(relative)
+                self.files.commit(tmp_file, relative)
             try:
                 stale = self._fill(session, existing, series, header, relative, size,
                                    calling_ae_title, now)
                 session.commit()
+            except IntegrityError:
+                session.rollback()  # another node's row: its file is this same place
+                raise
             except SQLAlchemyError:
                 session.rollback()
                 if kept is not None:
                     self.files.restore(kept, relative)
-                else:
+                elif created and not in_place:
                     self.files.remove(relative)
                 raise
             finally:

@@ -20,12 +20,19 @@ still to be sent survives restarts and crashes. Items move through these states:
   (:class:`dicomnode.boundary.PeerBoundary`) at delivery: pseudonymized for a research
   peer, re-identified for a clinical one, or refused (``failed``), whoever queued it.
   Each response is committed as soon as it arrives, before the next C-STORE.
-* **Claims**: a delivery first claims its items (state ``sending``, with
-  ``next_attempt_at`` holding the end of the claim), so two deliveries (the node's and
-  ``dicomnode outbox send``) never send the same item at once. A claim that outlives
-  its process (a crash) expires by itself, and the node returns every ``sending`` item
-  to ``pending`` when it starts (:meth:`Outbox.recover`): an item is only ever marked
-  ``sent`` on a Success (0x0000) or warning (0xBxxx) status, never lost.
+* **Claims**: a delivery first claims its items (state ``sending``, ``owner`` the node's
+  ``node.id``, ``next_attempt_at`` holding the end of the claim's lease), so two
+  deliveries (two nodes sharing the index, the node and ``dicomnode outbox send``) never
+  send the same item at once; on PostgreSQL the due items are selected
+  ``FOR UPDATE SKIP LOCKED``. While the round runs the lease is renewed every
+  ``node.heartbeat_seconds`` (``heartbeat_at``); a claim whose owner is gone (killed, its
+  machine lost) lapses after ``node.lease_seconds`` and the item is due again for any
+  node, and a node starting again takes back its own claims at once
+  (:meth:`Outbox.recover`); a live peer's claims are never taken. Only the owner records
+  an outcome. An item is only ever marked ``sent`` on a Success (0x0000) or warning
+  (0xBxxx) status, never lost.
+* **Files**: an item's ``file_path`` is relative to ``storage.path`` (the storage root
+  that all nodes sharing the index mount) when the file is under it, else absolute.
 * **Transient failures**: the association cannot be established (peer down, rejected,
   aborted, ACSE timeout), it is lost or times out while sending, or the peer answers
   0xA7xx (out of resources) or 0xFE00 (cancel). The item is tried again after
@@ -55,7 +62,7 @@ from typing import Any, cast
 
 import pydicom
 from pydicom.uid import UID
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicomnode.boundary import BoundaryError, PeerBoundary, PeerCopy
@@ -66,6 +73,7 @@ from dicomnode.send.scu import SendError, SendResult, send_files
 from dicomnode.send.stow import stow_files
 from dicomnode.store import audit
 from dicomnode.store.db import Index
+from dicomnode.store.leases import Heartbeat, lease_end
 from dicomnode.store.pseudonyms import PseudonymMap
 from dicomnode.store.queries import count_by_state, iso_utc
 from dicomnode.store.tables import OutboxItem, OutboxState, utcnow
@@ -77,6 +85,7 @@ __all__ = [
     "Outbox",
     "OutboxError",
     "outbox_report",
+    "relative_outbox_paths",
     "retry_delay",
 ]
 
@@ -182,9 +191,29 @@ class Outbox:
 
     def __init__(self, index: Index, peers: Mapping[str, PeerConfig], *, ae_title: str,
                  settings: OutboxConfig | None = None,
-                 boundary: PeerBoundary | None = None) -> None:
+                 boundary: PeerBoundary | None = None, owner: str = "local",
+                 root: Path | None = None, lease_seconds: float | None = None,
+                 heartbeat_seconds: float | None = None) -> None:
         """``boundary`` makes each file fit for its destination at delivery (default: one
-        without a key or a folder for copies, which refuses what would need either)."""
+        without a key or a folder for copies, which refuses what would need either).
+
+        ``owner`` names this node in its claims (``node.id``); ``root`` is the storage
+        root files under which are recorded relative to it; ``lease_seconds`` is the
+        length of a claim, renewed every ``heartbeat_seconds`` while a round runs (None:
+        a claim long enough for every C-STORE of the round to time out, not renewed).
+
+        Raises:
+            ValueError: ``heartbeat_seconds`` without ``lease_seconds``, or not below it.
+        """
+        if heartbeat_seconds is not None and (lease_seconds is None
+                                              or heartbeat_seconds >= lease_seconds):
+            raise ValueError("heartbeat_seconds needs a longer lease_seconds")
+        self.owner = owner
+        self.root = None if root is None else root.resolve()
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self._claimed: dict[str, set[int]] = {}  # per destination, while its round runs
+        self._heartbeat: Heartbeat | None = None
         self.index = index
         self.peers = dict(peers)
         self.boundary = boundary or PeerBoundary(peers, PseudonymMap(index), out_dir=None)
@@ -199,7 +228,24 @@ class Outbox:
     def from_config(cls, config: Config, index: Index) -> Outbox:
         """The outbox of a configured node: its peers, its AE title and ``outbox`` settings."""
         return cls(index, config.peers, ae_title=config.node.ae_title, settings=config.outbox,
-                   boundary=PeerBoundary.from_config(config, PseudonymMap(index)))
+                   boundary=PeerBoundary.from_config(config, PseudonymMap(index)),
+                   owner=config.node.node_id, root=config.storage.path,
+                   lease_seconds=config.node.lease_seconds,
+                   heartbeat_seconds=config.node.heartbeat_seconds)
+
+    def stored_path(self, path: Path) -> str:
+        """How a file's path is recorded: relative to the storage root when under it."""
+        resolved = path.resolve()
+        if self.root is not None and resolved.is_relative_to(self.root):
+            return resolved.relative_to(self.root).as_posix()
+        return str(resolved)
+
+    def file_of(self, stored: str) -> Path:
+        """The file a recorded path names on this node."""
+        path = Path(stored)
+        if path.is_absolute() or self.root is None:
+            return path
+        return self.root / path
 
     @property
     def destinations(self) -> list[str]:
@@ -235,7 +281,7 @@ class Outbox:
             raise OutboxError("no destination given")
         for name in names:
             self._check_destination(name)
-        files = [(str(Path(p).resolve()), *_read_header(Path(p))) for p in paths]
+        files = [(self.stored_path(Path(p)), *_read_header(Path(p))) for p in paths]
         for attempt in range(2):
             try:
                 return self._insert(files, names, job_pk)
@@ -310,21 +356,23 @@ class Outbox:
         return int(result.rowcount or 0)
 
     def recover(self) -> int:
-        """Return every ``sending`` item to ``pending``, due now (at node start-up).
-
-        Call it only when no other process is delivering from the same index: an item
-        it is sending would be sent twice (harmless for a PACS, which keeps one copy of
-        a SOP instance, but wasteful).
+        """At node start-up: return to ``pending``, due now, the items this node
+        (``owner``) left ``sending`` and those whose claim lapsed (their node is gone).
+        Items another live node is sending (its lease renewed) are left to it.
 
         Delivery is at-least-once: of the items a dead process left ``sending``, those
         it never sent go now for the first time, and at most the one whose C-STORE was
         answered just before the crash (the response arrived, its commit did not) reaches
         its destination again, under the same SOP Instance UID.
         """
+        now = utcnow()
         with self.index.session() as session:
             result = cast(CursorResult[Any], session.execute(
-                update(OutboxItem).where(OutboxItem.state == OutboxState.SENDING)
-                .values(state=OutboxState.PENDING, next_attempt_at=utcnow())
+                update(OutboxItem).where(
+                    OutboxItem.state == OutboxState.SENDING,
+                    or_(OutboxItem.owner == self.owner, OutboxItem.owner.is_(None),
+                        OutboxItem.next_attempt_at <= now))
+                .values(state=OutboxState.PENDING, next_attempt_at=now, owner=None)
                 .execution_options(synchronize_session=False)))
             session.commit()
         count = int(result.rowcount or 0)
@@ -333,6 +381,24 @@ class Outbox:
                      "one in flight at the interruption may reach its destination twice "
                      "(same SOP Instance UID)", count)
         return count
+
+    def renew(self) -> int:
+        """Extend the claims of the items this outbox is sending (the heartbeat); returns
+        how many it still holds."""
+        with self._lock:
+            ids = [i for claimed in self._claimed.values() for i in claimed]
+        if not ids or self.lease_seconds is None:
+            return 0
+        now = utcnow()
+        with self.index.session() as session:
+            result = cast(CursorResult[Any], session.execute(
+                update(OutboxItem).where(OutboxItem.id.in_(ids),
+                                         OutboxItem.state == OutboxState.SENDING,
+                                         OutboxItem.owner == self.owner)
+                .values(next_attempt_at=lease_end(self.lease_seconds, now), heartbeat_at=now)
+                .execution_options(synchronize_session=False)))
+            session.commit()
+        return int(result.rowcount or 0)
 
     # ---------------------------------------------------------------- delivery
 
@@ -377,6 +443,10 @@ class Outbox:
         The item being sent when this is called finishes (its response is recorded).
         """
         self._stopping.set()
+        with self._lock:
+            heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stop()
         deadline = time.monotonic() + timeout
         with self._lock:
             threads = list(self._threads)
@@ -399,6 +469,9 @@ class Outbox:
                 if name in self._busy:
                     continue
                 self._busy.add(name)
+                if self._heartbeat is None and self.heartbeat_seconds is not None:
+                    self._heartbeat = Heartbeat(self.heartbeat_seconds, self.renew,
+                                                name="outbox-heartbeat").start()
                 box: list[DestinationReport] = []
                 thread = threading.Thread(target=self._run, args=(name, now, box),
                                           name=f"outbox-{name}", daemon=True)
@@ -416,6 +489,8 @@ class Outbox:
             with self._lock:
                 self._busy.discard(name)
                 self._threads.discard(threading.current_thread())
+                # a round that ended abnormally renews nothing: its claims lapse
+                self._claimed.pop(name, None)
 
     def _fail_unconfigured(self, name: str, now: dt.datetime) -> None:
         message = (f"destination {name!r} is not configured (peers.{name} with host and port, "
@@ -435,26 +510,36 @@ class Outbox:
     def _claim(self, name: str, now: dt.datetime) -> list[_Claim]:
         """Claim the due items of one destination (state ``sending`` until a lease ends)."""
         with self.index.session() as session:
-            rows = session.execute(
-                select(OutboxItem.id, OutboxItem.state, OutboxItem.next_attempt_at,
-                       OutboxItem.file_path, OutboxItem.sop_class_uid, OutboxItem.attempts)
-                .where(OutboxItem.destination == name, *_due(now))
-                .order_by(OutboxItem.id)).all()
+            query = (select(OutboxItem.id, OutboxItem.state, OutboxItem.next_attempt_at,
+                            OutboxItem.file_path, OutboxItem.sop_class_uid,
+                            OutboxItem.attempts)
+                     .where(OutboxItem.destination == name, *_due(now))
+                     .order_by(OutboxItem.id))
+            if not self.index.is_sqlite:  # rows another node is claiming are skipped
+                query = query.with_for_update(skip_locked=True, of=OutboxItem)
+            rows = session.execute(query).all()
             if not rows:
+                session.commit()
                 return []
-            # long enough for the association and every C-STORE to time out once
-            lease = dt.timedelta(seconds=self.settings.timeout_seconds * (2 + 2 * len(rows)))
+            if self.lease_seconds is not None:  # renewed by the heartbeat
+                lease = dt.timedelta(seconds=self.lease_seconds)
+            else:  # long enough for the association and every C-STORE to time out once
+                lease = dt.timedelta(seconds=self.settings.timeout_seconds * (2 + 2 * len(rows)))
             claimed: list[_Claim] = []
             for item_id, state, next_at, path, sop_class, attempts in rows:
                 result = cast(CursorResult[Any], session.execute(
                     update(OutboxItem)
                     .where(OutboxItem.id == item_id, OutboxItem.state == state,
                            OutboxItem.next_attempt_at == next_at)
-                    .values(state=OutboxState.SENDING, next_attempt_at=now + lease)
+                    .values(state=OutboxState.SENDING, next_attempt_at=now + lease,
+                            owner=self.owner, heartbeat_at=now)
                     .execution_options(synchronize_session=False)))
                 if result.rowcount == 1:  # not claimed meanwhile by another process
-                    claimed.append(_Claim(item_id, path, sop_class, attempts))
+                    claimed.append(_Claim(item_id, str(self.file_of(path)), sop_class,
+                                          attempts))
             session.commit()
+        with self._lock:
+            self._claimed.setdefault(name, set()).update(c.id for c in claimed)
         return claimed
 
     def _deliver(self, name: str, now: dt.datetime) -> DestinationReport:
@@ -550,17 +635,28 @@ class Outbox:
             values.update(state=OutboxState.FAILED, last_error=message)
             report.failed += 1
             LOG.error("%s: failed, not retried: %s", what, message)
+        values["owner"] = None
         with self.index.session() as session:
-            session.execute(update(OutboxItem).where(OutboxItem.id == claim.id).values(**values)
-                            .execution_options(synchronize_session=False))
-            audit.item_outcome(session, claim.id, values["state"], result.status)
+            done = cast(CursorResult[Any], session.execute(
+                update(OutboxItem).where(OutboxItem.id == claim.id,
+                                         OutboxItem.state == OutboxState.SENDING,
+                                         OutboxItem.owner == self.owner)
+                .values(**values).execution_options(synchronize_session=False)))
+            if done.rowcount == 1:
+                audit.item_outcome(session, claim.id, values["state"], result.status)
             session.commit()
+        with self._lock:
+            self._claimed.get(name, set()).discard(claim.id)
+        if done.rowcount != 1:
+            LOG.warning("%s: this node's claim lapsed and another node took the item over; "
+                        "this outcome is not recorded", what)
 
 
 # -------------------------------------------------------------------- reporting
 
 
-def _item(item: OutboxItem) -> dict[str, Any]:
+def _item(item: OutboxItem, root: Path | None) -> dict[str, Any]:
+    path = Path(item.file_path)
     return {
         "id": item.id,
         "state": item.state.value,
@@ -568,7 +664,7 @@ def _item(item: OutboxItem) -> dict[str, Any]:
         "sop_class_uid": item.sop_class_uid,
         "sop_class_name": _sop_class_name(item.sop_class_uid),
         "sop_instance_uid": item.sop_instance_uid,
-        "file_path": item.file_path,
+        "file_path": str(path if path.is_absolute() or root is None else root / path),
         "job_id": item.job_pk,
         "attempts": item.attempts,
         "next_attempt_at": (iso_utc(item.next_attempt_at)
@@ -577,15 +673,17 @@ def _item(item: OutboxItem) -> dict[str, Any]:
         "last_error": item.last_error,
         "created_at": iso_utc(item.created_at),
         "sent_at": iso_utc(item.sent_at),
+        "owner": item.owner if item.state is OutboxState.SENDING else None,
     }
 
 
 def outbox_report(index: Index, *, state: OutboxState | str | None = None,
-                  destination: str | None = None) -> dict[str, Any]:
+                  destination: str | None = None, root: Path | None = None) -> dict[str, Any]:
     """The outbox as a JSON-ready dict (stable keys, see docs/outbox-json.md).
 
     ``counts`` covers every item; ``items`` only those of ``state`` and
-    ``destination`` when given, ordered by id.
+    ``destination`` when given, ordered by id. ``file_path`` is absolute: a path recorded
+    relative to the storage root is joined to ``root`` (``storage.path``).
     """
     counts = count_by_state(index, OutboxItem.state, OutboxState)
     with index.session() as session:
@@ -594,5 +692,26 @@ def outbox_report(index: Index, *, state: OutboxState | str | None = None,
             query = query.where(OutboxItem.state == OutboxState(state))
         if destination is not None:
             query = query.where(OutboxItem.destination == destination)
-        items = [_item(item) for item in session.scalars(query)]
+        items = [_item(item, root) for item in session.scalars(query)]
     return {"schema": OUTBOX_SCHEMA_VERSION, "counts": counts, "items": items}
+
+
+def relative_outbox_paths(index: Index, root: Path) -> int:
+    """Record relative to ``root`` the absolute outbox paths under it (as earlier releases
+    recorded them), so that every node mounting the storage root finds the files; returns
+    how many. Idempotent."""
+    root = root.resolve()
+    changed = 0
+    with index.session() as session:
+        rows = session.execute(select(OutboxItem.id, OutboxItem.file_path)).all()
+        for item_id, stored in rows:
+            path = Path(stored)
+            if path.is_absolute() and path.is_relative_to(root):
+                session.execute(update(OutboxItem).where(OutboxItem.id == item_id)
+                                .values(file_path=path.relative_to(root).as_posix())
+                                .execution_options(synchronize_session=False))
+                changed += 1
+        session.commit()
+    if changed:
+        LOG.info("outbox: %d file path(s) now recorded relative to the storage root", changed)
+    return changed

@@ -4,6 +4,7 @@ Layout under ``storage.path``::
 
     instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
     tmp/                       (files being received; emptied at start and stop)
+    tmp/<node id>/             (the same, of each node sharing the root, when node.id is set)
 
 A file enters ``instances/`` by an atomic rename of a complete temporary file,
 fsynced before the rename (or, for a new file, right after it: see
@@ -35,10 +36,14 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 class InstanceFiles:
     """Owns the on-disk layout of the raw store."""
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, node_id: str | None = None) -> None:
+        """``node_id``: this node's own temporary folder ``tmp/<node_id>`` (several nodes
+        mount one storage root: a node starting empties only its own)."""
+        if node_id is not None and (not node_id or "/" in node_id or node_id.startswith(".")):
+            raise ValueError(f"node id {node_id!r} cannot name a folder")
         self.root = root
         self.instances = root / "instances"
-        self.tmp = root / "tmp"
+        self.tmp = root / "tmp" if node_id is None else root / "tmp" / node_id
         self.fsync = fsync
         self.instances.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)

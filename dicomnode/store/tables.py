@@ -28,7 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # the states are defined with the node's other states; imported here for the columns and
 # for the modules that import them from the tables
-from dicomnode.states import JobState, JobTrigger, OutboxState, StudyState
+from dicomnode.states import JobState, JobTrigger, NodeRole, OutboxState, StudyState
 
 __all__ = [
     "Base",
@@ -40,6 +40,8 @@ __all__ = [
     "JobInput",
     "JobState",
     "JobTrigger",
+    "NodeRecord",
+    "NodeRole",
     "Notification",
     "OutboxItem",
     "OutboxState",
@@ -223,6 +225,11 @@ class Job(Base):
     # it wrote ([{"kind", "sop_instance_uid", "file"}]), see dicomnode.jobs.pipeline
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     results: Mapped[list[Any] | None] = mapped_column(JSON)
+    # while running: the node (``node.id``) that claimed it, until when its claim holds
+    # unless renewed, and when it was last renewed (see dicomnode.jobs.queue)
+    owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
     study: Mapped[Study] = relationship()
 
@@ -256,6 +263,10 @@ class OutboxItem(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     job_pk: Mapped[int | None] = mapped_column(Integer, index=True)
+    # while sending: the node (``node.id``) that claimed it and when it last renewed the
+    # claim, whose end is ``next_attempt_at`` (see dicomnode.send.outbox)
+    owner: Mapped[str | None] = mapped_column(String(128))
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
 
     __table_args__ = (
         Index("ux_outbox_item_instance_destination", "sop_instance_uid", "destination",
@@ -468,3 +479,19 @@ class Notification(Base):
         Index("ux_notification_target_key", "target", "key", unique=True),
         Index("ix_notification_due", "state", "next_attempt_at"),
     )
+
+
+class NodeRecord(Base):
+    """One node of the site sharing this index (``dicomnode serve`` or ``dicomnode worker``)
+    and when it last said it is alive (``dicomnode status``)."""
+
+    __tablename__ = "node"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # node.id
+    role: Mapped[NodeRole] = mapped_column(Enum(NodeRole, native_enum=False, length=16))
+    version: Mapped[str] = mapped_column(String(32))  # the dicomnode release it runs
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    stopped_at: Mapped[dt.datetime | None] = mapped_column(DateTime)

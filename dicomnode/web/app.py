@@ -225,7 +225,8 @@ def jobs_data(console: Any, auth: bool) -> dict[str, Any]:
 
 
 def outbox_data(console: Any, auth: bool) -> dict[str, Any]:
-    view = api.outbox_view(outbox_report(console.index), authenticated=auth)
+    view = api.outbox_view(outbox_report(console.index, root=console.config.storage.path),
+                           authenticated=auth)
     return api.OutboxList.model_validate(view).model_dump(exclude_unset=True)
 
 
