@@ -21,7 +21,7 @@ from dicomnode.config import OutputsConfig
 from dicomnode.inference.segment import Segmentation
 from dicomnode.inference.volume import SeriesVolume
 from dicomnode.outputs.measurements import build_sr
-from dicomnode.outputs.rtstruct import build_rtstruct
+from dicomnode.outputs.rtstruct import NoContourError, build_rtstruct
 from dicomnode.outputs.seg import build_seg
 from dicomnode.outputs.source import source_series
 from dicomnode.store.files import write_atomic
@@ -48,6 +48,10 @@ class Results:
 
     objects: tuple[ResultObject, ...]
     volumes: Path
+    rtstruct_omitted: tuple[str, ...] = ()
+    """Structures left out of the RTSTRUCT because the model found them empty (no contour;
+    ``outputs.rtstruct_empty_structures: omit``), in card order; all of them when no
+    RTSTRUCT was written for want of any contour."""
 
     def by_kind(self, kind: str) -> ResultObject:
         for obj in self.objects:
@@ -111,10 +115,20 @@ def write_results(
                            omit_empty_frames=options.seg_omit_empty_frames,
                            result_number=result_number)
         objects.append(_save(seg_ds, out / "seg.dcm", "SEG", keep_datasets))
+    omitted: list[str] = []
+    rtstruct_note = None
     if options.rtstruct:
-        objects.append(_save(build_rtstruct(segmentation, source, seed=seed,
-                                            result_number=result_number),
-                             out / "rtstruct.dcm", "RTSTRUCT", keep_datasets))
+        names = [s.label.name for s in segmentation.structures]
+        try:
+            rt_ds = build_rtstruct(segmentation, source, seed=seed, result_number=result_number,
+                                   empty_structures=options.rtstruct_empty_structures)
+        except NoContourError:
+            omitted, rtstruct_note = names, "not written: no structure has a contour"
+        else:
+            kept = {str(roi.ROIName) for roi in rt_ds.StructureSetROISequence}
+            omitted = [n for n in names if n not in kept]
+            objects.append(_save(rt_ds, out / "rtstruct.dcm", "RTSTRUCT", keep_datasets))
+            del rt_ds
     if options.sr and seg_ds is not None:
         objects.append(_save(build_sr(segmentation, seg_ds, source, seed=seed,
                                       result_number=result_number),
@@ -124,9 +138,15 @@ def write_results(
     report["objects"] = [
         {"kind": o.kind, "file": o.path.name, "sop_class_uid": o.sop_class_uid,
          "sop_instance_uid": o.sop_instance_uid} for o in objects]
+    if options.rtstruct:
+        # structures the model found empty, left out of rtstruct.dcm (rt-utils and several
+        # planning systems fail on an ROI without contours)
+        report["rtstruct_omitted"] = omitted
+        if rtstruct_note:
+            report["rtstruct"] = rtstruct_note
     if extra:
         report.update(extra)
     volumes = out / "volumes.json"
     text = (json.dumps(report, indent=2) + "\n").encode("utf-8")
     write_atomic(volumes, lambda fp: fp.write(text))
-    return Results(tuple(objects), volumes)
+    return Results(tuple(objects), volumes, tuple(omitted))
