@@ -7,6 +7,7 @@ back (highdicom the SR too). Real models on real data: ``ct-body`` on the Craniu
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -751,7 +752,14 @@ def test_pydicom_seg_reads_each_segment_back_as_its_mask(case: Case) -> None:
 
 
 def _segimage2itkimage() -> str:
-    tool = shutil.which("segimage2itkimage")
+    """dcmqi's converter: on PATH, beside this Python's scripts, or in the dcmqi wheel."""
+    tool = (shutil.which("segimage2itkimage")
+            or shutil.which("segimage2itkimage", path=str(Path(sys.executable).parent)))
+    if tool is None:
+        spec = importlib.util.find_spec("dcmqi")
+        if spec is not None and spec.origin is not None:
+            candidate = Path(spec.origin).parent / "bin" / "segimage2itkimage"
+            tool = str(candidate) if candidate.is_file() else None
     if tool is None:
         pytest.skip("segimage2itkimage missing: pip install dcmqi (the test extra); Debian "
                     "has no dcmqi package")
