@@ -837,6 +837,11 @@ class OutputsConfig(_Section):
         "segment, for a viewer that places frames by their index), or auto (keep every "
         "frame for up to 16 segments, leave empty ones out above)")
     rtstruct: bool = True
+    rtstruct_empty_structures: Literal["omit", "keep"] = Field(
+        "omit", description="a structure the model found empty (no contour): omit leaves it "
+        "out of the RTSTRUCT (rt-utils and several planning systems fail on an ROI without "
+        "contours; volumes.json lists it under rtstruct_omitted), keep writes its ROI "
+        "without contours")
     sr: bool = Field(False, description="a TID 1500 measurement report (needs seg)")
     reject_superseded: bool = Field(
         True, description="when a job's newer version sends its results, send an IHE IOCM "

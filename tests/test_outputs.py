@@ -1,21 +1,26 @@
 """Result objects judged by independent tools: dciodvfy (dicom3tools) validates every SEG,
-RTSTRUCT and SR; plastimatch rasterises the RTSTRUCT back onto the images; highdicom reads
-the SEG and the SR back. Real models on real data: ``ct-body`` on the Cranium CT and
+RTSTRUCT and SR, PixelMed's validators the SEG and the SR; plastimatch and rt-utils
+rasterise the RTSTRUCT back onto the images; highdicom, pydicom-seg and dcmqi read the SEG
+back (highdicom the SR too). Real models on real data: ``ct-body`` on the Cranium CT and
 ``brain-mr`` on the Colin27 MR."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pydicom
+import pydicom.uid
 import pytest
 import SimpleITK as sitk
 import testdata
@@ -23,6 +28,7 @@ from orthanc import OrthancServer, requires_orthanc
 from pydicom.dataset import Dataset
 from skimage.draw import polygon2mask
 
+from dicomnode import __version__
 from dicomnode.boundary import for_peer
 from dicomnode.config import ConfigError, OutputsConfig, PeerConfig, load_config
 from dicomnode.inference.segment import (
@@ -35,6 +41,7 @@ from dicomnode.inference.segment import (
 )
 from dicomnode.inference.volume import SeriesVolume
 from dicomnode.models.card import load_card
+from dicomnode.outputs.algorithm import algorithm_identity
 from dicomnode.outputs.rtstruct import ds_bytes, slice_contours
 from dicomnode.outputs.source import OutputError
 from dicomnode.outputs.write import Results, write_results
@@ -264,9 +271,10 @@ def test_rtstruct_references_contours_names_colours_and_algorithm(case: Case) ->
     assert series.SeriesInstanceUID == first.SeriesInstanceUID
     assert {i.ReferencedSOPInstanceUID for i in series.ContourImageSequence} == set(headers)
     card = case.segmentation.card
+    written = [s for s in case.segmentation.structures if s.voxel_count]  # empty: left out
     for roi, contour, obs, structure in zip(
             ds.StructureSetROISequence, ds.ROIContourSequence, ds.RTROIObservationsSequence,
-            case.segmentation.structures, strict=True):
+            written, strict=True):
         label = structure.label
         assert roi.ROIName == label.name and roi.ROIGenerationAlgorithm == "AUTOMATIC"
         assert card.name in roi.ROIGenerationDescription
@@ -274,8 +282,7 @@ def test_rtstruct_references_contours_names_colours_and_algorithm(case: Case) ->
         assert list(contour.ROIDisplayColor) == list(label.color)
         assert obs.RTROIInterpretedType == label.rt_roi_interpreted_type
         assert contour.ReferencedROINumber == roi.ROINumber == obs.ReferencedROINumber
-        items = contour.get("ContourSequence", [])
-        assert bool(items) == (structure.voxel_count > 0)
+        items = contour.ContourSequence
         for item in items:
             assert item.ContourGeometricType == "CLOSED_PLANAR"
             image = headers[item.ContourImageSequence[0].ReferencedSOPInstanceUID]
@@ -457,3 +464,329 @@ def test_a_seg_sent_back_to_a_node_is_not_an_image_series(cranium: Case, tmp_pat
         index.dispose()
     verdicts = {s["modality"]: s["geometry"]["state"] for s in study["series"]}
     assert verdicts == {"SEG": "not-image", "CT": "whole"}
+
+
+# --- IHE AI Results (AIR): the algorithm's identity in every object ----------------------
+
+PROCESSING_EQUIPMENT = ("109102", "DCM")  # CID 7005, what AIR section 6.5.3.1 asks for
+
+
+def _equipment(ds: Dataset) -> Dataset:
+    """The model's Contributing Equipment item: the one with a Device UID (highdicom adds
+    the source's acquisition equipment and itself, without)."""
+    (item,) = [i for i in ds.ContributingEquipmentSequence if "DeviceUID" in i]
+    return item
+
+
+def test_every_object_names_the_model_as_contributing_equipment(case: Case) -> None:
+    card = case.segmentation.card
+    devices = set()
+    for obj in case.results.objects:
+        ds = pydicom.dcmread(obj.path, stop_before_pixels=True)
+        item = _equipment(ds)
+        (purpose,) = item.PurposeOfReferenceCodeSequence
+        assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == PROCESSING_EQUIPMENT
+        assert item.Manufacturer == ", ".join(card.authors)[:64]
+        assert item.ManufacturerModelName == card.name
+        assert list(item.SoftwareVersions) == [card.version, f"dicomnode {__version__}"]
+        assert pydicom.uid.UID(item.DeviceUID).is_valid
+        devices.add(item.DeviceUID)
+    assert len(devices) == 1  # one device: the same UID in the SEG, the RTSTRUCT and the SR
+
+
+def test_the_seg_and_rtstruct_algorithm_identification_match_the_equipment(case: Case) -> None:
+    card = case.segmentation.card
+    seg = pydicom.dcmread(case.results.by_kind("SEG").path, stop_before_pixels=True)
+    item = _equipment(seg)
+    for described in seg.SegmentSequence:
+        assert described.SegmentAlgorithmName == item.ManufacturerModelName
+        (algorithm,) = described.SegmentationAlgorithmIdentificationSequence
+        assert algorithm.AlgorithmName == item.ManufacturerModelName
+        assert algorithm.AlgorithmVersion == item.SoftwareVersions[0]
+        assert algorithm.AlgorithmSource == item.Manufacturer  # AIR Table 6.5.3.1-1
+    rt = pydicom.dcmread(case.results.by_kind("RTSTRUCT").path)
+    assert _equipment(rt).DeviceUID == item.DeviceUID
+    for roi in rt.StructureSetROISequence:
+        assert roi.ROIGenerationAlgorithm == "AUTOMATIC"
+        assert roi.ROIGenerationDescription.startswith(f"{card.name} {card.version}")
+        (algorithm,) = roi.ROIDerivationAlgorithmIdentificationSequence
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion,
+                algorithm.AlgorithmSource) == (item.ManufacturerModelName,
+                                               item.SoftwareVersions[0], item.Manufacturer)
+
+
+def _content(items: Any, name: str) -> list[Dataset]:
+    return [i for i in items if i.ConceptNameCodeSequence[0].CodeValue == name]
+
+
+def test_the_sr_measurement_groups_follow_air(case: Case) -> None:
+    sr = pydicom.dcmread(case.results.by_kind("SR").path)
+    seg = pydicom.dcmread(case.results.by_kind("SEG").path, stop_before_pixels=True)
+    item = _equipment(sr)
+    # the device observer is the model: the Contributing Equipment item's values
+    (uid,) = _content(sr.ContentSequence, "121012")
+    assert uid.UID == item.DeviceUID
+    (model,) = _content(sr.ContentSequence, "121015")
+    assert model.TextValue == item.ManufacturerModelName
+    (maker,) = _content(sr.ContentSequence, "121014")
+    assert maker.TextValue == item.Manufacturer
+    # the imaging procedure analysed, by the source's modality (CID 100)
+    (procedure,) = _content(sr.ContentSequence, "121058")
+    source = pydicom.dcmread(case.files[0], stop_before_pixels=True)
+    expected = {"CT": "25045-6", "MR": "25056-3"}[source.Modality]
+    assert procedure.ConceptCodeSequence[0].CodeValue == expected
+    (measurements,) = _content(sr.ContentSequence, "126010")
+    groups = _content(measurements.ContentSequence, "125007")
+    by_name = {s.label.name: (n, s) for n, s in
+               enumerate(case.segmentation.structures, start=1)}
+    segments = {int(s.SegmentNumber): s for s in seg.SegmentSequence}
+    assert len(groups) == sum(1 for s in case.segmentation.structures if s.voxel_count)
+    for group in groups:
+        items = group.ContentSequence
+        (tracking,) = _content(items, "112039")
+        number, structure = by_name[tracking.TextValue]
+        (tracking_uid,) = _content(items, "112040")
+        assert tracking_uid.UID == segments[number].TrackingUID  # the SEG segment's
+        (segment_ref,) = _content(items, "121191")
+        ref = segment_ref.ReferencedSOPSequence[0]
+        assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert ref.ReferencedSegmentNumber == number
+        (name,) = _content(items, "111001")
+        (version,) = _content(items, "111003")
+        assert (name.TextValue, version.TextValue) == (item.ManufacturerModelName,
+                                                       item.SoftwareVersions[0])
+        sites = [i.ConceptCodeSequence[0].CodeValue for i in _content(items, "363698007")]
+        # an anatomical structure is its own finding site (ct-body's Bone is a tissue)
+        anatomical = structure.label.category.value == "123037004"
+        assert sites == ([structure.label.type.value] if anatomical else [])
+        (finding,) = _content(items, "121071")
+        assert finding.ConceptCodeSequence[0].CodeValue == structure.label.type.value
+
+
+def test_the_device_uid_changes_with_the_model_file(tmp_path: Path) -> None:
+    package = tmp_path / "ct-body"
+    shutil.copytree(ROOT / "models" / "ct-body", package)
+    card = load_card(package)
+    assert card.sha256 is None  # ct-body's card names no checksum: the file is hashed
+    first = algorithm_identity(card).device_uid
+    assert algorithm_identity(load_card(package)).device_uid == first  # deterministic
+    model = package / card.file
+    model.write_bytes(model.read_bytes() + b"\0")  # another model file, same card
+    changed = algorithm_identity(load_card(package)).device_uid
+    assert changed != first and pydicom.uid.UID(changed).is_valid
+    model.unlink()
+    with pytest.raises(OutputError, match="Device UID derives from the model file"):
+        algorithm_identity(load_card(package, verify_files=False))
+
+
+# --- RTSTRUCT: structures the model found empty ----------------------------------------
+
+
+def test_empty_structures_are_left_out_of_the_rtstruct_and_listed(cranium: Case,
+                                                                 tmp_path: Path) -> None:
+    structures = cranium.segmentation.structures
+    empty = [s.label.name for s in structures if s.voxel_count == 0]
+    assert empty == ["Lungs"]  # ct-body on a head: no lung
+    rt = pydicom.dcmread(cranium.results.by_kind("RTSTRUCT").path)
+    assert [r.ROIName for r in rt.StructureSetROISequence] == ["External", "Bone"]
+    # ROI numbers stay the SEG's segment numbers
+    assert [r.ROINumber for r in rt.StructureSetROISequence] == [1, 2]
+    assert all("ContourSequence" in c for c in rt.ROIContourSequence)
+    volumes = json.loads(cranium.results.volumes.read_text())
+    assert volumes["rtstruct_omitted"] == ["Lungs"]
+    assert cranium.results.rtstruct_omitted == ("Lungs",)
+    # keep: the ROI without contours, as before
+    kept = write_results(cranium.segmentation, cranium.volume, cranium.files, tmp_path,
+                         OutputsConfig(seg=False, rtstruct_empty_structures="keep"))
+    rt = pydicom.dcmread(kept.by_kind("RTSTRUCT").path)
+    assert [r.ROIName for r in rt.StructureSetROISequence] == ["External", "Bone", "Lungs"]
+    assert "ContourSequence" not in rt.ROIContourSequence[2]
+    assert json.loads(kept.volumes.read_text())["rtstruct_omitted"] == []
+
+
+def test_no_rtstruct_is_written_when_no_structure_has_a_contour(cranium: Case,
+                                                               tmp_path: Path) -> None:
+    nothing = tuple(Structure(s.label, np.zeros_like(s.mask), 0, 0.0)
+                    for s in cranium.segmentation.structures)
+    segmentation = dataclasses.replace(cranium.segmentation, structures=nothing)
+    results = write_results(segmentation, cranium.volume, cranium.files, tmp_path / "omit",
+                            OutputsConfig(seg=False))
+    assert not results.objects and not (tmp_path / "omit" / "rtstruct.dcm").exists()
+    volumes = json.loads(results.volumes.read_text())
+    assert volumes["rtstruct_omitted"] == ["External", "Bone", "Lungs"]
+    assert volumes["rtstruct"] == "not written: no structure has a contour"
+    kept = write_results(segmentation, cranium.volume, cranium.files, tmp_path / "keep",
+                         OutputsConfig(seg=False, rtstruct_empty_structures="keep"))
+    rt = pydicom.dcmread(kept.by_kind("RTSTRUCT").path)
+    assert len(rt.StructureSetROISequence) == 3
+
+
+def test_rtstruct_empty_structures_is_omit_or_keep(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("outputs:\n  rtstruct_empty_structures: drop\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="rtstruct_empty_structures"):
+        load_config(path)
+    assert OutputsConfig().rtstruct_empty_structures == "omit"
+
+
+# --- RTSTRUCT rules planning systems enforce, one test each -----------------------------
+
+
+def _rtstruct(case: Case) -> tuple[Dataset, dict[str, Dataset]]:
+    ds = pydicom.dcmread(case.results.by_kind("RTSTRUCT").path)
+    headers = {str(h.SOPInstanceUID): h for h in
+               (pydicom.dcmread(p, stop_before_pixels=True) for p in case.files)}
+    return ds, headers
+
+
+def test_rtstruct_ds_values_have_at_most_16_characters(case: Case) -> None:
+    ds, _ = _rtstruct(case)
+    strings = _ds_strings(ds)
+    assert len(strings) > 1000 and max(len(s) for s in strings) <= 16
+
+
+def test_rtstruct_uses_the_frame_of_reference_of_its_images(case: Case) -> None:
+    ds, headers = _rtstruct(case)
+    (frame_of_reference,) = {str(h.FrameOfReferenceUID) for h in headers.values()}
+    assert ds.FrameOfReferenceUID == frame_of_reference
+    assert [r.FrameOfReferenceUID for r in ds.ReferencedFrameOfReferenceSequence] == [
+        frame_of_reference]
+    assert {r.ReferencedFrameOfReferenceUID for r in ds.StructureSetROISequence} == {
+        frame_of_reference}
+
+
+def test_rtstruct_roi_numbers_are_unique_and_consistent(case: Case) -> None:
+    ds, _ = _rtstruct(case)
+    numbers = [int(r.ROINumber) for r in ds.StructureSetROISequence]
+    assert len(set(numbers)) == len(numbers)
+    assert [int(c.ReferencedROINumber) for c in ds.ROIContourSequence] == numbers
+    assert [int(o.ReferencedROINumber) for o in ds.RTROIObservationsSequence] == numbers
+    observations = [int(o.ObservationNumber) for o in ds.RTROIObservationsSequence]
+    assert len(set(observations)) == len(observations)
+
+
+def test_rtstruct_contours_have_at_least_three_points(case: Case) -> None:
+    ds, _ = _rtstruct(case)
+    counts = [int(c.NumberOfContourPoints) for roi in ds.ROIContourSequence
+              for c in roi.ContourSequence]
+    assert counts and min(counts) >= 3
+    for roi in ds.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            assert len(contour.ContourData) == 3 * int(contour.NumberOfContourPoints)
+
+
+def test_every_rtstruct_contour_references_its_image(case: Case) -> None:
+    ds, headers = _rtstruct(case)
+    for roi in ds.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            (ref,) = contour.ContourImageSequence
+            image = headers[ref.ReferencedSOPInstanceUID]
+            assert ref.ReferencedSOPClassUID == image.SOPClassUID
+            points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+            normal = np.cross(*np.asarray(image.ImageOrientationPatient, float).reshape(2, 3))
+            offset = (points - np.asarray(image.ImagePositionPatient, float)) @ normal
+            assert np.abs(offset).max() < 1e-3  # on the plane of the image it references
+
+
+# --- validators and readers none of us wrote -------------------------------------------
+
+PIXELMED = Path("/usr/share/java/pixelmed.jar")
+# the validators' XSLT exceeds the XPath limits of JDK 17's secure processing
+_JAVA_XPATH = ["-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathExprOpLimit=0",
+               "-Djdk.xml.xpathTotalOpLimit=0"]
+
+
+def _pixelmed(validator: str, path: Path) -> str:
+    proc = subprocess.run(["java", *_JAVA_XPATH, "-cp", str(PIXELMED),
+                           f"com.pixelmed.validate.{validator}", str(path)],
+                          capture_output=True, text=True, check=False, timeout=180)
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_pixelmed_finds_no_error_in_the_seg_and_the_sr(case: Case) -> None:
+    _need(PIXELMED, "pixelmed-apps")
+    # PixelMed (2022) knows no RT IOD; it validates the SR's IOD and its templates
+    for kind, validator, found in (("SEG", "DicomInstanceValidator", "Segmentation IOD"),
+                                   ("SR", "DicomSRValidator", "Root Template TID_1500")):
+        report = _pixelmed(validator, case.results.by_kind(kind).path)
+        assert f"Found {found}" in report and "validation complete" in report, report
+        errors = [line for line in report.splitlines() if line.startswith("Error")
+                  or "Exception" in line]
+        assert not errors, f"{case.name} {kind}:\n{report}"
+
+
+def test_rt_utils_reads_every_structure_of_the_rtstruct(case: Case) -> None:
+    rt_utils = pytest.importorskip("rt_utils", reason="pip install --no-deps rt-utils")
+    rt = rt_utils.RTStructBuilder.create_from(
+        dicom_series_path=str(case.files[0].parent),
+        rt_struct_path=str(case.results.by_kind("RTSTRUCT").path))
+    written = [s for s in case.segmentation.structures if s.voxel_count]
+    assert rt.get_roi_names() == [s.label.name for s in written]
+    for structure in written:
+        mask = rt.get_roi_mask_by_name(structure.label.name)  # [row, column, slice]
+        # rt-utils 1.2.7 allocates Columns x Rows and fills [row, column]: for the
+        # non-square Colin27 (217 x 181) only the square part is meaningful
+        side = min(mask.shape[:2])
+        theirs = np.moveaxis(mask[:side, :side], -1, 0)
+        ours = structure.mask[:, :side, :side]
+        # rt-utils fills each polygon with its outline (cv2.fillPoly on rounded vertices):
+        # thin structures (Bone) grow by their border pixels
+        dice = _dice(theirs, ours)
+        print(f"{case.name} {structure.label.name}: rt-utils Dice {dice:.4f}")
+        assert dice >= 0.9, f"{structure.label.name}: Dice {dice:.4f}"
+
+
+def _pydicom_seg() -> Any:
+    # pydicom-seg 0.4.1 (its last release) imports pydicom._storage_sopclass_uids, which
+    # pydicom 3 folded into pydicom.uid (same names)
+    sys.modules.setdefault("pydicom._storage_sopclass_uids", pydicom.uid)
+    return pytest.importorskip("pydicom_seg", reason="pip install --no-deps pydicom-seg")
+
+
+def test_pydicom_seg_reads_each_segment_back_as_its_mask(case: Case) -> None:
+    pydicom_seg = _pydicom_seg()
+    seg = pydicom.dcmread(case.results.by_kind("SEG").path)
+    result = pydicom_seg.SegmentReader().read(seg)
+    structures = case.segmentation.structures
+    assert sorted(result.available_segments) == list(range(1, len(structures) + 1))
+    first = pydicom.dcmread(case.files[0], stop_before_pixels=True)
+    assert result.referenced_series_uid == first.SeriesInstanceUID
+    for number, structure in enumerate(structures, start=1):
+        np.testing.assert_array_equal(result.segment_data(number) > 0, structure.mask)
+        image = result.segment_image(number)
+        np.testing.assert_allclose(image.GetOrigin(), case.volume.image.GetOrigin(), atol=1e-3)
+        np.testing.assert_allclose(image.GetSpacing(), case.volume.image.GetSpacing(),
+                                   atol=1e-4)
+
+
+def _segimage2itkimage() -> str:
+    """dcmqi's converter: on PATH, beside this Python's scripts, or in the dcmqi wheel."""
+    tool = (shutil.which("segimage2itkimage")
+            or shutil.which("segimage2itkimage", path=str(Path(sys.executable).parent)))
+    if tool is None:
+        spec = importlib.util.find_spec("dcmqi")
+        if spec is not None and spec.origin is not None:
+            candidate = Path(spec.origin).parent / "bin" / "segimage2itkimage"
+            tool = str(candidate) if candidate.is_file() else None
+    if tool is None:
+        pytest.skip("segimage2itkimage missing: pip install dcmqi (the test extra); Debian "
+                    "has no dcmqi package")
+    return tool
+
+
+def test_dcmqi_converts_each_segment_back_onto_its_mask(case: Case, tmp_path: Path) -> None:
+    tool = _segimage2itkimage()
+    proc = subprocess.run([tool, "--inputDICOM", str(case.results.by_kind("SEG").path),
+                           "--outputDirectory", str(tmp_path), "--outputType", "nrrd",
+                           "--prefix", "seg"], capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    meta = json.loads((tmp_path / "seg-meta.json").read_text())
+    labels = [a["SegmentLabel"] for group in meta["segmentAttributes"] for a in group]
+    assert labels == [s.label.name for s in case.segmentation.structures]
+    for number, structure in enumerate(case.segmentation.structures, start=1):
+        image = sitk.ReadImage(str(tmp_path / f"seg-{number}.nrrd"))
+        on_grid = sitk.Resample(image, case.volume.image, sitk.Transform(),
+                                sitk.sitkNearestNeighbor, 0)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(on_grid) > 0, structure.mask)

@@ -118,6 +118,10 @@ def test_pages_json_overlay_and_health_without_identity(node_with_job: RunningNo
     html = page.decode()
     assert 'id="job-1"' in html and "ct-external" in html and "study 1" in html
     assert "/jobs/1/overlay.png" in html
+    # ct-body finds no lung in the small phantom: its RTSTRUCT leaves Lungs out, and says so
+    (job,) = json.loads(_get(f"{base}/api/v1/jobs")[1])["jobs"]
+    assert [r.get("omitted") for r in job["results"]] == [None, ["Lungs"]]
+    assert "RTSTRUCT without Lungs (found empty)" in html
     for text in IDENTITY:
         assert text not in html
     studies = json.loads(_get(f"{base}/api/v1/studies")[1])
@@ -407,7 +411,8 @@ def test_the_api_lists_rules_and_models_and_describes_itself(
     assert _get(f"{base}/api/v1/studies/99")[0] == 404
     (job,) = json.loads(_get(f"{base}/api/v1/jobs")[1])["jobs"]
     assert job["overlay"] == "/jobs/1/overlay.png"
-    assert [set(r) for r in job["results"]] == [{"kind"}] * len(job["results"])
+    # no identity without the token: the kind, and an RTSTRUCT's empty structures left out
+    assert all(set(r) <= {"kind", "omitted"} for r in job["results"])
     assert job["results"]
 
 

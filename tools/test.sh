@@ -10,8 +10,9 @@ cd "$(dirname "$0")/.."
 #   plastimatch (rasterises RTSTRUCTs back onto the images),
 #   chromium, chromium-driver (the console in a headless browser),
 #   invesalius-examples (Cranium CT), mricron-data (Colin27 T1 MR),
-#   postgresql (the shared index of several nodes; tests/postgres.py starts its own server)
-DEBS="dcmtk dicom3tools orthanc orthanc-dicomweb plastimatch chromium chromium-driver invesalius-examples mricron-data postgresql"
+#   postgresql (the shared index of several nodes; tests/postgres.py starts its own server),
+#   pixelmed-apps (PixelMed's DicomInstanceValidator and DicomSRValidator judge SEG and SR)
+DEBS="dcmtk dicom3tools orthanc orthanc-dicomweb plastimatch chromium chromium-driver invesalius-examples mricron-data postgresql pixelmed-apps"
 missing=""
 for deb in $DEBS; do
   dpkg -s "$deb" >/dev/null 2>&1 || missing="$missing $deb"
@@ -44,6 +45,12 @@ if [ ! -x "$STUB_VENV/bin/python3" ] || ! "$STUB_VENV/bin/python3" -c 'import nu
   python3 -m venv --system-site-packages "$STUB_VENV"
   "$STUB_VENV/bin/python3" -m pip install -q "numpy<2"
 fi
+# third-party readers the result tests run (tests/test_outputs.py), without their declared
+# dependencies: rt-utils 1.2.7 would add opencv-python beside opencv-python-headless (both
+# write cv2/) and the dataclasses backport; pydicom-seg 0.4.1, its last release, would
+# downgrade numpy to < 2 and jsonschema to < 4 (it runs with today's; the test maps the
+# pydicom module it imports that pydicom 3 renamed)
+python3 -m pip install -q --no-deps "rt-utils==1.2.7" "pydicom-seg==0.4.1"
 python3 -m ruff check dicomnode tests tools
 python3 -m mypy
 lint-imports --config pyproject.toml --no-cache

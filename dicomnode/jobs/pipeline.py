@@ -84,7 +84,7 @@ class JobSummary:
 
     job_id: int
     timings: dict[str, float] = field(default_factory=dict)
-    results: list[dict[str, str]] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
     enqueued: int = 0
     provider: str = ""
 
@@ -203,7 +203,10 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
                             extra={"job": job_id, "rule": rule_name, "version": version},
                             keep_datasets=True, result_number=version)
     summary.results = [{"kind": o.kind, "sop_instance_uid": o.sop_instance_uid,
-                        "file": str(o.path.relative_to(config.storage.path))}
+                        "file": str(o.path.relative_to(config.storage.path)),
+                        # structures the model found empty, left out of the RTSTRUCT
+                        **({"omitted": list(written.rtstruct_omitted)}
+                           if o.kind == "RTSTRUCT" and written.rtstruct_omitted else {})}
                        for o in written.objects]
     objects: list[tuple[Path, Dataset | None, bytes | None]] = [
         (o.path, o.dataset, o.encoded) for o in written.objects]

@@ -3,8 +3,13 @@
 The JSON holds, per structure, its label, name, volume (mL) and voxel count on
 the source grid (see :meth:`dicomnode.inference.segment.Segmentation.measurements`).
 The SR is a Comprehensive 3D SR with a TID 1500 Measurement Report written with
-highdicom: one Volumetric ROI group per non-empty segment of the SEG, with the
-structure's volume in mL, its finding type and category from the model card.
+highdicom, as IHE AI Results (AIR) asks of a measurement report: the model as the
+device observer (its Device UID, manufacturer and model name, the values of the
+Contributing Equipment item), the imaging procedure analysed (from the source's
+modality), and one Volumetric ROI group per non-empty segment of the SEG with a
+tracking identifier and UID (the SEG segment's), a reference to that segment, the
+algorithm identification (TID 4019), the finding type and category from the model
+card, the finding site for anatomical structures, and the volume in mL.
 """
 
 from __future__ import annotations
@@ -15,13 +20,25 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicomnode.inference.segment import Segmentation
-from dicomnode.outputs.algorithm import description, result_description, sr_code
+from dicomnode.outputs.algorithm import (
+    algorithm_identity,
+    contributing_equipment,
+    result_description,
+    sr_code,
+)
 from dicomnode.outputs.source import OutputError, SourceSeries, object_identity, result_uid
 
 __all__ = ["SR_SERIES_NUMBER", "build_sr"]
 
 SR_SERIES_NUMBER = 9903
-_IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging")
+_IMAGING_PROCEDURE = codes.cid100.ImagingProcedure
+# CID 100 (Quantitative Diagnostic Imaging Procedures) per source modality
+_PROCEDURES = {"CT": codes.cid100.CTUnspecifiedBodyRegion,
+               "MR": codes.cid100.MRIUnspecifiedBodyRegion,
+               "PT": codes.cid100.PETUnspecifiedBodyRegion,
+               "NM": codes.cid100.NMUnspecifiedBodyRegion}
+# a card label of this category is an anatomical structure: it is its own finding site
+_ANATOMICAL_STRUCTURE = "123037004"
 _VOLUME = Code("118565006", "SCT", "Volume")
 _MILLILITRE = Code("ml", "UCUM", "milliliter")
 
@@ -47,7 +64,9 @@ def build_sr(
     if len(seg.SegmentSequence) < len(segmentation.structures):
         raise OutputError(f"the SEG has {len(seg.SegmentSequence)} segment(s) for "
                           f"{len(segmentation.structures)} structure(s)")
-    algorithm = hd.sr.AlgorithmIdentification(name=card.name[:64], version=card.version[:64])
+    identity = algorithm_identity(card)
+    algorithm = hd.sr.AlgorithmIdentification(name=identity.model_name,
+                                              version=identity.version)
     groups = []
     for number, structure in enumerate(segmentation.structures, start=1):
         if structure.voxel_count == 0:
@@ -65,6 +84,9 @@ def build_sr(
                     source.first.SeriesInstanceUID)),
             finding_type=sr_code(label.type),
             finding_category=sr_code(label.category),
+            finding_sites=([hd.sr.FindingSite(sr_code(label.type))]
+                           if (label.category.scheme, label.category.value)
+                           == ("SCT", _ANATOMICAL_STRUCTURE) else None),
             algorithm_id=algorithm,
             measurements=[hd.sr.Measurement(
                 name=_VOLUME, value=round(structure.volume_ml, 3),
@@ -73,12 +95,13 @@ def build_sr(
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=result_uid("device", "dicomnode"), name="dicomnode",
-            model_name=description(card)),
+            uid=identity.device_uid, name=identity.model_name,
+            manufacturer_name=identity.manufacturer, model_name=identity.model_name),
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=_IMAGING_PROCEDURE,
+        procedure_reported=_PROCEDURES.get(str(source.first.get("Modality", "")),
+                                           _IMAGING_PROCEDURE),
         imaging_measurements=groups,
     )
     return hd.sr.Comprehensive3DSR(
@@ -87,4 +110,5 @@ def build_sr(
         **object_identity(seed, "SR", series_number),
         is_complete=True,
         series_description=result_description("Volumes", card, result_number),
+        contributing_equipment=[contributing_equipment(identity)],
     )

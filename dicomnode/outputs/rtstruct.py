@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -36,7 +37,10 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
 from dicomnode.inference.segment import Geometry, Segmentation, Structure
 from dicomnode.models.card import Code as CardCode
 from dicomnode.outputs.algorithm import (
+    algorithm_identification,
+    algorithm_identity,
     content_label,
+    contributing_equipment,
     description,
     result_description,
     software_versions,
@@ -49,9 +53,12 @@ from dicomnode.outputs.source import (
     result_uid,
 )
 
-__all__ = ["RTSTRUCT_SERIES_NUMBER", "RTStructureSetStorage", "build_rtstruct", "slice_contours"]
+__all__ = ["RTSTRUCT_SERIES_NUMBER", "EmptyStructures", "NoContourError", "RTStructureSetStorage",
+           "build_rtstruct", "slice_contours"]
 
 RTStructureSetStorage = "1.2.840.10008.5.1.4.1.1.481.3"
+EmptyStructures = Literal["omit", "keep"]
+"""What an RT Structure Set does with a structure the model found empty."""
 RTSTRUCT_SERIES_NUMBER = 9902
 _STUDY_COMPONENT = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (as TPS expect)
 _CONTOUR_DATA = Tag(0x3006, 0x0050)
@@ -64,6 +71,10 @@ _PATIENT_STUDY_OPTIONAL = ("SpecificCharacterSet", "IssuerOfPatientID", "OtherPa
                            "PatientAge", "PatientSize", "PatientWeight", "StudyDescription",
                            "PatientIdentityRemoved", "DeidentificationMethod",
                            "DeidentificationMethodCodeSequence")
+
+
+class NoContourError(OutputError):
+    """No structure has a contour and empty structures are left out: no RTSTRUCT to write."""
 
 
 def slice_contours(mask: npt.NDArray[np.bool_]) -> list[npt.NDArray[np.float64]]:
@@ -238,6 +249,7 @@ def build_rtstruct(
     series_number: int = RTSTRUCT_SERIES_NUMBER,
     now: dt.datetime | None = None,
     result_number: int = 1,
+    empty_structures: EmptyStructures = "omit",
 ) -> Dataset:
     """An RT Structure Set of ``segmentation`` on the images of ``source``.
 
@@ -248,11 +260,18 @@ def build_rtstruct(
         series_number: the RTSTRUCT series' number.
         now: the creation time written (default: the current local time).
         result_number: which result of its job this is (its SeriesDescription says it).
+        empty_structures: ``omit`` leaves out the structures without a contour (no voxel
+            on a source image: rt-utils and several planning systems fail on an ROI
+            without contours); ``keep`` writes their ROI without a Contour Sequence.
+            ROI Numbers are the SEG's segment numbers (card order) either way.
 
     Raises:
+        NoContourError: ``omit`` and no structure has a contour.
         OutputError: the source has no Frame of Reference, or the masks do not match
             the source images.
     """
+    if empty_structures not in ("omit", "keep"):
+        raise ValueError(f"empty_structures is omit or keep, not {empty_structures!r}")
     card = segmentation.card
     first = source.first
     frame_of_reference = str(first.get("FrameOfReferenceUID", ""))
@@ -289,6 +308,8 @@ def build_rtstruct(
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
     ds.ManufacturerModelName = card.name[:64]
     ds.SoftwareVersions = software_versions(card)
+    identity = algorithm_identity(card)
+    ds.ContributingEquipmentSequence = Sequence([contributing_equipment(identity)])
     # Structure Set
     ds.StructureSetLabel = content_label(card)
     ds.StructureSetName = card.name[:64]
@@ -312,18 +333,22 @@ def build_rtstruct(
     rois, contours, observations = [], [], []
     for number, structure in enumerate(segmentation.structures, start=1):
         label = structure.label
+        items = list(_contours(structure, segmentation.geometry, source))
+        if not items and empty_structures == "omit":
+            continue  # ROI numbers stay the SEG's segment numbers: this one is skipped
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = frame_of_reference
         roi.ROIName = label.name
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
         roi.ROIGenerationDescription = description(card)
+        roi.ROIDerivationAlgorithmIdentificationSequence = algorithm_identification(
+            card, identity)
         rois.append(roi)
 
         roi_contour = Dataset()
         roi_contour.ROIDisplayColor = list(label.color)
         roi_contour.ReferencedROINumber = number
-        items = list(_contours(structure, segmentation.geometry, source))
         if items:
             roi_contour.ContourSequence = Sequence(items)
         contours.append(roi_contour)
@@ -335,6 +360,9 @@ def build_rtstruct(
         observation.ROIInterpreter = ""
         observation.RTROIIdentificationCodeSequence = Sequence([_code_item(label.type)])
         observations.append(observation)
+    if not rois:
+        raise NoContourError(f"model {card.name}: no structure has a contour, and empty "
+                             "structures are left out: there is no RT Structure Set to write")
     ds.StructureSetROISequence = Sequence(rois)
     ds.ROIContourSequence = Sequence(contours)
     ds.RTROIObservationsSequence = Sequence(observations)

@@ -20,7 +20,9 @@ import numpy.typing as npt
 from dicomnode.inference.segment import Segmentation
 from dicomnode.outputs.algorithm import (
     algorithm_identification,
+    algorithm_identity,
     content_label,
+    contributing_equipment,
     result_description,
     software_versions,
     sr_code,
@@ -103,7 +105,8 @@ def build_seg(
     if not segmentation.structures:
         raise OutputError(f"model {card.name} produced no structure to write")
     check_plane_shape(source, segmentation.structures[0].shape)
-    algorithm = algorithm_identification(card)
+    identity = algorithm_identity(card)
+    algorithm = algorithm_identification(card, identity)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
@@ -120,7 +123,7 @@ def build_seg(
     ]
     seg_type_value = (hd.seg.SegmentationTypeValues.LABELMAP if seg_type == "labelmap"
                       else hd.seg.SegmentationTypeValues.BINARY)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=list(source.headers),
         pixel_array=_frames(segmentation, source, seg_type),
         segmentation_type=seg_type_value,
@@ -134,4 +137,25 @@ def build_seg(
         series_description=result_description("SEG", card, result_number),
         omit_empty_frames=(len(descriptions) > KEEP_EMPTY_FRAMES_MAX_SEGMENTS
                            if omit_empty_frames == "auto" else omit_empty_frames),
+        contributing_equipment=[contributing_equipment(identity)],
     )
+    seg.ImageLaterality = image_laterality(source)
+    return seg
+
+
+def image_laterality(source: SourceSeries) -> str:
+    """Image Laterality (0020,0062) of a SEG: the source's own (``R``, ``L``, ``U``, ``B``),
+    else its series Laterality (``R``, ``L``), else ``U`` (unpaired: head, body).
+
+    Laterality (0020,0060) of General Series is Type 2C, required for a paired body part
+    unless Image or Frame Laterality is given. PixelMed's validator reads the condition as
+    "no Image or Frame Laterality" and reports a SEG without Laterality as an error, while
+    dciodvfy reports an (empty) Laterality on an unpaired body part as one: giving Image
+    Laterality (General Image, Type 3) satisfies both, and says what is known.
+    """
+    first = source.first
+    image = str(first.get("ImageLaterality", "") or "").strip().upper()
+    if image in ("R", "L", "U", "B"):
+        return image
+    series = str(first.get("Laterality", "") or "").strip().upper()
+    return series if series in ("R", "L") else "U"

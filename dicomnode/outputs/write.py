@@ -26,7 +26,7 @@ from dicomnode.config import OutputsConfig
 from dicomnode.inference.segment import Segmentation
 from dicomnode.inference.volume import SeriesVolume
 from dicomnode.outputs.measurements import build_sr
-from dicomnode.outputs.rtstruct import build_rtstruct
+from dicomnode.outputs.rtstruct import NoContourError, build_rtstruct
 from dicomnode.outputs.seg import build_seg
 from dicomnode.outputs.source import source_series
 from dicomnode.store.files import write_atomic
@@ -56,6 +56,10 @@ class Results:
 
     objects: tuple[ResultObject, ...]
     volumes: Path
+    rtstruct_omitted: tuple[str, ...] = ()
+    """Structures left out of the RTSTRUCT because the model found them empty (no contour;
+    ``outputs.rtstruct_empty_structures: omit``), in card order; all of them when no
+    RTSTRUCT was written for want of any contour."""
 
     def by_kind(self, kind: str) -> ResultObject:
         for obj in self.objects:
@@ -122,12 +126,26 @@ def write_results(
     source = source_series(volume, paths)
     objects = []
     seg_ds = None
+    omitted: list[str] = []
+    rtstruct_note = None
+
+    def write_rtstruct() -> ResultObject | None:
+        nonlocal omitted, rtstruct_note
+        names = [s.label.name for s in segmentation.structures]
+        try:
+            rt_ds = build_rtstruct(segmentation, source, seed=seed, result_number=result_number,
+                                   empty_structures=options.rtstruct_empty_structures)
+        except NoContourError:
+            omitted, rtstruct_note = names, "not written: no structure has a contour"
+            return None
+        kept = {str(roi.ROIName) for roi in rt_ds.StructureSetROISequence}
+        omitted = [n for n in names if n not in kept]
+        return _save(rt_ds, out / "rtstruct.dcm", "RTSTRUCT", keep_datasets)
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtstruct") as pool:
         # the RTSTRUCT is built beside the SEG: its tracing (OpenCV) and the SEG's checks
         # and bit packing (numpy) run while the other holds the interpreter
-        rtstruct = (pool.submit(lambda: _save(
-            build_rtstruct(segmentation, source, seed=seed, result_number=result_number),
-            out / "rtstruct.dcm", "RTSTRUCT", keep_datasets)) if options.rtstruct else None)
+        rtstruct = pool.submit(write_rtstruct) if options.rtstruct else None
         if options.seg:
             seg_type = segmentation.card.outputs.seg_type or options.seg_type
             seg_ds = build_seg(segmentation, source, seg_type=seg_type, seed=seed,
@@ -135,7 +153,9 @@ def write_results(
                                result_number=result_number)
             objects.append(_save(seg_ds, out / "seg.dcm", "SEG", keep_datasets))
         if rtstruct is not None:
-            objects.append(rtstruct.result())
+            written = rtstruct.result()
+            if written is not None:
+                objects.append(written)
     if options.sr and seg_ds is not None:
         objects.append(_save(build_sr(segmentation, seg_ds, source, seed=seed,
                                       result_number=result_number),
@@ -145,9 +165,15 @@ def write_results(
     report["objects"] = [
         {"kind": o.kind, "file": o.path.name, "sop_class_uid": o.sop_class_uid,
          "sop_instance_uid": o.sop_instance_uid} for o in objects]
+    if options.rtstruct:
+        # structures the model found empty, left out of rtstruct.dcm (rt-utils and several
+        # planning systems fail on an ROI without contours)
+        report["rtstruct_omitted"] = omitted
+        if rtstruct_note:
+            report["rtstruct"] = rtstruct_note
     if extra:
         report.update(extra)
     volumes = out / "volumes.json"
     text = (json.dumps(report, indent=2) + "\n").encode("utf-8")
     write_atomic(volumes, lambda fp: fp.write(text))
-    return Results(tuple(objects), volumes)
+    return Results(tuple(objects), volumes, tuple(omitted))

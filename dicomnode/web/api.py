@@ -157,6 +157,8 @@ class StudyDetail(StudySummary):
 
 class JobResult(_Out):
     kind: str
+    # an RTSTRUCT's structures the model found empty, left out of it (card names)
+    omitted: list[str] | None = None
     # identity
     sop_instance_uid: str | None = None
     file: str | None = None
@@ -325,7 +327,8 @@ def jobs_view(report: Mapping[str, Any], *, authenticated: bool,
     for job in report["jobs"]:
         out = _pick(job, _JOB)
         out["results"] = [
-            {"kind": r.get("kind"), **(_pick(r, _RESULT_IDENTITY) if authenticated else {})}
+            {"kind": r.get("kind"), **({"omitted": r["omitted"]} if r.get("omitted") else {}),
+             **(_pick(r, _RESULT_IDENTITY) if authenticated else {})}
             for r in job.get("results") or []]
         out["error"] = job.get("error") if authenticated else hide_values(job.get("error"))
         out["overlay"] = (f"/jobs/{job['id']}/overlay.png" if job["id"] in overlays else None)

@@ -119,6 +119,9 @@ def _jobs_table(jobs: list[dict[str, Any]]) -> str:
         retry = ("" if job["state"] == "running" else
                  f'<button data-action="{API_PREFIX}/jobs/{job["id"]}/retry">retry</button>')
         error = f'<div class="error">{_cell(job["error"])}</div>' if job["error"] else ""
+        omitted = [f'<div class="muted">{escape(str(r["kind"]))} without '
+                   f'{escape(", ".join(r["omitted"]))} (found empty)</div>'
+                   for r in job.get("results") or [] if r.get("omitted")]
         rows.append(
             f'<tr id="job-{job["id"]}" class="job"><td>job {job["id"]}</td>'
             f'<td>{_cell(job["rule"])}<br><a class="muted" title="feedback" '
@@ -127,7 +130,7 @@ def _jobs_table(jobs: list[dict[str, Any]]) -> str:
             f'<td>{_state(job["state"])}<br><span class="muted">{job["attempts"]} attempt(s), '
             f'{_cell(job["trigger"])}</span></td>'
             f'<td>{_cell(job["seconds"])} s<br><span class="muted">{escape(steps)}</span>'
-            f'{error}</td><td>{picture}</td><td>{retry}</td></tr>')
+            f'{error}</td><td>{picture}{"".join(omitted)}</td><td>{retry}</td></tr>')
     return ("<table><tr><th>job</th><th>rule / model</th><th>study</th><th>state</th>"
             f"<th>time</th><th>result</th><th></th></tr>{''.join(rows)}</table>") if rows else \
         '<p class="muted">no jobs yet</p>'
