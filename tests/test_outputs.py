@@ -744,9 +744,13 @@ def _pydicom_seg() -> Any:
     return pytest.importorskip("pydicom_seg", reason="pip install --no-deps pydicom-seg")
 
 
-def test_pydicom_seg_reads_each_segment_back_as_its_mask(case: Case) -> None:
+def test_pydicom_seg_reads_each_segment_back_as_its_mask(case: Case, tmp_path: Path) -> None:
+    """pydicom-seg rebuilds a volume from the first to the last frame present: written with
+    every frame (``seg_omit_empty_frames: false``), it is the source grid."""
     pydicom_seg = _pydicom_seg()
-    seg = pydicom.dcmread(case.results.by_kind("SEG").path)
+    written = write_results(case.segmentation, case.volume, case.files, tmp_path,
+                            OutputsConfig(seg_omit_empty_frames=False, rtstruct=False))
+    seg = pydicom.dcmread(written.by_kind("SEG").path)
     result = pydicom_seg.SegmentReader().read(seg)
     structures = case.segmentation.structures
     assert sorted(result.available_segments) == list(range(1, len(structures) + 1))
