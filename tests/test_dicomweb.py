@@ -146,6 +146,7 @@ def test_store_response_statuses() -> None:
 # ---------------------------------------------------------------- a real node
 
 
+@pytest.mark.slow
 def test_stow_with_dicomweb_client_stores_indexes_completes_and_fires_a_rule(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     # the periodic completion check and the series quiet time are 30 s away: only the end
@@ -196,6 +197,7 @@ def _calling_ae_titles(node: RunningNode) -> set[str]:
         index.dispose()
 
 
+@pytest.mark.slow
 def test_stow_to_a_study_refuses_instances_of_another_and_a_bad_part(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     node = _node(node_factory, tmp_path)
@@ -306,6 +308,7 @@ def test_stow_chunked_body_with_a_quoted_uuid_boundary(node_factory: NodeFactory
     assert answer.status_code == 200, answer.text
 
 
+@pytest.mark.slow
 def test_stow_cut_off_mid_part_keeps_what_was_stored_and_no_spool_file(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     import base64
@@ -357,6 +360,7 @@ def test_stow_a_few_concurrent_requests_all_stored(node_factory: NodeFactory,
     assert sum(s["instance_count"] for s in node.studies()) == 20
 
 
+@pytest.mark.slow
 def test_stow_body_slower_than_the_request_timeout_is_not_cut(node_factory: NodeFactory,
                                                               tmp_path: Path) -> None:
     """web.request_timeout_seconds bounds the wait for a request's header, not its body: an

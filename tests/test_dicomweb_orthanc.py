@@ -49,6 +49,7 @@ def _outbox(index: Index, peers: dict[str, PeerConfig]) -> Outbox:
                                         retry_max_seconds=1))
 
 
+@pytest.mark.slow
 @requires_orthanc_dicomweb
 def test_orthanc_stows_a_study_into_the_node(node_factory: NodeFactory,
                                              tmp_path: Path) -> None:
@@ -76,6 +77,7 @@ def test_orthanc_stows_a_study_into_the_node(node_factory: NodeFactory,
     assert PASSWORD not in node.log()
 
 
+@pytest.mark.slow
 @requires_orthanc_dicomweb
 def test_outbox_sends_results_to_orthanc_by_stow(index: Index, tmp_path: Path) -> None:
     ct = testdata.synthetic_ct(tmp_path / "ct", slices=3, rows=16, columns=16)
@@ -91,6 +93,7 @@ def test_outbox_sends_results_to_orthanc_by_stow(index: Index, tmp_path: Path) -
     assert {i.last_status for i in _items(index)} == {0}
 
 
+@pytest.mark.slow
 @requires_orthanc_dicomweb
 def test_dicomnode_send_to_a_dicomweb_peer_uses_stow(node_factory: NodeFactory,
                                                      tmp_path: Path) -> None:
@@ -206,6 +209,7 @@ def test_dicomweb_peer_configuration_errors() -> None:
     assert _peer("http://x/dicom-web/").stow_url == "http://x/dicom-web"
 
 
+@pytest.mark.slow
 @requires_orthanc_dicomweb
 def test_dicomweb_round_trip_orthanc_stows_the_node_runs_a_model_and_stows_results_back(
         node_factory: NodeFactory, tmp_path: Path) -> None:

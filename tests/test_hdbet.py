@@ -155,6 +155,7 @@ def test_card_expresses_hdbets_inference() -> None:
     assert "MODEL_SPACING = (1.5, 1.5, 1.5)" in run_source
 
 
+@pytest.mark.slow
 def test_models_list_shows_hd_bet_beside_brain_mr_and_check_passes() -> None:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "dicomnode", *args], capture_output=True,

@@ -419,6 +419,7 @@ def test_malformed_corpus_gets_failure_statuses_and_valid_corpus_is_stored(
     assert node.cli("echo", "self").returncode == 0
 
 
+@pytest.mark.slow
 def test_uids_longer_than_64_are_refused_not_truncated_into_one_study(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     # two patients whose StudyInstanceUIDs share their first 64 characters
@@ -791,6 +792,7 @@ def _rss(pid: int) -> dict[str, int]:
     return fields
 
 
+@pytest.mark.slow
 def test_deflate_bomb_is_refused_with_bounded_memory(node_factory: NodeFactory,
                                                      tmp_path: Path) -> None:
     bomb, _ = _deflated_bomb(tmp_path / "bomb", 256)
@@ -820,6 +822,7 @@ def test_deflate_bomb_is_refused_with_bounded_memory(node_factory: NodeFactory,
 # ---------------------------------------------------------------- item 7: multi-frame verdicts
 
 
+@pytest.mark.slow
 def test_rt_dose_grid_and_multiframe_without_positions_get_true_verdicts(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     from pydicom.data import get_testdata_file

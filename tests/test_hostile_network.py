@@ -118,6 +118,7 @@ def _closing(socks: list[socket.socket]) -> Iterator[list[socket.socket]]:
 # ------------------------------------------------------------------ before association
 
 
+@pytest.mark.slow
 def test_idle_trickling_and_malformed_connections_block_no_peer(
         node_factory: NodeFactory) -> None:
     """50 connections that send nothing, trickle a byte now and then, or send a truncated
@@ -157,6 +158,7 @@ def test_idle_trickling_and_malformed_connections_block_no_peer(
     assert "no association accepted within 2 s" in log or "no data for 2 s inside a PDU" in log
 
 
+@pytest.mark.slow
 def test_connections_beyond_the_pending_limits_are_closed_at_once(
         node_factory: NodeFactory) -> None:
     node = node_factory(node={"maximum_pending_connections": 5,
@@ -253,6 +255,7 @@ def test_a_4_gb_pdu_before_association_is_refused_without_reading_it(
     assoc.release()
 
 
+@pytest.mark.slow
 def test_a_pdu_longer_than_the_announced_maximum_aborts_the_association(
         node_factory: NodeFactory) -> None:
     node = node_factory(node={"maximum_pdu_size": 16384})
@@ -283,6 +286,7 @@ def test_a_pdu_longer_than_the_announced_maximum_aborts_the_association(
     ok.release()
 
 
+@pytest.mark.slow
 def test_a_peer_stalled_inside_a_pdu_is_cut_off_after_the_network_timeout(
         node_factory: NodeFactory) -> None:
     node = node_factory(node={"network_timeout_seconds": 2.0})
@@ -325,6 +329,7 @@ def _start_with(node: RunningNode, *, env: dict[str, str] | None = None,
     return node.proc
 
 
+@pytest.mark.slow
 def test_a_flooded_console_starves_neither_dicom_nor_itself(node_factory: NodeFactory) -> None:
     """With 128 file descriptors, 150 idle console connections: C-ECHO still answers,
     the console answers 503 beyond its limit, and idle connections are closed."""
@@ -417,6 +422,7 @@ def _tagged(tag: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.2, 0.7, 1.5])
 def test_kill_9_during_start_up_leaves_no_worker(node_factory: NodeFactory, tmp_path: Path,
                                                  delay: float) -> None:
@@ -455,6 +461,7 @@ def test_kill_9_during_start_up_leaves_no_worker(node_factory: NodeFactory, tmp_
 # ------------------------------------------------------------------ TLS (the guard alone)
 
 
+@pytest.mark.slow
 def test_a_silent_tls_peer_stalls_no_other_and_associations_outlive_the_deadline(
         tmp_path: Path) -> None:
     """pynetdicom's server runs the TLS handshake in its accept loop, without a timeout:

@@ -155,6 +155,7 @@ def test_clean_descriptors_for_the_whole_node(tmp_path: Path, scp: RecordingSCP)
     assert FREE_TEXT["ProtocolName"].encode() in data and _leaks(data) == []
 
 
+@pytest.mark.slow
 def test_an_object_made_under_more_options_than_a_peer_takes_is_refused(
         tmp_path: Path, scp: RecordingSCP) -> None:
     phi_file(tmp_path / "in", 1)

@@ -38,6 +38,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_the_serving_process_maps_no_model_library(node_factory: NodeFactory,
                                                    tmp_path: Path) -> None:
     rules = tmp_path / "rules"

@@ -97,6 +97,7 @@ def test_competing_threads_never_claim_a_job_twice(index: Index) -> None:
             assert job.lease_expires_at is not None and job.lease_expires_at > utcnow()
 
 
+@pytest.mark.slow
 def test_competing_processes_never_claim_a_job_twice(index: Index, index_url: str) -> None:
     ids = _jobs(index, 40)
     context = multiprocessing.get_context("spawn")
@@ -340,6 +341,7 @@ def test_a_dead_nodes_deliveries_go_out_once_its_lease_lapses(
         scp.close()
 
 
+@pytest.mark.slow
 def test_a_runner_renews_its_running_jobs_until_it_stops(index: Index, index_url: str,
                                                          tmp_path: Path) -> None:
     """The heartbeat keeps a long job's lease alive; once it stops (the node is gone) the

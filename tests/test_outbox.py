@@ -185,6 +185,7 @@ def test_enqueue_is_idempotent_and_checks_destinations_and_files(
 # -------------------------------------------------------------------- delivery
 
 
+@pytest.mark.slow
 def test_delivers_to_storescp_and_lists_items(tmp_path: Path, small_ct: list[Path]) -> None:
     files = small_ct[:4]
     with Storescp(tmp_path / "received") as scp:

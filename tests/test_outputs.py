@@ -118,6 +118,7 @@ def test_dciodvfy_finds_no_error_in_any_object(case: Case) -> None:
         assert proc.returncode == 0 and not errors, f"{case.name} {obj.kind}:\n{report}"
 
 
+@pytest.mark.slow
 def test_plastimatch_rasterises_each_structure_back_onto_its_mask(case: Case,
                                                                    tmp_path: Path) -> None:
     _need(PLASTIMATCH, "plastimatch")
@@ -231,6 +232,7 @@ def test_a_shared_label_map_writes_the_same_objects_as_separate_masks(
     assert contours[0] == contours[1] and any(contours[0])
 
 
+@pytest.mark.slow
 def test_empty_frames_are_left_out_by_default_and_kept_when_asked(cranium: Case,
                                                                   tmp_path: Path) -> None:
     assert OutputsConfig().seg_omit_empty_frames is True
@@ -257,6 +259,7 @@ def _ds_strings(ds: Dataset) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_rtstruct_references_contours_names_colours_and_algorithm(case: Case) -> None:
     path = case.results.by_kind("RTSTRUCT").path
     ds = pydicom.dcmread(path)
@@ -716,6 +719,7 @@ def test_pixelmed_finds_no_error_in_the_seg_and_the_sr(case: Case) -> None:
         assert not errors, f"{case.name} {kind}:\n{report}"
 
 
+@pytest.mark.slow
 def test_rt_utils_reads_every_structure_of_the_rtstruct(case: Case) -> None:
     rt_utils = pytest.importorskip("rt_utils", reason="pip install --no-deps rt-utils")
     rt = rt_utils.RTStructBuilder.create_from(

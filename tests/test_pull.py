@@ -209,6 +209,7 @@ def started() -> Iterator[list[Any]]:
 # --------------------------------------------------------------------------- Orthanc, C-MOVE
 
 
+@pytest.mark.slow
 @requires_orthanc
 def test_pull_moves_a_study_from_orthanc_into_the_running_node_and_a_rule_fires(
         node_factory: NodeFactory, tmp_path: Path, started: list[Any]) -> None:
@@ -237,6 +238,7 @@ def test_pull_moves_a_study_from_orthanc_into_the_running_node_and_a_rule_fires(
     assert PATIENT_ID not in node.log()
 
 
+@pytest.mark.slow
 @requires_orthanc
 def test_orthanc_that_does_not_know_the_node_refuses_the_move_with_a_clear_error(
         node_factory: NodeFactory, tmp_path: Path, started: list[Any]) -> None:
@@ -259,6 +261,7 @@ def test_orthanc_that_does_not_know_the_node_refuses_the_move_with_a_clear_error
 # --------------------------------------------------------------------------- dcmqrscp
 
 
+@pytest.mark.slow
 @requires_dcmqrscp
 def test_pull_filters_by_date_and_modality_and_moves_only_matching_series(
         node_factory: NodeFactory, tmp_path: Path, started: list[Any]) -> None:
@@ -285,6 +288,7 @@ def test_pull_filters_by_date_and_modality_and_moves_only_matching_series(
     assert "0 study(ies) found, 0 instance(s) retrieved" in result.stderr
 
 
+@pytest.mark.slow
 @requires_dcmqrscp
 def test_pull_by_c_get_stores_through_ingest_and_the_running_node_completes_the_study(
         node_factory: NodeFactory, tmp_path: Path, started: list[Any]) -> None:
@@ -318,6 +322,7 @@ def test_pull_by_c_get_stores_through_ingest_and_the_running_node_completes_the_
     assert _study_row(node, wanted)[1] == 16  # type: ignore[index]
 
 
+@pytest.mark.slow
 @requires_dcmqrscp
 def test_a_peer_without_the_node_as_destination_refuses_the_move_exit_code_1(
         node_factory: NodeFactory, tmp_path: Path, started: list[Any]) -> None:
@@ -332,6 +337,7 @@ def test_a_peer_without_the_node_as_destination_refuses_the_move_exit_code_1(
     assert "1 study(ies) found, 0 instance(s) retrieved by move, 1 failure(s)" in result.stderr
 
 
+@pytest.mark.slow
 def test_unreachable_peer_and_bad_arguments_give_clear_errors_and_exit_codes(
         node_factory: NodeFactory, tmp_path: Path) -> None:
     port = free_port()  # nobody listens
@@ -413,6 +419,7 @@ def _latest_hour() -> dt.datetime:
     return now.replace(minute=0, second=0, microsecond=0, tzinfo=None)
 
 
+@pytest.mark.slow
 @requires_orthanc
 def test_scheduled_pull_runs_once_per_due_time_and_a_restart_does_not_repeat_it(
         node_factory: NodeFactory, tmp_path: Path, started: list[Any]) -> None:
@@ -466,6 +473,7 @@ def test_scheduled_pull_runs_once_per_due_time_and_a_restart_does_not_repeat_it(
         index.dispose()
 
 
+@pytest.mark.slow
 @requires_dcmqrscp
 def test_run_scheduled_pull_serves_a_due_time_once_and_install_makes_up_only_missed_runs(
         node_factory: NodeFactory, tmp_path: Path, started: list[Any]) -> None:
@@ -538,6 +546,7 @@ def test_c_get_sub_operations_refused_by_the_store_are_failures_and_leave_nothin
     assert list((node.store / "instances").rglob("*.dcm")) == []
 
 
+@pytest.mark.slow
 @requires_dcmqrscp
 def test_a_scheduled_c_get_pull_in_the_node_stores_through_its_scp_spool_and_fires_a_rule(
         node_factory: NodeFactory, tmp_path: Path, started: list[Any]) -> None:

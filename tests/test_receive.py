@@ -78,6 +78,7 @@ _PROPOSE = {"jpeg-baseline": "-xy", "jpeg-lossless": "-xs", "jpeg-ls": "-xt", "j
 
 @pytest.mark.parametrize("syntax", ["jpeg-baseline", "jpeg-lossless", "jpeg-ls", "jpeg2000",
                                     "rle", "deflated", "big-endian", "implicit"])
+@pytest.mark.slow
 def test_dcmtk_storescu_compressed_syntaxes_stored_as_received(
         node_factory: NodeFactory, small_ct: list[Path], data_dir: Path, syntax: str) -> None:
     files = testdata.transcode(small_ct[:3], data_dir / f"ts-{syntax}", syntax)
@@ -292,6 +293,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     assert not any((node.store / "tmp").iterdir())
 
 
+@pytest.mark.slow
 def test_kill_9_between_success_and_the_index_commit_indexes_after_restart(
         node_factory: NodeFactory, small_ct: list[Path]) -> None:
     """Success is answered once the instance is durable; its index row follows. With the

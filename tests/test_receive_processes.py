@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import testdata
 from conftest import NodeFactory, storescu
 
@@ -28,6 +29,7 @@ def _alive(pid: int) -> bool:
                           check=False).returncode == 0
 
 
+@pytest.mark.slow
 def test_four_associations_into_two_receiver_processes(node_factory: NodeFactory,
                                                        data_dir: Path) -> None:
     files = testdata.synthetic_ct(data_dir / "rp", slices=24, rows=64, columns=64)
@@ -58,6 +60,7 @@ def test_four_associations_into_two_receiver_processes(node_factory: NodeFactory
     assert not any(_alive(pid) for pid in receivers)
 
 
+@pytest.mark.slow
 def test_receiver_processes_end_when_the_node_is_killed(node_factory: NodeFactory) -> None:
     node = node_factory(node={"receive_processes": 2})
     assert node.proc is not None

@@ -116,6 +116,7 @@ def _parse(path: Path) -> Any:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
+@pytest.mark.slow
 @requires_client
 def test_export_triton_writes_a_repository_triton_parses(tmp_path: Path) -> None:
     out = tmp_path / "repo"
@@ -142,6 +143,7 @@ def test_export_triton_writes_a_repository_triton_parses(tmp_path: Path) -> None
     assert again.returncode == 1 and "exists" in again.stderr
 
 
+@pytest.mark.slow
 @requires_client
 def test_export_triton_fp16_only_where_the_card_allows(tmp_path: Path) -> None:
     package = tmp_path / "ct-body"
@@ -205,6 +207,7 @@ def fresh_runtime() -> Iterator[None]:
     runtime.clear_cache()
 
 
+@pytest.mark.slow
 @requires_triton
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_triton_session_gives_the_local_probabilities(
@@ -229,6 +232,7 @@ def test_triton_session_gives_the_local_probabilities(
         remote.run(np.zeros((17, 1, 8, 8), np.float32))
 
 
+@pytest.mark.slow
 @requires_triton
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_models_run_through_triton_gives_the_local_labels(
@@ -380,6 +384,7 @@ def test_nnunet_folds_through_triton_give_the_local_labels(
 # --------------------------------------------------------------------------- a node's jobs
 
 
+@pytest.mark.slow
 @requires_triton
 def test_a_nodes_jobs_wait_for_triton_and_then_run_there(
         node_factory: Any, tmp_path: Path, small_ct: list[Path]) -> None:

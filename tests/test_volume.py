@@ -395,6 +395,7 @@ def test_write_nifti_round_trip_keeps_array_and_geometry(tmp_path: Path) -> None
         write_nifti(volume.image, tmp_path / "sag.mha")
 
 
+@pytest.mark.slow
 def test_memory_peak_is_about_the_volume(tmp_path: Path) -> None:
     """Decoding file by file into one preallocated image: no second copy of the volume."""
     slices, rows, columns = 200, 256, 256

@@ -268,6 +268,7 @@ def test_a_console_port_in_use_stops_the_start_with_a_clear_error(
     assert "listening as" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_console_defences(node_factory: NodeFactory, tmp_path: Path) -> None:
     """Host header, token never in a URL nor in the DEBUG log, lockout, security headers."""
     token_file = tmp_path / "console.token"
@@ -494,6 +495,7 @@ def test_a_node_without_its_console_imports_no_web_stack(tmp_path: Path) -> None
     assert proc.stdout.strip() == "None []"
 
 
+@pytest.mark.slow
 def test_a_peer_trickling_its_request_is_cut_off(tmp_path: Path) -> None:
     """A request must arrive whole within web.request_timeout_seconds: a byte every 0.2 s
     (each read well within the timeout) does not hold a connection open, neither as the

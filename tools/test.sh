@@ -54,4 +54,6 @@ python3 -m pip install -q --no-deps "rt-utils==1.2.7" "pydicom-seg==0.4.1"
 python3 -m ruff check dicomnode tests tools
 python3 -m mypy
 lint-imports --config pyproject.toml --no-cache
-python3 -m pytest "$@"
+# two test processes (pytest-xdist), each taking whole files (module fixtures built once):
+# the suite waits on peers and timers as much as it computes
+python3 -m pytest -n "${DICOMNODE_TEST_WORKERS:-2}" --dist loadfile "$@"
