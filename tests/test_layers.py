@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import NodeFactory, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
