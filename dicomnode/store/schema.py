@@ -25,7 +25,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    inspect,
+    text,
+)
 
 from dicomnode.store.tables import Base
 
@@ -167,9 +177,16 @@ def _stamp(connection: Connection, revision: str) -> None:
 
 
 def _create(connection: Connection) -> None:
-    """A new index: today's tables, stamped with the newest revision."""
+    """A new index: today's tables, stamped with the newest revision.
+
+    The stamp is the ``alembic_version`` table as Alembic makes it, written here without
+    importing Alembic (10 MB and 0.2 s a fresh ``serve`` would otherwise spend on it)."""
     Base.metadata.create_all(connection)
-    _stamp(connection, head_revision())
+    version = Table(VERSION_TABLE, MetaData(),
+                    Column("version_num", String(32), nullable=False),
+                    PrimaryKeyConstraint("version_num", name=f"{VERSION_TABLE}_pkc"))
+    version.create(connection)
+    connection.execute(version.insert().values(version_num=head_revision()))
 
 
 def upgrade_schema(engine: Engine) -> tuple[SchemaStatus, SchemaStatus]:
@@ -178,8 +195,6 @@ def upgrade_schema(engine: Engine) -> tuple[SchemaStatus, SchemaStatus]:
     Raises:
         IndexSchemaError: the index is newer than this release.
     """
-    from alembic import command
-
     with engine.begin() as connection:
         before = _status(connection)
         if before.state is SchemaState.NEWER:
@@ -191,6 +206,8 @@ def upgrade_schema(engine: Engine) -> tuple[SchemaStatus, SchemaStatus]:
         elif before.state is not SchemaState.CURRENT:
             # an index made before migrations runs from the start: its first revisions keep
             # the tables and columns it has
+            from alembic import command
+
             command.upgrade(alembic_config(connection), "head")
         after = _status(connection)
     return before, after
