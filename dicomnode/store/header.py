@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from dicomnode.dicom.header import ImageHeader
+from dicomnode.dicom.header import text as header_text
 from dicomnode.dicom.rawvalues import Unsupported, read_values
 from dicomnode.dicom.status import Status
 
@@ -80,16 +81,8 @@ class InstanceHeader:
 def _text(ds: Dataset, keyword: str, limit: int | None = 64) -> str | None:
     """A descriptive text value, stripped and cut to ``limit`` characters (None: whole);
     identifiers go through :func:`_uid` or :func:`_identifier`, which never cut."""
-    try:
-        value = ds.get(keyword)
-    except Exception:
-        return None
-    if value is None or value == "":
-        return None
-    text = str(value).strip().rstrip("\x00")
-    if not text:
-        return None
-    return text if limit is None else text[:limit]
+    value = header_text(ds, keyword)
+    return value if value is None or limit is None else value[:limit]
 
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
