@@ -50,6 +50,7 @@ __all__ = [
     "collect_files",
     "echo",
     "is_transient_status",
+    "peer_copies",
     "send_files",
 ]
 
@@ -248,6 +249,28 @@ def _send_one(assoc: Association, item: _Item) -> SendResult:
     return SendResult(item.source, code, text, transient=is_transient_status(code))
 
 
+def peer_copies(copies: Iterable[PeerCopy], peer: PeerConfig, name: str, *,
+                sender: str) -> list[PeerCopy]:
+    """``copies`` as a list, each checked to be a :class:`dicomnode.boundary.PeerCopy` made
+    for ``peer`` (the boundary, :func:`dicomnode.boundary.for_peer`, is the only way to a
+    peer, whatever carries the files: ``sender`` names it in the error).
+
+    Raises:
+        TypeError: something other than a PeerCopy made for ``peer``.
+    """
+    from dicomnode.boundary import PeerCopy
+
+    checked = list(copies)
+    for copy in checked:
+        if not isinstance(copy, PeerCopy):  # callers' types are not a promise: checked
+            raise TypeError(f"{sender} sends only PeerCopy objects made by "
+                            f"dicomnode.boundary.for_peer, not {type(copy).__name__}")
+        if copy.peer != peer:
+            raise TypeError(f"a PeerCopy made for peer {copy.peer_name!r} cannot be sent to "
+                            f"peer {name!r}")
+    return checked
+
+
 def send_files(ae_title: str, peer: PeerConfig, name: str, copies: Iterable[PeerCopy], *,
                timeout: float = 60.0,
                on_result: Callable[[SendResult], None] | None = None,
@@ -266,16 +289,7 @@ def send_files(ae_title: str, peer: PeerConfig, name: str, copies: Iterable[Peer
         SendError: the peer could not be reached or refused the association; the files
             of the batches already sent have been reported.
     """
-    from dicomnode.boundary import PeerCopy
-
-    copies = list(copies)
-    for copy in copies:
-        if not isinstance(copy, PeerCopy):
-            raise TypeError("send_files() sends only PeerCopy objects made by "
-                            f"dicomnode.boundary.for_peer, not {type(copy).__name__}")
-        if copy.peer != peer:
-            raise TypeError(f"a PeerCopy made for peer {copy.peer_name!r} cannot be sent to "
-                            f"peer {name!r}")
+    copies = peer_copies(copies, peer, name, sender="send_files()")
     results: list[SendResult] = []
 
     def report(result: SendResult) -> None:

@@ -43,7 +43,7 @@ import requests
 
 from dicomnode.config import ConfigError, PeerConfig
 from dicomnode.dicom.status import Status, is_transient
-from dicomnode.send.scu import SendError, SendResult
+from dicomnode.send.scu import SendError, SendResult, peer_copies
 
 if TYPE_CHECKING:
     from dicomnode.boundary import PeerCopy
@@ -254,16 +254,7 @@ def stow_files(peer: PeerConfig, name: str, copies: Iterable[PeerCopy], *,
             (final), or it cannot be reached (transient); the files of the requests
             already answered have been reported.
     """
-    from dicomnode.boundary import PeerCopy
-
-    copies = list(copies)
-    for copy in copies:
-        if not isinstance(copy, PeerCopy):
-            raise TypeError("stow_files() sends only PeerCopy objects made by "
-                            f"dicomnode.boundary.for_peer, not {type(copy).__name__}")
-        if copy.peer != peer:
-            raise TypeError(f"a PeerCopy made for peer {copy.peer_name!r} cannot be sent to "
-                            f"peer {name!r}")
+    copies = peer_copies(copies, peer, name, sender="stow_files()")
     url = peer.stow_url
     if url is None:
         raise SendError(f"peer {name!r} has no DICOMweb URL (peers.{name}.dicomweb.url)",
