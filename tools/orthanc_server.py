@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -33,8 +32,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from typing import Any
+
+from server_process import ServerProcess, free_port
 
 __all__ = ["DICOMWEB_PLUGIN", "ORTHANC", "OrthancServer"]
 
@@ -43,13 +43,7 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class OrthancServer:
+class OrthancServer(ServerProcess):
     """One Orthanc process; a context manager that starts it and stops it.
 
     ``dicomweb`` loads the DICOMweb plugin; ``dicomweb_servers`` names the DICOMweb servers
@@ -70,8 +64,8 @@ class OrthancServer:
                  config: Mapping[str, Any] | None = None) -> None:
         self.workdir = Path(workdir)
         self.ae_title = ae_title
-        self.dicom_port = _free_port()
-        self.http_port = _free_port()
+        self.dicom_port = free_port()
+        self.http_port = free_port()
         self.log_path = self.workdir / "orthanc.log"
         self.config: dict[str, Any] = {
             "Name": "dicomnode-peer",
@@ -135,29 +129,6 @@ class OrthancServer:
         except (OSError, urllib.error.URLError):
             return False
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop Orthanc (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def log(self) -> str:
-        """What Orthanc printed so far."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> OrthancServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     # ------------------------------------------------------------ REST API
 

@@ -25,8 +25,6 @@ import importlib.util
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -34,7 +32,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
+
+from server_process import ServerProcess, free_port
 
 __all__ = ["TritonServer", "python_repository", "pytriton_dir", "stub_venv", "tritonserver_binary"]
 
@@ -113,12 +112,6 @@ def stub_venv() -> Path | None:
     return folder if (folder / "bin" / "python3").exists() else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def python_repository(exported: Path, out: Path) -> Path:
     """Copy the export-triton repository ``exported`` to ``out`` as Python-backend models
     (see the module docstring); returns ``out``."""
@@ -139,7 +132,7 @@ def python_repository(exported: Path, out: Path) -> Path:
     return out
 
 
-class TritonServer:
+class TritonServer(ServerProcess):
     """One ``tritonserver`` process serving ``repository`` on free loopback ports (HTTP,
     gRPC; no metrics); a context manager that starts it and stops it."""
 
@@ -154,8 +147,8 @@ class TritonServer:
         self.binary = binary
         self.repository = Path(repository)
         self.workdir = Path(workdir)
-        self.http_port = http_port or _free_port()
-        self.grpc_port = grpc_port or _free_port()
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
         self.log_path = self.workdir / "tritonserver.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -222,26 +215,3 @@ class TritonServer:
         except (OSError, urllib.error.URLError):
             return False
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def log(self) -> str:
-        """What the server printed so far."""
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def __enter__(self) -> TritonServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
