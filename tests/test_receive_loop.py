@@ -104,3 +104,57 @@ def test_release_and_abort_still_end_an_event_driven_association() -> None:
         assert released.is_released and aborted.is_aborted
     finally:
         server.stop(0)
+
+
+def test_c_store_responses_from_preencoded_bytes_carry_every_field() -> None:
+    """A Success goes out from :func:`encode_c_store_rsp`'s bytes, a failure with an Error
+    Comment through pynetdicom: the sender decodes both with every required field."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from dicomnode.receive import guard
+
+    sent: list[bytes] = []
+    real = guard.encode_c_store_rsp
+
+    def spy(**kwargs: Any) -> bytes:
+        sent.append(encoded := real(**kwargs))
+        return encoded
+
+    def on_store(event: evt.Event) -> int | Dataset:
+        if str(event.request.AffectedSOPInstanceUID).endswith(".2"):  # type: ignore[union-attr]
+            status = Dataset()
+            status.Status = 0xC001
+            status.ErrorComment = "refused for the test"
+            return status
+        return 0x0000
+
+    ae = AE(ae_title="LOOPSCP")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    server = start_guarded_server(ae, ("127.0.0.1", 0), guard=ConnectionGuard(LIMITS),
+                                  evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    guard.encode_c_store_rsp = spy  # type: ignore[assignment]
+    try:
+        scu = AE(ae_title="LOOPSCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="LOOPSCP")
+        assert assoc.is_established
+        statuses = []
+        for suffix in (".1", ".2"):
+            ds = Dataset()
+            ds.SOPClassUID = CTImageStorage
+            ds.SOPInstanceUID = generate_uid()[:60] + suffix
+            ds.file_meta = Dataset()  # type: ignore[assignment]
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            status = assoc.send_c_store(ds)
+            statuses.append((ds.SOPInstanceUID, status))
+        assoc.release()
+    finally:
+        guard.encode_c_store_rsp = real  # type: ignore[assignment]
+        server.stop(1.0)
+    (uid1, ok), (uid2, failed) = statuses
+    assert ok.Status == 0x0000
+    assert failed.Status == 0xC001 and failed.ErrorComment == "refused for the test"
+    assert len(sent) == 1  # only the Success was pre-encoded
+    assert uid1.encode() in sent[0] and uid2.encode() not in sent[0]

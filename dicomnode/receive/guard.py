@@ -56,11 +56,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from pynetdicom import evt
+from pynetdicom import _handlers, evt
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from .storersp import encode_c_store_rsp
 
 if TYPE_CHECKING:
     from pynetdicom import AE
@@ -79,6 +83,7 @@ __all__ = [
 ]
 
 LOG = logging.getLogger(__name__)
+_PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 
 #: Bytes an A-ASSOCIATE-RQ may declare (its variable field): 128 presentation contexts
 #: with 30 transfer syntaxes each take about 110 KB.
@@ -547,7 +552,8 @@ class _WaitingDIMSE(DIMSEServiceProvider):
     message with ``get_msg(block=False)``, in a loop: each C-STORE request waits for the
     next pass. Here that call waits up to :data:`DIMSE_WAIT_SECONDS` for a message, so
     a request is served as soon as it is decoded (a release or abort is seen at most
-    that much later). Blocking calls are pynetdicom's.
+    that much later). Blocking calls are pynetdicom's. C-STORE responses go out from bytes
+    encoded without a Dataset (:meth:`send_msg`, :mod:`dicomnode.receive.storersp`).
     """
 
     def get_msg(self, block: bool = False) -> Any:
@@ -557,6 +563,44 @@ class _WaitingDIMSE(DIMSEServiceProvider):
             return self.msg_queue.get(timeout=DIMSE_WAIT_SECONDS)
         except queue.Empty:
             return None, None
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Send a C-STORE response of the required elements only from bytes encoded by
+        :func:`~dicomnode.receive.storersp.encode_c_store_rsp` (the same bytes as
+        pynetdicom's encoding, in one P-DATA-TF, without building a Dataset); anything
+        else, or when someone listens to ``EVT_DIMSE_SENT`` (beyond pynetdicom's own
+        debug log while it is off), as pynetdicom does."""
+        encoded = self._fast_c_store_rsp(primitive)
+        if encoded is None or (self.maximum_pdu_size
+                               and len(encoded) + 6 > self.maximum_pdu_size):
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        # message control header: a command fragment (bit 0), the last one (bit 1)
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+        self.dul.send_pdu(pdata)
+
+    def _fast_c_store_rsp(self, primitive: Any) -> bytes | None:
+        if (type(primitive) is not C_STORE or primitive.MessageIDBeingRespondedTo is None
+                or primitive.ErrorComment is not None
+                or primitive.OffendingElement is not None
+                or primitive.Status is None or primitive.AffectedSOPClassUID is None
+                or primitive.AffectedSOPInstanceUID is None):
+            return None
+        bound: list[tuple[Any, Any]] = list(
+            self.assoc.get_handlers(evt.EVT_DIMSE_SENT))  # type: ignore[arg-type]
+        for handler, _args in bound:
+            if handler is not _handlers.standard_dimse_sent_handler or \
+                    _PYNETDICOM_LOG.isEnabledFor(logging.DEBUG):
+                return None
+        try:
+            return encode_c_store_rsp(
+                affected_sop_class_uid=str(primitive.AffectedSOPClassUID),
+                affected_sop_instance_uid=str(primitive.AffectedSOPInstanceUID),
+                message_id_being_responded_to=int(primitive.MessageIDBeingRespondedTo),
+                status=int(primitive.Status))
+        except ValueError:
+            return None
 
 
 class _SharedContexts(list[Any]):

@@ -18,10 +18,10 @@ check the free space of that file system before every write:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ class ReceiveFile:
 
     def __init__(self, owner: ReceiveFiles) -> None:
         self._owner = owner
-        fd, name = tempfile.mkstemp(suffix=".dcm", dir=owner.folder)
+        fd, name = owner.create()
         self._fp = os.fdopen(fd, "wb")
         self.name = name
         self.file = self  # pynetdicom flushes ``file``
@@ -104,6 +104,20 @@ class ReceiveFiles:
         self.min_free_bytes = min_free_bytes
         self._lock = threading.Lock()
         self._open: dict[str, ReceiveFile] = {}
+        self._serial = itertools.count(1)  # next() is atomic under the GIL
+
+    def create(self) -> tuple[int, str]:
+        """A new, empty temporary file in :attr:`folder`, opened for writing: its
+        descriptor and path. Names are this process's id and a counter (created with
+        ``O_EXCL``: a name left by an earlier process with the same id is skipped), which
+        is cheaper than :func:`tempfile.mkstemp`'s random names (about 0.1 ms each)."""
+        prefix = f"rx-{os.getpid()}-"
+        while True:
+            name = os.path.join(self.folder, f"{prefix}{next(self._serial)}.dcm")
+            try:
+                return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), name
+            except FileExistsError:
+                continue
 
     def free_bytes(self) -> int:
         """Free bytes on the file system holding :attr:`folder`."""

@@ -31,6 +31,7 @@ attribute, never its value, so nothing from the dataset reaches a log):
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import struct
@@ -136,14 +137,21 @@ class CheckedDataset:
 
 
 class _Walker:
-    """Walks the elements of an encoded dataset in ``fp`` from ``start`` to ``end``."""
+    """Walks the elements of an encoded dataset in ``buf`` (a memory map of the file) from
+    ``pos`` to ``end`` (the end of the file). Offsets are kept as integers and values are
+    read with :func:`struct.unpack_from`, so bulk values are skipped without being read."""
 
-    def __init__(self, fp: BinaryIO, end: int, *, implicit: bool, little: bool,
-                 encapsulated: bool) -> None:
-        self.fp = fp
+    def __init__(self, buf: mmap.mmap, pos: int, end: int, *, implicit: bool,
+                 little: bool, encapsulated: bool) -> None:
+        self.buf = buf
+        self.pos = pos
         self.end = end
         self.implicit = implicit
-        self.endian = "<" if little else ">"
+        endian = "<" if little else ">"
+        self._tag = struct.Struct(endian + "HH")
+        self._tag_len = struct.Struct(endian + "HHL")
+        self._u32 = struct.Struct(endian + "L")
+        self._u16 = struct.Struct(endian + "H")
         self.encapsulated = encapsulated
         self.values: dict[str, bytes] = {}
         self.charsets: list[bytes] = []
@@ -151,28 +159,27 @@ class _Walker:
         self.pixel_length: int | None = None
         self.fragments = 0
 
-    def _read(self, n: int, what: str) -> bytes:
-        data = self.fp.read(n)
-        if len(data) != n:
+    def _need(self, n: int, what: str) -> None:
+        if self.pos + n > self.end:
             raise DatasetError(f"{what} runs past the end of the dataset")
-        return data
 
     def _tag_length(self, what: str) -> tuple[tuple[int, int], int]:
-        group, element, length = struct.unpack(self.endian + "HHL", self._read(8, what))
+        self._need(8, what)
+        group, element, length = self._tag_len.unpack_from(self.buf, self.pos)
+        self.pos += 8
         return (group, element), length
 
     def _skip(self, length: int, limit: int, what: str) -> None:
-        pos = self.fp.tell()
-        if pos + length > limit:
+        if self.pos + length > limit:
             raise DatasetError(f"{what} runs past the end of its "
                                f"{'dataset' if limit == self.end else 'sequence or item'}")
-        self.fp.seek(pos + length)
+        self.pos += length
 
     def dataset(self, limit: int, *, depth: int, implicit: bool) -> None:
         """The elements of a dataset (or item) of a defined length ending at ``limit``."""
-        while (pos := self.fp.tell()) < limit:
+        while self.pos < limit:
             self._next(limit, depth=depth, implicit=implicit, delimited=False)
-        if pos > limit:
+        if self.pos > limit:
             raise DatasetError("an element runs past the end of its item")
 
     def dataset_until_delimiter(self, limit: int, *, depth: int, implicit: bool) -> None:
@@ -183,35 +190,49 @@ class _Walker:
 
     def _next(self, limit: int, *, depth: int, implicit: bool, delimited: bool) -> bool:
         """Read one element; False at the item delimiter (``delimited`` only)."""
-        if self.fp.tell() >= limit:
+        pos = self.pos
+        if pos >= limit:
             raise DatasetError("an item has no item delimiter")
-        fmt = self.endian
-        tag = struct.unpack(fmt + "HH", self._read(4, "an element tag"))
+        self._need(4, "an element tag")
+        tag = self._tag.unpack_from(self.buf, pos)
         if tag == _ITEM_END:
-            length = struct.unpack(fmt + "L", self._read(4, "an item delimiter"))[0]
+            self.pos = pos + 4
+            self._need(4, "an item delimiter")
+            length = self._u32.unpack_from(self.buf, pos + 4)[0]
+            self.pos = pos + 8
             if not delimited or length != 0:
                 raise DatasetError("misplaced item delimiter")
             return False
         if tag[0] == 0xFFFE:
             raise DatasetError(f"unexpected delimiter tag (FFFE,{tag[1]:04X}) in a dataset")
-        name = f"element ({tag[0]:04X},{tag[1]:04X})"
         vr: bytes | None
         if implicit:
-            length = struct.unpack(fmt + "L", self._read(4, name))[0]
+            if pos + 8 > self.end:
+                raise DatasetError(f"{_name(tag)} runs past the end of the dataset")
+            length = self._u32.unpack_from(self.buf, pos + 4)[0]
             vr = dictionary_vr(tag)
+            self.pos = pos + 8
         else:
-            vr = self._read(2, name)
+            if pos + 6 > self.end:
+                raise DatasetError(f"{_name(tag)} runs past the end of the dataset")
+            vr = self.buf[pos + 4:pos + 6]
             if vr not in _VRS:
-                raise DatasetError(f"{name} has an invalid VR")
+                raise DatasetError(f"{_name(tag)} has an invalid VR")
             if vr in _LONG_VRS:
-                length = struct.unpack(fmt + "2xL", self._read(6, name))[0]
+                if pos + 12 > self.end:
+                    raise DatasetError(f"{_name(tag)} runs past the end of the dataset")
+                length = self._u32.unpack_from(self.buf, pos + 8)[0]
+                self.pos = pos + 12
             else:
-                length = struct.unpack(fmt + "H", self._read(2, name))[0]
-        self._element(tag, vr, length, limit, depth=depth, implicit=implicit, name=name)
+                if pos + 8 > self.end:
+                    raise DatasetError(f"{_name(tag)} runs past the end of the dataset")
+                length = self._u16.unpack_from(self.buf, pos + 6)[0]
+                self.pos = pos + 8
+        self._element(tag, vr, length, limit, depth=depth, implicit=implicit)
         return True
 
     def _element(self, tag: tuple[int, int], vr: bytes | None, length: int, limit: int, *,
-                 depth: int, implicit: bool, name: str) -> None:
+                 depth: int, implicit: bool) -> None:
         top = depth == 0
         if top and tag in _PIXEL_TAGS:
             self.pixel_name = _PIXEL_TAGS[tag]
@@ -222,14 +243,15 @@ class _Walker:
             if vr in (b"SQ", b"UN") or vr is None or implicit:
                 # UN of undefined length holds an Implicit VR Little Endian sequence
                 self._sequence(limit, depth=depth + 1,
-                               implicit=implicit or vr == b"UN", name=name)
+                               implicit=implicit or vr == b"UN", name=_name(tag))
                 return
-            raise DatasetError(f"{name} has an undefined length but is not a sequence")
+            raise DatasetError(f"{_name(tag)} has an undefined length but is not a sequence")
         if vr == b"SQ":
-            end = self.fp.tell() + length
+            end = self.pos + length
             if end > limit:
-                raise DatasetError(f"{name} runs past the end of its container")
-            self._sequence(end, depth=depth + 1, implicit=implicit, name=name, defined=True)
+                raise DatasetError(f"{_name(tag)} runs past the end of its container")
+            self._sequence(end, depth=depth + 1, implicit=implicit, name=_name(tag),
+                           defined=True)
             return
         if top and tag in _PIXEL_TAGS:
             if tag == (0x7FE0, 0x0010) and self.encapsulated:
@@ -238,23 +260,27 @@ class _Walker:
             self.pixel_length = length
         if tag == _CHARSET or (top and tag in _READ):
             if length > _SMALL_VALUE:
-                raise DatasetError(f"{name} is too long")
-            value = self._read(length, name)
-            if self.fp.tell() > limit:
-                raise DatasetError(f"{name} runs past the end of its container")
+                raise DatasetError(f"{_name(tag)} is too long")
+            self._need(length, _name(tag))
+            value = self.buf[self.pos:self.pos + length]
+            self.pos += length
+            if self.pos > limit:
+                raise DatasetError(f"{_name(tag)} runs past the end of its container")
             if tag == _CHARSET:
                 self.charsets.append(value)
             if top and tag in _READ:
                 self.values[_READ[tag]] = value
             return
-        self._skip(length, limit, name)
+        if self.pos + length > limit:
+            self._skip(length, limit, _name(tag))  # raises with the reason
+        self.pos += length
 
     def _sequence(self, limit: int, *, depth: int, implicit: bool, name: str,
                   defined: bool = False) -> None:
         if depth > MAX_DEPTH:
             raise DatasetError(f"sequences nested deeper than {MAX_DEPTH} levels")
         while True:
-            if defined and self.fp.tell() == limit:
+            if defined and self.pos == limit:
                 return
             tag, length = self._tag_length(f"an item of {name}")
             if tag == _SEQ_END:
@@ -266,7 +292,7 @@ class _Walker:
             if length == _UNDEFINED:
                 self.dataset_until_delimiter(limit, depth=depth, implicit=implicit)
             else:
-                end = self.fp.tell() + length
+                end = self.pos + length
                 if end > limit:
                     raise DatasetError(f"an item of {name} runs past the end of its container")
                 self.dataset(end, depth=depth, implicit=implicit)
@@ -291,6 +317,11 @@ class _Walker:
         if self.fragments == 0:
             raise DatasetError("encapsulated PixelData has no fragment",
                                STATUS_BAD_PIXEL_DATA)
+
+
+def _name(tag: tuple[int, int]) -> str:
+    """How a reason names an element: by its tag only."""
+    return f"element ({tag[0]:04X},{tag[1]:04X})"
 
 
 def dictionary_vr(tag: tuple[int, int]) -> bytes | None:
@@ -426,10 +457,12 @@ def check_dataset(path: Path, *, max_inflated_bytes: int, scratch: Path,
                 walk_file, walk_start, walk_end = path, start, size
                 implicit, little = syntax.is_implicit_VR, syntax.is_little_endian
             with open(walk_file, "rb") as wfp:
-                wfp.seek(walk_start)
-                walker = _Walker(wfp, walk_end, implicit=implicit, little=little,
-                                 encapsulated=syntax.is_encapsulated and not syntax.is_deflated)
-                walker.dataset(walk_end, depth=0, implicit=implicit)
+                with mmap.mmap(wfp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                    walk_end = min(walk_end, len(buf))
+                    walker = _Walker(buf, walk_start, walk_end, implicit=implicit,
+                                     little=little, encapsulated=syntax.is_encapsulated
+                                     and not syntax.is_deflated)
+                    walker.dataset(walk_end, depth=0, implicit=implicit)
             _check_charsets(walker.charsets)
             checked = CheckedDataset(
                 transfer_syntax_uid=str(syntax),
