@@ -158,3 +158,29 @@ def test_c_store_responses_from_preencoded_bytes_carry_every_field() -> None:
     assert failed.Status == 0xC001 and failed.ErrorComment == "refused for the test"
     assert len(sent) == 1  # only the Success was pre-encoded
     assert uid1.encode() in sent[0] and uid2.encode() not in sent[0]
+
+
+def test_accept_share_lets_the_receiver_holding_fewest_accept_first() -> None:
+    from dicomnode.receive.guard import (
+        SHARED_ACCEPT_DEFER_SECONDS,
+        SHARED_ACCEPT_TIE_SECONDS,
+        AcceptShare,
+    )
+
+    counts = [0, 0, 0]
+    first, second, third = (AcceptShare(counts, slot) for slot in range(3))
+    assert first.wait_before_accept(0) == 0.0  # a tie: the lowest slot first
+    assert second.wait_before_accept(0) == SHARED_ACCEPT_TIE_SECONDS
+    assert third.wait_before_accept(0) == 2 * SHARED_ACCEPT_TIE_SECONDS
+    first.publish(1)
+    assert first.wait_before_accept(1) == SHARED_ACCEPT_DEFER_SECONDS  # others hold fewer
+    assert second.wait_before_accept(0) == 0.0
+    counts[:] = [2, 1, 3]
+    assert second.wait_before_accept(1) == 0.0 and counts[1] == 1
+    assert third.wait_before_accept(3) == SHARED_ACCEPT_DEFER_SECONDS
+    try:
+        AcceptShare(counts, 3)
+    except ValueError as exc:
+        assert "slot 3" in str(exc)
+    else:
+        raise AssertionError("a slot outside the receivers was accepted")

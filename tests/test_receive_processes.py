@@ -5,6 +5,7 @@ node, gracefully on SIGTERM and at once when it is killed (-9)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -27,6 +28,40 @@ def _children(pid: int) -> list[int]:
 def _alive(pid: int) -> bool:
     return subprocess.run(["ps", "-p", str(pid)], capture_output=True,
                           check=False).returncode == 0
+
+
+def _holders(port: int) -> list[int]:
+    """The process id holding each established connection to ``port`` (from ``ss``)."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=True)
+    return [int(pid) for pid in re.findall(r"pid=(\d+)", out.stdout)]
+
+
+def test_associations_are_shared_evenly_between_receiver_processes(
+        node_factory: NodeFactory) -> None:
+    """Each new association goes to the receiver holding the fewest: six associations
+    opened one after another (each idle once open) end up three in each process. The node
+    says "listening as" (what the fixture waits for) once both receivers accept."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    node = node_factory(node={"receive_processes": 2})
+    assert node.proc is not None
+    receivers = _children(node.proc.pid)
+    assert len(receivers) == 2
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(Verification)
+    open_ = []
+    try:
+        for _ in range(6):
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+            assert assoc.is_established
+            open_.append(assoc)
+        held = _holders(node.port)
+        assert sorted(held.count(pid) for pid in receivers) == [3, 3], held
+    finally:
+        for assoc in open_:
+            assoc.release()
 
 
 @pytest.mark.slow

@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ASSOCIATE_RQ_MAX_LENGTH",
     "LOCAL_LIMIT_EXCEEDED",
+    "AcceptShare",
     "ConnectionGuard",
     "ConnectionState",
     "GuardLimits",
@@ -111,6 +112,12 @@ REFUSAL_LOG_SECONDS = 10.0
 #: pynetdicom's own ``maximum_associations`` counts pending connections too: the guard
 #: counts instead, so pynetdicom's limit is set out of reach.
 _PYNETDICOM_MAXIMUM_ASSOCIATIONS = 1_000_000
+#: A receiver process holding more connections than another waits this long before it
+#: accepts from the shared socket (the other takes the connection first unless it is
+#: stuck), seconds; receivers holding as many wait their slot number times
+#: :data:`SHARED_ACCEPT_TIE_SECONDS` (the lowest slot first).
+SHARED_ACCEPT_DEFER_SECONDS = 0.05
+SHARED_ACCEPT_TIE_SECONDS = 0.005
 #: The listen backlog: a burst of connections waits in it to be accepted (and refused).
 LISTEN_BACKLOG = 128
 
@@ -615,6 +622,44 @@ class _SharedContexts(list[Any]):
         return list(self)
 
 
+@dataclass
+class AcceptShare:
+    """How receiver processes sharing one listening socket share its connections.
+
+    Every receiver is woken for each new connection; the first to ``accept()`` gets it.
+    Each publishes how many connections it holds in ``counts`` (shared memory, one slot
+    per receiver: e.g. a :func:`multiprocessing.Array` of ``"i"``), and before accepting
+    waits :meth:`wait_before_accept`: so the receiver holding the fewest takes the next
+    association, whichever the scheduler happens to run first. A stale count (a
+    receiver publishes on accepting and every :data:`SWEEP_SECONDS`) only delays an
+    accept by at most :data:`SHARED_ACCEPT_DEFER_SECONDS`.
+    """
+
+    counts: Any  # a shared sequence of int, one per receiver
+    slot: int  # this receiver's index in ``counts``
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.slot < len(self.counts):
+            raise ValueError(f"slot {self.slot} is outside the {len(self.counts)} receivers")
+
+    def publish(self, held: int) -> None:
+        """Say that this receiver holds ``held`` connections."""
+        self.counts[self.slot] = held
+
+    def wait_before_accept(self, held: int) -> float:
+        """Seconds to wait before accepting, holding ``held`` connections (published)."""
+        self.publish(held)
+        others = [int(c) for i, c in enumerate(self.counts[:]) if i != self.slot]
+        fewest = min(others, default=held)
+        if held > fewest:
+            return SHARED_ACCEPT_DEFER_SECONDS
+        if held == fewest:
+            ahead = sum(1 for i, c in enumerate(self.counts[:])
+                        if i < self.slot and int(c) == held)
+            return ahead * SHARED_ACCEPT_TIE_SECONDS
+        return 0.0
+
+
 class GuardedRequestHandler(RequestHandler):
     """pynetdicom's request handler, binding the new association to its guarded connection."""
 
@@ -657,9 +702,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def __init__(self, ae: AE, address: Any, ae_title: str, contexts: Any,
                  ssl_context: Any = None, evt_handlers: list[Any] | None = None, *,
-                 guard: ConnectionGuard, listen_socket: socket.socket | None = None) -> None:
+                 guard: ConnectionGuard, listen_socket: socket.socket | None = None,
+                 accept_share: AcceptShare | None = None) -> None:
         self.guard = guard
         self._listen_socket = listen_socket
+        self.accept_share = accept_share
         super().__init__(ae, address, ae_title, contexts, ssl_context,
                          evt_handlers=evt_handlers, request_handler=GuardedRequestHandler)
         self.contexts = _SharedContexts(self.contexts)
@@ -694,6 +741,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         while not self._stopping.wait(SWEEP_SECONDS):
             try:
                 self.guard.sweep()
+                if self.accept_share is not None:
+                    self.accept_share.publish(len(self.guard.live()))
             except Exception as exc:  # never let the sweeper die
                 LOG.error("connection guard: %s", type(exc).__name__)
 
@@ -718,7 +767,15 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         """Accept a connection; with TLS, wrap it without the handshake, which runs in the
         connection's own thread (a peer that never completes it cannot stall accepting)."""
         assert self.socket is not None
-        client, address = self.socket.accept()
+        share = self.accept_share
+        if share is not None:
+            held = len(self.guard.live())
+            wait = share.wait_before_accept(held)
+            if wait:
+                time.sleep(wait)
+        client, address = self.socket.accept()  # BlockingIOError: another took it
+        if share is not None:
+            share.publish(held + 1)
         client.settimeout(self.guard.limits.association_request_timeout_seconds)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True,
@@ -802,6 +859,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 def start_guarded_server(ae: AE, address: tuple[str, int], *, guard: ConnectionGuard,
                          evt_handlers: list[Any], ssl_context: Any = None,
                          listen_socket: socket.socket | None = None,
+                         accept_share: AcceptShare | None = None,
                          ) -> GuardedAssociationServer:
     """Start ``ae`` listening on ``address`` behind ``guard`` (as pynetdicom's
     ``AE.start_server(block=False)``), after setting the AE's ACSE timeout to the request
@@ -810,7 +868,7 @@ def start_guarded_server(ae: AE, address: tuple[str, int], *, guard: ConnectionG
     ae.maximum_associations = _PYNETDICOM_MAXIMUM_ASSOCIATIONS
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
                             server_class=GuardedAssociationServer, guard=guard,
-                            listen_socket=listen_socket)
+                            listen_socket=listen_socket, accept_share=accept_share)
     assert isinstance(server, GuardedAssociationServer)
     timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
     threading.Thread(target=server.serve_forever, args=(ACCEPT_POLL_SECONDS,),

@@ -4,7 +4,8 @@ pynetdicom decodes PDUs and DIMSE messages in Python, so one process receives on
 core at most, whatever the number of associations. With ``node.receive_processes: N``
 (N > 1) the node's process binds and listens on the SCP port itself, then starts N
 receiver processes (spawned, like the job workers) that share that listening socket (a
-pre-fork: each accepts connections from it, so an idle receiver takes the next one) and
+pre-fork: each accepts connections from it; the one holding the fewest takes the next,
+see :class:`dicomnode.receive.guard.AcceptShare`) and
 run the same Storage SCP (:class:`dicomnode.receive.scp.StorageSCP`) with the same store
 and the same acknowledgement contract. What stays in the node's process: start-up
 recovery, completion, rules, jobs, the outbox, the console.
@@ -127,10 +128,12 @@ class ReceiverProcesses:
                                         daemon=True)
         self._reader.start()
         data = self.config.model_dump(mode="json")
+        counts = self._context.Array("i", node.receive_processes, lock=False)
         for number in range(node.receive_processes):
             process = self._context.Process(
                 target=run_receiver, name=f"dicomnode-receiver-{number + 1}",
-                args=(os.getpid(), data, self._socket, self._events), daemon=False)
+                args=(os.getpid(), data, self._socket, self._events, counts, number),
+                daemon=False)
             process.start()
             self._processes.append(process)
         with self._ready_changed:
@@ -202,11 +205,13 @@ def _watch_parent(parent: int) -> None:
 
 
 def run_receiver(parent: int, config_data: dict[str, Any], sock: socket.socket,
-                 events: Any) -> None:
-    """A receiver process: the Storage SCP on the shared socket until SIGTERM."""
+                 events: Any, counts: Any, slot: int) -> None:
+    """A receiver process: the Storage SCP on the shared socket until SIGTERM; ``counts``
+    and ``slot`` say how many connections each receiver holds (:class:`AcceptShare`)."""
     _watch_parent(parent)
     from dicomnode.logs import setup_logging
     from dicomnode.net.access import AccessPolicy
+    from dicomnode.receive.guard import AcceptShare
     from dicomnode.receive.ingest import InstanceStore
     from dicomnode.receive.scp import StorageSCP
     from dicomnode.store.db import open_index
@@ -224,7 +229,7 @@ def run_receiver(parent: int, config_data: dict[str, Any], sock: socket.socket,
     scp = StorageSCP(config.node, store, AccessPolicy(config.node.ae_title, config.peers),
                      ForwardedActivity(events),
                      on_refused=lambda kind: events.put(("refused", None, kind)))
-    scp.start(listen_socket=sock)
+    scp.start(listen_socket=sock, accept_share=AcceptShare(counts, slot))
     events.put(("ready", None, os.getpid()))
     try:
         while not stop.wait(1.0):

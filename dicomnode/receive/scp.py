@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import socket
 import tempfile
 import threading
@@ -44,6 +45,7 @@ from dicomnode.net.sockets import set_nodelay
 from dicomnode.net.tls import server_context
 from dicomnode.receive.guard import (
     LOCAL_LIMIT_EXCEEDED,
+    AcceptShare,
     ConnectionGuard,
     GuardedAssociationServer,
     GuardLimits,
@@ -309,7 +311,8 @@ class StorageSCP:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def start(self, *, listen_socket: socket.socket | None = None) -> None:
+    def start(self, *, listen_socket: socket.socket | None = None,
+              accept_share: AcceptShare | None = None) -> None:
         """Start listening on ``node.host:node.port`` in background threads (or accepting
         from ``listen_socket``, bound and listening already, shared with other receiver
         processes: see :mod:`dicomnode.receive.processes`)."""
@@ -330,9 +333,14 @@ class StorageSCP:
             self.node.tls, handshake_timeout=self.node.network_timeout_seconds)
         self.server = start_guarded_server(
             self.ae, (self.node.host, self.node.port), guard=self.guard,
-            evt_handlers=self.handlers, ssl_context=tls, listen_socket=listen_socket)
-        LOG.info("listening as %s on %s:%d%s", self.node.ae_title, self.node.host, self.node.port,
-                 "" if tls is None else " (DICOM TLS)")
+            evt_handlers=self.handlers, ssl_context=tls, listen_socket=listen_socket,
+            accept_share=accept_share)
+        if listen_socket is None:
+            LOG.info("listening as %s on %s:%d%s", self.node.ae_title, self.node.host,
+                     self.node.port, "" if tls is None else " (DICOM TLS)")
+        else:  # the node says "listening as" once every receiver process accepts
+            LOG.debug("receiver process %d accepting on the shared socket%s", os.getpid(),
+                      "" if tls is None else " (DICOM TLS)")
 
     @property
     def port(self) -> int:
