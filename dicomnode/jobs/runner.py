@@ -11,10 +11,16 @@ Several nodes may share the index: the runner claims jobs as ``node.id`` with a 
 ``node.heartbeat_seconds`` (:class:`~dicomnode.store.leases.Heartbeat`), and takes over only
 jobs whose lease ended (:meth:`JobRunner.recover`). With ``pipeline.workers: 0`` it runs no
 jobs (a receive-only node; ``dicomnode worker`` nodes run them).
+
+Each claim takes jobs in claim order as :func:`dicomnode.jobs.policy.claim_policy` allows at
+that moment: urgent before normal before background, background only inside
+``pipeline.background_hours`` or when nothing else is pending, and no more jobs of a model
+at once than its limit on this node.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import multiprocessing
 import os
@@ -25,6 +31,7 @@ from functools import partial
 
 from dicomnode.config import Config
 from dicomnode.jobs import child, feedbackqueue, parentwatch
+from dicomnode.jobs.policy import claim_policy, local_now
 from dicomnode.jobs.queue import Outcome, claim_next, finish, recover, renew, requeue
 from dicomnode.store.db import Index
 from dicomnode.store.leases import Heartbeat
@@ -36,13 +43,19 @@ LOG = logging.getLogger("dicomnode.jobs")
 
 
 class JobRunner:
-    """Hands pending jobs to worker processes and records how they end."""
+    """Hands pending jobs to worker processes and records how they end.
+
+    ``clock`` gives the node's local time (naive) for ``pipeline.background_hours``; tests
+    give their own.
+    """
 
     def __init__(self, config: Config, index: Index, *,
-                 on_done: Callable[[], object] | None = None) -> None:
+                 on_done: Callable[[], object] | None = None,
+                 clock: Callable[[], dt.datetime] = local_now) -> None:
         self.config = config
         self.index = index
         self.on_done = on_done  # called after a job finished successfully
+        self.clock = clock
         self._pool: ProcessPoolExecutor | None = None
         self._running: dict[int, Future[Outcome]] = {}
         self._comparing: dict[int, Future[str]] = {}  # feedback objects being compared
@@ -104,7 +117,8 @@ class JobRunner:
                 return []
             started = []
             for job_id in claim_next(self.index, free, owner=self.owner,
-                                     lease_seconds=self.config.node.lease_seconds):
+                                     lease_seconds=self.config.node.lease_seconds,
+                                     policy=claim_policy(self.config, self.clock())):
                 self._start_heartbeat()
                 future = self._pool_now().submit(child.work, job_id)
                 self._running[job_id] = future
