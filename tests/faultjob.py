@@ -2,10 +2,10 @@
 node's real worker pool (spawned processes import it by name from ``tests/``).
 
 It records each attempt as ``<folder>/<job id>.<attempt>.pid`` holding the worker's process
-id (so a test can kill that process), then blocks while the file ``<folder>/block-<job id>`` exists, for
-:data:`BLOCK_SECONDS` at most (a job "running a model"; removing the file ends it), then returns a successful outcome
-at once. ``<folder>`` is the environment variable ``DICOMNODE_FAULTJOB_DIR``, set before the
-pool spawns.
+id (so a test can kill that process), then blocks while the file ``<folder>/block-<job id>``
+exists, for :data:`BLOCK_SECONDS` at most (a job "running a model"; removing the file ends
+it), then returns a successful outcome. ``<folder>`` is the environment variable
+``DICOMNODE_FAULTJOB_DIR``, set before the pool spawns.
 """
 
 from __future__ import annotations
