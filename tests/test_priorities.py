@@ -371,6 +371,13 @@ def test_an_urgent_rules_job_is_claimed_before_earlier_normal_ones(
         assert _state(node.index, 1) is JobState.RUNNING
         with node.index.session() as session:
             assert session.get(Job, 4).priority == URGENT.rank  # type: ignore[union-attr]
+        # `dicomnode jobs --queue`: the running job, then the claim order
+        queue = json.loads(running.cli("jobs", "--queue", "--json").stdout)
+        assert [(j["position"], j["id"], j["priority"]) for j in queue["jobs"]] == [
+            (None, 1, "normal"), (1, 4, "urgent"), (2, 2, "normal"), (3, 3, "normal")]
+        text = running.cli("jobs", "--queue").stdout
+        assert "   1 job 4     urgent     stroke" in text and "are estimates" in text
+        assert "normal     routine" in running.cli("jobs").stdout
         (folder / "block-1").unlink()
         _wait(lambda: _state(node.index, 1) is JobState.DONE, 60, "the first job done")
         order = []
