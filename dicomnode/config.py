@@ -761,8 +761,8 @@ class PipelineConfig(_Section):
         "normal job is pending. null: at any time")
     model_concurrency: dict[str, int] = Field(
         default_factory=dict, description="jobs of a model (by name) that may run at once on "
-        "this node; overrides the card's runtime.max_concurrent and the default (1 when "
-        "inference.providers lists a GPU provider, else pipeline.workers)")
+        "this node; overrides the card's runtime.max_concurrent and the default (1 for a "
+        "model whose session runs on a GPU, else pipeline.workers)")
 
     @field_validator("background_hours")
     @classmethod

@@ -37,6 +37,7 @@ from dicomnode.states import JobPriority, JobState, JobTrigger
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.tables import Job, Patient, Study, utcnow
 
+ROOT = Path(__file__).resolve().parents[1]
 URGENT, NORMAL, BACKGROUND = JobPriority.URGENT, JobPriority.NORMAL, JobPriority.BACKGROUND
 DONE = {"ok": True, "timings": {}, "results": []}
 
@@ -205,6 +206,38 @@ def test_model_limits_come_from_the_configuration_the_card_or_the_providers(
     assert model_limit(Config.model_validate({}), "small") == 1  # the default lists GPUs
     configured = _config(tmp_path, model_concurrency={"big": 3, "small": 1})
     assert model_limit(configured, "big") == 3 and model_limit(configured, "small") == 1
+    # where the workers' warm-up found a model runs decides, once known
+    assert model_limit(gpu, "small", {"small": "CPUExecutionProvider"}) is None
+    assert model_limit(cpu, "small", {"small": "CUDAExecutionProvider"}) == 1
+    assert model_limit(gpu, "big", {"big": "CPUExecutionProvider"}) == 2  # the card still
+    triton = Config.model_validate({**gpu.model_dump(mode="json"), "inference": {
+        "backend": "triton", "triton": {"url": "localhost:8000"}}})
+    assert model_limit(triton, "small") is None  # the server queues its GPU's requests
+
+
+def test_a_models_limit_follows_the_provider_the_workers_warm_up_found(
+        sqlite_index: Index, tmp_path: Path) -> None:
+    """The real ct-body model warmed up in a spawned worker: on this machine's provider
+    (the CPU, or a GPU where one is usable) the default limit follows it."""
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "r.yaml").write_text("name: ct\nselect: SELECT study WHERE series NAMED \"ct\" "
+                                  "HAS Modality = \"CT\"\nmodel: ct-body\n")
+    config = Config.model_validate({
+        "node": {"id": "n1"}, "storage": {"path": str(tmp_path / "store"),
+                                          "database_url": str(sqlite_index.engine.url)},
+        "rules_dir": str(rules), "models_dir": str(ROOT / "models"),
+        "pipeline": {"workers": 1}})
+    assert model_limit(config, "ct-body") == 1  # the default providers list GPU ones
+    runner = JobRunner(config, sqlite_index)
+    try:
+        runner.start()
+        provider = _wait(lambda: runner.providers.get("ct-body"), 120, "the warm-up")
+        expected = 1 if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") \
+            else None
+        assert model_limit(config, "ct-body", runner.providers) == expected
+    finally:
+        runner.stop()
 
 
 def test_two_workers_run_models_a_and_b_together_and_the_second_a_waits(

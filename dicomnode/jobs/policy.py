@@ -7,10 +7,12 @@ sees it: in claim order, with an estimate of when each job starts.
   pending (see :mod:`dicomnode.jobs.queue`). null: at any time.
 * **Per-model limits** (:func:`model_limit`): how many jobs of one model a node runs at
   once: ``pipeline.model_concurrency[model]``, else the card's ``runtime.max_concurrent``,
-  else 1 on a node that may run models on a GPU (``inference.backend: onnxruntime`` with a
-  GPU provider in ``inference.providers``: one model's sessions fill one GPU), else no limit
-  but ``pipeline.workers``. Counted per node (the claiming ``node.id``): each node has its
-  own GPU.
+  else, with ``inference.backend: onnxruntime``, 1 for a model that runs on a GPU (one
+  model's sessions fill one GPU) and no limit but ``pipeline.workers`` for one on the CPU.
+  Where a model runs is what the workers' warm-up found (the provider its session chose,
+  :attr:`dicomnode.jobs.runner.JobRunner.providers`); before that, or for a model not warmed
+  up, a GPU is assumed when ``inference.providers`` lists a GPU provider. Counted per node
+  (the claiming ``node.id``): each node has its own GPU.
 
 The clock is a parameter everywhere (``now``): tests give the time instead of waiting for it.
 This module imports nothing of the models' stack (the card is read by
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -68,9 +71,11 @@ def background_open(config: Config, now: dt.datetime) -> bool:
     return time >= start or time < end  # wraps midnight
 
 
-def model_limit(config: Config, model: str) -> int | None:
+def model_limit(config: Config, model: str,
+                providers: Mapping[str, str] | None = None) -> int | None:
     """The most jobs of ``model`` this node runs at once; None: only ``pipeline.workers``
-    bounds them. See the module's description for the order of the settings."""
+    bounds them. ``providers``: the provider each model's session runs on, where known (the
+    workers' warm-up). See the module's description for the order of the settings."""
     configured = config.pipeline.model_concurrency.get(model)
     if configured is not None:
         return configured
@@ -81,15 +86,20 @@ def model_limit(config: Config, model: str) -> int | None:
         card_limit = None  # the job reports the card's problem when it runs
     if card_limit is not None:
         return card_limit
-    gpu = (config.inference.backend is InferenceBackend.ONNXRUNTIME
-           and any(p in _GPU_PROVIDERS for p in config.inference.providers))
+    if config.inference.backend is not InferenceBackend.ONNXRUNTIME:
+        return None  # the Triton server queues the requests of its GPU
+    known = (providers or {}).get(model)
+    gpu = (known in _GPU_PROVIDERS if known is not None
+           else any(p in _GPU_PROVIDERS for p in config.inference.providers))
     return 1 if gpu else None
 
 
-def claim_policy(config: Config, now: dt.datetime) -> ClaimPolicy:
-    """What this node's claims may take at ``now`` (local time)."""
+def claim_policy(config: Config, now: dt.datetime,
+                 providers: Mapping[str, str] | None = None) -> ClaimPolicy:
+    """What this node's claims may take at ``now`` (local time); ``providers`` as for
+    :func:`model_limit`."""
     return ClaimPolicy(background_open=background_open(config, now),
-                       model_limit=partial(model_limit, config))
+                       model_limit=partial(model_limit, config, providers=providers))
 
 
 @dataclass

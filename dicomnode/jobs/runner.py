@@ -63,6 +63,8 @@ class JobRunner:
         self._stopping = False
         self.owner = config.node.node_id
         self._heartbeat: Heartbeat | None = None
+        # the provider each model runs on in the workers (their warm-up): per-model limits
+        self.providers: dict[str, str] = {}
 
     def recover(self, *, at_start: bool = False) -> int:
         """Return to ``pending`` the running jobs whose lease ended (their node is gone),
@@ -88,9 +90,18 @@ class JobRunner:
             if self._stopping or self.config.pipeline.workers == 0:
                 return
             pool = self._pool_now()
-            for _ in range(self.config.pipeline.workers):
-                pool.submit(child.warm_up)
+            warming = [pool.submit(child.warm_up)
+                       for _ in range(self.config.pipeline.workers)]
             self._start_heartbeat()
+        for future in warming:
+            future.add_done_callback(self._warmed)
+
+    def _warmed(self, future: Future[dict[str, str]]) -> None:
+        """Record the provider each model runs on, as a worker's warm-up found it."""
+        try:
+            self.providers.update(future.result())
+        except Exception:  # a worker that could not warm up: its first job reports why
+            pass
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat is None:
@@ -118,7 +129,8 @@ class JobRunner:
             started = []
             for job_id in claim_next(self.index, free, owner=self.owner,
                                      lease_seconds=self.config.node.lease_seconds,
-                                     policy=claim_policy(self.config, self.clock())):
+                                     policy=claim_policy(self.config, self.clock(),
+                                                         providers=self.providers)):
                 self._start_heartbeat()
                 future = self._pool_now().submit(child.work, job_id)
                 self._running[job_id] = future

@@ -381,8 +381,9 @@ class RuntimeSpec(_Spec):
     where the node's ``inference.tensorrt_fp16`` lets it (float32 otherwise).
 
     ``max_concurrent``: how many of its jobs a node runs at once (e.g. 1 for a model that
-    fills a GPU's memory); None: the node decides (``pipeline.model_concurrency``, else 1 on
-    a node whose ``inference.providers`` lists a GPU provider, else ``pipeline.workers``).
+    fills a GPU's memory); None: the node decides (``pipeline.model_concurrency``, else 1 for
+    a model whose session runs on a GPU, else ``pipeline.workers``; see
+    :mod:`dicomnode.jobs.policy`).
     """
 
     fp16: bool = False
