@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -125,8 +125,8 @@ def _mean_seconds(index: Index) -> dict[str, float]:
 
 
 def _simulate(queued: list[_Queued], running: list[tuple[dt.datetime, str]], workers: int,
-              config: Config, duration: Any, now: dt.datetime,
-              open_: bool) -> dict[int, dt.datetime]:
+              limit_of: Callable[[str], int | None], duration: Callable[[str], float],
+              now: dt.datetime, open_: bool) -> dict[int, dt.datetime]:
     """When each queued job starts if this node's workers take the queue as the claims do
     (claim order, model limits, background held while others wait)."""
     starts: dict[int, dt.datetime] = {}
@@ -146,7 +146,7 @@ def _simulate(queued: list[_Queued], running: list[tuple[dt.datetime, str]], wor
             if hold and job.priority is JobPriority.BACKGROUND:
                 continue
             if job.model not in limits:
-                limits[job.model] = model_limit(config, job.model)
+                limits[job.model] = limit_of(job.model)
             limit = limits[job.model]
             if limit is not None and counts[job.model] >= limit:
                 continue
@@ -165,7 +165,8 @@ def _simulate(queued: list[_Queued], running: list[tuple[dt.datetime, str]], wor
 
 
 def queue_report(index: Index, config: Config, *, now: dt.datetime | None = None,
-                 local: dt.datetime | None = None) -> dict[str, Any]:
+                 local: dt.datetime | None = None,
+                 providers: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The jobs running and waiting, in claim order, as JSON-ready data: each with its
     priority and, for a pending one, ``expected_start``: an estimate from each model's mean
     run time (its latest finished jobs; :data:`DEFAULT_JOB_SECONDS` without any) and this
@@ -175,6 +176,7 @@ def queue_report(index: Index, config: Config, *, now: dt.datetime | None = None
     Args:
         now: the current time, naive UTC (default: now).
         local: the node's local time, for ``pipeline.background_hours`` (default: now).
+        providers: where each model runs, as for :func:`model_limit`.
     """
     now = now or utcnow()
     local = local or local_now()
@@ -195,8 +197,9 @@ def queue_report(index: Index, config: Config, *, now: dt.datetime | None = None
                  job.model) for job in running_jobs if job.owner == config.node.node_id]
         open_ = background_open(config, local)
         starts = _simulate([_Queued(j.id, j.model, JobPriority.of_rank(j.priority))
-                            for j in pending_jobs], mine, config.pipeline.workers, config,
-                           duration, now, open_)
+                            for j in pending_jobs], mine, config.pipeline.workers,
+                           partial(model_limit, config, providers=providers), duration, now,
+                           open_)
 
         def row(position: int | None, job: Job) -> dict[str, Any]:
             start = starts.get(job.id)

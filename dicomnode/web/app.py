@@ -227,7 +227,8 @@ def jobs_data(console: Any, auth: bool) -> dict[str, Any]:
 
 
 def queue_data(console: Any) -> dict[str, Any]:
-    view = api.queue_view(queue_report(console.index, console.config))
+    view = api.queue_view(queue_report(console.index, console.config,
+                                       providers=getattr(console, "providers", None)))
     return api.QueueList.model_validate(view).model_dump(exclude_unset=True)
 
 
