@@ -289,6 +289,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from dicomnode.jobs.queue import jobs_report
     from dicomnode.store.queries import format_timings
 
+    if args.queue:
+        return _print_queue(args)
     report = _index_report(args, lambda index: jobs_report(index, state=args.state))
     if args.json:
         return _print_json(report)
@@ -296,7 +298,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print("no jobs")
     for job in report["jobs"]:
         took = f"{job['seconds']:.1f} s" if job["seconds"] is not None else ""
-        line = (f"job {job['id']:<5} {job['state']:<9} {job['rule']:<20} {job['model']:<12} "
+        line = (f"job {job['id']:<5} {job['state']:<9} {job['priority']:<10} {job['rule']:<20} "
+                f"{job['model']:<12} "
                 f"v{job['version']:<3} study {job['study']:<5} attempts {job['attempts']:<2} "
                 f"{job['trigger']:<10} {took}")
         if job["changes"]:
@@ -309,6 +312,35 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if job["error"]:
             line += f"\n      error: {job['error']}"
         print(line.rstrip())
+    return 0
+
+
+def _print_queue(args: argparse.Namespace) -> int:
+    """``jobs --queue``: running jobs, then pending ones in claim order with their
+    estimated start."""
+    from dicomnode.jobs.policy import queue_report
+
+    config = _config(args)
+    report = _index_report(args, lambda index: queue_report(index, config))
+    if args.json:
+        return _print_json(report)
+    if not report["jobs"]:
+        print("no job running or waiting")
+    for job in report["jobs"]:
+        if job["position"] is None:
+            when = f"running since {job['started_at']}"
+        elif job["expected_start"] is None:
+            when = "no worker on this node"
+        else:
+            when = f"expected {job['expected_start']} (in {job['expected_in_seconds']:.0f} s)"
+        position = "" if job["position"] is None else str(job["position"])
+        print(f"{position:>4} job {job['id']:<5} {job['priority']:<10} {job['rule']:<20} "
+              f"{job['model']:<12} study {job['study']:<5} {when}")
+    hours = report["background_hours"]
+    print(f"expected starts are estimates (each model's mean run time, {report['workers']} "
+          "worker(s) of this node)" + (f"; background hours {hours} "
+                                      f"({'open' if report['background_open'] else 'closed'})"
+                                      if hours else ""))
     return 0
 
 
@@ -842,6 +874,9 @@ def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="stable JSON (docs/jobs-json.md)")
     p.add_argument("--state", choices=["pending", "running", "done", "failed"],
                    help="only jobs in this state")
+    p.add_argument("--queue", action="store_true",
+                   help="running and waiting jobs in claim order (urgent, normal, background) "
+                   "with estimated starts")
     p.set_defaults(func=cmd_jobs)
     jobs_sub = p.add_subparsers(dest="jobs_command", metavar="{retry}")
     q = jobs_sub.add_parser("retry", help="run a job again now, in this process")

@@ -56,6 +56,7 @@ __all__ = [
     "TritonConfig",
     "TritonProtocol",
     "WebConfig",
+    "background_window",
     "format_validation_errors",
     "load_config",
     "parse_date_bound",
@@ -754,6 +755,57 @@ class PipelineConfig(_Section):
                          "node runs no jobs (receive only), `dicomnode worker` nodes do")
     max_attempts: int = Field(3, ge=1, le=100)
     check_interval_seconds: float = Field(0.5, gt=0, le=60)
+    background_hours: str | None = Field(
+        None, description="HH:MM-HH:MM in the node's local time (may wrap midnight, e.g. "
+        "22:00-06:00): when background rules' jobs run; outside it only when no urgent or "
+        "normal job is pending. null: at any time")
+    model_concurrency: dict[str, int] = Field(
+        default_factory=dict, description="jobs of a model (by name) that may run at once on "
+        "this node; overrides the card's runtime.max_concurrent and the default (1 for a "
+        "model whose session runs on a GPU, else pipeline.workers)")
+
+    @field_validator("background_hours")
+    @classmethod
+    def _background_hours(cls, v: str | None) -> str | None:
+        if v is not None:
+            background_window(v)
+        return v
+
+    @field_validator("model_concurrency")
+    @classmethod
+    def _model_concurrency(cls, v: dict[str, int]) -> dict[str, int]:
+        for name, limit in v.items():
+            if isinstance(limit, bool) or not 1 <= limit <= 64:
+                raise ValueError(f"model {name!r}: {limit!r} is not a number of jobs from 1 "
+                                 "to 64")
+        return v
+
+    @property
+    def background_window(self) -> tuple[dt.time, dt.time] | None:
+        """``background_hours`` as (start, end) local times; None: at any time."""
+        return None if self.background_hours is None else background_window(
+            self.background_hours)
+
+
+_HOURS = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])$")
+
+
+def background_window(text: str) -> tuple[dt.time, dt.time]:
+    """``HH:MM-HH:MM`` as (start, end) times; the end is excluded and may be earlier than the
+    start (the window wraps midnight).
+
+    Raises:
+        ValueError: not two 24-hour times, or an empty window (start equals end).
+    """
+    match = _HOURS.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not HH:MM-HH:MM with 24-hour times (e.g. 22:00-06:00)")
+    hour, minute, end_hour, end_minute = (int(g) for g in match.groups())
+    start, end = dt.time(hour, minute), dt.time(end_hour, end_minute)
+    if start == end:
+        raise ValueError(f"{text!r}: the window is empty (start equals end); null runs "
+                         "background jobs at any time")
+    return start, end
 
 
 class RetentionConfig(_Section):

@@ -125,7 +125,8 @@ class Node:
                 config, self.index, self.outbox, self.rules,
                 partial(metrics_text, self.index, refused=self.refused,
                         storage_path=config.storage.path), run_now=self.run_now,
-                store=self.store, activity=self.activity)  # STOW-RS: ingest, completion
+                store=self.store, activity=self.activity,  # STOW-RS: ingest, completion
+                providers=self.jobs.providers)  # the queue's estimates: per-model limits
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self._feedback_after = 0  # the newest instance the feedback check looked at
         self._feedback_ticks = 0

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["IngestOutcome", "JobState", "JobTrigger", "NodeRole", "OutboxState", "SeriesGeometry",
-           "StudyState", "StudyStatus"]
+__all__ = ["IngestOutcome", "JobPriority", "JobState", "JobTrigger", "NodeRole", "OutboxState",
+           "SeriesGeometry", "StudyState", "StudyStatus"]
 
 
 class StudyState(str, enum.Enum):
@@ -78,6 +78,30 @@ class JobState(str, enum.Enum):
     DONE = "done"
     FAILED = "failed"
     DISCARDED = "discarded"  # its required series never arrived (``when_incomplete``)
+
+
+class JobPriority(str, enum.Enum):
+    """How soon a rule's jobs are claimed (a rule's ``priority``; ``job.priority`` stores its
+    :attr:`rank`). Claims take urgent jobs first, then normal, then background ones, oldest
+    first within a class; background jobs wait for ``pipeline.background_hours`` unless no
+    other job is pending (see :mod:`dicomnode.jobs.queue`)."""
+
+    URGENT = "urgent"
+    NORMAL = "normal"
+    BACKGROUND = "background"
+
+    @property
+    def rank(self) -> int:
+        """The stored value, in claim order: 0 urgent, 1 normal, 2 background."""
+        return _PRIORITY_RANKS.index(self)
+
+    @classmethod
+    def of_rank(cls, rank: int) -> JobPriority:
+        """The class of a stored ``job.priority`` (an unknown rank reads as normal)."""
+        return _PRIORITY_RANKS[rank] if 0 <= rank < len(_PRIORITY_RANKS) else cls.NORMAL
+
+
+_PRIORITY_RANKS = (JobPriority.URGENT, JobPriority.NORMAL, JobPriority.BACKGROUND)
 
 
 class JobTrigger(str, enum.Enum):

@@ -2,10 +2,10 @@
 node's real worker pool (spawned processes import it by name from ``tests/``).
 
 It records each attempt as ``<folder>/<job id>.<attempt>.pid`` holding the worker's process
-id (so a test can kill that process), then blocks for :data:`BLOCK_SECONDS` while the file
-``<folder>/block-<job id>`` exists (a job "running a model"), else returns a successful outcome
-at once. ``<folder>`` is the environment variable ``DICOMNODE_FAULTJOB_DIR``, set before the
-pool spawns.
+id (so a test can kill that process), then blocks while the file ``<folder>/block-<job id>``
+exists, for :data:`BLOCK_SECONDS` at most (a job "running a model"; removing the file ends
+it), then returns a successful outcome. ``<folder>`` is the environment variable
+``DICOMNODE_FAULTJOB_DIR``, set before the pool spawns.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def work(job_id: int) -> dict[str, Any]:
     staged = pid_file.with_suffix(".part")
     staged.write_text(str(os.getpid()))
     staged.replace(pid_file)  # whole or absent: the test reads it as soon as it appears
-    if (folder / f"block-{job_id}").exists():
-        time.sleep(BLOCK_SECONDS)
+    deadline = time.monotonic() + BLOCK_SECONDS
+    while (folder / f"block-{job_id}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     return {"ok": True, "enqueued": 0, "timings": {"model": 0.0}, "results": []}

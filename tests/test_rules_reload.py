@@ -83,9 +83,9 @@ def test_an_edited_added_or_removed_rule_file_is_seen_without_a_restart(
     rules_dir, models_dir = folders
     path = _rule(rules_dir)
     source = RuleSource(rules_dir, peers={}, models_dir=models_dir)
-    assert source.load().get("first").priority == 0
+    assert source.load().get("first").order == 0
     _rule(rules_dir, priority=7)
-    assert source.load().get("first").priority == 7
+    assert source.load().get("first").order == 7
     _rule(rules_dir, "b.yml", name="second")
     assert [r.name for r in source.load().rules] == ["first", "second"]
     path.unlink()
@@ -105,7 +105,7 @@ def test_an_invalid_edit_reports_the_same_error_and_the_node_keeps_its_rules(
     with pytest.raises(RuleFileError) as fresh:
         load_rules(rules_dir, peers={}, models_dir=models_dir)
     expected = str(fresh.value)
-    assert f"{path}:4: priority must be an integer" in expected
+    assert f"{path}:4: priority 'high' is not one of urgent, normal, background" in expected
     parsed = _count(monkeypatch, loader_module, "load_rules")
     for _ in range(2):  # the same error each time, parsed once
         with pytest.raises(RuleFileError) as cached:
@@ -122,7 +122,7 @@ def test_an_invalid_edit_reports_the_same_error_and_the_node_keeps_its_rules(
     caplog.clear()
     _rule(rules_dir, priority=3)
     with caplog.at_level(logging.INFO, logger="dicomnode.rules.loader"):
-        assert source.current().get("first").priority == 3
+        assert source.current().get("first").order == 3
     assert "rule files fixed: 1 rule(s) loaded" in caplog.text
 
 
@@ -223,7 +223,7 @@ def test_the_node_uses_edited_rules_and_keeps_the_last_valid_ones(
         assert [w.total_seconds() for w in node.completion.waits] == [30.0]
         _rule(rules_dir, wait=45, priority=2)
         rules = node.fresh_rules()
-        assert rules.get("first").priority == 2
+        assert rules.get("first").order == 2
         assert node.rules is rules and node.trigger.rules is rules
         assert [w.total_seconds() for w in node.completion.waits] == [45.0]
         path.write_text("name: first\nselect: SELECT nothing\nmodel: m\n")

@@ -57,9 +57,11 @@ def compare(feedback_pk: int) -> str:
     return compare_feedback(_WORKER["config"], _WORKER["index"], feedback_pk).value
 
 
-def warm_up() -> int:
+def warm_up() -> dict[str, str]:
     """Open the ONNX Runtime session of every model a rule names, so that a worker's first
-    job does not wait for it (sessions are cached per process); returns how many."""
+    job does not wait for it (sessions are cached per process); returns the provider each
+    opened model runs on (the node's per-model limits use it: a model on the CPU is not
+    held to one job at a time)."""
     from dicomnode.inference.runtime import configure_from, open_card_session
     from dicomnode.models.card import cached_card
     from dicomnode.rules.loader import rule_source
@@ -67,13 +69,13 @@ def warm_up() -> int:
     config: Config = _WORKER["config"]
     configure_from(config)
     rules = rule_source(config.rules_dir, peers=config.peers, models_dir=config.models_dir).load()
-    opened = 0
+    opened: dict[str, str] = {}
     for model in sorted({rule.model for rule in rules.enabled}):
         try:
-            open_card_session(cached_card(config.models_dir / model),
-                              providers=config.inference.providers,
-                              intra_op_threads=config.inference.intra_op_threads)
-            opened += 1
+            session = open_card_session(cached_card(config.models_dir / model),
+                                        providers=config.inference.providers,
+                                        intra_op_threads=config.inference.intra_op_threads)
+            opened[model] = str(session.provider)
         except Exception as exc:  # the job that needs it reports the error properly
             LOG.warning("model %s not loaded ahead of its first job: %s", model,
                         type(exc).__name__)

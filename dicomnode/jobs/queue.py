@@ -10,10 +10,20 @@ States (``job.state``)::
 A claim makes a pending job running (attempts + 1) under an owner (the claiming node's
 ``node.id``) and a lease (``lease_expires_at``), which the owner renews while the job runs
 (:func:`renew`, every ``node.heartbeat_seconds``). On PostgreSQL, :func:`claim_next` picks
-the oldest pending jobs with ``SELECT ... FOR UPDATE SKIP LOCKED``, so competing nodes never
-wait on each other's rows; on SQLite (one writer at a time) it is a conditional UPDATE per
-job. Either way a job is claimed by one process at a time, and only its owner records its
-outcome (:func:`finish`). A job whose lease ended (its node was killed, its machine lost)
+pending jobs with ``SELECT ... FOR UPDATE SKIP LOCKED``, so competing nodes never wait on
+each other's rows; on SQLite (one writer at a time) it is a conditional UPDATE per job.
+
+Claim order (:func:`claim_next`, index ``ix_job_claim_order``): urgent jobs first, then
+normal, then background ones (``job.priority``, the rule's
+:class:`~dicomnode.states.JobPriority`), oldest (lowest id) first within a class. A
+:class:`ClaimPolicy` says what may be taken now: outside ``pipeline.background_hours`` a
+background job is taken only when no urgent or normal job is pending (waiting to be claimed,
+by any node; running jobs do not hold it back), and a job whose model already runs its limit
+of jobs under the claiming owner (per node: one GPU per node) is skipped for the next one, so
+one busy model never blocks the queue.
+
+Either way a job is claimed by one process at a time, and only its owner records its outcome
+(:func:`finish`). A job whose lease ended (its node was killed, its machine lost)
 goes back to pending (:func:`recover`), never one whose owner still renews it: its re-run
 writes the same objects (see :mod:`dicomnode.jobs.pipeline`). Only this module changes
 ``job.state``.
@@ -23,20 +33,23 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, or_, select, update
+from sqlalchemy import CursorResult, Select, func, or_, select, update
+from sqlalchemy.orm import Session
 
-from dicomnode.states import JobTrigger
+from dicomnode.states import JobPriority, JobTrigger
 from dicomnode.store import audit
 from dicomnode.store.db import Index
 from dicomnode.store.leases import lease_end
 from dicomnode.store.queries import format_timings, iso_utc
 from dicomnode.store.tables import Job, JobState, utcnow
 
-__all__ = ["DEFAULT_LEASE_SECONDS", "LOCAL_OWNER", "Outcome", "claim", "claim_next", "finish",
-           "jobs_report", "pending", "recover", "renew", "requeue", "reset"]
+__all__ = ["DEFAULT_LEASE_SECONDS", "LOCAL_OWNER", "ClaimPolicy", "Outcome", "claim",
+           "claim_next", "finish", "jobs_report", "pending", "recover", "renew", "requeue",
+           "reset"]
 
 LOG = logging.getLogger("dicomnode.jobs")
 
@@ -76,30 +89,101 @@ def claim(index: Index, job_id: int, *, owner: str = LOCAL_OWNER,
         return result.rowcount == 1
 
 
-def claim_next(index: Index, limit: int, *, owner: str = LOCAL_OWNER,
-               lease_seconds: float = DEFAULT_LEASE_SECONDS) -> list[int]:
-    """Claim up to ``limit`` pending jobs, oldest first, for ``owner``; returns their ids.
+def _no_limit(model: str) -> int | None:
+    return None
 
-    PostgreSQL: one transaction selects them ``FOR UPDATE SKIP LOCKED`` (rows another node
-    is claiming at the same moment are skipped, not waited for) and marks them running.
-    SQLite: each pending job is claimed by its own conditional UPDATE.
+
+@dataclass(frozen=True)
+class ClaimPolicy:
+    """What a claim may take now.
+
+    Attributes:
+        background_open: whether background jobs may be taken even while urgent or normal
+            jobs are pending (inside ``pipeline.background_hours``, or none configured).
+        model_limit: the most jobs of a model (by name) the claiming owner may run at once;
+            None: no limit but the free workers.
+    """
+
+    background_open: bool = True
+    model_limit: Callable[[str], int | None] = field(default=_no_limit)
+
+
+_CLAIM_ORDER = (Job.priority, Job.id)
+
+
+def _candidates(session: Session, policy: ClaimPolicy, owner: str
+                ) -> tuple[dict[str, int], bool]:
+    """The owner's running jobs per model, and whether background jobs are held back."""
+    running: dict[str, int] = {model: int(n) for model, n in session.execute(
+        select(Job.model, func.count()).where(Job.state == JobState.RUNNING,
+                                              Job.owner == owner).group_by(Job.model))}
+    hold = not policy.background_open and session.scalar(
+        select(Job.id).where(Job.state == JobState.PENDING,
+                             Job.priority < JobPriority.BACKGROUND.rank).limit(1)) is not None
+    return running, hold
+
+
+def _next_query(policy: ClaimPolicy, running: dict[str, int], hold: bool,
+                skip: list[int]) -> Select[int, str]:
+    full = [model for model, n in running.items()
+            if (limit := policy.model_limit(model)) is not None and n >= limit]
+    query = select(Job.id, Job.model).where(Job.state == JobState.PENDING)
+    if full:
+        query = query.where(Job.model.not_in(full))
+    if hold:
+        query = query.where(Job.priority < JobPriority.BACKGROUND.rank)
+    if skip:
+        query = query.where(Job.id.not_in(skip))
+    return query.order_by(*_CLAIM_ORDER).limit(1)
+
+
+def claim_next(index: Index, limit: int, *, owner: str = LOCAL_OWNER,
+               lease_seconds: float = DEFAULT_LEASE_SECONDS,
+               policy: ClaimPolicy | None = None) -> list[int]:
+    """Claim up to ``limit`` pending jobs in claim order (urgent, normal, background; oldest
+    first within each) for ``owner``, as ``policy`` allows; returns their ids.
+
+    A job whose model runs ``policy.model_limit(model)`` jobs of ``owner`` already (counting
+    those claimed now) is passed over for the next one. PostgreSQL: one transaction selects
+    them ``FOR UPDATE SKIP LOCKED`` (rows another node is claiming at the same moment are
+    skipped, not waited for) and marks them running. SQLite: each job is claimed by its own
+    conditional UPDATE (one lost to another process is passed over).
     """
     if limit <= 0:
         return []
+    policy = policy or ClaimPolicy()
+    claimed: list[int] = []
     if index.is_sqlite:
-        return [job_id for job_id in pending(index, limit)
-                if claim(index, job_id, owner=owner, lease_seconds=lease_seconds)]
+        with index.session() as session:
+            running, hold = _candidates(session, policy, owner)
+        lost: list[int] = []
+        while len(claimed) < limit:
+            with index.session() as session:
+                row = session.execute(_next_query(policy, running, hold, lost)).first()
+            if row is None:
+                break
+            if claim(index, row.id, owner=owner, lease_seconds=lease_seconds):
+                claimed.append(row.id)
+                running[row.model] = running.get(row.model, 0) + 1
+            else:
+                lost.append(row.id)
+        return claimed
     with index.session() as session, session.begin():
-        ids = list(session.scalars(
-            select(Job.id).where(Job.state == JobState.PENDING).order_by(Job.id).limit(limit)
-            .with_for_update(skip_locked=True)))
-        if ids:
-            session.execute(update(Job).where(Job.id.in_(ids))
+        running, hold = _candidates(session, policy, owner)
+        while len(claimed) < limit:
+            row = session.execute(_next_query(policy, running, hold, claimed)
+                                  .with_for_update(skip_locked=True, of=Job)).first()
+            if row is None:
+                break
+            claimed.append(row.id)
+            running[row.model] = running.get(row.model, 0) + 1
+        if claimed:
+            session.execute(update(Job).where(Job.id.in_(claimed))
                             .values(**_claimed(owner, lease_seconds))
                             .execution_options(synchronize_session=False))
-            for job_id in ids:
+            for job_id in claimed:
                 audit.record(session, audit.EventKind.JOB_CLAIMED, job_id=job_id)
-    return ids
+    return claimed
 
 
 def renew(index: Index, job_ids: Sequence[int], *, owner: str,
@@ -174,10 +258,12 @@ def finish(index: Index, job_id: int, outcome: Outcome, max_attempts: int, *,
 
 
 def pending(index: Index, limit: int) -> list[int]:
-    """Up to ``limit`` pending jobs, oldest first."""
+    """Up to ``limit`` pending jobs in claim order (urgent, normal, background; oldest first
+    within each)."""
     with index.session() as session:
         return list(session.scalars(
-            select(Job.id).where(Job.state == JobState.PENDING).order_by(Job.id).limit(limit)))
+            select(Job.id).where(Job.state == JobState.PENDING).order_by(*_CLAIM_ORDER)
+            .limit(limit)))
 
 
 def recover(index: Index, *, owner: str | None = None, now: dt.datetime | None = None) -> int:
@@ -233,6 +319,7 @@ def jobs_report(index: Index, *, state: str | None = None) -> dict[str, Any]:
             "id": job.id,
             "rule": job.rule_name,
             "model": job.model,
+            "priority": JobPriority.of_rank(job.priority).value,
             "study": job.study_pk,
             "inputs": [name for name, _ in job.bindings],
             "trigger": JobTrigger(job.trigger).value,

@@ -11,10 +11,16 @@ Several nodes may share the index: the runner claims jobs as ``node.id`` with a 
 ``node.heartbeat_seconds`` (:class:`~dicomnode.store.leases.Heartbeat`), and takes over only
 jobs whose lease ended (:meth:`JobRunner.recover`). With ``pipeline.workers: 0`` it runs no
 jobs (a receive-only node; ``dicomnode worker`` nodes run them).
+
+Each claim takes jobs in claim order as :func:`dicomnode.jobs.policy.claim_policy` allows at
+that moment: urgent before normal before background, background only inside
+``pipeline.background_hours`` or when nothing else is pending, and no more jobs of a model
+at once than its limit on this node.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import multiprocessing
 import os
@@ -25,6 +31,7 @@ from functools import partial
 
 from dicomnode.config import Config
 from dicomnode.jobs import child, feedbackqueue, parentwatch
+from dicomnode.jobs.policy import claim_policy, local_now
 from dicomnode.jobs.queue import Outcome, claim_next, finish, recover, renew, requeue
 from dicomnode.store.db import Index
 from dicomnode.store.leases import Heartbeat
@@ -36,13 +43,19 @@ LOG = logging.getLogger("dicomnode.jobs")
 
 
 class JobRunner:
-    """Hands pending jobs to worker processes and records how they end."""
+    """Hands pending jobs to worker processes and records how they end.
+
+    ``clock`` gives the node's local time (naive) for ``pipeline.background_hours``; tests
+    give their own.
+    """
 
     def __init__(self, config: Config, index: Index, *,
-                 on_done: Callable[[], object] | None = None) -> None:
+                 on_done: Callable[[], object] | None = None,
+                 clock: Callable[[], dt.datetime] = local_now) -> None:
         self.config = config
         self.index = index
         self.on_done = on_done  # called after a job finished successfully
+        self.clock = clock
         self._pool: ProcessPoolExecutor | None = None
         self._running: dict[int, Future[Outcome]] = {}
         self._comparing: dict[int, Future[str]] = {}  # feedback objects being compared
@@ -50,6 +63,8 @@ class JobRunner:
         self._stopping = False
         self.owner = config.node.node_id
         self._heartbeat: Heartbeat | None = None
+        # the provider each model runs on in the workers (their warm-up): per-model limits
+        self.providers: dict[str, str] = {}
 
     def recover(self, *, at_start: bool = False) -> int:
         """Return to ``pending`` the running jobs whose lease ended (their node is gone),
@@ -75,9 +90,18 @@ class JobRunner:
             if self._stopping or self.config.pipeline.workers == 0:
                 return
             pool = self._pool_now()
-            for _ in range(self.config.pipeline.workers):
-                pool.submit(child.warm_up)
+            warming = [pool.submit(child.warm_up)
+                       for _ in range(self.config.pipeline.workers)]
             self._start_heartbeat()
+        for future in warming:
+            future.add_done_callback(self._warmed)
+
+    def _warmed(self, future: Future[dict[str, str]]) -> None:
+        """Record the provider each model runs on, as a worker's warm-up found it."""
+        try:
+            self.providers.update(future.result())
+        except Exception:  # a worker that could not warm up: its first job reports why
+            pass
 
     def _start_heartbeat(self) -> None:
         if self._heartbeat is None:
@@ -104,7 +128,9 @@ class JobRunner:
                 return []
             started = []
             for job_id in claim_next(self.index, free, owner=self.owner,
-                                     lease_seconds=self.config.node.lease_seconds):
+                                     lease_seconds=self.config.node.lease_seconds,
+                                     policy=claim_policy(self.config, self.clock(),
+                                                         providers=self.providers)):
                 self._start_heartbeat()
                 future = self._pool_now().submit(child.work, job_id)
                 self._running[job_id] = future

@@ -379,9 +379,15 @@ class RuntimeSpec(_Spec):
 
     ``fp16``: its outputs were checked in half precision, so TensorRT may build it in fp16
     where the node's ``inference.tensorrt_fp16`` lets it (float32 otherwise).
+
+    ``max_concurrent``: how many of its jobs a node runs at once (e.g. 1 for a model that
+    fills a GPU's memory); None: the node decides (``pipeline.model_concurrency``, else 1 for
+    a model whose session runs on a GPU, else ``pipeline.workers``; see
+    :mod:`dicomnode.jobs.policy`).
     """
 
     fp16: bool = False
+    max_concurrent: int | None = Field(None, ge=1, le=64)
 
 
 class Card(_Spec):

@@ -8,7 +8,7 @@ A rule::
     model: brain-mr                   # a model package in models_dir
     outputs: [seg, rtstruct, measurements]   # optional; default: the configuration's outputs
     send_to: [pacs]                   # peer names from the configuration
-    priority: 0                       # higher runs first (optional)
+    priority: normal                  # urgent | normal | background (optional, see below)
     enabled: true                     # optional
     schedule: "0 22 * * *"            # optional cron: run as an off-hours batch instead
     wait_seconds: 30                  # optional: the study's quiet time for this rule
@@ -16,6 +16,13 @@ A rule::
     when_incomplete:                  # optional: what to do when they never arrive
       after_seconds: 3600
       action: run                     # run | discard | wait (the default)
+
+``priority`` is the class of the rule's jobs (:class:`~dicomnode.states.JobPriority`): urgent
+jobs are claimed first, then normal ones (the default), then background ones, which wait
+for ``pipeline.background_hours`` unless no other job is pending. The integers of earlier
+releases are still read: greater than 0 is urgent, 0 normal, less than 0 background, and
+the integer stays the order of evaluation within its class (higher first). Rules are
+evaluated by class, then that integer (0 for a word), then name.
 
 A ``require_series`` entry is either a series name of the statement (that series must be
 bound, settled and whole) or, like mercure's "series received" list, a text that the
@@ -45,6 +52,7 @@ from typing import Any
 import yaml
 
 from dicomnode.models.card import CARD_FILE, CardError, FileStat, cached_card, file_stat
+from dicomnode.states import JobPriority
 
 from .errors import RuleSyntaxError
 from .nodes import SelectStatement
@@ -95,13 +103,14 @@ class Rule:
     model: str
     outputs: tuple[str, ...] | None  # None: the configuration's ``outputs`` decide
     send_to: tuple[str, ...]
-    priority: int
+    priority: JobPriority
     enabled: bool
     schedule: str | None
     source: str
     wait_seconds: float | None = None  # None: ``completion.quiet_seconds``
     require_series: tuple[str, ...] = ()
     when_incomplete: WhenIncomplete | None = None
+    order: int = 0  # an integer ``priority`` (earlier releases): higher is evaluated first
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -111,7 +120,7 @@ class Rule:
 
 @dataclass(frozen=True)
 class RuleSet:
-    """All rules, in evaluation order (priority descending, then name)."""
+    """All rules, in evaluation order (priority class, integer priority descending, name)."""
 
     rules: tuple[Rule, ...]
 
@@ -208,10 +217,7 @@ def _load_rule(file: Path, text: str, node: yaml.MappingNode, data: Mapping[str,
     if not isinstance(send_to, list) or not all(isinstance(p, str) for p in send_to):
         problems.append(f"{_where(file, val('send_to'))}: send_to must be a list of peer names")
         send_to = []
-    priority = data.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        problems.append(f"{_where(file, val('priority'))}: priority must be an integer")
-        priority = 0
+    priority, order = _priority(file, val("priority"), data.get("priority"), problems)
     enabled = data.get("enabled", True)
     if not isinstance(enabled, bool):
         problems.append(f"{_where(file, val('enabled'))}: enabled must be true or false")
@@ -250,7 +256,25 @@ def _load_rule(file: Path, text: str, node: yaml.MappingNode, data: Mapping[str,
                 source=f"{_where(file, node)}",
                 wait_seconds=None if wait_seconds is None else float(wait_seconds),
                 require_series=tuple(r.strip() for r in required),
-                when_incomplete=when_incomplete)
+                when_incomplete=when_incomplete, order=order)
+
+
+def _priority(file: Path, node: yaml.Node | None, value: Any,
+              problems: list[str]) -> tuple[JobPriority, int]:
+    """A rule's ``priority``: a class, or an integer of earlier releases (> 0 urgent, 0
+    normal, < 0 background; kept as the evaluation order)."""
+    if value is None:
+        return JobPriority.NORMAL, 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value > 0:
+            return JobPriority.URGENT, value
+        return (JobPriority.NORMAL if value == 0 else JobPriority.BACKGROUND), value
+    if isinstance(value, str) and value in {p.value for p in JobPriority}:
+        return JobPriority(value), 0
+    problems.append(f"{_where(file, node)}: priority {value!r} is not one of "
+                    f"{', '.join(p.value for p in JobPriority)} (or an integer: greater than 0 "
+                    "is urgent, 0 normal, less than 0 background)")
+    return JobPriority.NORMAL, 0
 
 
 def _when_incomplete(file: Path, node: yaml.Node | None, value: Any,
@@ -349,7 +373,7 @@ def load_rules(rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
                     f"{', '.join(inputs)} (names and order must match)")
     if problems:
         raise RuleFileError(problems)
-    ordered = sorted(rules, key=lambda r: (-r.priority, r.name))
+    ordered = sorted(rules, key=lambda r: (r.priority.rank, -r.order, r.name))
     return RuleSet(tuple(ordered))
 
 

@@ -235,7 +235,7 @@ class RuleTrigger:
                   instance_count=count,
                   changes=None if latest is None else _changes(latest, count, None),
                   outputs=None if rule.outputs is None else list(rule.outputs),
-                  send_to=list(rule.send_to))
+                  send_to=list(rule.send_to), priority=rule.priority.rank)
         session.add(job)
         try:
             session.commit()
@@ -272,7 +272,7 @@ class RuleTrigger:
         job = Job(rule_name=rule.name, model=rule.model, study_pk=study_pk, inputs_key=key,
                   bindings=[], trigger=JobTrigger.INCOMPLETE, state=JobState.DISCARDED,
                   error=f"discarded: {reason}", finished_at=_utcnow(),
-                  send_to=list(rule.send_to))
+                  send_to=list(rule.send_to), priority=rule.priority.rank)
         session.add(job)
         session.commit()
         LOG.warning("rule %s discarded study %d: %s", rule.name, study_pk, reason)

@@ -28,7 +28,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # the states are defined with the node's other states; imported here for the columns and
 # for the modules that import them from the tables
-from dicomnode.states import JobState, JobTrigger, NodeRole, OutboxState, StudyState
+from dicomnode.states import JobPriority, JobState, JobTrigger, NodeRole, OutboxState, StudyState
 
 __all__ = [
     "Base",
@@ -230,11 +230,16 @@ class Job(Base):
     owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    # the rule's JobPriority as its rank (0 urgent, 1 normal, 2 background): claims take
+    # pending jobs by (priority, id)
+    priority: Mapped[int] = mapped_column(Integer, default=JobPriority.NORMAL.rank,
+                                          server_default="1")
 
     study: Mapped[Study] = relationship()
 
     __table_args__ = (
         Index("ux_job_rule_inputs_version", "rule_name", "inputs_key", "version", unique=True),
+        Index("ix_job_claim_order", "state", "priority", "id"),
     )
 
 

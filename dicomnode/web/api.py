@@ -30,9 +30,10 @@ from dicomnode.store.tables import Patient, Study
 
 __all__ = [
     "API_PREFIX", "Geometry", "Job", "JobList", "Message", "ModelCard", "ModelList",
-    "OutboxItem", "OutboxList", "PatientOut", "RuleInfo", "RuleList", "Series",
-    "StudyDetail", "StudyList", "StudySummary", "hide_values", "job_overlay_path",
-    "jobs_view", "models_view", "outbox_view", "patient_of", "rules_view", "studies_view",
+    "OutboxItem", "OutboxList", "PatientOut", "QueueJob", "QueueList", "RuleInfo", "RuleList",
+    "Series", "StudyDetail", "StudyList", "StudySummary", "hide_values", "job_overlay_path",
+    "jobs_view", "models_view", "outbox_view", "patient_of", "queue_view", "rules_view",
+    "studies_view",
 ]
 
 API_PREFIX = "/api/v1"
@@ -168,6 +169,7 @@ class Job(_Out):
     id: int
     rule: str
     model: str
+    priority: str | None = None  # urgent, normal or background
     study: int
     inputs: list[str]
     trigger: str
@@ -190,6 +192,36 @@ class Job(_Out):
 class JobList(_Out):
     schema_version: int
     jobs: list[Job]
+
+
+class QueueJob(_Out):
+    """A running or waiting job, in claim order (keys and names only: no study UID, no
+    patient value). ``expected_start`` is an estimate (UTC)."""
+
+    position: int | None = None  # 1 = claimed next; None: running
+    id: int
+    rule: str
+    model: str
+    priority: str  # urgent, normal or background (dicomnode.states.JobPriority)
+    state: str
+    study: int
+    attempts: int
+    created_at: str | None = None
+    started_at: str | None = None
+    expected_start: str | None = None  # estimate; None: running, or no worker here
+    expected_in_seconds: float | None = None
+    mean_seconds: float | None = None  # the model's mean run time the estimate used
+
+
+class QueueList(_Out):
+    schema_version: int
+    estimate: bool  # expected starts are estimates
+    at: str | None = None
+    workers: int
+    background_hours: str | None = None
+    background_open: bool
+    mean_seconds: dict[str, float]
+    jobs: list[QueueJob]
 
 
 class OutboxItem(_Out):
@@ -220,7 +252,7 @@ class RuleInfo(_Out):
     name: str
     model: str
     enabled: bool
-    priority: int
+    priority: str  # urgent, normal or background
     schedule: str | None = None
     inputs: list[str]
     send_to: list[str]
@@ -267,10 +299,13 @@ _SERIES = ("id", "modality", "series_number", "body_part_examined", "instance_co
 _SERIES_IDENTITY = ("series_instance_uid", "series_description", "frame_of_reference_uid")
 _GEOMETRY = ("state", "whole", "reason", "frames", "slice_spacing_mm", "orientation",
              "stated_size", "settled_by_size")
-_JOB = ("id", "rule", "model", "study", "inputs", "trigger", "version", "changes",
+_JOB = ("id", "rule", "model", "priority", "study", "inputs", "trigger", "version", "changes",
         "instances", "withdrawn_by", "state", "attempts", "created_at", "started_at",
         "finished_at", "seconds", "timings")
 _RESULT_IDENTITY = ("sop_instance_uid", "file")
+_QUEUED = ("position", "id", "rule", "model", "priority", "state", "study", "attempts",
+           "created_at", "started_at", "expected_start", "expected_in_seconds", "mean_seconds")
+_QUEUE = ("estimate", "at", "workers", "background_hours", "background_open", "mean_seconds")
 _ITEM = ("id", "state", "destination", "sop_class_uid", "sop_class_name", "job_id",
          "attempts", "next_attempt_at", "last_status", "created_at", "sent_at")
 _ITEM_IDENTITY = ("sop_instance_uid", "file_path")
@@ -336,6 +371,13 @@ def jobs_view(report: Mapping[str, Any], *, authenticated: bool,
     return {"schema_version": report["schema"], "jobs": jobs}
 
 
+def queue_view(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The queue (:func:`dicomnode.jobs.policy.queue_report`) as :class:`QueueList`: the
+    same for every request (it holds no identity)."""
+    return {"schema_version": report["schema"], **_pick(report, _QUEUE),
+            "jobs": [_pick(job, _QUEUED) for job in report["jobs"]]}
+
+
 def outbox_view(report: Mapping[str, Any], *, authenticated: bool) -> dict[str, Any]:
     """``outbox --json`` as :class:`OutboxList`."""
     items = []
@@ -353,7 +395,7 @@ def outbox_view(report: Mapping[str, Any], *, authenticated: bool) -> dict[str, 
 def rules_view(rules: Iterable[Any]) -> dict[str, Any]:
     """The loaded rules (:class:`dicomnode.rules.loader.Rule`) as :class:`RuleList`."""
     return {"rules": [{
-        "name": r.name, "model": r.model, "enabled": r.enabled, "priority": r.priority,
+        "name": r.name, "model": r.model, "enabled": r.enabled, "priority": r.priority.value,
         "schedule": r.schedule, "inputs": list(r.input_names), "send_to": list(r.send_to),
         "outputs": None if r.outputs is None else list(r.outputs),
         "wait_seconds": r.wait_seconds, "source": Path(r.source.split(":")[0]).name,

@@ -2,12 +2,13 @@
 
 Routes:
 
-* ``GET /``: studies, jobs (with overlay pictures) and the outbox; ``GET /studies/ID``:
+* ``GET /``: studies, the queue, jobs (with overlay pictures) and the outbox; ``GET /studies/ID``:
   series with geometry verdicts and how each rule evaluates on the study;
   ``GET /jobs/ID/overlay.png``: the picture the job's worker drew;
   ``GET /models/NAME/feedback``: how clinicians' corrections compare with a model's results
   (:mod:`dicomnode.web.feedback`);
-* ``GET /api/v1/studies``, ``/api/v1/studies/ID``, ``/api/v1/jobs``, ``/api/v1/outbox``,
+* ``GET /api/v1/studies``, ``/api/v1/studies/ID``, ``/api/v1/jobs``, ``/api/v1/queue``
+  (running and waiting jobs in claim order, with estimated starts), ``/api/v1/outbox``,
   ``/api/v1/models``, ``/api/v1/rules``, ``/api/v1/models/NAME/feedback``: the JSON the
   pages are built from
   (:mod:`dicomnode.web.api`), described by ``GET /api/v1/openapi.json``;
@@ -49,6 +50,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as AsgiMessage
 
 from dicomnode import __version__
+from dicomnode.jobs.policy import queue_report
 from dicomnode.jobs.queue import jobs_report, reset
 from dicomnode.rules.explain import explain_study
 from dicomnode.send.outbox import OutboxError, outbox_report
@@ -224,6 +226,12 @@ def jobs_data(console: Any, auth: bool) -> dict[str, Any]:
     return api.JobList.model_validate(view).model_dump(exclude_unset=True)
 
 
+def queue_data(console: Any) -> dict[str, Any]:
+    view = api.queue_view(queue_report(console.index, console.config,
+                                       providers=getattr(console, "providers", None)))
+    return api.QueueList.model_validate(view).model_dump(exclude_unset=True)
+
+
 def outbox_data(console: Any, auth: bool) -> dict[str, Any]:
     view = api.outbox_view(outbox_report(console.index, root=console.config.storage.path),
                            authenticated=auth)
@@ -272,7 +280,7 @@ def _pages() -> APIRouter:
         console = request.app.state.console
         return HTMLResponse(pages.dashboard(
             studies_data(console, auth), jobs_data(console, auth), outbox_data(console, auth),
-            authenticated=auth), media_type=_HTML)
+            authenticated=auth, queue=queue_data(console)), media_type=_HTML)
 
     @router.api_route("/studies/{study_id:int}", methods=["GET", "HEAD"],
                       include_in_schema=False)
@@ -381,6 +389,12 @@ def _api_v1() -> APIRouter:
     def jobs(request: Request, auth: Auth) -> dict[str, Any]:
         """Every job, newest first."""
         return jobs_data(request.app.state.console, auth)
+
+    @router.get("/queue", response_model=api.QueueList, **listing)
+    def queue(request: Request, auth: Auth) -> dict[str, Any]:
+        """Running jobs, then waiting ones in claim order (urgent, normal, background;
+        oldest first), each waiting one with an estimate of when it starts."""
+        return queue_data(request.app.state.console)
 
     @router.get("/outbox", response_model=api.OutboxList, **listing)
     def outbox(request: Request, auth: Auth) -> dict[str, Any]:

@@ -136,6 +136,31 @@ def _jobs_table(jobs: list[dict[str, Any]]) -> str:
         '<p class="muted">no jobs yet</p>'
 
 
+def _queue_table(queue: dict[str, Any]) -> str:
+    rows = []
+    for job in queue["jobs"]:
+        when = ("running since " + str(job["started_at"]) if job["position"] is None
+                else f'{_cell(job["expected_start"])} (in about '
+                     f'{_cell(job["expected_in_seconds"])} s)'
+                if job["expected_start"] is not None else "no worker on this node")
+        rows.append(
+            f'<tr id="queued-{job["id"]}" class="queued"><td>{_cell(job["position"])}</td>'
+            f'<td>job {job["id"]}</td><td>{_cell(job["priority"])}</td>'
+            f'<td>{_cell(job["rule"])}<br><span class="muted">{_cell(job["model"])}</span></td>'
+            f'<td><a href="/studies/{job["study"]}">study {job["study"]}</a></td>'
+            f'<td>{_state(job["state"])}</td><td>{escape(when)}</td></tr>')
+    hours = queue.get("background_hours")
+    note = (f'<p class="muted">claim order: urgent, normal, background (oldest first); '
+            f'expected starts are estimates from each model\'s mean run time and '
+            f'{queue["workers"]} worker(s)'
+            + (f"; background hours {escape(str(hours))} "
+               f'({"open" if queue["background_open"] else "closed"})' if hours else "")
+            + "</p>")
+    return (note + "<table><tr><th>#</th><th>job</th><th>priority</th><th>rule / model</th>"
+            f"<th>study</th><th>state</th><th>expected start (UTC)</th></tr>{''.join(rows)}"
+            "</table>") if rows else '<p class="muted">no job waiting</p>'
+
+
 def _outbox_table(items: list[dict[str, Any]]) -> str:
     rows = []
     for item in items:
@@ -170,13 +195,15 @@ def timeline(events: list[dict[str, Any]]) -> str:
 
 
 def dashboard(studies: dict[str, Any], jobs: dict[str, Any], outbox: dict[str, Any], *,
-              authenticated: bool) -> bytes:
-    """The console's front page: studies, jobs (with overlays) and the outbox, from the
-    views of ``/api/v1/studies``, ``/api/v1/jobs`` and ``/api/v1/outbox``."""
+              authenticated: bool, queue: dict[str, Any] | None = None) -> bytes:
+    """The console's front page: studies, the queue, jobs (with overlays) and the outbox,
+    from the views of ``/api/v1/studies``, ``/api/v1/queue``, ``/api/v1/jobs`` and
+    ``/api/v1/outbox``."""
     counts = outbox.get("counts", {})
     summary = ", ".join(f"{n} {state}" for state, n in counts.items())
     body = (f"<h2>Studies</h2>{_studies_table(studies['studies'], authenticated)}"
-            f"<h2>Jobs</h2>{_jobs_table(jobs['jobs'])}"
+            + (f"<h2>Queue</h2>{_queue_table(queue)}" if queue is not None else "")
+            + f"<h2>Jobs</h2>{_jobs_table(jobs['jobs'])}"
             f"<h2>Outbox</h2><p class=muted>{escape(summary)}</p>"
             f"{_outbox_table(outbox['items'])}")
     return _page("dicomnode", body, authenticated=authenticated)

@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import uvicorn
@@ -178,6 +178,8 @@ class ConsoleServer:
             (None: STOW-RS is not served, answered 503).
         activity: the node's association activity: an open STOW-RS request counts as an
             open association for completion (needed with ``store``).
+        providers: the provider each model runs on in the node's workers, as their warm-up
+            found (the queue's estimates apply the same per-model limits as the claims).
 
     Raises:
         ConfigError: no token where one is needed, or an unreadable token file.
@@ -186,10 +188,12 @@ class ConsoleServer:
     def __init__(self, config: Config, index: Index, outbox: Outbox, rules: RuleSet | None,
                  metrics: MetricsSource, *, run_now: RunNow | None = None,
                  store: InstanceStore | None = None,
-                 activity: AssociationActivity | None = None) -> None:
+                 activity: AssociationActivity | None = None,
+                 providers: Mapping[str, str] | None = None) -> None:
         if (store is None) != (activity is None):
             raise ValueError("store and activity go together (STOW-RS)")
         self.run_now = run_now
+        self.providers = providers
         self.config = config
         self.index = index
         self.outbox = outbox
