@@ -179,6 +179,10 @@ class NodeConfig(_Section):
         description="processes receiving associations: 1 receives in the node's process; "
                     "N > 1 starts N receiver processes sharing the port, the store and the "
                     "index (one GIL per association; see dicomnode.receive.processes)")
+    worker_sends_results: bool = Field(
+        False, description="a `dicomnode worker` node also delivers results from the shared "
+        "outbox (claims with leases, as serving nodes do): its own results go out at once "
+        "from the machine that made them; it then needs to reach the destinations")
 
     id: str | None = Field(
         None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$",

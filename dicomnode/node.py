@@ -111,9 +111,10 @@ class Node:
                           if config.node.receive_processes > 1 else None)
         self.outbox = Outbox.from_config(config, self.index)
         # results go out as soon as a job has queued them, not at the outbox's next tick
-        # (a worker node leaves them to the serving nodes' outboxes)
+        # (a worker node leaves them to the serving nodes' outboxes, unless told to send)
+        self.sends = role is NodeRole.SERVE or config.node.worker_sends_results
         self.jobs = JobRunner(config, self.index, on_done=(
-            self.outbox.start_due if role is NodeRole.SERVE else None))
+            self.outbox.start_due if self.sends else None))
         # messages queued with the transitions they tell of, sent by the scheduler
         self.notifier = Notifier(config, self.index) if config.notify.targets else None
         self.console: ConsoleServer | None = None
@@ -238,6 +239,7 @@ class Node:
                 LOG.info("indexed %d stored file(s) whose index row was lost in a crash",
                          recovered)
             relative_outbox_paths(self.index, self.config.storage.path)
+        if self.sends:
             self.outbox.recover()
         self.jobs.recover(at_start=True)
         # say it is alive; take over the jobs of nodes whose leases ended
@@ -253,7 +255,7 @@ class Node:
             self.scheduler.add_job(self.jobs.dispatch, "interval",
                                    seconds=self.config.pipeline.check_interval_seconds,
                                    id="jobs", max_instances=1, coalesce=True)
-        if serving:
+        if self.sends:
             # each due destination is delivered in its own thread: a slow one delays no other
             self.scheduler.add_job(self.outbox.start_due, "interval",
                                    seconds=self.config.outbox.check_interval_seconds,

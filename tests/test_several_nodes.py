@@ -8,6 +8,7 @@ A `dicomnode worker` (no DICOM port) runs the jobs of a receive-only node
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,7 +57,8 @@ def _rules(folder: Path) -> Path:
 
 def _node(node_factory: NodeFactory, tmp_path: Path, shared: tuple[str, Path, Engine],
           storescp: DcmtkStoreSCP, node_id: str, *, command: str = "serve",
-          workers: int = 1, start: bool = True) -> RunningNode:
+          workers: int = 1, start: bool = True, worker_sends: bool = False,
+          outbox_interval: float = 0.5) -> RunningNode:
     url, root, _engine = shared
     key = tmp_path / "deid.key"
     key.write_bytes(KEY)
@@ -64,12 +66,13 @@ def _node(node_factory: NodeFactory, tmp_path: Path, shared: tuple[str, Path, En
         command=command, start=start,
         # a loaded machine may pause a transfer: no series settles on part of itself
         quiet_seconds=3, completion={"series_quiet_seconds": 2},
-        node={"id": node_id, "lease_seconds": 4, "heartbeat_seconds": 1},
+        node={"id": node_id, "lease_seconds": 4, "heartbeat_seconds": 1,
+              "worker_sends_results": worker_sends},
         storage={"path": str(root), "database_url": url},
         peers={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": storescp.port}},
         rules_dir=str(_rules(tmp_path / "rules")), models_dir=str(ROOT / "models"),
         deid={"key_file": str(key)}, pipeline={"workers": workers},
-        outbox={"retry_initial_seconds": 1, "check_interval_seconds": 0.5})
+        outbox={"retry_initial_seconds": 1, "check_interval_seconds": outbox_interval})
 
 
 def _wait(predicate: Any, timeout: float, what: str, *nodes: RunningNode) -> None:
@@ -191,3 +194,27 @@ def test_a_worker_node_runs_the_jobs_of_a_receive_only_node(
     assert worker.terminate() == 0
     report = json.loads(receiver.cli("status", "--json").stdout)
     assert {n["id"]: n["alive"] for n in report["nodes"]} == {"rx": True, "gpu": False}
+
+
+def test_a_worker_node_told_to_send_delivers_its_own_results(
+        node_factory: NodeFactory, tmp_path: Path, shared: tuple[str, Path, Engine],
+        storescp: DcmtkStoreSCP) -> None:
+    """``node.worker_sends_results``: the worker that made the results sends them (the
+    receiving node, checking its outbox once an hour, sends none); each arrives once."""
+    engine = shared[2]
+    receiver = _node(node_factory, tmp_path, shared, storescp, "rx", workers=0,
+                     outbox_interval=3600)
+    worker = _node(node_factory, tmp_path, shared, storescp, "gpu", command="worker",
+                   worker_sends=True)
+    for n in range(1, 3):
+        assert storescu(receiver.port, *_study(tmp_path, n)).returncode == 0
+    _wait(lambda: len(_jobs(engine)) == 2 and all(
+        j["state"] == "done" for j in _jobs(engine)), 120, "the worker ran every job",
+        receiver, worker)
+    expected = _results(_jobs(engine))
+    _wait(lambda: set(storescp.received()) == expected, 60, "every result at the dest",
+          receiver, worker)
+    assert set(storescp.received().values()) == {1}
+    sent = re.findall(r"outbox item \d+ \([^)]*\) -> dest: sent", worker.log())
+    assert len(sent) == len(expected), worker.log()[-2000:]
+    assert ": sent" not in receiver.log()
