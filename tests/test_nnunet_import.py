@@ -450,7 +450,9 @@ def test_node_runs_the_imported_model(imported: tuple[Path, Path], tmp_path: Pat
         key = tmp_path / "deid.key"
         key.write_bytes(b"nnunet-node-test-key-0123456789")
         node = node_factory(
-            peers={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": scp.port}},
+            # an imported model is research (card status): its results go to research peers
+            peers={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": scp.port,
+                            "research": True}},
             rules_dir=str(rules), models_dir=str(models), deid={"key_file": str(key)},
             outbox={"retry_initial_seconds": 1, "check_interval_seconds": 0.5})
         image, _ = tiny.held_out_case()
