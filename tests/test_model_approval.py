@@ -355,6 +355,8 @@ def test_rejected_results_are_never_sent(node_factory: NodeFactory, tmp_path: Pa
                  research=False)
     assert storescu(node.port, *small_ct).returncode == 0
     job = _done_job(node)["id"]
+    listed = node.cli("review").stdout
+    assert listed.startswith(f"job {job} ") and "ct-external" in listed and "3 for dest" in listed
     rejected = _decide(node, job, "reject", json={"user": REVIEWER},
                        headers={"X-Dicomnode": "1"})
     assert rejected.status_code == 200, rejected.text
@@ -370,6 +372,9 @@ def test_rejected_results_are_never_sent(node_factory: NodeFactory, tmp_path: Pa
     later = _decide(node, job, "approve", json={"user": REVIEWER},
                     headers={"X-Dicomnode": "1"})
     assert later.status_code == 409 and "rejected already" in later.text
+    again = node.cli("review", "approve", str(job), "--user", "Someone", check=False)
+    assert again.returncode == 1 and f"rejected already, by {REVIEWER}" in again.stderr
+    assert node.cli("review").stdout == "no results await a review\n"
     assert not receiver.received()
     index = open_index(f"sqlite:///{node.store / 'index.sqlite'}", create=False)
     try:

@@ -131,11 +131,14 @@ def reviews_report(index: Index, *, state: ReviewState | None = ReviewState.AWAI
                    ) -> list[dict[str, Any]]:
     """The reviews (those in ``state``; all with None), oldest first, without identity:
     job id, study key, rule, model, when held, the decision, the held items per
-    destination, and the objects the job wrote (kind and structures left empty)."""
+    destination, and the kinds of objects the job wrote. A job whose results a newer version
+    withdrew (its held items cancelled) awaits nothing and is left out of the awaiting ones."""
     query = (select(Review, Job).join(Job, Job.id == Review.job_pk)
              .order_by(Review.created_at, Review.id))
     if state is not None:
         query = query.where(Review.state == state)
+    if state is ReviewState.AWAITING:
+        query = query.where(Job.withdrawn_by.is_(None))
     with index.session() as session:
         rows = session.execute(query).all()
         counts: dict[int, dict[str, int]] = {}
