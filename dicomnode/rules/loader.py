@@ -252,7 +252,8 @@ def _load_rule(file: Path, text: str, node: yaml.MappingNode, data: Mapping[str,
     if when_incomplete is not None and not required:
         problems.append(f"{_where(file, val('when_incomplete'))}: when_incomplete needs "
                         "require_series (it acts when those have not all arrived)")
-    review = data.get("review", "none")
+    review = data.get("review")
+    review = "none" if review is None else review
     if review not in REVIEW_VALUES:
         problems.append(f"{_where(file, val('review'))}: review must be one of "
                         f"{', '.join(REVIEW_VALUES)} (got {review!r})")
