@@ -248,6 +248,7 @@ def test_models_run_gives_nnunets_labels(imported: tuple[Path, Path], tmp_path: 
     agreement = float(np.mean(ours == reference))
     dice = {v: _dice(ours == v, reference == v) for v in (1, 2, 3)}
     card = load_card(models / "tiny-ct")
+    assert card.status.value == "research"  # imported: research until someone approves it
     logits = profile.model_grid_logits(card, [volume])
     dp = np.abs(_probabilities(logits, False) - _probabilities(ref_logits, False))
     print(f"\nnnU-Net agreement on the held-out series: {100 * agreement:.4f} % of "
