@@ -497,6 +497,42 @@ def cmd_outbox_send(args: argparse.Namespace) -> int:
     return 1 if report.failed or report.retrying else 0
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    from dicomnode.jobs.review import reviews_report
+
+    report = _index_report(args, lambda index: {"schema": 1,
+                                                "reviews": reviews_report(index)})
+    if args.json:
+        return _print_json(report)
+    if not report["reviews"]:
+        print("no results await a review")
+    for r in report["reviews"]:
+        held = ", ".join(f"{n} for {d}" for d, n in r["held_items"].items()) or "nothing"
+        print(f"job {r['job']:<5} study {r['study']:<5} {r['rule']:<20} {r['model']:<12} "
+              f"held {r['held_at']}  {', '.join(r['objects'])}; items: {held}")
+    return 0
+
+
+def cmd_review_decide(args: argparse.Namespace) -> int:
+    from dicomnode.jobs.review import ReviewError, decide
+    from dicomnode.send.outbox import Outbox
+
+    config = _config(args)
+    setup_logging(config.logging.level)
+    index = _open_index(config)
+    try:
+        decision = decide(index, Outbox.from_config(config, index), args.id,
+                          approve=args.review_command == "approve", user=args.user)
+    except ReviewError as exc:
+        print(f"review: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        index.dispose()
+    print(f"job {decision.job_id}: results {decision.state.value} by {decision.user} "
+          f"({decision.items} item(s))")
+    return 0
+
+
 def cmd_outbox_resend(args: argparse.Namespace) -> int:
     from dicomnode.send.outbox import Outbox, OutboxError
 
@@ -653,8 +689,8 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         inputs = ", ".join(f"{i.name} ({i.modality})" for i in card.inputs)
         labels = ", ".join(label.name for label in card.outputs.labels)
         kind = "rule-based" if card.rule_based else card.preprocessing.dimensionality
-        print(f"{card.name:<16} {card.version:<8} {kind:<10} inputs: {inputs}  "
-              f"structures: {labels}")
+        print(f"{card.name:<16} {card.version:<8} {kind:<10} {card.status.value:<8} "
+              f"inputs: {inputs}  structures: {labels}")
     return 1 if bad else 0
 
 
@@ -896,7 +932,8 @@ def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
     p = add("outbox", "list the result objects to send back, with state, attempts and last "
             "error; send what is due; re-send items")
     p.add_argument("--json", action="store_true", help="stable JSON (docs/outbox-json.md)")
-    p.add_argument("--state", choices=["pending", "sending", "sent", "failed"],
+    p.add_argument("--state", choices=["pending", "sending", "sent", "failed", "cancelled",
+                                       "held", "rejected"],
                    help="only items in this state")
     p.add_argument("--destination", help="only items for this peer")
     p.set_defaults(func=cmd_outbox)
@@ -909,6 +946,19 @@ def build_parser(*, importers: bool = True) -> argparse.ArgumentParser:
     q.add_argument("ids", nargs="+", type=int, metavar="ID", help="outbox item id")
     q.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS)
     q.set_defaults(func=cmd_outbox_resend)
+    p = add("review", "results held for review (a rule's review: required): list them; "
+            "approve (send) or reject (never send) a job's results, recording who")
+    p.add_argument("--json", action="store_true", help="JSON: {schema, reviews}")
+    p.set_defaults(func=cmd_review)
+    review_sub = p.add_subparsers(dest="review_command", metavar="{approve,reject}")
+    for verdict, what in (("approve", "its held results are sent"),
+                          ("reject", "its held results are never sent")):
+        q = review_sub.add_parser(verdict, help=f"{verdict} a job's results: {what}")
+        q.add_argument("id", type=int, metavar="JOB", help="job id")
+        q.add_argument("--user", required=True,
+                       help="the reviewer's name, recorded with the decision")
+        q.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS)
+        q.set_defaults(func=cmd_review_decide)
 
     db = sub.add_parser("db", help="the index's schema revision: show it, upgrade it")
     db_sub = db.add_subparsers(dest="db_command", required=True)

@@ -302,6 +302,11 @@ class PeerConfig(_Section):
     port: int | None = Field(None, ge=1, le=65535)
     pseudonymize: bool = Field(
         False, description="a research destination: what is sent to it carries no identity")
+    research: bool = Field(
+        False, description="a research destination: it may receive the results of models "
+        "that are not clinical (card status research or qa); a pseudonymize: true peer is "
+        "one too. false (and pseudonymize false): a clinical peer, only clinical models' "
+        "results go to it")
     deid_options: list[DeidOption] | None = Field(
         None, description="PS3.15 options for this research peer (null: deid.options)")
     tls: PeerTlsConfig | None = Field(None, description="DICOM TLS to this peer (null: plain)")
@@ -325,6 +330,13 @@ class PeerConfig(_Section):
         if self.query_retrieve and (self.host is None or self.port is None):
             raise ValueError("query_retrieve: true needs the peer's host and port")
         return self
+
+    @property
+    def is_research(self) -> bool:
+        """Whether results of models that are not clinical may go to this peer:
+        ``research: true``, or ``pseudonymize: true`` (a pseudonymized peer is a research
+        peer)."""
+        return self.research or self.pseudonymize
 
     @property
     def stow_url(self) -> str | None:

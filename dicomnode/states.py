@@ -15,6 +15,7 @@ Who writes each stored state (one owner per table):
   (``pending``, or ``discarded`` when ``when_incomplete`` gives up); every later transition
   is :mod:`dicomnode.jobs.queue`'s.
 * :class:`OutboxState` (``outbox_item.state``): only :mod:`dicomnode.send.outbox`.
+* :class:`ReviewState` (``review.state``): only :mod:`dicomnode.jobs.review`.
 * :class:`SeriesGeometry` is not stored as such: it is read from the series' geometry
   columns (``geometry_dirty``, ``geometry_whole``) with :meth:`SeriesGeometry.of`.
 * :class:`StudyStatus`, what an operator sees, is derived from the study, its jobs and
@@ -28,7 +29,7 @@ from __future__ import annotations
 import enum
 
 __all__ = ["IngestOutcome", "JobPriority", "JobState", "JobTrigger", "NodeRole", "OutboxState",
-           "SeriesGeometry", "StudyState", "StudyStatus"]
+           "ReviewState", "SeriesGeometry", "StudyState", "StudyStatus"]
 
 
 class StudyState(str, enum.Enum):
@@ -47,6 +48,7 @@ class StudyStatus(str, enum.Enum):
     RECEIVING = "receiving"  # still receiving (StudyState.RECEIVING)
     FAILED = "failed"  # a job failed, or an outbox item of its jobs failed for good
     PROCESSING = "processing"  # a job is running, or its results are being sent
+    AWAITING_REVIEW = "awaiting review"  # results held until a user approves or rejects them
     READY = "ready"  # complete; a job waits for a worker, or no job was created yet
     WAITING_FOR_SERIES = "waiting for series"  # every job discarded (``when_incomplete``)
     RESULTS_SENT = "results sent"  # every job done and every result object it queued sent
@@ -129,6 +131,17 @@ class OutboxState(str, enum.Enum):
     SENT = "sent"  # the destination answered Success or a warning
     FAILED = "failed"  # refused for good, or transient failures ``max_attempts`` times
     CANCELLED = "cancelled"  # superseded by a newer version of its job before it was sent
+    HELD = "held"  # its job's rule says ``review: required``: waits for a user's approval
+    REJECTED = "rejected"  # a user rejected its job's results in review: never sent
+
+
+class ReviewState(str, enum.Enum):
+    """Where the review of a job's results stands (``review.state``; written only by
+    :mod:`dicomnode.jobs.review`): its outbox items are held until a user decides."""
+
+    AWAITING = "awaiting"  # results written, items held
+    APPROVED = "approved"  # a user approved: the items went on to be sent
+    REJECTED = "rejected"  # a user rejected: the items are never sent
 
 
 class IngestOutcome(str, enum.Enum):

@@ -261,6 +261,7 @@ def write_model_card(folder: Path, inputs: Sequence[tuple[str, str]]) -> Path:
         "version: 0.0.1",
         "description: test card",
         "intended_use: tests",
+        "status: clinical",
         "license: Apache-2.0",
         "authors: [tests]",
         "source: tests",

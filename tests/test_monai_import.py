@@ -432,6 +432,7 @@ def test_import_then_run_on_dicom_matches_monai(kind: str, trained: dict[str, An
     from dicomnode.models.card import load_card
 
     card = load_card(package)
+    assert card.status.value == "research"  # imported: research until someone approves it
     session = open_card_session(card)
     assert card.profile is not None
     run = run_profile(card.profile, sitk.ReadImage(str(nifti)),

@@ -248,6 +248,7 @@ def test_models_run_gives_nnunets_labels(imported: tuple[Path, Path], tmp_path: 
     agreement = float(np.mean(ours == reference))
     dice = {v: _dice(ours == v, reference == v) for v in (1, 2, 3)}
     card = load_card(models / "tiny-ct")
+    assert card.status.value == "research"  # imported: research until someone approves it
     logits = profile.model_grid_logits(card, [volume])
     dp = np.abs(_probabilities(logits, False) - _probabilities(ref_logits, False))
     print(f"\nnnU-Net agreement on the held-out series: {100 * agreement:.4f} % of "
@@ -450,7 +451,9 @@ def test_node_runs_the_imported_model(imported: tuple[Path, Path], tmp_path: Pat
         key = tmp_path / "deid.key"
         key.write_bytes(b"nnunet-node-test-key-0123456789")
         node = node_factory(
-            peers={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": scp.port}},
+            # an imported model is research (card status): its results go to research peers
+            peers={"dest": {"ae_title": "DEST", "host": "127.0.0.1", "port": scp.port,
+                            "research": True}},
             rules_dir=str(rules), models_dir=str(models), deid={"key_file": str(key)},
             outbox={"retry_initial_seconds": 1, "check_interval_seconds": 0.5})
         image, _ = tiny.held_out_case()

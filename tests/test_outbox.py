@@ -210,7 +210,7 @@ def test_delivers_to_storescp_and_lists_items(tmp_path: Path, small_ct: list[Pat
     report_json = json.loads(listed.stdout)
     assert report_json["schema"] == 1
     assert report_json["counts"] == {"pending": 0, "sending": 0, "sent": 4, "failed": 0,
-                                      "cancelled": 0}
+                                      "cancelled": 0, "held": 0, "rejected": 0}
     for item, path in zip(report_json["items"], files, strict=True):
         assert item["state"] == "sent"
         assert item["destination"] == "archive"
@@ -487,4 +487,5 @@ def test_orthanc_receives_outbox_items(index: Index, tmp_path: Path,
         assert orthanc.tags(orthanc_id)["Modality"] == "CT"
         assert orthanc.file(orthanc_id)[128:132] == b"DICM"
     assert outbox_report(index)["counts"] == {"pending": 3, "sending": 0, "sent": 3,
-                                              "failed": 0, "cancelled": 0}
+                                              "failed": 0, "cancelled": 0,
+                                              "held": 0, "rejected": 0}

@@ -51,7 +51,8 @@ def _node(node_factory: NodeFactory, tmp_path: Path, peer: dict[str, Any], *,
     key = tmp_path / "deid.key"
     key.write_bytes(KEY)
     return node_factory(
-        peers={"dest": peer},
+        # a research peer: brain-mr (card status research) may send only to research peers
+        peers={"dest": {"research": True, **peer}},
         rules_dir=str(rules or _rules(tmp_path / "rules", "dest")),
         models_dir=str(models),
         deid={"key_file": str(key)},

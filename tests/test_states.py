@@ -123,7 +123,8 @@ def test_every_enum_reads_and_writes_the_strings_stored_today(index: Index) -> N
 
 def test_enum_values_are_the_reported_words() -> None:
     assert [s.value for s in StudyStatus] == [
-        "receiving", "failed", "processing", "ready", "waiting for series", "results sent"]
+        "receiving", "failed", "processing", "awaiting review", "ready", "waiting for series",
+        "results sent"]
     assert {t for t in JobTrigger if t.forced} == {
         JobTrigger.MANUAL, JobTrigger.SCHEDULE, JobTrigger.INCOMPLETE}
     assert [SeriesGeometry.of(True, True), SeriesGeometry.of(False, None),

@@ -315,6 +315,9 @@ description: >-
 intended_use: >-
   Research. Brain mask of a whole-head MR for volumetry and as a pre-processing step; not
   validated for clinical use here.
+# approval (docs/model-cards.md, "Model approval"): research, as intended_use says; its
+# results go only to research peers and say RESEARCH - NOT FOR CLINICAL USE
+status: research
 license: Apache-2.0
 authors:
   - Fabian Isensee et al. (HD-BET)

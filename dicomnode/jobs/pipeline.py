@@ -14,6 +14,14 @@ withdraws what the earlier versions sent with an IHE IOCM rejection note
 The job carries its rule's decisions, recorded when it was created: the model, the bound
 series, ``outputs`` (which objects) and ``send_to`` (where they go).
 
+Model approval, checked again here whatever the rules said when they loaded: the results of
+a model whose card is not ``status: clinical`` are never queued for a clinical peer (each
+such peer is left out, logged and recorded as the audit event ``job.send_refused``), and
+they say ``RESEARCH - NOT FOR CLINICAL USE`` (:func:`dicomnode.outputs.algorithm.marked`).
+A rule with ``review: required`` (as loaded when the results are queued; a rule no longer
+there counts as one) has its results queued ``held`` until a console user decides
+(:mod:`dicomnode.jobs.review`).
+
 The bound series are read once and pseudonymized in memory (the pseudonym map recorded in
 the index); no pseudonymized copy of them is written. Working
 files live under ``storage.path/jobs/<job id>/``: ``results/`` (SEG, RTSTRUCT, SR,
@@ -45,12 +53,14 @@ from dicomnode.inference.segment import Segmentation, load_inputs, segment
 from dicomnode.inference.volume import VolumeError
 from dicomnode.jobs.feedback import record_job_input
 from dicomnode.jobs.files import job_dir, job_overlay
+from dicomnode.jobs.review import hold
 from dicomnode.models.card import Card, CardError, cached_card, file_sha256
+from dicomnode.outputs.algorithm import marked
 from dicomnode.outputs.overlay import OverlayStructure, render_overlay
 from dicomnode.outputs.rejection import build_rejection_note, write_rejection_note
 from dicomnode.outputs.source import OutputError
 from dicomnode.outputs.write import ResultObject, write_results
-from dicomnode.rules.loader import rule_source
+from dicomnode.rules.loader import RuleFileError, rule_source
 from dicomnode.send.outbox import Outbox
 from dicomnode.store import audit
 from dicomnode.store.db import Index
@@ -161,6 +171,7 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
     card = cached_card(config.models_dir / model)
     _audit(index, audit.EventKind.JOB_STARTED, job_id, model=card.name,
            model_version=card.version, digest=model_digest(card))
+    destinations = _approved_destinations(index, config, job_id, card, destinations)
     names = [name for name, _ in bindings]
     if names != list(card.input_names):
         raise JobFailure(f"rule {rule_name} binds {', '.join(names)} but model {model} takes "
@@ -231,8 +242,9 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
         if cancelled:
             LOG.info("job %d: %d unsent item(s) of earlier versions cancelled", job_id,
                      cancelled)
-    # research peers first: they take the pseudonymous objects, which re-identification
-    # for the clinical peers then changes in memory (one copy serves all clinical peers)
+    held = bool(destinations) and _review_required(config, rule_name)
+    # pseudonymized peers first: they take the pseudonymous objects, which re-identification
+    # for the others then changes in memory (one copy serves all of them)
     research = [n for n in destinations if config.peers[n].pseudonymize]
     clinical = [n for n in destinations if not config.peers[n].pseudonymize]
     for group, in_memory in ((research, False), (clinical, True)):
@@ -244,11 +256,42 @@ def _run(config: Config, index: Index, job_id: int) -> JobSummary:
                           dataset=dataset if in_memory else None,
                           encoded=encoded if in_memory else None).path
                  for path, dataset, encoded in objects]
-        summary.enqueued += len(outbox.enqueue(paths, group, job_pk=job_id))
+        summary.enqueued += len(outbox.enqueue(paths, group, job_pk=job_id, held=held))
+    if held:
+        hold(index, job_id)
     if superseded:
         _mark_withdrawn(index, list(superseded), job_id)
     clock.lap("reidentify")
     return summary
+
+
+def _approved_destinations(index: Index, config: Config, job_id: int, card: Card,
+                           destinations: list[str]) -> list[str]:
+    """``destinations`` without the clinical peers when the model is not clinical (the
+    card may have changed since the rules loaded); each peer left out is logged and
+    recorded (``job.send_refused``)."""
+    if card.clinical:
+        return destinations
+    refused = [n for n in destinations if not config.peers[n].is_research]
+    for name in refused:
+        reason = (f"model {card.name} is {card.status.value}, not clinical: its results go "
+                  "to research peers only")
+        LOG.error("job %d: results not queued for clinical peer %s: %s", job_id, name, reason)
+        _audit(index, audit.EventKind.SEND_REFUSED, job_id, peer=name, reason=reason)
+    return [n for n in destinations if n not in refused]
+
+
+def _review_required(config: Config, rule_name: str) -> bool:
+    """Whether the job's rule says ``review: required`` (as loaded now); a rule that is no
+    longer there, or rules that never loaded, hold the results (the safe side)."""
+    try:
+        rules = rule_source(config.rules_dir, peers=config.peers,
+                            models_dir=config.models_dir).current()
+        return rules.get(rule_name).review_required
+    except (RuleFileError, KeyError):
+        LOG.warning("rule %s is not loaded: its job's results are held for review",
+                    rule_name)
+        return True
 
 
 def model_digest(card: Card) -> str | None:
@@ -307,8 +350,8 @@ def _write_rejection_note(superseded: dict[int, list[Path]], out_dir: Path, *, s
         return None
     note = build_rejection_note(
         rejected, seed=f"{seed}/rejection", card=card,
-        series_description=f"Rejected: {card.name} v{card.version} results before "
-                           f"result {version}")
+        series_description=marked(f"Rejected: {card.name} v{card.version} results before "
+                                  f"result {version}", card))
     return write_rejection_note(note, out_dir / "rejection.dcm")
 
 

@@ -20,6 +20,7 @@ Axes and units used throughout:
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import os
 import re
@@ -37,6 +38,7 @@ from dicomnode.config import format_validation_errors, read_yaml_mapping
 __all__ = [
     "CARDS",
     "CARD_FILE",
+    "RESEARCH_MARK",
     "Card",
     "CardCache",
     "CardError",
@@ -46,6 +48,7 @@ __all__ = [
     "InputSpec",
     "IntensitySpec",
     "LabelSpec",
+    "ModelStatus",
     "OutputSpec",
     "PadSpec",
     "PostprocessingSpec",
@@ -74,6 +77,30 @@ MEASUREMENTS = ("volume_ml", "voxel_count")
 
 class CardError(Exception):
     """A model package that cannot be used; one line per problem."""
+
+
+class ModelStatus(str, enum.Enum):
+    """A model's approval (the card's ``status``), as MONAI Deploy's clinical, research and
+    QA workflows distinguish them (docs/model-cards.md, "Model approval").
+
+    * ``clinical``: approved for clinical use at this site; its results may go to any peer.
+    * ``research``: its results go only to research peers (``research: true`` or
+      ``pseudonymize: true``) and carry :data:`RESEARCH_MARK`.
+    * ``qa``: on trial (shadow mode) before approval: like ``research`` (kept in the node,
+      reviewable in the console, sent to research peers only, marked), never to a clinical
+      peer.
+
+    A card without ``status`` is ``research``: a model is clinical only when someone says so.
+    """
+
+    CLINICAL = "clinical"
+    RESEARCH = "research"
+    QA = "qa"
+
+
+#: What every result of a model that is not ``clinical`` says (SeriesDescription, the SR's
+#: content, the RTSTRUCT's description).
+RESEARCH_MARK = "RESEARCH - NOT FOR CLINICAL USE"
 
 
 class _Spec(BaseModel):
@@ -401,6 +428,8 @@ class Card(_Spec):
     authors: tuple[str, ...] = Field(min_length=1)
     source: str = Field(min_length=1)
     rule_based: bool = False
+    # approval: only clinical models' results may go to clinical peers (ModelStatus)
+    status: ModelStatus = ModelStatus.RESEARCH
     file: str = "model.onnx"
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     onnx_input: str | None = None
@@ -437,6 +466,11 @@ class Card(_Spec):
 
             validate(self)
         return self
+
+    @property
+    def clinical(self) -> bool:
+        """Whether the model is approved for clinical use (``status: clinical``)."""
+        return self.status is ModelStatus.CLINICAL
 
     @property
     def input_names(self) -> tuple[str, ...]:

@@ -19,13 +19,13 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicomnode import __version__
-from dicomnode.models.card import Card, file_sha256
+from dicomnode.models.card import RESEARCH_MARK, Card, file_sha256
 from dicomnode.models.card import Code as CardCode
 from dicomnode.outputs.source import OutputError, result_uid
 
 __all__ = ["PROCESSING_EQUIPMENT", "AlgorithmIdentity", "algorithm_identification",
            "algorithm_identity", "content_label", "contributing_equipment", "description",
-           "software_versions", "sr_code"]
+           "marked", "software_versions", "sr_code"]
 
 PROCESSING_EQUIPMENT = codes.cid7005.ProcessingEquipment
 """Purpose of Reference of the algorithm's Contributing Equipment item: (109102, DCM,
@@ -129,13 +129,25 @@ def description(card: Card) -> str:
     return text[:64]
 
 
+def marked(text: str, card: Card, length: int = 64) -> str:
+    """``text`` as a result of ``card``'s model says it: prefixed with
+    ``RESEARCH - NOT FOR CLINICAL USE`` when the model is not clinical (card ``status``
+    research or qa), cut to ``length`` characters keeping the prefix whole and the end of
+    ``text`` (which says which result it is)."""
+    if card.clinical:
+        return text[-length:]
+    room = length - len(RESEARCH_MARK) - 1
+    return f"{RESEARCH_MARK} {text[-room:] if room > 0 else ''}".strip()[:length]
+
+
 def result_description(kind: str, card: Card, result_number: int = 1) -> str:
     """The SeriesDescription of a result object: its kind, the model and which result of
     its job this is (a job's later versions are results 2, 3, ...), e.g.
-    ``SEG ct-body v1.0.0 result 2`` (LO, 64 characters)."""
+    ``SEG ct-body v1.0.0 result 2`` (LO, 64 characters); a model that is not clinical
+    says ``RESEARCH - NOT FOR CLINICAL USE SEG brain-mr v0.1.0 result 1`` (:func:`marked`)."""
     if result_number < 1:
         raise ValueError(f"result_number must be >= 1, not {result_number}")
-    return f"{kind} {card.name} v{card.version} result {result_number}"[-64:]
+    return marked(f"{kind} {card.name} v{card.version} result {result_number}", card)
 
 
 def sr_code(code: CardCode) -> Code:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicomnode.inference.segment import Segmentation
+from dicomnode.models.card import RESEARCH_MARK
 from dicomnode.outputs.algorithm import (
     algorithm_identity,
     contributing_equipment,
@@ -41,6 +43,9 @@ _PROCEDURES = {"CT": codes.cid100.CTUnspecifiedBodyRegion,
 _ANATOMICAL_STRUCTURE = "123037004"
 _VOLUME = Code("118565006", "SCT", "Volume")
 _MILLILITRE = Code("ml", "UCUM", "milliliter")
+# TID 1500 row 12: the report's Qualitative Evaluations, whose TEXT items say the report's
+# standing (a model that is not clinical: RESEARCH - NOT FOR CLINICAL USE)
+_QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 
 
 def build_sr(
@@ -104,6 +109,14 @@ def build_sr(
                                            _IMAGING_PROCEDURE),
         imaging_measurements=groups,
     )
+    if not card.clinical:
+        note = hd.sr.ContainerContentItem(
+            name=_QUALITATIVE_EVALUATIONS,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+        note.ContentSequence = DicomSequence([hd.sr.TextContentItem(
+            name=codes.DCM.Comment, value=RESEARCH_MARK,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)])
+        report[0].ContentSequence.append(note)
     return hd.sr.Comprehensive3DSR(
         evidence=[*source.headers, seg],
         content=report,

@@ -42,6 +42,7 @@ from dicomnode.outputs.algorithm import (
     content_label,
     contributing_equipment,
     description,
+    marked,
     result_description,
     software_versions,
 )
@@ -313,7 +314,7 @@ def build_rtstruct(
     # Structure Set
     ds.StructureSetLabel = content_label(card)
     ds.StructureSetName = card.name[:64]
-    ds.StructureSetDescription = description(card)
+    ds.StructureSetDescription = marked(description(card), card, 1024)
     ds.InstanceNumber = 1
     ds.StructureSetDate, ds.StructureSetTime = date, time
 

@@ -23,6 +23,7 @@ from dicomnode.outputs.algorithm import (
     algorithm_identity,
     content_label,
     contributing_equipment,
+    marked,
     result_description,
     software_versions,
     sr_code,
@@ -133,7 +134,7 @@ def build_seg(
         software_versions=software_versions(card),
         device_serial_number="0",
         content_label=content_label(card),
-        content_description=f"{card.name} {card.version}"[:64],
+        content_description=marked(f"{card.name} {card.version}", card),
         series_description=result_description("SEG", card, result_number),
         omit_empty_frames=(len(descriptions) > KEEP_EMPTY_FRAMES_MAX_SEGMENTS
                            if omit_empty_frames == "auto" else omit_empty_frames),

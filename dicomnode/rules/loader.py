@@ -9,6 +9,7 @@ A rule::
     outputs: [seg, rtstruct, measurements]   # optional; default: the configuration's outputs
     send_to: [pacs]                   # peer names from the configuration
     priority: normal                  # urgent | normal | background (optional, see below)
+    review: required                  # optional: results held until approved in the console
     enabled: true                     # optional
     schedule: "0 22 * * *"            # optional cron: run as an off-hours batch instead
     wait_seconds: 30                  # optional: the study's quiet time for this rule
@@ -23,6 +24,13 @@ for ``pipeline.background_hours`` unless no other job is pending. The integers o
 releases are still read: greater than 0 is urgent, 0 normal, less than 0 background, and
 the integer stays the order of evaluation within its class (higher first). Rules are
 evaluated by class, then that integer (0 for a word), then name.
+
+Model approval: a rule whose model's card is not ``status: clinical`` (research, qa) and
+whose ``send_to`` names a clinical peer (neither ``research: true`` nor ``pseudonymize:
+true``) is refused when the rules load, with the reason; the job pipeline checks it again
+when it queues the results (a card may change after the rules loaded). ``review: required``
+holds the job's results in the outbox until a console user approves (or rejects) them
+(:mod:`dicomnode.jobs.review`).
 
 A ``require_series`` entry is either a series name of the statement (that series must be
 bound, settled and whole) or, like mercure's "series received" list, a text that the
@@ -51,15 +59,16 @@ from typing import Any
 
 import yaml
 
-from dicomnode.models.card import CARD_FILE, CardError, FileStat, cached_card, file_stat
+from dicomnode.models.card import CARD_FILE, Card, CardError, FileStat, cached_card, file_stat
 from dicomnode.states import JobPriority
 
 from .errors import RuleSyntaxError
 from .nodes import SelectStatement
 from .parser import parse
 
-__all__ = ["OUTPUT_KINDS", "IncompleteAction", "Rule", "RuleFileError", "RuleSet",
-           "RuleSource", "WhenIncomplete", "load_rules", "rule_source"]
+__all__ = ["OUTPUT_KINDS", "REVIEW_VALUES", "IncompleteAction", "Rule", "RuleFileError",
+           "RuleSet", "RuleSource", "WhenIncomplete", "clinical_peers_refused",
+           "is_research_peer", "load_rules", "rule_source"]
 
 LOG = logging.getLogger(__name__)
 
@@ -82,7 +91,8 @@ class WhenIncomplete:
     action: IncompleteAction
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEYS = ("name", "select", "model", "outputs", "send_to", "priority", "enabled", "schedule",
-         "wait_seconds", "require_series", "when_incomplete")
+         "wait_seconds", "require_series", "when_incomplete", "review")
+REVIEW_VALUES = ("required", "none")
 _REQUIRED = ("name", "select", "model")
 
 
@@ -111,6 +121,7 @@ class Rule:
     require_series: tuple[str, ...] = ()
     when_incomplete: WhenIncomplete | None = None
     order: int = 0  # an integer ``priority`` (earlier releases): higher is evaluated first
+    review_required: bool = False  # ``review: required``: results held until approved
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -247,6 +258,11 @@ def _load_rule(file: Path, text: str, node: yaml.MappingNode, data: Mapping[str,
     if when_incomplete is not None and not required:
         problems.append(f"{_where(file, val('when_incomplete'))}: when_incomplete needs "
                         "require_series (it acts when those have not all arrived)")
+    review = data.get("review")
+    review = "none" if review is None else review
+    if review not in REVIEW_VALUES:
+        problems.append(f"{_where(file, val('review'))}: review must be one of "
+                        f"{', '.join(REVIEW_VALUES)} (got {review!r})")
     if len(problems) > before or statement is None:
         return None
     return Rule(name=name, statement=statement, model=str(data["model"]),
@@ -256,7 +272,8 @@ def _load_rule(file: Path, text: str, node: yaml.MappingNode, data: Mapping[str,
                 source=f"{_where(file, node)}",
                 wait_seconds=None if wait_seconds is None else float(wait_seconds),
                 require_series=tuple(r.strip() for r in required),
-                when_incomplete=when_incomplete, order=order)
+                when_incomplete=when_incomplete, order=order,
+                review_required=review == "required")
 
 
 def _priority(file: Path, node: yaml.Node | None, value: Any,
@@ -301,13 +318,30 @@ def _when_incomplete(file: Path, node: yaml.Node | None, value: Any,
     return WhenIncomplete(float(after), action)
 
 
-def _card_inputs(models_dir: Path, model: str) -> tuple[str, ...] | str:
-    """The input names the model's card declares, or why the card cannot be used."""
+def _card(models_dir: Path, model: str) -> Card | str:
+    """The model's card, or why it cannot be used."""
     try:
-        card = cached_card(models_dir / model, verify_files=False)
+        return cached_card(models_dir / model, verify_files=False)
     except CardError as exc:
         return str(exc)
-    return card.input_names
+
+
+def is_research_peer(peer: Any) -> bool:
+    """Whether a configured peer (:class:`dicomnode.config.PeerConfig`) may receive results
+    of models that are not clinical; anything else (a bare name) counts as clinical."""
+    return bool(getattr(peer, "is_research", False))
+
+
+def clinical_peers_refused(rule: Rule, card: Card, peers: Mapping[str, Any]) -> list[str]:
+    """Why ``rule`` may not send its model's results where it says: one reason per clinical
+    peer of its ``send_to`` when ``card`` is not ``status: clinical`` (empty otherwise)."""
+    if card.clinical:
+        return []
+    return [f"rule {rule.name!r} would send the results of model {card.name!r} (status "
+            f"{card.status.value}) to clinical peer {peer!r}: only clinical models' results "
+            f"may go to clinical peers (mark the peer research: true, or approve the model "
+            f"with status: clinical in its card)"
+            for peer in rule.send_to if peer in peers and not is_research_peer(peers[peer])]
 
 
 def load_rules(rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
@@ -316,9 +350,11 @@ def load_rules(rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
 
     Args:
         rules_dir: the folder of rule files; a missing folder holds no rules.
-        peers: configured peers; ``send_to`` names must be among them when given.
+        peers: configured peers (:class:`dicomnode.config.PeerConfig`); ``send_to`` names
+            must be among them when given.
         models_dir: model packages; when given, each rule's model must exist there,
-            and its named series must equal the card's inputs, in order.
+            and its named series must equal the card's inputs, in order; with ``peers``, a
+            model that is not clinical may send only to research peers.
 
     Raises:
         RuleFileError: listing every problem found, each with file and line.
@@ -362,11 +398,16 @@ def load_rules(rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
                 problems.append(f"{rule.source}: rule {rule.name!r} names model {rule.model!r}, "
                                 f"which is not in {models_dir}")
                 continue
-            inputs = _card_inputs(models_dir, rule.model)
-            if isinstance(inputs, str):
+            card = _card(models_dir, rule.model)
+            if isinstance(card, str):
                 problems.append(f"{rule.source}: rule {rule.name!r} names model {rule.model!r}, "
-                                f"whose card is not valid:\n  " + inputs.replace("\n", "\n  "))
-            elif inputs != rule.input_names:
+                                f"whose card is not valid:\n  " + card.replace("\n", "\n  "))
+                continue
+            if peers is not None:
+                problems.extend(f"{rule.source}: {reason}"
+                                for reason in clinical_peers_refused(rule, card, peers))
+            inputs = card.input_names
+            if inputs != rule.input_names:
                 problems.append(
                     f"{rule.source}: rule {rule.name!r} binds series "
                     f"{', '.join(rule.input_names)} but model {rule.model!r} takes inputs "
@@ -403,7 +444,7 @@ class RuleSource:
     def __init__(self, rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
                  models_dir: Path | None = None) -> None:
         self.rules_dir = Path(rules_dir)
-        self.peers = None if peers is None else dict.fromkeys(peers)
+        self.peers = None if peers is None else dict(peers)
         self.models_dir = None if models_dir is None else Path(models_dir)
         self.parses = 0
         self._lock = threading.Lock()
@@ -488,7 +529,9 @@ def rule_source(rules_dir: Path, *, peers: Mapping[str, Any] | None = None,
     """The process's :class:`RuleSource` for these folders and peers (one per process)."""
     key = (str(Path(rules_dir).resolve()),
            None if models_dir is None else str(Path(models_dir).resolve()),
-           None if peers is None else tuple(sorted(peers)))
+           None if peers is None else tuple(sorted(
+               f"{name}{'/research' if is_research_peer(peer) else ''}"
+               for name, peer in peers.items())))
     with _SOURCES_LOCK:
         source = _SOURCES.get(key)
         if source is None:

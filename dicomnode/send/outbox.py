@@ -9,6 +9,13 @@ still to be sent survives restarts and crashes. Items move through these states:
                           |----transient failure, attempts left------> pending (back-off)
                           '----transient failure, max_attempts reached> failed
 
+    held --a user approves the job's results--> pending
+        '--a user rejects them----------------> rejected (never sent)
+
+* **Review** (``review: required`` rules, :mod:`dicomnode.jobs.review`): a job's items are
+  queued ``held``: never due, never retried, not re-sendable, until a console user approves
+  the job's results (:meth:`Outbox.release_held`: pending, due now) or rejects them
+  (:meth:`Outbox.reject_held`: ``rejected``, for good).
 * **Delivery** (:meth:`Outbox.deliver_due`, :meth:`Outbox.start_due`): the due items
   (pending, ``next_attempt_at`` reached) are grouped per destination and each
   destination is served by its own thread, over one association per round (more only
@@ -64,6 +71,7 @@ import pydicom
 from pydicom.uid import UID
 from sqlalchemy import CursorResult, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from dicomnode.boundary import BoundaryError, PeerBoundary, PeerCopy
 from dicomnode.config import Config, OutboxConfig, PeerConfig
@@ -266,11 +274,12 @@ class Outbox:
     # ---------------------------------------------------------------- queueing
 
     def enqueue(self, paths: Iterable[Path | str], destinations: Iterable[str], *,
-                job_pk: int | None = None) -> list[int]:
+                job_pk: int | None = None, held: bool = False) -> list[int]:
         """Queue each file for each destination; returns the item ids, in that order.
 
         Idempotent: an instance already queued for a destination (in any state) keeps
-        its item, whose id is returned; ``resend`` sends it again.
+        its item, whose id is returned; ``resend`` sends it again. ``held``: new items wait
+        for a user's review (state ``held``) instead of being due now.
 
         Raises:
             OutboxError: a destination is not a peer with host and port, or a file
@@ -284,14 +293,14 @@ class Outbox:
         files = [(self.stored_path(Path(p)), *_read_header(Path(p))) for p in paths]
         for attempt in range(2):
             try:
-                return self._insert(files, names, job_pk)
+                return self._insert(files, names, job_pk, held)
             except IntegrityError:  # the same instance queued at the same time elsewhere
                 if attempt:
                     raise
         raise AssertionError("unreachable")
 
     def _insert(self, files: list[tuple[str, str, str]], names: list[str],
-                job_pk: int | None) -> list[int]:
+                job_pk: int | None, held: bool = False) -> list[int]:
         ids: list[int] = []
         added = 0
         now = utcnow()
@@ -306,7 +315,8 @@ class Outbox:
                         continue
                     item = OutboxItem(sop_instance_uid=sop_instance, sop_class_uid=sop_class,
                                       file_path=path, destination=name,
-                                      state=OutboxState.PENDING, attempts=0,
+                                      state=OutboxState.HELD if held
+                                      else OutboxState.PENDING, attempts=0,
                                       next_attempt_at=now, created_at=now, job_pk=job_pk)
                     session.add(item)
                     session.flush()
@@ -314,7 +324,8 @@ class Outbox:
                     added += 1
             session.commit()
         if added:
-            LOG.info("outbox: queued %d item(s) for %s", added, ", ".join(names))
+            LOG.info("outbox: queued %d item(s) for %s%s", added, ", ".join(names),
+                     " (held for review)" if held else "")
         return ids
 
     def resend(self, item_id: int) -> OutboxState:
@@ -330,6 +341,12 @@ class Outbox:
                 raise OutboxError(f"no outbox item {item_id}")
             if item.state is OutboxState.SENDING and item.next_attempt_at > now:
                 raise OutboxError(f"outbox item {item_id} is being sent right now")
+            if item.state is OutboxState.HELD:
+                raise OutboxError(f"outbox item {item_id} awaits the review of job "
+                                  f"{item.job_pk}'s results: approve them in the console")
+            if item.state is OutboxState.REJECTED:
+                raise OutboxError(f"outbox item {item_id}: job {item.job_pk}'s results were "
+                                  "rejected in review; they are never sent")
             self._check_destination(item.destination)
             was = item.state
             item.state = OutboxState.PENDING
@@ -349,11 +366,40 @@ class Outbox:
             result = cast(CursorResult[Any], session.execute(
                 update(OutboxItem).where(
                     OutboxItem.job_pk.in_(list(job_ids)),
-                    OutboxItem.state.in_((OutboxState.PENDING, OutboxState.FAILED)))
+                    OutboxItem.state.in_((OutboxState.PENDING, OutboxState.FAILED,
+                                          OutboxState.HELD)))
                 .values(state=OutboxState.CANCELLED, last_error=reason[:200])
                 .execution_options(synchronize_session=False)))
             session.commit()
         return int(result.rowcount or 0)
+
+    def release_held(self, job_ids: Iterable[int], *, session: Session | None = None) -> int:
+        """A user approved these jobs' results: their held items are pending, due now;
+        returns how many. With ``session`` the change is made in the caller's transaction
+        (not committed here)."""
+        return self._decide_held(job_ids, OutboxState.PENDING, None, session)
+
+    def reject_held(self, job_ids: Iterable[int], *, reason: str,
+                    session: Session | None = None) -> int:
+        """A user rejected these jobs' results: their held items are ``rejected`` and never
+        sent; returns how many. ``session``: as :meth:`release_held`."""
+        return self._decide_held(job_ids, OutboxState.REJECTED, reason[:200], session)
+
+    def _decide_held(self, job_ids: Iterable[int], state: OutboxState, error: str | None,
+                     session: Session | None) -> int:
+        statement = (update(OutboxItem).where(OutboxItem.job_pk.in_(list(job_ids)),
+                                              OutboxItem.state == OutboxState.HELD)
+                     .values(state=state, next_attempt_at=utcnow(), last_error=error)
+                     .execution_options(synchronize_session=False))
+        if session is not None:
+            result = cast(CursorResult[Any], session.execute(statement))
+        else:
+            with self.index.session() as own:
+                result = cast(CursorResult[Any], own.execute(statement))
+                own.commit()
+        count = int(result.rowcount or 0)
+        LOG.info("outbox: %d held item(s) now %s", count, state.value)
+        return count
 
     def recover(self) -> int:
         """At node start-up: return to ``pending``, due now, the items this node

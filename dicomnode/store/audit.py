@@ -45,6 +45,7 @@ __all__ = [
     "record_delivered",
     "record_firings",
     "remove_listener",
+    "review_rejected",
     "series_received",
     "study_events",
 ]
@@ -70,7 +71,10 @@ class EventKind(str, Enum):
     JOB_RETRYING = "job.retrying"  # an attempt failed, another follows
     JOB_FAILED = "job.failed"
     REJECTED = "job.rejected"  # its results withdrawn by a newer version (IOCM)
-    APPROVED = "job.approved"  # a user approved its results (clinical review)
+    HELD = "job.held"  # its results wait for a user's review (``review: required``)
+    APPROVED = "job.approved"  # a user approved its results (review): they are sent
+    REVIEW_REJECTED = "job.review_rejected"  # a user rejected its results: never sent
+    SEND_REFUSED = "job.send_refused"  # a result not queued for a peer (model approval)
     SENT = "item.sent"
     SEND_FAILED = "item.failed"  # an outbox item failed for good
     RETENTION_DELETED = "retention.deleted"
@@ -229,12 +233,21 @@ def item_outcome(session: Session, item_id: int, state: OutboxState,
            attempts=row[2])
 
 
-def approved(session: Session, job_id: int, *, user: str) -> Event:
-    """A user approved a job's results (the clinical review's hook: ``review: required``
-    rules hold results until then). ``user`` is the console user's name, not a patient's."""
+def approved(session: Session, job_id: int, *, user: str, count: int | None = None) -> Event:
+    """A user approved a job's results (``review: required`` rules hold results until
+    then; ``count``: the items released). ``user`` is the console user's name, not a
+    patient's."""
     if not user or len(user) > 64:
         raise ValueError("the approving user's name: 1 to 64 characters")
-    return record(session, EventKind.APPROVED, job_id=job_id, user=user)
+    return record(session, EventKind.APPROVED, job_id=job_id, user=user, count=count)
+
+
+def review_rejected(session: Session, job_id: int, *, user: str,
+                    count: int | None = None) -> Event:
+    """A user rejected a job's results in review: its held items are never sent."""
+    if not user or len(user) > 64:
+        raise ValueError("the rejecting user's name: 1 to 64 characters")
+    return record(session, EventKind.REVIEW_REJECTED, job_id=job_id, user=user, count=count)
 
 
 # ---------------------------------------------------------------------------- reading

@@ -14,11 +14,13 @@ In order, the first that holds:
 2. ``failed``: one of its jobs failed, or an outbox item of one of its jobs failed for good.
 3. ``processing``: a job is running, or one of its result objects waits to be sent
    (pending or sending).
-4. ``ready``: a job waits for a worker, or no job was created (yet).
-5. ``waiting for series``: every job was discarded (``when_incomplete: discard``: the
+4. ``awaiting review``: a result object of one of its jobs is held until a user approves
+   or rejects the job's results (``review: required``).
+5. ``ready``: a job waits for a worker, or no job was created (yet).
+6. ``waiting for series``: every job was discarded (``when_incomplete: discard``: the
    rule's required series did not arrive; a new instance re-opens the study).
-6. ``results sent``: every job is done (or discarded) and every result object its jobs
-   queued was sent (or cancelled, superseded by a newer version).
+7. ``results sent``: every job is done (or discarded) and every result object its jobs
+   queued was sent (or cancelled, superseded by a newer version, or rejected in review).
 
 A rule that keeps waiting without recording a job (``when_incomplete: wait``, or
 ``require_series`` not there yet) leaves no row behind, so such a study shows ``ready``.
@@ -63,6 +65,8 @@ def study_status() -> ColumnElement[str]:
          | exists(items.where(OutboxItem.state.in_((OutboxState.PENDING,
                                                      OutboxState.SENDING)))),
          literal(StudyStatus.PROCESSING.value)),
+        (exists(items.where(OutboxItem.state == OutboxState.HELD)),
+         literal(StudyStatus.AWAITING_REVIEW.value)),
         (exists(jobs.where(Job.state == JobState.PENDING)) | ~exists(jobs),
          literal(StudyStatus.READY.value)),
         (~exists(jobs.where(Job.state != JobState.DISCARDED)),

@@ -28,7 +28,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # the states are defined with the node's other states; imported here for the columns and
 # for the modules that import them from the tables
-from dicomnode.states import JobPriority, JobState, JobTrigger, NodeRole, OutboxState, StudyState
+from dicomnode.states import (
+    JobPriority,
+    JobState,
+    JobTrigger,
+    NodeRole,
+    OutboxState,
+    ReviewState,
+    StudyState,
+)
 
 __all__ = [
     "Base",
@@ -49,6 +57,8 @@ __all__ = [
     "PseudonymStudy",
     "PseudonymUID",
     "PullRun",
+    "Review",
+    "ReviewState",
     "RuleSchedule",
     "Series",
     "Study",
@@ -500,3 +510,21 @@ class NodeRecord(Base):
     started_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     stopped_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class Review(Base):
+    """The review of one job's results (its rule says ``review: required``): its outbox
+    items are held until a console user approves them (they go out) or rejects them (never
+    sent). Written only by :mod:`dicomnode.jobs.review`; ``decided_by`` is the user's name as
+    the console recorded it (never a patient's), ``decided_at`` naive UTC.
+    """
+
+    __tablename__ = "review"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_pk: Mapped[int] = mapped_column(Integer, index=True, unique=True)
+    state: Mapped[ReviewState] = mapped_column(
+        Enum(ReviewState, native_enum=False, length=16), default=ReviewState.AWAITING)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    decided_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    decided_by: Mapped[str | None] = mapped_column(String(64))

@@ -30,9 +30,10 @@ from dicomnode.store.tables import Patient, Study
 
 __all__ = [
     "API_PREFIX", "Geometry", "Job", "JobList", "Message", "ModelCard", "ModelList",
-    "OutboxItem", "OutboxList", "PatientOut", "QueueJob", "QueueList", "RuleInfo", "RuleList",
-    "Series", "StudyDetail", "StudyList", "StudySummary", "hide_values", "job_overlay_path",
-    "jobs_view", "models_view", "outbox_view", "patient_of", "queue_view", "rules_view",
+    "OutboxItem", "OutboxList", "PatientOut", "QueueJob", "QueueList", "Review",
+    "ReviewDecision", "ReviewList", "RuleInfo", "RuleList", "Series", "StudyDetail",
+    "StudyList", "StudySummary", "hide_values", "job_overlay_path", "jobs_view",
+    "models_view", "outbox_view", "patient_of", "queue_view", "reviews_view", "rules_view",
     "studies_view",
 ]
 
@@ -258,6 +259,7 @@ class RuleInfo(_Out):
     send_to: list[str]
     outputs: list[str] | None = None
     wait_seconds: float | None = None
+    review: bool = False  # ``review: required``: results held until a user approves them
     source: str
 
 
@@ -280,6 +282,7 @@ class ModelCard(_Out):
     license: str | None = None
     source: str | None = None
     rule_based: bool = False
+    status: str | None = None  # approval: clinical, research (a card without one) or qa
     inputs: list[ModelInput]
     structures: list[str]
     used_by: list[str]
@@ -288,6 +291,38 @@ class ModelCard(_Out):
 
 class ModelList(_Out):
     models: list[ModelCard]
+
+
+class Review(_Out):
+    """A job whose results are held for review (``review: required``): keys, names, times
+    and counts only, never identity."""
+
+    job: int
+    study: int
+    rule: str
+    model: str
+    version: int | None = None
+    job_state: str
+    state: str  # awaiting, approved, rejected
+    held_at: str | None = None
+    decided_at: str | None = None
+    decided_by: str | None = None  # the console user who decided
+    held_items: dict[str, int]  # destination -> items held
+    objects: list[str]  # the kinds of objects the job wrote (SEG, RTSTRUCT, SR)
+
+
+class ReviewList(_Out):
+    schema_version: int
+    reviews: list[Review]
+
+
+class ReviewDecision(BaseModel):
+    """The body of ``POST /api/v1/jobs/ID/approve`` and ``.../reject``: who decides (the
+    console user's name, recorded with the decision and in the audit trail)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: str
 
 
 # the keys each view copies from the reports: public first, then identity
@@ -398,8 +433,14 @@ def rules_view(rules: Iterable[Any]) -> dict[str, Any]:
         "name": r.name, "model": r.model, "enabled": r.enabled, "priority": r.priority.value,
         "schedule": r.schedule, "inputs": list(r.input_names), "send_to": list(r.send_to),
         "outputs": None if r.outputs is None else list(r.outputs),
-        "wait_seconds": r.wait_seconds, "source": Path(r.source.split(":")[0]).name,
+        "wait_seconds": r.wait_seconds, "review": bool(getattr(r, "review_required", False)),
+        "source": Path(r.source.split(":")[0]).name,
     } for r in rules]}
+
+
+def reviews_view(reviews: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """:func:`dicomnode.jobs.review.reviews_report` as :class:`ReviewList`."""
+    return {"schema_version": 1, "reviews": [dict(r) for r in reviews]}
 
 
 def models_view(models_dir: Path, rules: Iterable[Any]) -> dict[str, Any]:
@@ -430,6 +471,7 @@ def models_view(models_dir: Path, rules: Iterable[Any]) -> dict[str, Any]:
             "version", "description", "intended_use", "license", "source")}
         one.update({
             "name": name, "rule_based": card.get("rule_based") is True,
+            "status": _text(card.get("status")) or "research",
             "inputs": [{"name": str(i.get("name")), "modality": _text(i.get("modality"))}
                        for i in inputs if isinstance(i, dict)],
             "structures": [str(label.get("name")) for label in labels

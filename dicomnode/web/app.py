@@ -12,10 +12,13 @@ Routes:
   ``/api/v1/models``, ``/api/v1/rules``, ``/api/v1/models/NAME/feedback``: the JSON the
   pages are built from
   (:mod:`dicomnode.web.api`), described by ``GET /api/v1/openapi.json``;
+* ``GET /reviews`` and ``GET /api/v1/reviews``: the jobs whose results are held for review
+  (``review: required``), without identity;
 * ``POST /api/v1/jobs/ID/retry``, ``POST /api/v1/outbox/ID/resend``,
-  ``POST /api/v1/studies/ID/rules/NAME/run``: the only actions (they need the header
-  ``X-Dicomnode: 1``, which a page of another site cannot send, and the token when one is
-  configured);
+  ``POST /api/v1/studies/ID/rules/NAME/run``, ``POST /api/v1/jobs/ID/approve`` and
+  ``POST /api/v1/jobs/ID/reject`` (JSON body ``{"user": NAME}``: who decides, recorded with
+  the decision): the only actions (they need the header ``X-Dicomnode: 1``, which a page of
+  another site cannot send, and the token when one is configured);
 * ``GET /metrics`` (Prometheus text format), ``GET /healthz`` (never needs the token);
 * ``/dicomweb``: room for DICOMweb (:mod:`dicomnode.web.dicomweb`).
 
@@ -52,6 +55,7 @@ from starlette.types import Message as AsgiMessage
 from dicomnode import __version__
 from dicomnode.jobs.policy import queue_report
 from dicomnode.jobs.queue import jobs_report, reset
+from dicomnode.jobs.review import ReviewError, decide, reviews_report
 from dicomnode.rules.explain import explain_study
 from dicomnode.send.outbox import OutboxError, outbox_report
 from dicomnode.store import audit
@@ -232,6 +236,12 @@ def queue_data(console: Any) -> dict[str, Any]:
     return api.QueueList.model_validate(view).model_dump(exclude_unset=True)
 
 
+def reviews_data(console: Any) -> dict[str, Any]:
+    """The jobs whose results await a review (no identity: keys, names, times)."""
+    view = api.reviews_view(reviews_report(console.index))
+    return api.ReviewList.model_validate(view).model_dump(exclude_unset=True)
+
+
 def outbox_data(console: Any, auth: bool) -> dict[str, Any]:
     view = api.outbox_view(outbox_report(console.index, root=console.config.storage.path),
                            authenticated=auth)
@@ -304,6 +314,11 @@ def _pages() -> APIRouter:
                                       authenticated=auth)
         return HTMLResponse(pages.page(f"{model}: feedback", feedback.feedback_page(view),
                                        authenticated=auth), media_type=_HTML)
+
+    @router.api_route("/reviews", methods=["GET", "HEAD"], include_in_schema=False)
+    def reviews_page(request: Request, auth: Auth) -> HTMLResponse:
+        return HTMLResponse(pages.reviews_page(reviews_data(request.app.state.console),
+                                               authenticated=auth), media_type=_HTML)
 
     @router.get("/metrics", include_in_schema=False)
     def metrics(request: Request, auth: Auth) -> Response:
@@ -401,6 +416,12 @@ def _api_v1() -> APIRouter:
         """The outbox: counts per state and every item."""
         return outbox_data(request.app.state.console, auth)
 
+    @router.get("/reviews", response_model=api.ReviewList, **listing)
+    def reviews(request: Request, auth: Auth) -> dict[str, Any]:
+        """The jobs whose results are held until a user approves or rejects them
+        (``review: required``), oldest first."""
+        return reviews_data(request.app.state.console)
+
     @router.get("/models", response_model=api.ModelList, **listing)
     def models(request: Request, auth: Auth) -> dict[str, Any]:
         """The model packages in ``models_dir`` and the rules that use each."""
@@ -443,6 +464,29 @@ def _api_v1() -> APIRouter:
             raise HTTPException(409, str(exc)) from None
         LOG.info("console: outbox item %d queued again by an operator", item_id)
         return {"detail": f"item {item_id} queued again"}
+
+    def _decide(request: Request, job_id: int, body: api.ReviewDecision,
+                approve: bool) -> dict[str, str]:
+        console = request.app.state.console
+        try:
+            decision = decide(console.index, console.outbox, job_id, approve=approve,
+                              user=body.user)
+        except ReviewError as exc:
+            raise HTTPException(409, str(exc)) from None
+        LOG.info("console: job %d's results %s by %s from %s", job_id, decision.state.value,
+                 _escape(decision.user), _client(request.scope))
+        return {"detail": f"job {job_id}: results {decision.state.value} by {decision.user} "
+                          f"({decision.items} item(s))"}
+
+    @router.post("/jobs/{job_id:int}/approve", **actions)
+    def approve(request: Request, job_id: int, body: api.ReviewDecision) -> dict[str, str]:
+        """Approve a job's held results: they are sent as usual; the user is recorded."""
+        return _decide(request, job_id, body, True)
+
+    @router.post("/jobs/{job_id:int}/reject", **actions)
+    def reject(request: Request, job_id: int, body: api.ReviewDecision) -> dict[str, str]:
+        """Reject a job's held results: they are never sent; the user is recorded."""
+        return _decide(request, job_id, body, False)
 
     @router.post("/studies/{study_id:int}/rules/{rule}/run", **actions)
     def run_now(request: Request, study_id: int,

@@ -16,7 +16,7 @@ from dicomnode.store.queries import format_timings
 from dicomnode.web.api import API_PREFIX
 
 __all__ = ["CONTENT_SECURITY_POLICY", "SCRIPT", "STYLE", "dashboard", "login_page", "page",
-           "study_page"]
+           "reviews_page", "study_page"]
 
 #: Pages load their script and style from the console itself (/static/...): no inline
 #: script or style, no other origin, no framing.
@@ -34,7 +34,8 @@ th { background: #f2f4f8; }
 .state-done, .state-sent, .state-complete, .state-whole, .state-results-sent { color: #146c2e; }
 .state-failed, .state-not-whole { color: #b3261e; font-weight: 600; }
 .state-running, .state-sending, .state-receiving, .state-pending,
-.state-processing { color: #8a5a00; }
+.state-processing, .state-held, .state-awaiting, .state-awaiting-review { color: #8a5a00; }
+.state-rejected { color: #b3261e; }
 .muted { color: #6b7385; } .error { color: #b3261e; }
 img.overlay { max-width: 420px; border: 1px solid #d9dde5; display: block; }
 button { font-size: .8rem; }
@@ -42,9 +43,11 @@ pre { background: #f7f8fa; padding: .6rem; font-size: .85rem; }
 """
 
 SCRIPT = """
-async function act(url) {
-  const reply = await fetch(url, {method: 'POST', headers: {'X-Dicomnode': '1'},
-                                  credentials: 'same-origin'});
+async function act(url, body) {
+  const headers = {'X-Dicomnode': '1'};
+  if (body !== undefined) { headers['Content-Type'] = 'application/json'; }
+  const reply = await fetch(url, {method: 'POST', headers: headers, credentials: 'same-origin',
+                                  body: body === undefined ? undefined : JSON.stringify(body)});
   let text = await reply.text();
   try { text = JSON.parse(text).detail; } catch (error) { /* a plain-text answer */ }
   document.getElementById('action-result').textContent = text;
@@ -53,6 +56,10 @@ async function act(url) {
 document.addEventListener('click', (event) => {
   const button = event.target.closest('button[data-action]');
   if (button) { act(button.dataset.action); }
+  const review = event.target.closest('button[data-review]');
+  if (review) {  // approve or reject: the reviewer's name goes with the decision
+    act(review.dataset.review, {user: document.getElementById('reviewer').value});
+  }
 });
 """
 def _state(value: str) -> str:
@@ -164,7 +171,7 @@ def _queue_table(queue: dict[str, Any]) -> str:
 def _outbox_table(items: list[dict[str, Any]]) -> str:
     rows = []
     for item in items:
-        resend = ("" if item["state"] in ("pending", "sending") else
+        resend = ("" if item["state"] in ("pending", "sending", "held", "rejected") else
                   f'<button data-action="{API_PREFIX}/outbox/{item["id"]}/resend">resend</button>')
         status = "" if item["last_status"] is None else f"0x{item['last_status']:04X} "
         rows.append(
@@ -201,7 +208,8 @@ def dashboard(studies: dict[str, Any], jobs: dict[str, Any], outbox: dict[str, A
     ``/api/v1/outbox``."""
     counts = outbox.get("counts", {})
     summary = ", ".join(f"{n} {state}" for state, n in counts.items())
-    body = (f"<h2>Studies</h2>{_studies_table(studies['studies'], authenticated)}"
+    body = ('<p><a href="/reviews">results awaiting review</a></p>'
+            f"<h2>Studies</h2>{_studies_table(studies['studies'], authenticated)}"
             + (f"<h2>Queue</h2>{_queue_table(queue)}" if queue is not None else "")
             + f"<h2>Jobs</h2>{_jobs_table(jobs['jobs'])}"
             f"<h2>Outbox</h2><p class=muted>{escape(summary)}</p>"
@@ -239,6 +247,31 @@ def study_page(study: dict[str, Any], *, authenticated: bool) -> bytes:
             f"run {escape(r)} now</button> " for r in rules)
         body += f'<p id="run-now">{buttons}</p>'
     return _page(f"study {study['id']}", body, authenticated=authenticated)
+
+
+def reviews_page(reviews: dict[str, Any], *, authenticated: bool) -> bytes:
+    """The jobs whose results are held for review (``/api/v1/reviews``), with approve and
+    reject buttons; the reviewer's name is recorded with the decision."""
+    rows = []
+    for r in reviews["reviews"]:
+        held = ", ".join(f"{n} for {escape(str(d))}" for d, n in r["held_items"].items())
+        job = int(r["job"])
+        rows.append(
+            f'<tr id="review-{job}" class="review"><td>job {job}</td>'
+            f'<td><a href="/studies/{int(r["study"])}">study {int(r["study"])}</a></td>'
+            f'<td>{_cell(r["rule"])}</td><td>{_cell(r["model"])}</td>'
+            f'<td>{_cell(r["held_at"])}</td><td>{escape(", ".join(r["objects"]))}</td>'
+            f'<td>{held or "nothing"}</td><td>'
+            f'<button data-review="{API_PREFIX}/jobs/{job}/approve">approve</button> '
+            f'<button data-review="{API_PREFIX}/jobs/{job}/reject">reject</button></td></tr>')
+    table = ("<table><tr><th>job</th><th>study</th><th>rule</th><th>model</th>"
+             "<th>held since (UTC)</th><th>objects</th><th>held items</th><th></th></tr>"
+             f"{''.join(rows)}</table>") if rows else \
+        '<p class="muted">no results await a review</p>'
+    body = ('<p><label>your name (recorded with each decision) <input id="reviewer" '
+            'maxlength="64" autocomplete="name"></label> <a href="/">back</a></p>'
+            f"{table}")
+    return _page("results awaiting review", body, authenticated=authenticated)
 
 
 def login_page(message: str = "") -> bytes:

@@ -619,6 +619,9 @@ def import_bundle(folder: Path, name: str, models_dir: Path, *,
         "version": str(meta.get("version", "0")),
         "description": str(meta.get("description") or f"MONAI bundle {bundle.folder.name}"),
         "intended_use": str(meta.get("intended_use") or "see the bundle's documentation"),
+        # an imported model is research until someone approves it (edit the card's status:
+        # clinical or qa; docs/model-cards.md, "Model approval")
+        "status": "research",
         "license": str(meta.get("license") or "see LICENSE"),
         "authors": [str(meta.get("authors") or "unknown")],
         "source": f"MONAI bundle {bundle.folder.name}, imported with MONAI {monai.__version__}",

@@ -358,6 +358,9 @@ def card_of(model: NnunetFolder, name: str, version: str, profile: dict[str, Any
         "intended_use": ("As validated by whoever trained the model (see PROVENANCE); the "
                          "import reproduces nnU-Net's own output (see check_report.json), it "
                          "does not validate the model."),
+        # an imported model is research until someone approves it (edit the card's status:
+        # clinical or qa; docs/model-cards.md, "Model approval")
+        "status": "research",
         "license": licence[:200],
         "authors": [str(dataset.get("reference") or "the model's trainers (see PROVENANCE)")],
         "source": f"nnU-Net v2 result folder {model.folder.name}",
