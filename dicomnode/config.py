@@ -780,6 +780,11 @@ class PipelineConfig(_Section):
         "this node; overrides the card's runtime.max_concurrent and the default (1 for a "
         "model whose session runs on a GPU, else pipeline.workers)")
 
+    gpu_jobs: int | None = Field(
+        1, ge=1, le=64, description="jobs of GPU models (all of them together) that may run at "
+        "once on this node: 1 (the default), one GPU model at a time; null: only each model's "
+        "own limit (model_concurrency, the card, 1 per GPU model)")
+
     @field_validator("background_hours")
     @classmethod
     def _background_hours(cls, v: str | None) -> str | None:

@@ -113,6 +113,29 @@ def test_a_model_at_its_limit_is_passed_over_not_waited_for(index: Index) -> Non
     assert claim_next(index, 3, owner="n1", policy=policy) == [a3]
 
 
+def test_gpu_models_run_one_at_a_time_in_all_and_cpu_models_beside_them(index: Index,
+                                                                      tmp_path: Path) -> None:
+    """``pipeline.gpu_jobs: 1``: two GPU models' jobs never run at once on one node (each
+    model alone would be allowed one); a CPU model's job is claimed beside them."""
+    g1, h1, c1, g2 = _add(index, (NORMAL, "gpu-a"), (NORMAL, "gpu-b"), (NORMAL, "cpu"),
+                          (NORMAL, "gpu-a"))
+    config = _config(tmp_path, workers=4)
+    providers = {"gpu-a": "CUDAExecutionProvider", "gpu-b": "TensorrtExecutionProvider",
+                 "cpu": "CPUExecutionProvider"}
+    policy = claim_policy(config, dt.datetime(2026, 12, 4, 12), providers)
+    assert claim_next(index, 4, owner="n1", policy=policy) == [g1, c1]
+    assert claim_next(index, 4, owner="n1", policy=policy) == []  # gpu-b waits for gpu-a
+    assert claim_next(index, 4, owner="n2", policy=policy) == [h1]  # another node's GPU
+    assert finish(index, g1, DONE, 3, owner="n1") is JobState.DONE
+    assert claim_next(index, 4, owner="n1", policy=policy) == [g2]
+    # null: only each model's own limit (1 per GPU model)
+    unlimited = claim_policy(_config(tmp_path, workers=4, gpu_jobs=None),
+                             dt.datetime(2026, 12, 4, 12), providers)
+    assert unlimited.group_limits == {}
+    with pytest.raises(ValidationError):
+        _config(tmp_path, gpu_jobs=0)
+
+
 # ----------------------------------------------------------------------- background hours
 
 

@@ -13,6 +13,9 @@ sees it: in claim order, with an estimate of when each job starts.
   :attr:`dicomnode.jobs.runner.JobRunner.providers`); before that, or for a model not warmed
   up, a GPU is assumed when ``inference.providers`` lists a GPU provider. Counted per node
   (the claiming ``node.id``): each node has its own GPU.
+* **One GPU model at a time** (``pipeline.gpu_jobs``, default 1): the jobs of every model
+  that runs on the GPU count together against it, so two GPU models do not share (and
+  overfill) one GPU's memory; CPU models run beside them up to ``pipeline.workers``.
 
 The clock is a parameter everywhere (``now``): tests give the time instead of waiting for it.
 This module imports nothing of the models' stack (the card is read by
@@ -38,8 +41,8 @@ from dicomnode.store.db import Index
 from dicomnode.store.queries import iso_utc
 from dicomnode.store.tables import Job, JobState, utcnow
 
-__all__ = ["DEFAULT_JOB_SECONDS", "QUEUE_LIMIT", "background_open", "claim_policy",
-           "local_now", "model_limit", "queue_report"]
+__all__ = ["DEFAULT_JOB_SECONDS", "GPU_GROUP", "QUEUE_LIMIT", "background_open", "claim_policy",
+           "local_now", "model_group", "model_limit", "queue_report", "runs_on_gpu"]
 
 #: The duration assumed for a model no job of which finished yet (s).
 DEFAULT_JOB_SECONDS = 60.0
@@ -51,6 +54,9 @@ QUEUE_LIMIT = 500
 _RECENT = 20
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+#: The group of the models whose jobs run on the GPU (``pipeline.gpu_jobs``).
+GPU_GROUP = "gpu"
 
 
 def local_now() -> dt.datetime:
@@ -86,20 +92,37 @@ def model_limit(config: Config, model: str,
         card_limit = None  # the job reports the card's problem when it runs
     if card_limit is not None:
         return card_limit
+    return 1 if runs_on_gpu(config, model, providers) else None
+
+
+def runs_on_gpu(config: Config, model: str, providers: Mapping[str, str] | None = None) -> bool:
+    """Whether ``model``'s jobs run on this node's GPU: with ``inference.backend:
+    onnxruntime``, when the provider its session chose in the workers' warm-up is a GPU
+    one (before that: when ``inference.providers`` lists one). A Triton backend queues the
+    requests of its GPU itself: False."""
     if config.inference.backend is not InferenceBackend.ONNXRUNTIME:
-        return None  # the Triton server queues the requests of its GPU
+        return False
     known = (providers or {}).get(model)
-    gpu = (known in _GPU_PROVIDERS if known is not None
-           else any(p in _GPU_PROVIDERS for p in config.inference.providers))
-    return 1 if gpu else None
+    return (known in _GPU_PROVIDERS if known is not None
+            else any(p in _GPU_PROVIDERS for p in config.inference.providers))
+
+
+def model_group(config: Config, model: str,
+                providers: Mapping[str, str] | None = None) -> str | None:
+    """``"gpu"`` for a model whose jobs run on the GPU (:func:`runs_on_gpu`), else None:
+    ``pipeline.gpu_jobs`` limits the jobs of that group together."""
+    return GPU_GROUP if runs_on_gpu(config, model, providers) else None
 
 
 def claim_policy(config: Config, now: dt.datetime,
                  providers: Mapping[str, str] | None = None) -> ClaimPolicy:
     """What this node's claims may take at ``now`` (local time); ``providers`` as for
     :func:`model_limit`."""
+    gpu_jobs = config.pipeline.gpu_jobs
     return ClaimPolicy(background_open=background_open(config, now),
-                       model_limit=partial(model_limit, config, providers=providers))
+                       model_limit=partial(model_limit, config, providers=providers),
+                       model_group=partial(model_group, config, providers=providers),
+                       group_limits={} if gpu_jobs is None else {GPU_GROUP: gpu_jobs})
 
 
 @dataclass
@@ -124,11 +147,17 @@ def _mean_seconds(index: Index) -> dict[str, float]:
     return {model: sum(values) / len(values) for model, values in seconds.items()}
 
 
+def _none(model: str) -> str | None:
+    return None
+
+
 def _simulate(queued: list[_Queued], running: list[tuple[dt.datetime, str]], workers: int,
               limit_of: Callable[[str], int | None], duration: Callable[[str], float],
-              now: dt.datetime, open_: bool) -> dict[int, dt.datetime]:
+              now: dt.datetime, open_: bool, group_of: Callable[[str], str | None] = _none,
+              group_limits: Mapping[str, int] | None = None) -> dict[int, dt.datetime]:
     """When each queued job starts if this node's workers take the queue as the claims do
-    (claim order, model limits, background held while others wait)."""
+    (claim order, model and group limits, background held while others wait)."""
+    group_limits = group_limits or {}
     starts: dict[int, dt.datetime] = {}
     if workers <= 0:
         return starts
@@ -139,6 +168,7 @@ def _simulate(queued: list[_Queued], running: list[tuple[dt.datetime, str]], wor
     limits: dict[str, int | None] = {}
     while waiting:
         counts = Counter(model for _, model in ends)
+        in_group = Counter(g for _, model in ends if (g := group_of(model)) is not None)
         hold = not open_ and any(j.priority is not JobPriority.BACKGROUND for j in waiting)
         for job in list(waiting):
             if free <= 0:
@@ -150,10 +180,16 @@ def _simulate(queued: list[_Queued], running: list[tuple[dt.datetime, str]], wor
             limit = limits[job.model]
             if limit is not None and counts[job.model] >= limit:
                 continue
+            group = group_of(job.model)
+            if group is not None and group in group_limits \
+                    and in_group[group] >= group_limits[group]:
+                continue
             starts[job.id] = time
             waiting.remove(job)
             free -= 1
             counts[job.model] += 1
+            if group is not None:
+                in_group[group] += 1
             ends.append((time + dt.timedelta(seconds=duration(job.model)), job.model))
         if not waiting or not ends:
             break
@@ -199,7 +235,9 @@ def queue_report(index: Index, config: Config, *, now: dt.datetime | None = None
         starts = _simulate([_Queued(j.id, j.model, JobPriority.of_rank(j.priority))
                             for j in pending_jobs], mine, config.pipeline.workers,
                            partial(model_limit, config, providers=providers), duration, now,
-                           open_)
+                           open_, partial(model_group, config, providers=providers),
+                           {} if config.pipeline.gpu_jobs is None
+                           else {GPU_GROUP: config.pipeline.gpu_jobs})
 
         def row(position: int | None, job: Job) -> dict[str, Any]:
             start = starts.get(job.id)

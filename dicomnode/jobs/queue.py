@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -93,6 +93,10 @@ def _no_limit(model: str) -> int | None:
     return None
 
 
+def _no_group(model: str) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class ClaimPolicy:
     """What a claim may take now.
@@ -102,10 +106,16 @@ class ClaimPolicy:
             jobs are pending (inside ``pipeline.background_hours``, or none configured).
         model_limit: the most jobs of a model (by name) the claiming owner may run at once;
             None: no limit but the free workers.
+        model_group: the group a model's jobs count in (e.g. ``"gpu"``: the models whose
+            session runs on a GPU), or None.
+        group_limits: the most jobs of each group the claiming owner may run at once, all
+            of the group's models together (e.g. ``{"gpu": 1}``: one GPU model at a time).
     """
 
     background_open: bool = True
     model_limit: Callable[[str], int | None] = field(default=_no_limit)
+    model_group: Callable[[str], str | None] = field(default=_no_group)
+    group_limits: Mapping[str, int] = field(default_factory=dict)
 
 
 _CLAIM_ORDER = (Job.priority, Job.id)
@@ -117,6 +127,10 @@ def _candidates(session: Session, policy: ClaimPolicy, owner: str
     running: dict[str, int] = {model: int(n) for model, n in session.execute(
         select(Job.model, func.count()).where(Job.state == JobState.RUNNING,
                                               Job.owner == owner).group_by(Job.model))}
+    if policy.group_limits:  # the pending models of a group at its limit are passed over
+        for model in session.scalars(select(Job.model).where(
+                Job.state == JobState.PENDING).distinct()):
+            running.setdefault(model, 0)
     hold = not policy.background_open and session.scalar(
         select(Job.id).where(Job.state == JobState.PENDING,
                              Job.priority < JobPriority.BACKGROUND.rank).limit(1)) is not None
@@ -125,8 +139,16 @@ def _candidates(session: Session, policy: ClaimPolicy, owner: str
 
 def _next_query(policy: ClaimPolicy, running: dict[str, int], hold: bool,
                 skip: list[int]) -> Select[int, str]:
+    in_group: dict[str, int] = {}
+    for model, n in running.items():
+        group = policy.model_group(model) if policy.group_limits else None
+        if group is not None:
+            in_group[group] = in_group.get(group, 0) + n
     full = [model for model, n in running.items()
-            if (limit := policy.model_limit(model)) is not None and n >= limit]
+            if ((limit := policy.model_limit(model)) is not None and n >= limit)
+            or ((group := policy.model_group(model) if policy.group_limits else None)
+                is not None and group in policy.group_limits
+                and in_group.get(group, 0) >= policy.group_limits[group])]
     query = select(Job.id, Job.model).where(Job.state == JobState.PENDING)
     if full:
         query = query.where(Job.model.not_in(full))
@@ -144,10 +166,11 @@ def claim_next(index: Index, limit: int, *, owner: str = LOCAL_OWNER,
     first within each) for ``owner``, as ``policy`` allows; returns their ids.
 
     A job whose model runs ``policy.model_limit(model)`` jobs of ``owner`` already (counting
-    those claimed now) is passed over for the next one. PostgreSQL: one transaction selects
-    them ``FOR UPDATE SKIP LOCKED`` (rows another node is claiming at the same moment are
-    skipped, not waited for) and marks them running. SQLite: each job is claimed by its own
-    conditional UPDATE (one lost to another process is passed over).
+    those claimed now), or whose model's group (``policy.model_group``) runs its
+    ``policy.group_limits`` already, is passed over for the next one. PostgreSQL: one
+    transaction selects them ``FOR UPDATE SKIP LOCKED`` (rows another node is claiming at
+    the same moment are skipped, not waited for) and marks them running. SQLite: each job
+    is claimed by its own conditional UPDATE (one lost to another process is passed over).
     """
     if limit <= 0:
         return []

@@ -166,6 +166,10 @@ class Node:
 
         if "web" in Config.model_fields:  # the console: on, as by default, on a free port
             self.config["web"] = {"port": 0}
+        from dicomnode.config import PeerConfig
+
+        if "research" in PeerConfig.model_fields:  # brain-mr is a research model
+            self.config["peers"]["orthanc"]["research"] = True
         for dotted, value in overrides.items():
             section: dict[str, Any] = self.config
             *parents, last = dotted.split(".")
