@@ -296,3 +296,44 @@ def pg_url(postgres: Any) -> str:
     """The SQLAlchemy URL of a new empty database on the session's PostgreSQL server."""
     url: str = postgres.create_database()
     return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty index's URL: a SQLite file, then (second parameter) a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.sqlite'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+@pytest.fixture
+def index(index_url: str) -> Iterator[Any]:
+    """The index at ``index_url`` (SQLite and PostgreSQL), disposed at teardown."""
+    from dicomnode.store.db import open_index
+
+    opened = open_index(index_url)
+    yield opened
+    opened.dispose()
+
+
+def store_study_with_a_job(node: Any, folder: Path, **series: Any) -> int:
+    """Store a small CT series in an in-process node (``dicomnode.node.Node``) and complete
+    its study: its rule creates a job (which the node dispatches when a worker is free).
+    ``series``: more arguments of ``testdata.synthetic_ct``. Returns the job's id."""
+    import datetime as dt
+    import shutil
+
+    import testdata
+    from sqlalchemy import select
+
+    from dicomnode.store.tables import Job, utcnow
+
+    options = {"slices": 4, "rows": 16, "columns": 16, **series}
+    for path in testdata.synthetic_ct(folder, **options):
+        staged = node.files.tmp / path.name
+        shutil.copyfile(path, staged)
+        study_pk = node.store.ingest(staged, calling_ae_title="TESTSCU").study_pk
+    assert study_pk in node.completion.check(now=utcnow() + dt.timedelta(minutes=1))
+    with node.index.session() as session:
+        return int(session.scalars(select(Job.id).where(Job.study_pk == study_pk)).one())

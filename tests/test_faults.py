@@ -9,7 +9,6 @@ SIGTERM during a running job is in tests/test_pipeline.py (it needs `dicomnode s
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import shutil
@@ -25,7 +24,7 @@ import faultjob
 import pydicom
 import pytest
 import testdata
-from conftest import NodeFactory, free_port, write_model_card
+from conftest import NodeFactory, free_port, store_study_with_a_job, write_model_card
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import func, select
@@ -41,7 +40,7 @@ from dicomnode.receive.ingest import STATUS_INDEX_UNAVAILABLE, InstanceStore, St
 from dicomnode.receive.scp import StorageSCP
 from dicomnode.store.db import Index, open_index
 from dicomnode.store.files import InstanceFiles
-from dicomnode.store.tables import Instance, Job, JobState, Series, Study, utcnow
+from dicomnode.store.tables import Instance, Job, JobState, Series, Study
 
 # -- an index write failing after the file is stored (0xA701 and its rollback) ------------
 
@@ -258,15 +257,7 @@ def job_node(node_factory: NodeFactory, tmp_path: Path,
 
 
 def _study_with_a_job(node: Node, folder: Path) -> int:
-    """Store a small CT study in-process and complete it: the rule creates its job (and the
-    node's listener dispatches it). Returns the job's id."""
-    for path in testdata.synthetic_ct(folder, slices=4, rows=16, columns=16):
-        staged = node.files.tmp / path.name
-        shutil.copyfile(path, staged)
-        study_pk = node.store.ingest(staged, calling_ae_title="TESTSCU").study_pk
-    assert study_pk in node.completion.check(now=utcnow() + dt.timedelta(minutes=1))
-    with node.index.session() as session:
-        return int(session.scalars(select(Job.id).where(Job.study_pk == study_pk)).one())
+    return store_study_with_a_job(node, folder)
 
 
 def _job(node: Node, job_id: int) -> Job:

@@ -11,7 +11,6 @@ import multiprocessing
 import shutil
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +28,6 @@ from dicomnode.store.tables import Instance, Job, OutboxItem, Patient, Study, ut
 
 DONE = {"ok": True, "timings": {}, "results": []}
 FAILED = {"ok": False, "error": "boom", "permanent": False}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'index.sqlite'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture
-def index(index_url: str) -> Iterator[Index]:
-    opened = open_index(index_url)
-    yield opened
-    opened.dispose()
 
 
 def _jobs(index: Index, count: int) -> list[int]:

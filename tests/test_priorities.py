@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -16,8 +15,7 @@ from typing import Any
 
 import faultjob
 import pytest
-import testdata
-from conftest import NodeFactory, write_model_card
+from conftest import NodeFactory, store_study_with_a_job, write_model_card
 from pydantic import ValidationError
 from sqlalchemy import select, update
 
@@ -40,21 +38,6 @@ from dicomnode.store.tables import Job, Patient, Study, utcnow
 ROOT = Path(__file__).resolve().parents[1]
 URGENT, NORMAL, BACKGROUND = JobPriority.URGENT, JobPriority.NORMAL, JobPriority.BACKGROUND
 DONE = {"ok": True, "timings": {}, "results": []}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'index.sqlite'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
-@pytest.fixture
-def index(index_url: str) -> Iterator[Index]:
-    opened = open_index(index_url)
-    yield opened
-    opened.dispose()
 
 
 @pytest.fixture
@@ -450,16 +433,8 @@ def test_an_urgent_rules_job_is_claimed_before_earlier_normal_ones(
 
 
 def _study(node: Node, folder: Path, description: str) -> int:
-    """Store a small CT series in-process and complete its study: its rule creates a job
-    (which the node dispatches at once when a worker is free); returns the job's id."""
-    for path in testdata.synthetic_ct(folder, slices=3, rows=8, columns=8,
-                                      series_description=description):
-        staged = node.files.tmp / path.name
-        shutil.copyfile(path, staged)
-        study_pk = node.store.ingest(staged, calling_ae_title="TESTSCU").study_pk
-    assert study_pk in node.completion.check(now=utcnow() + dt.timedelta(minutes=1))
-    with node.index.session() as session:
-        return int(session.scalars(select(Job.id).where(Job.study_pk == study_pk)).one())
+    return store_study_with_a_job(node, folder, slices=3, rows=8, columns=8,
+                                  series_description=description)
 
 
 # ------------------------------------------------------------------------------ helpers
