@@ -26,6 +26,7 @@ It answers only where that is certain to be the same as pydicom's; anything else
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -47,7 +48,8 @@ _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "PN", "SH", "ST
                        "UC", "UI", "UR", "UT"})
 _PIXEL_DATA = 0x7FE00010
 _UNDEFINED = 0xFFFFFFFF
-_HEAD = 1024  # bytes read first: the headers of common instances fit
+_HEAD = 8192  # bytes read at a time: the headers of common instances fit in one read
+_NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
 _DS = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 _IS = re.compile(r"^[+-]?\d+$")
 #: keywords whose multi-valued text is a list (the rest must be single-valued)
@@ -73,7 +75,7 @@ class RawValues:
 
 
 def _text(raw: bytes, keyword: str, *, multi: bool) -> str | list[str]:
-    if any(b < 0x20 or b > 0x7E for b in raw.rstrip(b"\x00")):
+    if _NOT_PRINTABLE.search(raw.rstrip(b"\x00")):
         raise Unsupported(f"{keyword}: not printable ASCII")
     text = raw.rstrip(b"\x00").decode("ascii")
     if "\\" in text:
@@ -109,6 +111,19 @@ def _us(raw: bytes, keyword: str) -> Any:
     return struct.unpack("<H", raw)[0]
 
 
+@functools.lru_cache(maxsize=16)
+def _wanted(keywords: tuple[str, ...]) -> dict[int, tuple[str, str]]:
+    """Tag -> (keyword, dictionary VR) of ``keywords`` (looked up once per set of keywords;
+    callers do not change the dict)."""
+    wanted: dict[int, tuple[str, str]] = {}
+    for keyword in keywords:
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise ValueError(f"unknown keyword {keyword!r}")
+        wanted[tag] = (keyword, dictionary_VR(tag))
+    return wanted
+
+
 def read_values(path: Path, keywords: Iterable[str]) -> RawValues:
     """The values of ``keywords`` (top-level attributes) of the Part-10 file at ``path``.
 
@@ -116,12 +131,7 @@ def read_values(path: Path, keywords: Iterable[str]) -> RawValues:
         Unsupported: see the module docstring; read the file with pydicom instead.
         OSError: the file cannot be read.
     """
-    wanted: dict[int, tuple[str, str]] = {}
-    for keyword in keywords:
-        tag = tag_for_keyword(keyword)
-        if tag is None:
-            raise ValueError(f"unknown keyword {keyword!r}")
-        wanted[tag] = (keyword, dictionary_VR(tag))
+    wanted = _wanted(tuple(keywords))
     last = max(wanted)
     with open(path, "rb") as fp:
         reader = _Reader(fp)
