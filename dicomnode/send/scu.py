@@ -140,7 +140,9 @@ def _associate(ae: AE, peer: PeerConfig, name: str, contexts: list[PresentationC
                             "(no connection, a certificate not trusted (peers."
                             f"{name}.tls), or no answer to the association request)")
         raise SendError(f"peer {name!r} ({host}:{port}) could not be reached "
-                        "(no connection, or no answer to the association request)")
+                        "(no connection, no answer to the association request, or the "
+                        "connection closed before an answer was read: some peers reset it "
+                        "right after rejecting the association, e.g. for an unknown AE title)")
     set_nodelay(assoc)
     return assoc
 
