@@ -24,7 +24,7 @@ import faultjob
 import pydicom
 import pytest
 import testdata
-from conftest import NodeFactory, free_port, store_study_with_a_job, write_model_card
+from conftest import NodeFactory, free_port, store_study_with_a_job, wait_until, write_model_card
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import func, select
@@ -268,12 +268,7 @@ def _job(node: Node, job_id: int) -> Job:
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-    return value
+    return wait_until(predicate, timeout, what, interval=0.05)
 
 
 def _kill_attempt(node: Node, job_id: int, attempt: int) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import faultjob
 import pytest
-from conftest import NodeFactory, store_study_with_a_job, write_model_card
+from conftest import NodeFactory, store_study_with_a_job, wait_until, write_model_card
 from pydantic import ValidationError
 from sqlalchemy import select, update
 
@@ -448,10 +448,5 @@ def _state(index: Index, job_id: int) -> JobState:
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-    return value
+    return wait_until(predicate, timeout, what, interval=0.05)
 
