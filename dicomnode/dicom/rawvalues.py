@@ -166,12 +166,7 @@ def read_values(path: Path, keywords: Iterable[str]) -> RawValues:
                 start = pos + 8
             else:
                 vr = head[4:6]
-                if vr in _LONG_VRS:
-                    (length,) = struct.unpack_from("<I", reader.bytes(pos + 8, 4))
-                    start = pos + 12
-                else:
-                    (length,) = struct.unpack_from("<H", head, 6)
-                    start = pos + 8
+                length, start = _explicit_length(reader, head, pos)
             if length == _UNDEFINED:
                 raise Unsupported("an element of undefined length")
             entry = wanted.get(tag)
@@ -213,6 +208,16 @@ class _Reader:
         return chunk
 
 
+def _explicit_length(reader: _Reader, head: bytes, pos: int) -> tuple[int, int]:
+    """The value length of the Explicit VR Little Endian element at ``pos`` (``head``: its
+    first 8 bytes) and where its value starts."""
+    if head[4:6] in _LONG_VRS:  # 2 reserved bytes, then a 4-byte length
+        (length,) = struct.unpack_from("<I", reader.bytes(pos + 8, 4))
+        return length, pos + 12
+    (length,) = struct.unpack_from("<H", head, 6)
+    return length, pos + 8
+
+
 def _meta(reader: _Reader) -> tuple[str, int]:
     """The transfer syntax and where the dataset starts, from the File Meta Information
     (explicit VR little endian, group 0002)."""
@@ -225,13 +230,7 @@ def _meta(reader: _Reader) -> tuple[str, int]:
         group, element = struct.unpack_from("<HH", head)
         if group != 0x0002:
             break
-        vr = head[4:6]
-        if vr in _LONG_VRS:
-            (length,) = struct.unpack_from("<I", reader.bytes(pos + 8, 4))
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", head, 6)
-            start = pos + 8
+        length, start = _explicit_length(reader, head, pos)
         if length == _UNDEFINED:
             raise Unsupported("File Meta Information of undefined length")
         if element == 0x0010:

@@ -147,17 +147,13 @@ def _mean_seconds(index: Index) -> dict[str, float]:
     return {model: sum(values) / len(values) for model, values in seconds.items()}
 
 
-def _none(model: str) -> str | None:
-    return None
-
-
 def _simulate(queued: list[_Queued], running: list[tuple[dt.datetime, str]], workers: int,
-              limit_of: Callable[[str], int | None], duration: Callable[[str], float],
-              now: dt.datetime, open_: bool, group_of: Callable[[str], str | None] = _none,
-              group_limits: Mapping[str, int] | None = None) -> dict[int, dt.datetime]:
+              policy: ClaimPolicy, duration: Callable[[str], float],
+              now: dt.datetime) -> dict[int, dt.datetime]:
     """When each queued job starts if this node's workers take the queue as the claims do
-    (claim order, model and group limits, background held while others wait)."""
-    group_limits = group_limits or {}
+    under ``policy`` (claim order, model and group limits, background held while others
+    wait)."""
+    group_limits = policy.group_limits
     starts: dict[int, dt.datetime] = {}
     if workers <= 0:
         return starts
@@ -168,19 +164,20 @@ def _simulate(queued: list[_Queued], running: list[tuple[dt.datetime, str]], wor
     limits: dict[str, int | None] = {}
     while waiting:
         counts = Counter(model for _, model in ends)
-        in_group = Counter(g for _, model in ends if (g := group_of(model)) is not None)
-        hold = not open_ and any(j.priority is not JobPriority.BACKGROUND for j in waiting)
+        in_group = Counter(g for _, model in ends if (g := policy.model_group(model)) is not None)
+        hold = not policy.background_open and any(
+            j.priority is not JobPriority.BACKGROUND for j in waiting)
         for job in list(waiting):
             if free <= 0:
                 break
             if hold and job.priority is JobPriority.BACKGROUND:
                 continue
             if job.model not in limits:
-                limits[job.model] = limit_of(job.model)
+                limits[job.model] = policy.model_limit(job.model)
             limit = limits[job.model]
             if limit is not None and counts[job.model] >= limit:
                 continue
-            group = group_of(job.model)
+            group = policy.model_group(job.model)
             if group is not None and group in group_limits \
                     and in_group[group] >= group_limits[group]:
                 continue
@@ -231,13 +228,10 @@ def queue_report(index: Index, config: Config, *, now: dt.datetime | None = None
             .order_by(Job.priority, Job.id).limit(QUEUE_LIMIT)).all()
         mine = [(max(now, (job.started_at or now) + dt.timedelta(seconds=duration(job.model))),
                  job.model) for job in running_jobs if job.owner == config.node.node_id]
-        open_ = background_open(config, local)
+        policy = claim_policy(config, local, providers)
         starts = _simulate([_Queued(j.id, j.model, JobPriority.of_rank(j.priority))
-                            for j in pending_jobs], mine, config.pipeline.workers,
-                           partial(model_limit, config, providers=providers), duration, now,
-                           open_, partial(model_group, config, providers=providers),
-                           {} if config.pipeline.gpu_jobs is None
-                           else {GPU_GROUP: config.pipeline.gpu_jobs})
+                            for j in pending_jobs], mine, config.pipeline.workers, policy,
+                           duration, now)
 
         def row(position: int | None, job: Job) -> dict[str, Any]:
             start = starts.get(job.id)
@@ -257,6 +251,6 @@ def queue_report(index: Index, config: Config, *, now: dt.datetime | None = None
     return {"schema": 1, "estimate": True, "at": iso_utc(now),
             "workers": config.pipeline.workers,
             "background_hours": config.pipeline.background_hours,
-            "background_open": open_,
+            "background_open": policy.background_open,
             "mean_seconds": {model: round(s, 1) for model, s in sorted(means.items())},
             "jobs": rows}

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -139,16 +140,21 @@ def _candidates(session: Session, policy: ClaimPolicy, owner: str
 
 def _next_query(policy: ClaimPolicy, running: dict[str, int], hold: bool,
                 skip: list[int]) -> Select[int, str]:
-    in_group: dict[str, int] = {}
+    groups = ({model: policy.model_group(model) for model in running}
+              if policy.group_limits else {})
+    in_group: Counter[str] = Counter()
     for model, n in running.items():
-        group = policy.model_group(model) if policy.group_limits else None
-        if group is not None:
-            in_group[group] = in_group.get(group, 0) + n
+        if (group := groups.get(model)) is not None:
+            in_group[group] += n
+
+    def group_full(model: str) -> bool:
+        group = groups.get(model)
+        return (group is not None and group in policy.group_limits
+                and in_group[group] >= policy.group_limits[group])
+
     full = [model for model, n in running.items()
             if ((limit := policy.model_limit(model)) is not None and n >= limit)
-            or ((group := policy.model_group(model) if policy.group_limits else None)
-                is not None and group in policy.group_limits
-                and in_group.get(group, 0) >= policy.group_limits[group])]
+            or group_full(model)]
     query = select(Job.id, Job.model).where(Job.state == JobState.PENDING)
     if full:
         query = query.where(Job.model.not_in(full))

@@ -118,12 +118,16 @@ class JobRunner:
                 initargs=(os.getpid(), self.config.model_dump(mode="json")))
         return self._pool
 
+    def _free_workers(self) -> int:
+        """Worker processes running neither a job nor a comparison (call under the lock)."""
+        return self.config.pipeline.workers - len(self._running) - len(self._comparing)
+
     def dispatch(self) -> list[int]:
         """Claim pending jobs up to the free workers and start them; returns their ids."""
         with self._lock:
             if self._stopping:
                 return []
-            free = self.config.pipeline.workers - len(self._running) - len(self._comparing)
+            free = self._free_workers()
             if free <= 0:
                 return []
             started = []
@@ -146,7 +150,7 @@ class JobRunner:
         with self._lock:
             if self._stopping:
                 return []
-            free = self.config.pipeline.workers - len(self._running) - len(self._comparing)
+            free = self._free_workers()
             if free <= 0:
                 return []
             started = []

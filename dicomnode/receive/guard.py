@@ -649,13 +649,12 @@ class AcceptShare:
     def wait_before_accept(self, held: int) -> float:
         """Seconds to wait before accepting, holding ``held`` connections (published)."""
         self.publish(held)
-        others = [int(c) for i, c in enumerate(self.counts[:]) if i != self.slot]
-        fewest = min(others, default=held)
+        others = {i: int(c) for i, c in enumerate(self.counts[:]) if i != self.slot}
+        fewest = min(others.values(), default=held)
         if held > fewest:
             return SHARED_ACCEPT_DEFER_SECONDS
-        if held == fewest:
-            ahead = sum(1 for i, c in enumerate(self.counts[:])
-                        if i < self.slot and int(c) == held)
+        if held == fewest:  # a tie: the lower slots first
+            ahead = sum(1 for i, c in others.items() if i < self.slot and c == held)
             return ahead * SHARED_ACCEPT_TIE_SECONDS
         return 0.0
 

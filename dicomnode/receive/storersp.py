@@ -5,8 +5,8 @@ pynetdicom answers each C-STORE by converting the response primitive into a
 every element of the command set and encodes it: about 0.3 ms of Python per instance,
 on the path between the last fragment of a request and the sender's next request (a
 sender waits for the response before it sends the next instance on its association).
-:func:`encode_c_store_rsp` writes the same bytes directly; :class:`FastResponseDIMSE`
-(bound by :mod:`dicomnode.receive.guard`) uses it for responses that carry only the
+:func:`encode_c_store_rsp` writes the same bytes directly; the SCP's DIMSE provider
+(``send_msg`` in :mod:`dicomnode.receive.guard`) uses it for responses that carry only the
 required elements (no Offending Element, no Error Comment) and leaves everything else to
 pynetdicom. tests/test_storersp.py compares the bytes with pynetdicom's encoding.
 

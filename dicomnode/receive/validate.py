@@ -159,8 +159,9 @@ class _Walker:
         self.pixel_length: int | None = None
         self.fragments = 0
 
-    def _need(self, n: int, what: str) -> None:
-        if self.pos + n > self.end:
+    def _need(self, n: int, what: str, at: int | None = None) -> None:
+        """Refuse unless ``n`` bytes follow offset ``at`` (default: the current one)."""
+        if (self.pos if at is None else at) + n > self.end:
             raise DatasetError(f"{what} runs past the end of the dataset")
 
     def _tag_length(self, what: str) -> tuple[tuple[int, int], int]:
@@ -169,8 +170,11 @@ class _Walker:
         self.pos += 8
         return (group, element), length
 
-    def _skip(self, length: int, limit: int, what: str) -> None:
+    def _skip(self, length: int, limit: int, what: str | tuple[int, int]) -> None:
+        """Skip a value of ``length`` bytes that must end by ``limit``; ``what`` names it
+        (an element's tag is turned into its name only for the error)."""
         if self.pos + length > limit:
+            what = what if isinstance(what, str) else _name(what)
             raise DatasetError(f"{what} runs past the end of its "
                                f"{'dataset' if limit == self.end else 'sequence or item'}")
         self.pos += length
@@ -193,11 +197,10 @@ class _Walker:
         pos = self.pos
         if pos >= limit:
             raise DatasetError("an item has no item delimiter")
-        self._need(4, "an element tag")
+        self._need(4, "an element tag", pos)
         tag = self._tag.unpack_from(self.buf, pos)
         if tag == _ITEM_END:
-            self.pos = pos + 4
-            self._need(4, "an item delimiter")
+            self._need(4, "an item delimiter", pos + 4)
             length = self._u32.unpack_from(self.buf, pos + 4)[0]
             self.pos = pos + 8
             if not delimited or length != 0:
@@ -206,28 +209,22 @@ class _Walker:
         if tag[0] == 0xFFFE:
             raise DatasetError(f"unexpected delimiter tag (FFFE,{tag[1]:04X}) in a dataset")
         vr: bytes | None
-        if implicit:
-            if pos + 8 > self.end:
-                raise DatasetError(f"{_name(tag)} runs past the end of the dataset")
-            length = self._u32.unpack_from(self.buf, pos + 4)[0]
-            vr = dictionary_vr(tag)
-            self.pos = pos + 8
-        else:
+        if implicit:  # tag, 4-byte length
+            vr, header = dictionary_vr(tag), 8
+        else:  # tag, VR, then a 2-byte length, or 2 reserved bytes and a 4-byte one
             if pos + 6 > self.end:
                 raise DatasetError(f"{_name(tag)} runs past the end of the dataset")
             vr = self.buf[pos + 4:pos + 6]
             if vr not in _VRS:
                 raise DatasetError(f"{_name(tag)} has an invalid VR")
-            if vr in _LONG_VRS:
-                if pos + 12 > self.end:
-                    raise DatasetError(f"{_name(tag)} runs past the end of the dataset")
-                length = self._u32.unpack_from(self.buf, pos + 8)[0]
-                self.pos = pos + 12
-            else:
-                if pos + 8 > self.end:
-                    raise DatasetError(f"{_name(tag)} runs past the end of the dataset")
-                length = self._u16.unpack_from(self.buf, pos + 6)[0]
-                self.pos = pos + 8
+            header = 12 if vr in _LONG_VRS else 8
+        if pos + header > self.end:
+            raise DatasetError(f"{_name(tag)} runs past the end of the dataset")
+        if header == 8 and not implicit:
+            length = self._u16.unpack_from(self.buf, pos + 6)[0]
+        else:
+            length = self._u32.unpack_from(self.buf, pos + header - 4)[0]
+        self.pos = pos + header
         self._element(tag, vr, length, limit, depth=depth, implicit=implicit)
         return True
 
@@ -271,9 +268,7 @@ class _Walker:
             if top and tag in _READ:
                 self.values[_READ[tag]] = value
             return
-        if self.pos + length > limit:
-            self._skip(length, limit, _name(tag))  # raises with the reason
-        self.pos += length
+        self._skip(length, limit, tag)
 
     def _sequence(self, limit: int, *, depth: int, implicit: bool, name: str,
                   defined: bool = False) -> None:
