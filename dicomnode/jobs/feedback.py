@@ -54,6 +54,7 @@ from dicomnode.models.card import Card, CardError, cached_card
 from dicomnode.outputs.agreement import agreement
 from dicomnode.outputs.contours import ContourError, Grid, label_map, received_structures
 from dicomnode.store.db import Index
+from dicomnode.store.queries import series_files
 from dicomnode.store.tables import (
     FeedbackObject,
     FeedbackStructure,
@@ -61,7 +62,6 @@ from dicomnode.store.tables import (
     Job,
     JobInput,
     JobState,
-    Series,
 )
 
 __all__ = ["ExportReport", "compare_feedback", "export_model", "record_job_input"]
@@ -178,13 +178,10 @@ def _received_name(card_label: Any, received: dict[str, Any]) -> str | None:
 
 
 def _series_files(index: Index, config: Config, series_uid: str) -> list[Path]:
-    with index.session() as session:
-        paths = session.scalars(
-            select(Instance.file_path).join(Series)
-            .where(Series.series_instance_uid == series_uid)).all()
+    paths = series_files(index, config.storage.path, series_uid)
     if not paths:
         raise FeedbackError("the job's input series has no stored instance (retention?)")
-    return [config.storage.path / p for p in paths]
+    return paths
 
 
 def _source_volume(index: Index, config: Config, series_uid: str, card: Card) -> SeriesVolume:

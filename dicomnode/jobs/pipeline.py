@@ -66,7 +66,8 @@ from dicomnode.store import audit
 from dicomnode.store.db import Index
 from dicomnode.store.files import write_atomic
 from dicomnode.store.pseudonyms import PseudonymMap
-from dicomnode.store.tables import Instance, Job, JobState, Series
+from dicomnode.store.queries import series_files
+from dicomnode.store.tables import Job, JobState
 
 __all__ = ["JobFailure", "JobSummary", "run_job", "warm_up_outputs"]
 
@@ -111,13 +112,10 @@ class _Clock:
 
 
 def _series_files(index: Index, config: Config, series_uid: str) -> list[Path]:
-    with index.session() as session:
-        paths = session.scalars(
-            select(Instance.file_path).join(Series)
-            .where(Series.series_instance_uid == series_uid)).all()
+    paths = series_files(index, config.storage.path, series_uid)
     if not paths:
         raise JobFailure(f"series {series_uid[-12:]}... has no stored instance", permanent=True)
-    return [config.storage.path / p for p in paths]
+    return paths
 
 
 def _describe(exc: BaseException, *, ours: bool) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -54,6 +55,16 @@ def study_pk(index: Index, study_uid: str) -> int | None:
         found: int | None = session.scalars(
             select(Study.id).where(Study.study_instance_uid == study_uid)).first()
     return found
+
+
+def series_files(index: Index, root: Path, series_uid: str) -> list[Path]:
+    """The stored files of series ``series_uid`` (under the storage root ``root``); empty
+    when none is stored (never received, or deleted by retention)."""
+    with index.session() as session:
+        paths = session.scalars(
+            select(Instance.file_path).join(Series)
+            .where(Series.series_instance_uid == series_uid)).all()
+    return [root / p for p in paths]
 
 
 def studies_report(index: Index, *, study_uid: str | None = None) -> dict[str, Any]:
