@@ -342,3 +342,16 @@ def store_study_with_a_job(node: Any, folder: Path, **series: Any) -> int:
     assert study_pk in node.completion.check(now=utcnow() + dt.timedelta(minutes=1))
     with node.index.session() as session:
         return int(session.scalars(select(Job.id).where(Job.study_pk == study_pk)).one())
+
+
+@pytest.fixture
+def pynetdicom_globals() -> Iterator[None]:
+    """StorageSCP.start sets module-wide settings: put them back after the test."""
+    import tempfile
+
+    from pynetdicom import _config
+
+    saved = (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET,
+             _config.LOG_REQUEST_IDENTIFIERS)
+    yield
+    tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET, _config.LOG_REQUEST_IDENTIFIERS = saved

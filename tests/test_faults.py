@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ import pydicom
 import pytest
 import testdata
 from conftest import NodeFactory, free_port, store_study_with_a_job, wait_until, write_model_card
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
@@ -43,15 +42,6 @@ from dicomnode.store.files import InstanceFiles
 from dicomnode.store.tables import Instance, Job, JobState, Series, Study
 
 # -- an index write failing after the file is stored (0xA701 and its rollback) ------------
-
-
-@pytest.fixture
-def pynetdicom_globals() -> Iterator[None]:
-    """StorageSCP.start sets module-wide settings: put them back after the test."""
-    saved = (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET,
-             _config.LOG_REQUEST_IDENTIFIERS)
-    yield
-    tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET, _config.LOG_REQUEST_IDENTIFIERS = saved
 
 
 @pytest.fixture

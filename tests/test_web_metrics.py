@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ import pytest
 import testdata
 from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicomnode.completion import AssociationActivity
@@ -48,15 +46,6 @@ def _samples(body: bytes) -> Samples:
 
 def _value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
-
-
-@pytest.fixture
-def pynetdicom_globals() -> Iterator[None]:
-    """StorageSCP.start sets module-wide settings: put them back after the test."""
-    saved = (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET,
-             _config.LOG_REQUEST_IDENTIFIERS)
-    yield
-    tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET, _config.LOG_REQUEST_IDENTIFIERS = saved
 
 
 def _start_scp(tmp_path: Path, index: Index, refused: RefusalCounter, *,
